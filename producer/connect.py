@@ -1,0 +1,75 @@
+"""Connecting the producer: to the configured broker and backend, or to a local cluster it starts."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from celery import Celery
+from kombu import Connection as KombuConnection
+
+from tasks import ledger
+from tasks.app import app
+from tasks.config import settings
+from tasks.redact import mask_password
+
+from .errors import Unreachable
+from .local import LocalCluster
+
+HINT = ("start Redis there (e.g. `redis-server`), fix the URL, or unset CELERY_BROKER_URL to run in local mode "
+        "with an embedded server")
+
+
+@dataclass
+class Connection:
+    app: Celery
+    ledger: ledger.Ledger
+    problem: Callable[[], str | None]
+
+
+def check_redis(url: str, role: str) -> redis.Redis:
+    """A client for `url` that has answered PING; Unreachable (exit 3) with the password masked otherwise."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise Unreachable(f"the {role} must be Redis (redis:// or rediss://), got {mask_password(url)}")
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, retry_on_timeout=True)
+    try:
+        client.ping()
+    except redis.AuthenticationError:
+        raise Unreachable(f"the {role} at {mask_password(url)} refused the password (check the URL)") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        reason = str(exc).split(". ")[-1].strip(".") or type(exc).__name__
+        raise Unreachable(f"cannot reach the {role} at {mask_password(url)} ({reason}): {HINT}") from None
+    return client
+
+
+def check_broker(url: str) -> None:
+    if url.startswith(("redis://", "rediss://")):
+        check_redis(url, "broker")
+        return
+    try:
+        with KombuConnection(url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001 - kombu raises transport-specific errors
+        raise Unreachable(f"cannot reach the broker at {mask_password(url)} ({exc}): {HINT}") from None
+
+
+@contextlib.contextmanager
+def connect(local: bool, download_dir: Path | None = None, concurrency: int = 2, pool: str = "prefork",
+            quiet: bool = False) -> Iterator[Connection]:
+    """Yield a checked connection; in local mode the embedded server and worker live inside the block."""
+    if not local:
+        check_broker(settings.broker)
+        client = check_redis(settings.backend, "result backend")
+        app.conf.update(broker_url=settings.broker, result_backend=settings.backend)
+        yield Connection(app, ledger.Ledger(client, settings.result_expires), lambda: None)
+        return
+    with LocalCluster(download_dir or Path("downloads"), concurrency, pool) as cluster:
+        if not quiet:
+            print(f"local mode: embedded server on 127.0.0.1:{cluster.port}, {concurrency} {pool} worker "
+                  f"process(es), files into {cluster.download_dir}", flush=True)
+        app.conf.update(broker_url=cluster.broker, result_backend=cluster.backend)
+        client = check_redis(cluster.backend, "result backend")
+        yield Connection(app, ledger.Ledger(client, settings.result_expires), cluster.problem)

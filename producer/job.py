@@ -1,0 +1,91 @@
+"""A job: created in the ledger, its tasks published in batches, its records reported."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import IO, Any
+
+from celery import Celery
+
+from tasks import ledger
+from tasks.config import TASK_NAME
+from tasks.download import display_args
+
+from .urls import Entry
+
+PUBLISH_BATCH = 1000
+
+
+def new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def _chunks(items: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def create(book: ledger.Ledger, job: str, entries: Iterable[Entry], meta: dict[str, Any]) -> int:
+    """Write the job and its URL list to the ledger (before publishing, so `resume` can finish it)."""
+    book.create(job, meta)
+    count = 0
+
+    def rows() -> Iterator[tuple[int, str, str, str | None]]:
+        nonlocal count
+        for e in entries:
+            count += 1
+            yield e.index, e.url, e.name, e.sha256
+
+    book.add_urls(job, rows())
+    book.r.hset(ledger.keys(job)["meta"], "total", json.dumps(count))
+    return count
+
+
+def publish(app: Celery, book: ledger.Ledger, job: str, entries: Iterable[Entry], opts: dict[str, Any]) -> int:
+    """One task per URL, pipelined through kombu's publish batches; each batch then marked queued."""
+    task = app.tasks[TASK_NAME]
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for batch in _chunks(entries, PUBLISH_BATCH):
+            with producer.batch(max_size=PUBLISH_BATCH):
+                for e in batch:
+                    task_opts = {**opts, "sha256": e.sha256} if e.sha256 else opts
+                    argsrepr, kwargsrepr = display_args(e.url, e.name)
+                    task.apply_async(args=(e.url, e.name), kwargs={"job": job, "index": e.index, "opts": task_opts},
+                                     task_id=f"{job}-{e.index}", producer=producer,
+                                     argsrepr=argsrepr, kwargsrepr=kwargsrepr)
+            pipe = book.r.pipeline(transaction=True)
+            book.queued_pipeline_ops(pipe, job, [e.index for e in batch])
+            pipe.execute()
+            sent += len(batch)
+    return sent
+
+
+def load_entries(book: ledger.Ledger, job: str) -> Iterator[Entry]:
+    """The URLs of `job` that were never published (what `resume` sends)."""
+    total = int(book.meta(job).get("total") or 0)
+    for i, url, name, digest in book.unpublished(job, total):
+        yield Entry(i, url, name, digest)
+
+
+def write_manifest(book: ledger.Ledger, job: str, total: int, out: IO[str]) -> None:
+    """JSON Lines, one record per URL in input order."""
+    for index, record, _state in book.records(job, total):
+        out.write(json.dumps({"index": index, **(record or {})}, ensure_ascii=False) + "\n")
+
+
+def failures(book: ledger.Ledger, job: str, total: int) -> list[dict[str, Any]]:
+    return [r for _, r, s in book.records(job, total) if s == ledger.FAILED and r]
+
+
+def manifest_to(path: Path, book: ledger.Ledger, job: str, total: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        write_manifest(book, job, total, fh)
+    tmp.replace(path)

