@@ -11,6 +11,7 @@ from typing import Any
 
 from tasks import ledger
 from tasks.config import settings
+from tasks.hostlimit import HostLimiter
 
 from . import job as jobs
 from . import progress, urls
@@ -45,6 +46,12 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="fail a body larger than this many bytes (default: %(default)s, FLEETFETCH_MAX_SIZE)")
     p.add_argument("--max-attempts", type=int, default=settings.max_attempts,
                    help="attempts per URL for transient failures (default: %(default)s, FLEETFETCH_MAX_ATTEMPTS)")
+    p.add_argument("--per-host", type=int, default=settings.per_host,
+                   help="downloads in flight per host across the whole cluster, 0 = no limit "
+                        "(default: %(default)s, FLEETFETCH_PER_HOST)")
+    p.add_argument("--host-rate", type=float, default=settings.host_rate,
+                   help="requests per second per host across the cluster, 0 = no limit "
+                        "(default: %(default)s, FLEETFETCH_HOST_RATE)")
     p.add_argument("--force", action="store_true", help="download even files an earlier run left unchanged")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output; summary and errors only")
     return p
@@ -73,6 +80,18 @@ def _subdir(value: str | None, local: bool) -> tuple[Path, str]:
     return settings.download_dir, p.as_posix()
 
 
+def _task_opts(args: argparse.Namespace, subdir: str) -> dict[str, Any]:
+    """Only what differs from the workers' defaults travels in each message (messages stay small)."""
+    opts: dict[str, Any] = {"subdir": subdir} if subdir else {}
+    if args.force:
+        opts["force"] = True
+    for key, default in (("max_size", settings.max_size), ("max_attempts", settings.max_attempts),
+                         ("per_host", settings.per_host), ("host_rate", settings.host_rate)):
+        if getattr(args, key) != default:
+            opts[key] = getattr(args, key)
+    return opts
+
+
 def run(args: argparse.Namespace) -> int:
     path, temporary = urls.open_list(args.urls_file)
     try:
@@ -80,12 +99,7 @@ def run(args: argparse.Namespace) -> int:
         urls.validate(path, label)
         local = settings.broker_url is None
         download_dir, subdir = _subdir(args.dir, local)
-        opts: dict[str, Any] = {k: v for k, v in {"subdir": subdir, "force": args.force,
-                                                   "max_size": args.max_size if args.max_size != settings.max_size
-                                                   else None,
-                                                   "max_attempts": args.max_attempts
-                                                   if args.max_attempts != settings.max_attempts else None}.items()
-                                if v}
+        opts = _task_opts(args, subdir)
         with connect(local, download_dir, args.concurrency, args.pool, quiet=args.quiet) as conn:
             job_id = jobs.new_job_id()
             total = jobs.create(conn.ledger, job_id, urls.entries(path), {"input": label, "opts": opts,
@@ -128,6 +142,8 @@ def status(args: argparse.Namespace) -> int:
         total = int(meta.get("total") or 0)
         print(f"job {args.job}: {total} URLs, input {meta.get('input')}")
         print("  " + ", ".join(f"{s} {counts[s]}" for s in ledger.STATES) + f", bytes {counts['bytes']}")
+        for host, until in HostLimiter(conn.ledger.r).paused().items():
+            print(f"  host {host} paused until {time.strftime('%H:%M:%S', time.localtime(until))} (Retry-After)")
         if counts["published"] < total:
             print(f"  {total - counts['published']} URLs were never enqueued: fleetfetch resume {args.job}")
         return EXIT_FAILED if counts["failed"] else EXIT_OK

@@ -52,6 +52,8 @@ def is_public(ip: IPAddress) -> bool:
     inner = embedded_ipv4(ip)
     if inner is not None and not is_public(inner):
         return False
+    if inner is not None and ip in _NAT64:  # DNS64 networks: judged by the IPv4 address it translates to
+        return True
     if ip.version == 6 and ip.teredo:  # type: ignore[union-attr]
         return False
     return not (

@@ -136,9 +136,10 @@ def load_validators(root: Path, directory: Path, name: str, url: str) -> Validat
     try:
         data = json.loads(_sidecar(root, directory, name).read_text())
         found = Validators(**data)
-        if found.url != url or (directory / name).stat().st_size != found.bytes:
+        target = directory / name
+        if found.url != url or target.is_symlink() or target.stat().st_size != found.bytes:
             return None
-        return found
+        return found if sha256_of(target) == found.sha256 else None  # edited on disk: download again
     except (OSError, ValueError, TypeError):
         return None
 

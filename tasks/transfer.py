@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,8 @@ def _range_ok(response: requests.Response, offset: int) -> bool:
     return bool(match) and int(match.group(1)) == offset
 
 
-def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, fsync: bool) -> Outcome:
+def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, fsync: bool,
+            on_chunk: Callable[[], None] | None = None) -> Outcome:
     """Run one attempt. Raises TransientError (with `.resume` when the partial file is worth keeping)."""
     directory = storage.target_dir(root, req.subdir)
     name = check_component(req.name)
@@ -83,7 +85,7 @@ def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, 
             part.discard()
             return Outcome("unchanged", rel, known.bytes, known.sha256, 304, response.url,
                            {"etag": known.etag or "", "last_modified": known.last_modified or ""})
-        _stream(response, part, req, limits, deadline)
+        _stream(response, part, req, limits, deadline, on_chunk)
         digest = part.hash.hexdigest()
         if req.sha256 and digest != req.sha256:
             raise PermanentError(f"sha256 mismatch: expected {req.sha256}, got {digest}")
@@ -126,7 +128,7 @@ def _without_range(headers: dict[str, str]) -> dict[str, str]:
 
 
 def _stream(response: requests.Response, part: storage.PartFile, req: Request, limits: fetch.Limits,
-            deadline: float) -> None:
+            deadline: float, on_chunk: Callable[[], None] | None) -> None:
     """Append the body to the part file, enforcing the size limit, the deadline and Content-Length."""
     length = response.headers.get("content-length")
     expected = part.size + int(length) if length and length.isdigit() else None
@@ -139,6 +141,8 @@ def _stream(response: requests.Response, part: storage.PartFile, req: Request, l
             raise PermanentError(f"too large: over the limit of {req.max_size} bytes (--max-size)")
         if time.monotonic() > deadline:
             raise PermanentError("time limit exceeded (FLEETFETCH_TIME_LIMIT)")
+        if on_chunk is not None:
+            on_chunk()
     if expected is not None and part.size != expected:
         raise TransientError(f"body cut short: {part.size} of {expected} bytes")
 

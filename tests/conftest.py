@@ -1,0 +1,108 @@
+"""Real parts for end-to-end tests: a Redis server, `celery worker` processes and HTTP origins on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.origin import Origin
+from tests.support.servers import RedisServer, Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Workers may reach 127.0.0.1 only; 127.0.0.2 serves as "an address the policy refuses".
+TEST_SETTINGS = {
+    "FLEETFETCH_ALLOW_NETWORKS": "127.0.0.1/32",
+    "FLEETFETCH_RESOLVE": "refused.test:0:127.0.0.2,allowed.test:0:127.0.0.1",
+    "FLEETFETCH_MAX_ATTEMPTS": "3",
+    "FLEETFETCH_BACKOFF_BASE": "0.1",
+    "FLEETFETCH_BACKOFF_CAP": "0.5",
+    "FLEETFETCH_MAX_RETRY_AFTER": "5",
+    "FLEETFETCH_CONNECT_TIMEOUT": "3",
+    "FLEETFETCH_READ_TIMEOUT": "3",
+    "FLEETFETCH_NO_FSYNC": "1",
+}
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "FLEETFETCH_"))}
+    env.update(TEST_SETTINGS, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+class Cluster:
+    """A Redis server plus the environment a worker and the producer share."""
+
+    def __init__(self, server: RedisServer, downloads: Path) -> None:
+        self.server = server
+        self.downloads = downloads
+        self.env = base_env(CELERY_BROKER_URL=server.url(0), CELERY_RESULT_BACKEND=server.url(1),
+                            FLEETFETCH_DIR=str(downloads))
+
+    def producer(self, *args: str, stdin: str | None = None, timeout: float = 120,
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "producer", *args], env=env or self.env, input=stdin,
+                              capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT)
+
+    def broker(self) -> redis.Redis:
+        return self.server.client(0)
+
+    def backend(self) -> redis.Redis:
+        return self.server.client(1)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    return Cluster(redis_server, tmp_path_factory.mktemp("downloads"))
+
+
+@pytest.fixture(scope="session")
+def worker(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    log = tmp_path_factory.mktemp("logs") / "worker.log"
+    w = Worker(cluster.env, name="w1", concurrency=4, log=log, cwd=ROOT).start()
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture
+def origin() -> Iterator[Origin]:
+    o = Origin("127.0.0.1").start()
+    try:
+        yield o
+    finally:
+        o.stop()
+
+
+def write_list(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def job_id_of(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith("job "):
+            return line.split()[1].rstrip(":")
+    raise AssertionError(f"no job id in output:\n{output}")
+
+
+def read_manifest(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

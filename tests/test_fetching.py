@@ -1,0 +1,145 @@
+"""Robust fetching, through real workers and Redis, asserting both the outcome and what the origin received."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from tests.conftest import read_manifest, write_list
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def run(cluster, tmp_path, lines, *args):
+    manifest = tmp_path / "m.jsonl"
+    result = cluster.producer(str(write_list(tmp_path / "urls.txt", lines)), "--manifest", str(manifest), *args)
+    return result, (read_manifest(manifest) if manifest.exists() else [])
+
+
+def test_transient_statuses_are_retried_and_retry_after_is_honoured(cluster, worker, origin, tmp_path):
+    origin.add("/flaky.bin", b"finally")
+    origin.fail("/flaky.bin", [(503, {"Retry-After": "1"}), 502])
+    result, records = run(cluster, tmp_path, [origin.url("/flaky.bin")], "-d", "retry")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (cluster.downloads / "retry" / "flaky.bin").read_bytes() == b"finally"
+    assert records[0]["attempts"] == 3
+    seen = origin.requests_for("/flaky.bin")
+    assert len(seen) == 3
+    assert seen[1].time - seen[0].time >= 0.95  # Retry-After: 1 was respected
+
+
+def test_permanent_4xx_is_not_retried(cluster, worker, origin, tmp_path):
+    origin.fail("/forbidden", [403] * 5)
+    result, records = run(cluster, tmp_path, [origin.url("/forbidden")], "-d", "perm")
+    assert result.returncode == 1
+    assert records[0]["status"] == "failed" and records[0]["reason"].startswith("403")
+    assert records[0]["attempts"] == 1 and len(origin.requests_for("/forbidden")) == 1
+
+
+def test_attempts_run_out_with_the_last_error_in_the_record(cluster, worker, origin, tmp_path):
+    origin.fail("/down", [503] * 10)
+    result, records = run(cluster, tmp_path, [origin.url("/down")], "-d", "exhausted", "--max-attempts", "2")
+    assert result.returncode == 1
+    assert records[0]["attempts"] == 2 and records[0]["reason"].startswith("503")
+    assert len(origin.requests_for("/down")) == 2
+
+
+def test_cut_connection_resumes_with_range_and_if_range(cluster, worker, origin, tmp_path):
+    body = os.urandom(2 * 1024 * 1024 + 123)
+    origin.add("/cut.bin", body, etag='"v1"', cut_after=700_000, cut_times=1)
+    result, records = run(cluster, tmp_path, [origin.url("/cut.bin")], "-d", "resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (cluster.downloads / "resume" / "cut.bin").read_bytes() == body
+    assert records[0]["sha256"] == sha(body) and records[0]["attempts"] == 2
+    first, second = origin.requests_for("/cut.bin")
+    assert "range" not in {k.lower() for k in first.headers}
+    offset = int(second.headers["Range"].removeprefix("bytes=").rstrip("-"))
+    assert 0 < offset <= 700_000 and second.headers["If-Range"] == '"v1"'
+
+
+def test_server_ignoring_range_restarts_from_zero(cluster, worker, origin, tmp_path):
+    body = os.urandom(1024 * 1024)
+    origin.add("/norange.bin", body, etag='"n1"', cut_after=300_000, cut_times=1, ranges=False)
+    result, records = run(cluster, tmp_path, [origin.url("/norange.bin")], "-d", "norange")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (cluster.downloads / "norange" / "norange.bin").read_bytes() == body
+    assert records[0]["sha256"] == sha(body)
+
+
+def test_expected_digest_mismatch_fails_and_leaves_no_file(cluster, worker, origin, tmp_path):
+    origin.add("/good.bin", b"good")
+    origin.add("/bad.bin", b"tampered")
+    lines = [f"{origin.url('/good.bin')} sha256={sha(b'good')}", f"{origin.url('/bad.bin')} sha256={sha(b'orig')}"]
+    result, records = run(cluster, tmp_path, lines, "-d", "digest")
+    assert result.returncode == 1
+    assert records[0]["status"] == "done"
+    assert f"expected {sha(b'orig')}, got {sha(b'tampered')}" in records[1]["reason"]
+    out = cluster.downloads / "digest"
+    assert not (out / "bad.bin").exists() and not list(out.glob(".*.part"))
+
+
+def test_max_size_stops_with_or_without_content_length(cluster, worker, origin, tmp_path):
+    origin.add("/big-cl.bin", b"x" * 300_000)
+    origin.add("/big-nocl.bin", b"y" * 3_000_000, no_length=True)
+    origin.add("/fits.bin", b"z" * 1000)
+    lines = [origin.url("/big-cl.bin"), origin.url("/big-nocl.bin"), origin.url("/fits.bin")]
+    result, records = run(cluster, tmp_path, lines, "-d", "maxsize", "--max-size", "100000")
+    assert result.returncode == 1
+    assert [r["status"] for r in records] == ["failed", "failed", "done"]
+    assert all("too large" in r["reason"] for r in records[:2])
+    out = cluster.downloads / "maxsize"
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["fits.bin"]
+
+
+def test_stalled_body_times_out_instead_of_hanging(cluster, worker, origin, tmp_path):
+    origin.add("/stall.bin", b"s" * 200_000, stall=30)
+    result, records = run(cluster, tmp_path, [origin.url("/stall.bin")], "-d", "stall", "--max-attempts", "1")
+    assert result.returncode == 1
+    assert "timed out" in records[0]["reason"]
+
+
+def test_redirect_loop_and_too_many_redirects_fail_clearly(cluster, worker, origin, tmp_path):
+    origin.redirect("/loop-a", "/loop-b")
+    origin.redirect("/loop-b", "/loop-a")
+    for i in range(12):
+        origin.redirect(f"/hop{i}", f"/hop{i + 1}")
+    origin.add("/hop12", b"end")
+    result, records = run(cluster, tmp_path, [origin.url("/loop-a"), origin.url("/hop0")], "-d", "redir")
+    assert result.returncode == 1
+    assert "redirect loop" in records[0]["reason"]
+    assert "too many redirects" in records[1]["reason"]
+
+
+def test_rerun_sends_conditional_headers_and_keeps_unchanged_files(cluster, worker, origin, tmp_path):
+    origin.add("/doc.pdf", b"version 1", etag='"e1"', last_modified="Wed, 21 Oct 2015 07:28:00 GMT")
+    lines = [origin.url("/doc.pdf")]
+    first, _ = run(cluster, tmp_path, lines, "-d", "rerun")
+    assert first.returncode == 0
+    target = cluster.downloads / "rerun" / "doc.pdf"
+    mtime = target.stat().st_mtime_ns
+    second, records = run(cluster, tmp_path, lines, "-d", "rerun")
+    assert second.returncode == 0 and "1 unchanged" in second.stdout
+    assert records[0]["status"] == "unchanged" and records[0]["sha256"] == sha(b"version 1")
+    conditional = origin.requests_for("/doc.pdf")[-1]
+    assert conditional.headers["If-None-Match"] == '"e1"'
+    assert conditional.headers["If-Modified-Since"] == "Wed, 21 Oct 2015 07:28:00 GMT"
+    assert target.stat().st_mtime_ns == mtime
+    origin.add("/doc.pdf", b"version 2", etag='"e2"')
+    third, records = run(cluster, tmp_path, lines, "-d", "rerun")
+    assert records[0]["status"] == "done" and target.read_bytes() == b"version 2"
+    forced, records = run(cluster, tmp_path, lines, "-d", "rerun", "--force")
+    assert records[0]["status"] == "done"
+    assert "If-None-Match" not in origin.requests_for("/doc.pdf")[-1].headers
+
+
+def test_a_changed_file_on_disk_is_downloaded_again(cluster, worker, origin, tmp_path):
+    origin.add("/local.txt", b"original", etag='"l1"')
+    lines = [origin.url("/local.txt")]
+    run(cluster, tmp_path, lines, "-d", "tamper")
+    target = cluster.downloads / "tamper" / "local.txt"
+    target.write_bytes(b"edited by hand, longer")
+    result, records = run(cluster, tmp_path, lines, "-d", "tamper")
+    assert records[0]["status"] == "done" and target.read_bytes() == b"original"
+    assert "If-None-Match" not in origin.requests_for("/local.txt")[-1].headers

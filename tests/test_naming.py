@@ -1,0 +1,109 @@
+"""The naming function: one safe, deterministic component for any URL or Content-Disposition."""
+
+import os
+import unicodedata
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tasks.naming import (
+    MAX_NAME_BYTES,
+    NameAllocator,
+    check_component,
+    disposition_name,
+    name_for,
+    sanitize,
+)
+
+
+def assert_safe(name: str) -> None:
+    assert name and name not in (".", "..")
+    assert "/" not in name and "\\" not in name and "\x00" not in name
+    assert not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in name)
+    assert not name.startswith(".")
+    assert len(name.encode()) <= MAX_NAME_BYTES
+    assert os.path.basename(name) == name
+    assert check_component(name) == name
+
+
+def test_last_segment_percent_decoded_without_query():
+    assert name_for("https://www.irs.gov/pub/irs-pdf/f1040.pdf?x=1#frag") == "f1040.pdf"
+    assert name_for("http://h/a/my%20file.pdf") == "my file.pdf"
+    assert name_for("http://h/caf%C3%A9.txt") == "café.txt"
+
+
+def test_empty_path_becomes_index_html():
+    assert name_for("http://h") == "index.html"
+    assert name_for("http://h/dir/") == "index.html"
+
+
+def test_traversal_in_url_path_is_one_harmless_component():
+    for url in ("http://h/..%2F..%2Fetc/passwd", "http://h/%2e%2e%2f%2e%2e%2fx", "http://h/a/..",
+                "http://h/%2e%2e", "http://h/..%5C..%5Cwin.ini", "http://h/%00evil"):
+        assert_safe(name_for(url))
+    assert name_for("http://h/..%2F..%2Fetc%2Fpasswd") == "___.._etc_passwd"
+
+
+def test_dot_names_and_device_names():
+    assert sanitize("..") == "__"
+    assert sanitize(".") == "_"
+    assert sanitize(".hidden") == "_hidden"
+    assert sanitize("CON") == "_CON"
+    assert sanitize("lpt1.txt") == "_lpt1.txt"
+    assert sanitize("a\\b") == "a_b"
+
+
+def test_overlong_names_keep_extension():
+    name = sanitize("x" * 400 + ".pdf")
+    assert name.endswith(".pdf") and len(name.encode()) <= MAX_NAME_BYTES
+    multibyte = sanitize("é" * 300 + ".txt")
+    assert multibyte.endswith(".txt") and len(multibyte.encode()) <= MAX_NAME_BYTES
+
+
+def test_collisions_get_distinct_deterministic_names():
+    urls = ["http://a.com/x/f.pdf", "http://b.com/y/f.pdf", "http://a.com/p?page=1", "http://a.com/p?page=2",
+            "http://a.com/F.PDF", "http://a.com/cafe\u0301", "http://a.com/caf%C3%A9"]
+    first = [NameAllocator().allocate(u) for u in [urls[0]]]
+    alloc = NameAllocator()
+    names = [alloc.allocate(u) for u in urls]
+    assert names[0] == first[0] == "f.pdf"
+    folded = {unicodedata.normalize("NFKC", n).casefold() for n in names}
+    assert len(folded) == len(urls)
+    again = NameAllocator()
+    assert [again.allocate(u) for u in urls] == names
+    assert names[1].startswith("f-") and names[1].endswith(".pdf")
+
+
+def test_content_disposition_hostile_values():
+    assert disposition_name('attachment; filename="report.pdf"') == "report.pdf"
+    assert disposition_name("attachment; filename*=UTF-8''na%C3%AFve%20file.txt") == "naïve file.txt"
+    assert disposition_name('attachment; filename="../../x"') == "x"
+    assert disposition_name('attachment; filename="/etc/passwd"') == "passwd"
+    assert disposition_name('attachment; filename="..\\\\x"') == "x"
+    assert disposition_name('attachment; filename=""') == "index.html"
+    assert disposition_name("inline") is None
+
+
+@settings(max_examples=400)
+@given(st.text(max_size=300))
+def test_any_string_sanitizes_to_one_safe_component(raw):
+    name = sanitize(raw)
+    assert_safe(name)
+    assert sanitize(name) == name
+
+
+@settings(max_examples=300)
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40), max_size=6),
+       st.text(max_size=20))
+def test_any_url_path_names_one_safe_component(segments, query):
+    from urllib.parse import quote
+
+    url = "http://h/" + "/".join(quote(s, safe="") for s in segments) + "?" + quote(query)
+    assert_safe(name_for(url))
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=200))
+def test_any_content_disposition_gives_a_safe_name(value):
+    name = disposition_name("attachment; filename=" + value)
+    assert name is None or (assert_safe(name) is None)
