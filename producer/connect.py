@@ -56,6 +56,13 @@ def check_broker(url: str) -> None:
         raise Unreachable(f"cannot reach the broker at {mask_password(url)} ({exc}): {HINT}") from None
 
 
+def _configure(broker: str, backend: str) -> None:
+    """Point the app at `broker`/`backend`. The producer's broker connection does not retry timed-out
+    commands itself: kombu pipelines publishes only then (a replayed pipeline could publish twice)."""
+    options = {k: v for k, v in app.conf.broker_transport_options.items() if k != "retry_on_timeout"}
+    app.conf.update(broker_url=broker, result_backend=backend, broker_transport_options=options)
+
+
 @contextlib.contextmanager
 def connect(local: bool, download_dir: Path | None = None, concurrency: int = 2, pool: str = "prefork",
             quiet: bool = False) -> Iterator[Connection]:
@@ -63,13 +70,13 @@ def connect(local: bool, download_dir: Path | None = None, concurrency: int = 2,
     if not local:
         check_broker(settings.broker)
         client = check_redis(settings.backend, "result backend")
-        app.conf.update(broker_url=settings.broker, result_backend=settings.backend)
+        _configure(settings.broker, settings.backend)
         yield Connection(app, ledger.Ledger(client, settings.result_expires), lambda: None)
         return
     with LocalCluster(download_dir or Path("downloads"), concurrency, pool) as cluster:
         if not quiet:
             print(f"local mode: embedded server on 127.0.0.1:{cluster.port}, {concurrency} {pool} worker "
                   f"process(es), files into {cluster.download_dir}", flush=True)
-        app.conf.update(broker_url=cluster.broker, result_backend=cluster.backend)
+        _configure(cluster.broker, cluster.backend)
         client = check_redis(cluster.backend, "result backend")
         yield Connection(app, ledger.Ledger(client, settings.result_expires), cluster.problem)

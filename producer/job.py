@@ -48,8 +48,14 @@ def create(book: ledger.Ledger, job: str, entries: Iterable[Entry], meta: dict[s
 
 
 def publish(app: Celery, book: ledger.Ledger, job: str, entries: Iterable[Entry], opts: dict[str, Any]) -> int:
-    """One task per URL, pipelined through kombu's publish batches; each batch then marked queued."""
-    task = app.tasks[TASK_NAME]
+    """One task per URL, pipelined through kombu's publish batches; each batch then marked queued.
+
+    Messages are built with `app.amqp` directly rather than `apply_async`: the latter makes the Redis result
+    backend SUBSCRIBE to every task id (a second round-trip per URL, and a million subscriptions held by the
+    producer), while we follow the job through the ledger's counters instead.
+    """
+    amqp = app.amqp
+    route = amqp.router.route({}, TASK_NAME)
     sent = 0
     with app.producer_or_acquire() as producer:
         for batch in _chunks(entries, PUBLISH_BATCH):
@@ -57,9 +63,11 @@ def publish(app: Celery, book: ledger.Ledger, job: str, entries: Iterable[Entry]
                 for e in batch:
                     task_opts = {**opts, "sha256": e.sha256} if e.sha256 else opts
                     argsrepr, kwargsrepr = display_args(e.url, e.name)
-                    task.apply_async(args=(e.url, e.name), kwargs={"job": job, "index": e.index, "opts": task_opts},
-                                     task_id=f"{job}-{e.index}", producer=producer,
-                                     argsrepr=argsrepr, kwargsrepr=kwargsrepr)
+                    message = amqp.create_task_message(
+                        f"{job}-{e.index}", TASK_NAME, (e.url, e.name),
+                        {"job": job, "index": e.index, "opts": task_opts},
+                        argsrepr=argsrepr, kwargsrepr=kwargsrepr, ignore_result=False)
+                    amqp.send_task_message(producer, TASK_NAME, message, **route)
             pipe = book.r.pipeline(transaction=True)
             book.queued_pipeline_ops(pipe, job, [e.index for e in batch])
             pipe.execute()
