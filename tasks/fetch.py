@@ -34,6 +34,10 @@ REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_POOLS = 64
 
 
+class CutShort(TransientError):
+    """The server closed the connection before sending all the bytes it announced."""
+
+
 class _PinnedMixin:
     """Connect to the address the guard checked instead of resolving the host name again."""
 
@@ -248,6 +252,8 @@ def body_chunks(response: requests.Response, read_timeout: float) -> Iterator[by
     except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
         raise TransientError(f"read timed out after {read_timeout:g} s (stalled)") from None
     except (urllib3.exceptions.ProtocolError, urllib3.exceptions.HTTPError, OSError) as exc:
+        if "IncompleteRead" in repr(exc):
+            raise CutShort("body cut short (connection closed early)") from None
         raise TransientError(f"connection lost mid-body ({_root_cause(exc)})") from None
     finally:
         response.close()

@@ -135,14 +135,18 @@ def _stream(response: requests.Response, part: storage.PartFile, req: Request, l
     if req.max_size and expected is not None and expected > req.max_size:
         response.close()
         raise PermanentError(f"too large: {expected} bytes is over the limit of {req.max_size} (--max-size)")
-    for chunk in fetch.body_chunks(response, limits.read_timeout):
-        part.write(chunk)
-        if req.max_size and part.size > req.max_size:
-            raise PermanentError(f"too large: over the limit of {req.max_size} bytes (--max-size)")
-        if time.monotonic() > deadline:
-            raise PermanentError("time limit exceeded (FLEETFETCH_TIME_LIMIT)")
-        if on_chunk is not None:
-            on_chunk()
+    try:
+        for chunk in fetch.body_chunks(response, limits.read_timeout):
+            part.write(chunk)
+            if req.max_size and part.size > req.max_size:
+                raise PermanentError(f"too large: over the limit of {req.max_size} bytes (--max-size)")
+            if time.monotonic() > deadline:
+                raise PermanentError("time limit exceeded (FLEETFETCH_TIME_LIMIT)")
+            if on_chunk is not None:
+                on_chunk()
+    except fetch.CutShort:
+        if expected is None:
+            raise
     if expected is not None and part.size != expected:
         raise TransientError(f"body cut short: {part.size} of {expected} bytes")
 

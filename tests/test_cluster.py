@@ -44,9 +44,10 @@ def test_job_downloads_every_file_and_records_each_url(cluster, worker, origin, 
     assert big["bytes"] == len(files["/big.bin"]) and big["sha256"] == sha(files["/big.bin"])
     assert big["http_status"] == 200 and big["etag"] and big["worker"] and big["elapsed_s"] >= 0
     page2 = by_url[origin.url("/page?x=2")]
-    assert page2["path"] != "page" and (out / page2["path"]).read_bytes() == b"page two"
+    assert page2["path"] != "page" and (cluster.downloads / page2["path"]).read_bytes() == b"page two"
     moved = by_url[origin.url("/old")]
-    assert moved["final_url"] == origin.url("/small.txt") and (out / moved["path"]).read_bytes() == b"hello\n"
+    assert moved["final_url"] == origin.url("/small.txt")
+    assert (cluster.downloads / moved["path"]).read_bytes() == b"hello\n"
     assert not [p for p in out.iterdir() if p.name.endswith(".part")]
 
 
@@ -93,7 +94,8 @@ def test_status_and_results_work_after_the_producer_exits(cluster, worker, origi
 
 
 def test_traversal_in_urls_never_writes_outside_the_download_dir(cluster, worker, origin, tmp_path):
-    paths = ["/..%2F..%2Fescape.txt", "/%2e%2e%2f%2e%2e%2fescape2.txt", "/..%5C..%5Cescape3.txt", "/%2e%2e"]
+    paths = ["/..%2F..%2Fescape.txt", "/%2e%2e%2f%2e%2e%2fescape2.txt", "/..%5C..%5Cescape3.txt",
+             "/%2E%2E%2F%2E%2E%2Fetc%2Fescape4"]
     for p in paths:
         origin.add(p, b"contained")
     result = cluster.producer(str(write_list(tmp_path / "urls.txt", [origin.url(p) for p in paths])),

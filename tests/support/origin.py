@@ -1,0 +1,298 @@
+"""A fault-injecting threaded HTTP origin on loopback that records every request it receives."""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote
+
+CHUNK = 64 * 1024
+
+
+@dataclass
+class Record:
+    time: float
+    method: str
+    path: str
+    headers: dict[str, str]
+    client: str
+
+
+@dataclass
+class Resource:
+    body: bytes
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    etag: str | None = None
+    last_modified: str | None = None
+    content_type: str = "application/octet-stream"
+    delay: float = 0.0
+    rate: float | None = None
+    cut_after: int | None = None
+    cut_times: int = 1
+    no_length: bool = False
+    ranges: bool = True
+    stall: float = 0.0
+    content_disposition: str | None = None
+
+
+class _Headers(dict):
+    """Case-insensitive lookups over the headers as received."""
+
+    def __getitem__(self, key: str) -> str:
+        for k, v in self.items():
+            if k.lower() == key.lower():
+                return v
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and any(k.lower() == key.lower() for k in self.keys())
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+class Origin:
+    """`with Origin().start() as o: o.add("/f", b"...")`; `o.requests` lists what clients sent."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.port = host, port
+        self.resources: dict[str, Resource] = {}
+        self.failures: dict[str, list[tuple[int, dict[str, str]]]] = {}
+        self.redirects: dict[str, tuple[str, int]] = {}
+        self.requests: list[Record] = []
+        self.current = 0
+        self.max_concurrent = 0
+        self._cuts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    # configuration ---------------------------------------------------------------------------------
+    def add(self, path: str, body: bytes, **options: Any) -> None:
+        with self._lock:
+            self.resources[path] = Resource(body, **options)
+            self._cuts.pop(path, None)
+
+    def fail(self, path: str, statuses: list[int | tuple[int, dict[str, str]]]) -> None:
+        with self._lock:
+            self.failures[path] = [s if isinstance(s, tuple) else (s, {}) for s in statuses]
+
+    def redirect(self, path: str, location: str, status: int = 302) -> None:
+        with self._lock:
+            self.redirects[path] = (location, status)
+
+    # lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> Origin:
+        handler = type("Handler", (_Handler,), {"origin": self})
+        server = ThreadingHTTPServer((self.host, self.port), handler)
+        server.daemon_threads = True
+        server.request_queue_size = 512
+        self._server = server
+        self.port = server.server_address[1]
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> Origin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def requests_for(self, path: str) -> list[Record]:
+        with self._lock:
+            return [r for r in self.requests if r.path == path or r.path.split("?", 1)[0] == path]
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.max_concurrent = 0
+
+    # used by the handler ---------------------------------------------------------------------------
+    def _enter(self, record: Record) -> None:
+        with self._lock:
+            self.requests.append(record)
+            self.current += 1
+            self.max_concurrent = max(self.max_concurrent, self.current)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.current -= 1
+
+    def _next_failure(self, path: str) -> tuple[int, dict[str, str]] | None:
+        with self._lock:
+            pending = self.failures.get(path)
+            return pending.pop(0) if pending else None
+
+    def _should_cut(self, path: str, res: Resource) -> bool:
+        with self._lock:
+            done = self._cuts.get(path, 0)
+            if res.cut_after is None or done >= res.cut_times:
+                return False
+            self._cuts[path] = done + 1
+            return True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    origin: Origin
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence
+        pass
+
+    def handle(self) -> None:
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            super().handle()
+
+    def do_HEAD(self) -> None:
+        self._serve(head=True)
+
+    def do_GET(self) -> None:
+        self._serve(head=False)
+
+    def _serve(self, head: bool) -> None:
+        o = self.origin
+        o._enter(Record(time.monotonic(), self.command, self.path, _Headers(self.headers.items()),
+                        self.client_address[0]))
+        try:
+            self._respond(head)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            o._leave()
+
+    def _lookup(self) -> tuple[str, Resource | None]:
+        """Exact path with query first, then the path alone, then equal after percent-decoding (clients
+        normalise %2e to '.')."""
+        path, plain = self.path, self.path.split("?", 1)[0]
+        for key in (path, plain):
+            if key in self.origin.resources:
+                return key, self.origin.resources[key]
+        for key, res in list(self.origin.resources.items()):
+            if unquote(key).lower() == unquote(plain).lower():
+                return key, res
+        return plain, None
+
+    def _respond(self, head: bool) -> None:
+        o = self.origin
+        plain = self.path.split("?", 1)[0]
+        failure = o._next_failure(self.path) or o._next_failure(plain)
+        if failure:
+            return self._simple(failure[0], failure[1])
+        target = o.redirects.get(self.path) or o.redirects.get(plain)
+        if target:
+            return self._simple(target[1], {"Location": target[0]})
+        key, res = self._lookup()
+        if res is None:
+            return self._simple(404, {})
+        if res.delay:
+            time.sleep(res.delay)
+        if self._not_modified(res):
+            return self._simple(304, self._validators(res), body=False)
+        start, end, status = self._range(res)
+        if status == 416:
+            return self._simple(416, {"Content-Range": f"bytes */{len(res.body)}"})
+        headers = {"Content-Type": res.content_type, **self._validators(res), **res.headers}
+        if res.content_disposition:
+            headers["Content-Disposition"] = res.content_disposition
+        if res.ranges:
+            headers["Accept-Ranges"] = "bytes"
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(res.body)}"
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        if res.no_length:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(end - start))
+        self.end_headers()
+        if not head:
+            self._body(key, res, res.body[start:end])
+
+    def _body(self, key: str, res: Resource, data: bytes) -> None:
+        cut = res.cut_after if self.origin._should_cut(key, res) else None
+        if cut is not None:
+            data = data[:cut]
+        sent, began = 0, time.monotonic()
+        for i in range(0, len(data), CHUNK):
+            chunk = data[i : i + CHUNK]
+            self.wfile.write(chunk)
+            sent += len(chunk)
+            if res.stall and i == 0:
+                self.wfile.flush()
+                time.sleep(res.stall)
+            if res.rate:
+                ahead = sent / res.rate - (time.monotonic() - began)
+                if ahead > 0:
+                    time.sleep(ahead)
+        self.wfile.flush()
+        if cut is not None:
+            self.close_connection = True
+
+    def _validators(self, res: Resource) -> dict[str, str]:
+        out = {}
+        if res.etag:
+            out["ETag"] = res.etag
+        if res.last_modified:
+            out["Last-Modified"] = res.last_modified
+        return out
+
+    def _not_modified(self, res: Resource) -> bool:
+        inm, ims = self.headers.get("If-None-Match"), self.headers.get("If-Modified-Since")
+        if inm is not None and res.etag:
+            return res.etag in [t.strip() for t in inm.split(",")] or inm.strip() == "*"
+        if ims is not None and res.last_modified:
+            try:
+                return email.utils.parsedate_to_datetime(res.last_modified) <= email.utils.parsedate_to_datetime(ims)
+            except (TypeError, ValueError):
+                return False
+        return False
+
+    def _range(self, res: Resource) -> tuple[int, int, int]:
+        size = len(res.body)
+        spec = self.headers.get("Range")
+        if not spec or not res.ranges or not spec.startswith("bytes="):
+            return 0, size, 200
+        if_range = self.headers.get("If-Range")
+        if if_range is not None and if_range not in (res.etag, res.last_modified):
+            return 0, size, 200
+        first, _, last = spec[6:].partition("-")
+        try:
+            start = int(first)
+            end = int(last) + 1 if last else size
+        except ValueError:
+            return 0, size, 200
+        if start >= size:
+            return 0, 0, 416
+        return start, min(end, size), 206
+
+    def _simple(self, status: int, headers: dict[str, str], body: bool = True) -> None:
+        payload = f"{status}\n".encode() if body and status != 304 else b""
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
