@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
+from kombu.exceptions import OperationalError
+
 from tasks import ledger
 from tasks.config import settings
 from tasks.hostlimit import HostLimiter
@@ -16,7 +19,7 @@ from tasks.hostlimit import HostLimiter
 from . import job as jobs
 from . import progress, urls
 from .connect import Connection, connect
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, Unreachable, UsageError
 
 COMMANDS = ("run", "status", "results", "resume")
 EPILOG = """commands:
@@ -107,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
             if not args.quiet:
                 print(f"job {job_id}: {total} URLs", flush=True)
             started = time.monotonic()
-            jobs.publish(conn.app, conn.ledger, job_id, urls.entries(path), opts)
+            try:
+                jobs.publish(conn.app, conn.ledger, job_id, urls.entries(path), opts)
+            except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+                raise Unreachable(f"lost the broker while enqueuing job {job_id} ({exc}); once it is back, "
+                                  f"run: fleetfetch resume {job_id}") from None
             if args.no_wait and not local:
                 print(job_id)
                 return EXIT_OK

@@ -34,15 +34,15 @@ def check_redis(url: str, role: str) -> redis.Redis:
     """A client for `url` that has answered PING; Unreachable (exit 3) with the password masked otherwise."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise Unreachable(f"the {role} must be Redis (redis:// or rediss://), got {mask_password(url)}")
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, retry_on_timeout=True)
+    probe = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
     try:
-        client.ping()
+        probe.ping()
     except redis.AuthenticationError:
         raise Unreachable(f"the {role} at {mask_password(url)} refused the password (check the URL)") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         reason = str(exc).split(". ")[-1].strip(".") or type(exc).__name__
         raise Unreachable(f"cannot reach the {role} at {mask_password(url)} ({reason}): {HINT}") from None
-    return client
+    return ledger.client_for(url)
 
 
 def check_broker(url: str) -> None:

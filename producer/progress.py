@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -40,7 +41,7 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
     with bar:
         task_id = bar.add_task(job, total=total, info="")
         while True:
-            counts = book.counts(job)
+            counts = _counts_waiting(book, job)
             done, now = finished(counts), time.monotonic()
             bar.update(task_id, completed=done, info=f"{counts['failed']} failed, {counts['bytes'] / 1e6:.1f} MB")
             if done >= total:
@@ -58,6 +59,20 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
                       "(celery -A tasks worker)", file=err, flush=True)
                 last_change = now
             time.sleep(POLL_S)
+
+
+def _counts_waiting(book: ledger.Ledger, job: str) -> dict[str, int]:
+    """The job's counters; while the backend is unreachable, say so and keep waiting (it may restart)."""
+    told = False
+    while True:
+        try:
+            return book.counts(job)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if not told:
+                print(f"waiting: the result backend is unreachable ({exc}); retrying until it is back "
+                      "(Ctrl-C to stop following)", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(1)
 
 
 def summary(counts: dict[str, int], fails: list[dict[str, Any]], seconds: float) -> str:

@@ -40,7 +40,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     broker_connection_max_retries=None,  # wait for the broker forever instead of exiting
     task_time_limit=settings.time_limit,
-    task_soft_time_limit=max(1, settings.time_limit - 30),
+    task_soft_time_limit=settings.soft_time_limit,
     result_expires=settings.result_expires,  # results do not fill Redis (celery #7801)
     task_track_started=True,
     worker_send_task_events=True,  # Flower sees tasks

@@ -61,11 +61,17 @@ class Settings:
     backoff_cap: float = 60.0
     max_retry_after: float = 300.0
     per_host: int = 8
+    host_lease: int = 60
     host_rate: float = 0.0
     fsync: bool = True
     allow_private: bool = False
     allow_networks: tuple[str, ...] = ()
     resolve: tuple[str, ...] = field(default=())
+
+    @property
+    def soft_time_limit(self) -> float:
+        """When a download gives up by itself: shortly before Celery's hard limit kills its process."""
+        return self.time_limit - min(30.0, self.time_limit / 10)
 
     @property
     def broker(self) -> str:
@@ -105,6 +111,7 @@ class Settings:
             backoff_cap=_float(e, "FLEETFETCH_BACKOFF_CAP", 60.0),
             max_retry_after=_float(e, "FLEETFETCH_MAX_RETRY_AFTER", 300.0),
             per_host=_int(e, "FLEETFETCH_PER_HOST", 8),
+            host_lease=_int(e, "FLEETFETCH_HOST_LEASE", 60),
             host_rate=_float(e, "FLEETFETCH_HOST_RATE", 0.0),
             fsync=not _flag(e, "FLEETFETCH_NO_FSYNC"),
             allow_private=_flag(e, "FLEETFETCH_ALLOW_PRIVATE"),

@@ -75,7 +75,8 @@ def download(self: Any, url: str, name: str, job: str | None = None, index: int 
     per_host = int(opts.get("per_host", settings.per_host))
     lease = None
     if per_host > 0 or opts.get("host_rate", settings.host_rate):
-        lease, wait = _limiter().acquire(host, per_host, float(opts.get("host_rate", settings.host_rate)))
+        lease, wait = _limiter().acquire(host, per_host, float(opts.get("host_rate", settings.host_rate)),
+                                         waiter=self.request.id or "")
         if lease is None:
             _requeue(self, url, name, job, index, opts, wait)
         opts["waited_s"] = round(opts.get("waited_s", 0) + time.time() - opts.pop("wait_since", time.time()), 3)
@@ -99,7 +100,7 @@ def _attempt(task: Any, url: str, name: str, job: str | None, index: int | None,
     extra = {"waited_s": opts["waited_s"]} if opts.get("waited_s") else {}
     try:
         outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=settings.fsync,
-                                   deadline=started + settings.time_limit - 30, on_chunk=_renewer(lease))
+                                   deadline=started + settings.soft_time_limit, on_chunk=_renewer(lease))
     except TransientError as exc:
         _pause_host(exc, urlsplit(url).hostname or "", attempts)
         if attempts < int(opts.get("max_attempts") or settings.max_attempts):

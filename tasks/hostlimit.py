@@ -3,6 +3,8 @@
   ff:host:<host>:slots   zset   lease id -> lease expiry (ms); an expired lease frees its slot by itself
   ff:host:<host>:bucket  hash   tokens, ts (ms)                    (only with a rate)
   ff:host:<host>:pause   string set with PX until the host may be contacted again
+  ff:host:<host>:wait    zset   task id -> first time it found no slot (its place in line)
+  ff:host:<host>:stats   hash   avg_ms: moving average of how long a download holds a slot
   ff:paused              zset   host -> paused-until (ms), for `status`
 Every decision is one Lua script run, using the server's clock, so all workers on all machines agree.
 """
@@ -10,12 +12,17 @@ Every decision is one Lua script run, using the server's clock, so all workers o
 from __future__ import annotations
 
 import random
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
-LEASE_S = 60  # a killed worker's slot comes back after at most this long; live downloads renew it
+from .config import settings
+
+# A killed worker's slot comes back after at most this long; live downloads renew their lease.
+LEASE_S = settings.host_lease
+MAX_WAIT_S = 8.0  # longest a task waits before asking for a slot again
 
 _ACQUIRE = """
 local now_t = redis.call('TIME')
@@ -24,7 +31,13 @@ local paused = redis.call('PTTL', KEYS[3])
 if paused > 0 then return {0, paused} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local limit, lease, rate = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
-if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then return {0, -1} end
+if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 600000)
+  redis.call('ZADD', KEYS[4], 'NX', now, ARGV[5])
+  redis.call('PEXPIRE', KEYS[4], 600000)
+  local avg = tonumber(redis.call('HGET', KEYS[5], 'avg_ms')) or 1000
+  return {0, -1, redis.call('ZRANK', KEYS[4], ARGV[5]), math.floor(avg)}
+end
 if rate > 0 then
   local b = redis.call('HMGET', KEYS[2], 'tokens', 'ts')
   local tokens = tonumber(b[1]) or rate
@@ -36,7 +49,17 @@ if rate > 0 then
 end
 redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], lease * 2)
+redis.call('ZREM', KEYS[4], ARGV[5])
 return {1, 0}
+"""
+
+_RELEASE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+local avg = tonumber(redis.call('HGET', KEYS[2], 'avg_ms'))
+local ms = tonumber(ARGV[2])
+redis.call('HSET', KEYS[2], 'avg_ms', avg and (avg * 0.8 + ms * 0.2) or ms)
+redis.call('PEXPIRE', KEYS[2], 3600000)
+return 0
 """
 
 _PAUSE = """
@@ -56,13 +79,14 @@ return redis.call('ZADD', KEYS[1], 'XX', t[1] * 1000 + math.floor(t[2] / 1000) +
 
 
 def _keys(host: str) -> list[str]:
-    return [f"ff:host:{host}:slots", f"ff:host:{host}:bucket", f"ff:host:{host}:pause"]
+    return [f"ff:host:{host}:{k}" for k in ("slots", "bucket", "pause", "wait", "stats")]
 
 
 @dataclass
 class Lease:
     host: str
     id: str
+    since: float = field(default_factory=time.monotonic)
 
 
 class HostLimiter:
@@ -73,21 +97,29 @@ class HostLimiter:
         self._acquire = client.register_script(_ACQUIRE)
         self._pause = client.register_script(_PAUSE)
         self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
 
-    def acquire(self, host: str, limit: int, rate: float = 0.0) -> tuple[Lease | None, float]:
+    def acquire(self, host: str, limit: int, rate: float = 0.0, waiter: str = "") -> tuple[Lease | None, float]:
+        """A lease, or None and the seconds after which asking again is worth it.
+
+        All slots busy: the waiter gets a place in line, and comes back about when its turn is due
+        (place / limit x the host's average download time), not in a tight loop."""
         lease_id = uuid.uuid4().hex
-        ok, wait_ms = self._acquire(keys=_keys(host), args=[limit, LEASE_S * 1000, lease_id, rate])
-        if ok:
+        reply = self._acquire(keys=_keys(host), args=[limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id])
+        if reply[0]:
             return Lease(host, lease_id), 0.0
-        if wait_ms < 0:  # all slots busy: come back after a jittered moment, not in a tight loop
-            return None, random.uniform(0.5, 2.0)
-        return None, wait_ms / 1000 + random.uniform(0, 0.25)
+        if reply[1] < 0:
+            place, avg_ms = int(reply[2]), int(reply[3])
+            turn = 1.25 * avg_ms / 1000 * (place + 1) / max(1, limit)  # a little late beats a wasted re-check
+            return None, min(MAX_WAIT_S, max(0.1, turn)) * random.uniform(0.9, 1.3)
+        return None, reply[1] / 1000 + random.uniform(0, 0.25)
 
     def renew(self, lease: Lease) -> None:
         self._renew(keys=[_keys(lease.host)[0]], args=[LEASE_S * 1000, lease.id])
 
     def release(self, lease: Lease) -> None:
-        self.r.zrem(_keys(lease.host)[0], lease.id)
+        k = _keys(lease.host)
+        self._release(keys=[k[0], k[4]], args=[lease.id, int((time.monotonic() - lease.since) * 1000)])
 
     def pause(self, host: str, seconds: float) -> None:
         """No worker contacts `host` for `seconds` (a longer pause already in place is kept)."""

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 QUEUED, STARTED, RETRYING = "queued", "started", "retrying"
 DONE, UNCHANGED, FAILED = "done", "unchanged", "failed"
@@ -149,11 +151,17 @@ class Ledger:
 _cache: dict[tuple[int, str], Ledger] = {}
 
 
+def client_for(url: str, attempts: int = 12) -> redis.Redis:
+    """A Redis client that rides out a restart of the server: about a minute of retries with backoff.
+    Ledger writes are idempotent (the transition script ignores a repeated state), so replaying is safe."""
+    retry = Retry(ExponentialBackoff(cap=10, base=0.2), attempts)
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30,
+                                retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+
+
 def for_url(url: str, ttl: int) -> Ledger:
     """A per-process ledger client (a forked pool child must not share its parent's sockets)."""
     key = (os.getpid(), url)
     if key not in _cache:
-        client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
-                                      health_check_interval=30, retry_on_timeout=True)
-        _cache[key] = Ledger(client, ttl)
+        _cache[key] = Ledger(client_for(url), ttl)
     return _cache[key]

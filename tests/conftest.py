@@ -52,6 +52,10 @@ class Cluster:
         return subprocess.run([sys.executable, "-m", "producer", *args], env=env or self.env, input=stdin,
                               capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT)
 
+    def producer_async(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "producer", *args], env=self.env, cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
     def broker(self) -> redis.Redis:
         return self.server.client(0)
 

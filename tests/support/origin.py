@@ -236,8 +236,9 @@ class _Handler(BaseHTTPRequestHandler):
         if cut is not None:
             data = data[:cut]
         sent, began = 0, time.monotonic()
-        for i in range(0, len(data), CHUNK):
-            chunk = data[i : i + CHUNK]
+        piece = max(1024, int(res.rate / 20)) if res.rate else CHUNK  # paced: ~20 writes a second
+        for i in range(0, len(data), piece):
+            chunk = data[i : i + piece]
             self.wfile.write(chunk)
             sent += len(chunk)
             if res.stall and i == 0:
