@@ -130,6 +130,7 @@ def _follow(conn: Connection, job_id: str, total: int, started: float, manifest:
         counts = progress.follow(conn.ledger, job_id, total, quiet=quiet, alive=conn.problem)
     except KeyboardInterrupt:
         if local:
+            conn.hurry()
             print("\ninterrupted: stopping the local worker and server (the job is abandoned)", file=sys.stderr)
         else:
             print(f"\ninterrupted: the job goes on; see it with: fleetfetch status {job_id}", file=sys.stderr)

@@ -28,6 +28,7 @@ class Connection:
     app: Celery
     ledger: ledger.Ledger
     problem: Callable[[], str | None]
+    hurry: Callable[[], None] = lambda: None
 
 
 def check_redis(url: str, role: str) -> redis.Redis:
@@ -79,4 +80,4 @@ def connect(local: bool, download_dir: Path | None = None, concurrency: int = 2,
                   f"process(es), files into {cluster.download_dir}", flush=True)
         _configure(cluster.broker, cluster.backend)
         client = check_redis(cluster.backend, "result backend")
-        yield Connection(app, ledger.Ledger(client, settings.result_expires), cluster.problem)
+        yield Connection(app, ledger.Ledger(client, settings.result_expires), cluster.problem, cluster.hurry)

@@ -73,6 +73,7 @@ class LocalCluster:
         self.broker = f"redis://127.0.0.1:{self.port}/0"
         self.backend = f"redis://127.0.0.1:{self.port}/1"
         self.procs: list[subprocess.Popen] = []
+        self.grace = 20.0  # a finished job has nothing running; after Ctrl-C, hurry() makes this short
 
     def __enter__(self) -> LocalCluster:
         try:
@@ -133,8 +134,12 @@ class LocalCluster:
         except OSError:
             return "(no log)"
 
+    def hurry(self) -> None:
+        """Interrupted: do not wait for running downloads (their temp files are reused or removed later)."""
+        self.grace = 2.0
+
     def close(self) -> None:
         for proc in reversed(self.procs):
-            stop_process(proc, grace=20)
+            stop_process(proc, grace=self.grace)
         self.procs.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -73,7 +73,8 @@ def test_local_mode_exit_1_lists_failures_and_cleans_up(origin, tmp_path):
 
 
 def test_ctrl_c_in_local_mode_stops_server_and_worker(origin, tmp_path):
-    origin.add("/slow.bin", b"s" * 200_000, rate=20_000)
+    body = b"s" * 200_000
+    origin.add("/slow.bin", body, rate=20_000)
     listing = write_list(tmp_path / "urls.txt", [origin.url("/slow.bin")])
     proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "--concurrency", "1"], cwd=tmp_path,
                             env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -87,4 +88,5 @@ def test_ctrl_c_in_local_mode_stops_server_and_worker(origin, tmp_path):
     assert proc.returncode == 130, out + err
     assert "interrupted" in err and "Traceback" not in err
     assert watch.survivors() == []
-    assert not (tmp_path / "downloads" / "slow.bin").exists()
+    target = tmp_path / "downloads" / "slow.bin"
+    assert not target.exists() or target.read_bytes() == body  # never a partial file under the final name
