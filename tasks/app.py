@@ -32,7 +32,15 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     # Redis re-delivers an unacknowledged task after visibility_timeout. It must exceed the task's hard
     # time limit (and any retry countdown), or a still-running download is started a second time.
-    broker_transport_options={"visibility_timeout": settings.visibility_timeout, **_redis_sockets},
+    broker_transport_options={
+        "visibility_timeout": settings.visibility_timeout,
+        # Workers sweep for tasks of dead workers (unacknowledged for longer than the visibility timeout)
+        # every restore_interval seconds. kombu's default scans only every 10th sweep (~100 s); one
+        # indexed ZRANGE per sweep is cheap, so every sweep scans.
+        "unacked_restore_interval": settings.restore_interval,
+        "unacked_restore_throttle": 1,
+        **_redis_sockets,
+    },
     result_backend_transport_options={**_redis_sockets},
     redis_socket_timeout=30,
     redis_socket_connect_timeout=10,

@@ -53,6 +53,7 @@ class Settings:
     time_limit: int = 3600
     visibility_timeout: int = 7200
     soft_shutdown_timeout: float = 60.0
+    restore_interval: int = 10
     result_expires: int = 3 * 24 * 3600
     max_size: int = 10 * 1024**3
     max_redirects: int = 10
@@ -103,6 +104,7 @@ class Settings:
             # long, so a shorter value runs a still-running download twice (celery #2599, #5935).
             visibility_timeout=_int(e, "FLEETFETCH_VISIBILITY_TIMEOUT", max(7200, 2 * time_limit)),
             soft_shutdown_timeout=_float(e, "FLEETFETCH_SOFT_SHUTDOWN_TIMEOUT", 60.0),
+            restore_interval=_int(e, "FLEETFETCH_RESTORE_INTERVAL", 10),
             result_expires=_int(e, "FLEETFETCH_RESULT_EXPIRES", 3 * 24 * 3600),
             max_size=_int(e, "FLEETFETCH_MAX_SIZE", 10 * 1024**3),
             max_redirects=_int(e, "FLEETFETCH_MAX_REDIRECTS", 10),

@@ -1,13 +1,15 @@
-"""The Celery task: one URL per task; ledger transitions, retries and the final record."""
+"""The Celery task: one URL per task; host slot, ledger transitions, retries and the final record."""
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from billiard.process import current_process
@@ -18,7 +20,7 @@ from .app import app
 from .config import TASK_NAME, settings
 from .guard import Policy
 from .redact import redact_text, redact_url
-from .retry import DownloadError, PermanentError, TransientError, countdown
+from .retry import DownloadError, TransientError, countdown
 
 log = logging.getLogger("fleetfetch")
 
@@ -37,11 +39,13 @@ def _ledger() -> ledger.Ledger:
     return ledger.for_url(settings.backend, settings.result_expires)
 
 
+@cache
+def _limiter_for(pid: int) -> hostlimit.HostLimiter:
+    return hostlimit.HostLimiter(_ledger().r)
+
+
 def _limiter() -> hostlimit.HostLimiter:
-    book = _ledger()
-    if not hasattr(book, "limiter"):
-        book.limiter = hostlimit.HostLimiter(book.r)  # type: ignore[attr-defined]
-    return book.limiter  # type: ignore[attr-defined]
+    return _limiter_for(os.getpid())  # a forked pool child gets its own
 
 
 def _runner() -> str:
@@ -54,71 +58,106 @@ def display_args(url: str, name: str) -> tuple[str, str]:
     return repr((redact_url(url), name)), "{}"
 
 
-def _record(outcome: transfer.Outcome | None, url: str, attempts: int, started: float, **extra: Any) -> dict:
-    base: dict[str, Any] = {"url": redact_url(url), "status": "failed", "attempts": attempts,
-                            "elapsed_s": round(time.monotonic() - started, 3), "worker": socket.gethostname()}
-    if outcome is not None:
-        base.update(status=outcome.status, final_url=redact_url(outcome.final_url), path=outcome.path,
-                    bytes=outcome.bytes, sha256=outcome.sha256, http_status=outcome.http_status, **outcome.headers)
-    base.update(extra)
-    return base
+@dataclass
+class Call:
+    """One execution of the task: its arguments, its attempt number and its URL's ledger entry."""
+
+    task: Any
+    url: str
+    name: str
+    job: str | None
+    index: int
+    opts: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def attempt(self) -> int:
+        return int(self.opts.get("attempt") or 1)
+
+    @property
+    def host(self) -> str:
+        return (urlsplit(self.url).hostname or "").lower()
+
+    def mark(self, state: str, record: dict[str, Any] | None = None) -> str | None:
+        """Move the URL to `state` in the ledger; returns the final state it already had, if any."""
+        return _ledger().transition(self.job, self.index, state, record) if self.job else None
+
+    def requeue(self, wait: float) -> NoReturn:
+        """Send this task back to the queue, to run again in `wait` seconds (the process is freed)."""
+        argsrepr, kwargsrepr = display_args(self.url, self.name)
+        raise self.task.retry(countdown=wait, args=(self.url, self.name),
+                              kwargs={"job": self.job, "index": self.index, "opts": self.opts},
+                              argsrepr=argsrepr, kwargsrepr=kwargsrepr)
+
+    def record(self, outcome: transfer.Outcome | None, **extra: Any) -> dict[str, Any]:
+        rec: dict[str, Any] = {"url": redact_url(self.url), "status": "failed", "attempts": self.attempt,
+                               "elapsed_s": round(time.monotonic() - self.started, 3),
+                               "worker": socket.gethostname()}
+        if outcome is not None:
+            rec.update(status=outcome.status, final_url=redact_url(outcome.final_url), path=outcome.path,
+                       bytes=outcome.bytes, sha256=outcome.sha256, http_status=outcome.http_status,
+                       **outcome.headers)
+        if self.opts.get("waited_s"):
+            rec["waited_s"] = self.opts["waited_s"]
+        rec.update(extra)
+        return rec
 
 
 @app.task(bind=True, name=TASK_NAME, max_retries=None)
-def download(self: Any, url: str, name: str, job: str | None = None, index: int | None = None,
+def download(self: Any, url: str, name: str, job: str | None = None, index: int = 0,
              opts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Download `url` into FLEETFETCH_DIR/[subdir/]name and return its record."""
-    opts = dict(opts or {})
-    started = time.monotonic()
-    attempts = int(opts.get("attempt") or 1)
-    host = (urlsplit(url).hostname or "").lower()
-    per_host = int(opts.get("per_host", settings.per_host))
-    lease = None
-    if per_host > 0 or opts.get("host_rate", settings.host_rate):
-        lease, wait = _limiter().acquire(host, per_host, float(opts.get("host_rate", settings.host_rate)),
-                                         waiter=self.request.id or "")
-        if lease is None:
-            _requeue(self, url, name, job, index, opts, wait)
-        opts["waited_s"] = round(opts.get("waited_s", 0) + time.time() - opts.pop("wait_since", time.time()), 3)
+    call = Call(self, url, name, job, index, dict(opts or {}))
+    lease = _take_slot(call)
     try:
-        return _attempt(self, url, name, job, index, opts, attempts, started, lease)
+        return _run(call, lease)
     finally:
         if lease is not None:
             _limiter().release(lease)
 
 
-def _attempt(task: Any, url: str, name: str, job: str | None, index: int | None, opts: dict[str, Any],
-             attempts: int, started: float, lease: hostlimit.Lease | None) -> dict[str, Any]:
-    book = _ledger() if job else None
-    if book is not None and book.transition(job, index, ledger.STARTED) is not None:
-        log.info("Already finished %s (job %s #%s): redelivery ignored", name, job, index)
-        return book.record(job, index) or {}
-    log.info("Starting download of %s %s", name, _runner())
-    req = transfer.Request(url=url, name=name, subdir=opts.get("subdir", ""), sha256=opts.get("sha256"),
-                           force=bool(opts.get("force")), max_size=int(opts.get("max_size") or settings.max_size),
-                           resume=opts.get("resume"))
-    extra = {"waited_s": opts["waited_s"]} if opts.get("waited_s") else {}
+def _take_slot(call: Call) -> hostlimit.Lease | None:
+    """A cluster-wide slot for the URL's host, or back to the queue until its turn is due."""
+    per_host = int(call.opts.get("per_host", settings.per_host))
+    rate = float(call.opts.get("host_rate", settings.host_rate))
+    if per_host <= 0 and rate <= 0:
+        return None
+    lease, wait = _limiter().acquire(call.host, per_host, rate, waiter=call.task.request.id or "")
+    if lease is None:
+        call.opts.setdefault("wait_since", time.time())
+        call.requeue(wait)
+    waited = time.time() - call.opts.pop("wait_since", time.time())
+    call.opts["waited_s"] = round(call.opts.get("waited_s", 0) + waited, 3)
+    return lease
+
+
+def _run(call: Call, lease: hostlimit.Lease | None) -> dict[str, Any]:
+    if call.mark(ledger.STARTED) is not None:
+        log.info("Already finished %s (job %s #%s): redelivery ignored", call.name, call.job, call.index)
+        return _ledger().record(call.job, call.index) or {} if call.job else {}
+    log.info("Starting download of %s %s", call.name, _runner())
+    o = call.opts
+    req = transfer.Request(url=call.url, name=call.name, subdir=o.get("subdir", ""), sha256=o.get("sha256"),
+                           force=bool(o.get("force")), max_size=int(o.get("max_size") or settings.max_size),
+                           resume=o.get("resume"))
     try:
         outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=settings.fsync,
-                                   deadline=started + settings.soft_time_limit, on_chunk=_renewer(lease))
+                                   deadline=call.started + settings.soft_time_limit, on_chunk=_renewer(lease))
     except TransientError as exc:
-        _pause_host(exc, urlsplit(url).hostname or "", attempts)
-        if attempts < int(opts.get("max_attempts") or settings.max_attempts):
-            _retry(task, exc, url, name, job, index, opts, attempts, book)
-        return _fail(book, job, index, url, name, exc.reason, attempts, started, extra)
+        _pause_host(exc, call.host, call.attempt)
+        if call.attempt < int(o.get("max_attempts") or settings.max_attempts):
+            _retry(call, exc)
+        return _fail(call, exc.reason)
     except DownloadError as exc:
-        return _fail(book, job, index, url, name, exc.reason, attempts, started, extra)
+        return _fail(call, exc.reason)
     except SoftTimeLimitExceeded:
-        return _fail(book, job, index, url, name, f"time limit of {settings.time_limit} s exceeded",
-                     attempts, started, extra)
+        return _fail(call, f"time limit of {settings.time_limit} s exceeded")
     except Exception as exc:  # a bug must still end the URL with a record, never leave it "started"
-        log.exception("internal error on %s", redact_url(url))
-        return _fail(book, job, index, url, name, f"internal error: {type(exc).__name__}: {exc}", attempts,
-                     started, extra)
-    record = _record(outcome, url, attempts, started, **extra)
-    if book is not None:
-        book.transition(job, index, outcome.status, record)
-    log.info("Finished %s: %s, %d bytes in %.2f s", name, outcome.status, outcome.bytes, record["elapsed_s"])
+        log.exception("internal error on %s", redact_url(call.url))
+        return _fail(call, f"internal error: {type(exc).__name__}: {exc}")
+    record = call.record(outcome)
+    call.mark(outcome.status, record)
+    log.info("Finished %s: %s, %d bytes in %.2f s", call.name, outcome.status, outcome.bytes, record["elapsed_s"])
     return record
 
 
@@ -136,46 +175,26 @@ def _renewer(lease: hostlimit.Lease | None) -> Any:
     return renew
 
 
-def _pause_host(exc: DownloadError, host: str, attempts: int) -> None:
+def _pause_host(exc: DownloadError, host: str, attempt: int) -> None:
     """429/503 pause the host for every worker: for Retry-After when given, else for the backoff."""
     if exc.status not in (429, 503):
         return
-    wait = exc.retry_after if exc.retry_after is not None else settings.backoff_base * 2 ** (attempts - 1)
-    _limiter().pause(host.lower(), min(wait, settings.max_retry_after))
+    wait = exc.retry_after if exc.retry_after is not None else settings.backoff_base * 2 ** (attempt - 1)
+    _limiter().pause(host, min(wait, settings.max_retry_after))
 
 
-def _requeue(task: Any, url: str, name: str, job: str | None, index: int | None, opts: dict[str, Any],
-             wait: float) -> None:
-    """No slot for this host now: give the task back with a short countdown and free the process."""
-    opts.setdefault("wait_since", time.time())
-    argsrepr, kwargsrepr = display_args(url, name)
-    raise task.retry(countdown=wait, kwargs={"job": job, "index": index, "opts": opts}, args=(url, name),
-                     argsrepr=argsrepr, kwargsrepr=kwargsrepr)
-
-
-def _retry(task: Any, exc: DownloadError, url: str, name: str, job: str | None, index: int | None,
-           opts: dict[str, Any], attempts: int, book: ledger.Ledger | None) -> None:
-    wait = countdown(attempts, exc.retry_after, base=settings.backoff_base, cap=settings.backoff_cap,
+def _retry(call: Call, exc: DownloadError) -> NoReturn:
+    wait = countdown(call.attempt, exc.retry_after, base=settings.backoff_base, cap=settings.backoff_cap,
                      max_wait=settings.max_retry_after, visibility_timeout=settings.visibility_timeout)
-    opts["resume"] = getattr(exc, "resume", None)
-    opts["last_error"] = exc.reason
-    opts["attempt"] = attempts + 1
-    if book is not None:
-        book.transition(job, index, ledger.RETRYING)
-    log.warning("Retrying %s in %.1f s (attempt %d failed: %s)", name, wait, attempts, redact_text(exc.reason))
-    argsrepr, kwargsrepr = display_args(url, name)
-    raise task.retry(countdown=wait, kwargs={"job": job, "index": index, "opts": opts},
-                     args=(url, name), argsrepr=argsrepr, kwargsrepr=kwargsrepr)
+    log.warning("Retrying %s in %.1f s (attempt %d failed: %s)", call.name, wait, call.attempt,
+                redact_text(exc.reason))
+    call.opts.update(resume=getattr(exc, "resume", None), last_error=exc.reason, attempt=call.attempt + 1)
+    call.mark(ledger.RETRYING)
+    call.requeue(wait)
 
 
-def _fail(book: ledger.Ledger | None, job: str | None, index: int | None, url: str, name: str, reason: str,
-          attempts: int, started: float, extra: dict[str, Any]) -> dict[str, Any]:
+def _fail(call: Call, reason: str) -> NoReturn:
     reason = redact_text(reason)
-    record = _record(None, url, attempts, started, path=name, reason=reason, **extra)
-    if book is not None:
-        book.transition(job, index, ledger.FAILED, record)
-    log.error("Failed %s: %s", redact_url(url), reason)
-    raise DownloadFailed(f"{redact_url(url)}: {reason}")
-
-
-__all__ = ["download", "DownloadFailed", "PermanentError"]
+    call.mark(ledger.FAILED, call.record(None, path=call.name, reason=reason))
+    log.error("Failed %s: %s", redact_url(call.url), reason)
+    raise DownloadFailed(f"{redact_url(call.url)}: {reason}")

@@ -59,7 +59,7 @@ class _PinnedMixin:
         except TimeoutError as exc:
             raise ConnectTimeoutError(self, f"connect to {self.host} timed out") from exc
         except OSError as exc:
-            raise NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
+            raise NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc  # type: ignore[arg-type]
 
 
 class _PinnedHTTP(_PinnedMixin, HTTPConnection):

@@ -15,6 +15,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import cast
 
 import redis
 
@@ -127,7 +128,7 @@ class HostLimiter:
 
     def paused(self) -> dict[str, float]:
         """Hosts paused now -> epoch seconds until which they are paused."""
-        now_s, now_us = self.r.time()
-        now_ms = now_s * 1000 + now_us // 1000
-        self.r.zremrangebyscore("ff:paused", "-inf", now_ms)
-        return {h.decode(): score / 1000 for h, score in self.r.zrange("ff:paused", 0, -1, withscores=True)}
+        now_s, now_us = cast(tuple[int, int], self.r.time())
+        self.r.zremrangebyscore("ff:paused", "-inf", now_s * 1000 + now_us // 1000)
+        hosts = cast(list[tuple[bytes, float]], self.r.zrange("ff:paused", 0, -1, withscores=True))
+        return {h.decode(): score / 1000 for h, score in hosts}

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -91,7 +91,7 @@ class Ledger:
         pipe.expire(k["state"], self.ttl)
 
     def meta(self, job: str) -> dict[str, Any]:
-        raw = self.r.hgetall(keys(job)["meta"])
+        raw = cast(dict[bytes, bytes], self.r.hgetall(keys(job)["meta"]))
         out: dict[str, Any] = {}
         for key, value in raw.items():
             k, v = key.decode(), value.decode()
@@ -112,7 +112,8 @@ class Ledger:
             states = self.r.hmget(k["state"], [str(i) for i in idx])
             missing = [i for i, s in zip(idx, states, strict=True) if s is None]
             if missing:
-                for i, raw in zip(missing, self.r.hmget(k["urls"], [str(i) for i in missing]), strict=True):
+                rows = cast(list[bytes], self.r.hmget(k["urls"], [str(i) for i in missing]))
+                for i, raw in zip(missing, rows, strict=True):
                     url, name, digest = json.loads(raw)
                     yield i, url, name, digest
 

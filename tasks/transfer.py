@@ -60,7 +60,7 @@ def _resume_headers(part: storage.PartFile, resume: dict[str, str] | None) -> di
 
 def _range_ok(response: requests.Response, offset: int) -> bool:
     match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
-    return bool(match) and int(match.group(1)) == offset
+    return match is not None and int(match.group(1)) == offset
 
 
 def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, fsync: bool,

@@ -22,7 +22,8 @@ from tests.conftest import ROOT, Cluster, job_id_of, write_list
 from tests.support.origin import Origin
 from tests.support.servers import RedisServer, Worker
 
-CHAOS_ENV = {"FLEETFETCH_VISIBILITY_TIMEOUT": "6", "FLEETFETCH_TIME_LIMIT": "5", "FLEETFETCH_PER_HOST": "0"}
+CHAOS_ENV = {"FLEETFETCH_VISIBILITY_TIMEOUT": "6", "FLEETFETCH_TIME_LIMIT": "5", "FLEETFETCH_PER_HOST": "0",
+             "FLEETFETCH_RESTORE_INTERVAL": "1"}
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, li
     server = RedisServer(base / "redis").start()
     cluster = Cluster(server, base / "downloads")
     cluster.env.update(FLEETFETCH_ALLOW_NETWORKS="127.0.0.1/32,127.0.0.2/32", FLEETFETCH_HOST_LEASE=str(LEASE_S),
-                       FLEETFETCH_VISIBILITY_TIMEOUT="6", FLEETFETCH_TIME_LIMIT="5")
+                       FLEETFETCH_VISIBILITY_TIMEOUT="6", FLEETFETCH_TIME_LIMIT="5",
+                       FLEETFETCH_RESTORE_INTERVAL="1")
     workers: list[Worker] = []
     try:
         for n in (1, 2):
