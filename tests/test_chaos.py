@@ -212,9 +212,13 @@ def test_disk_full_fails_the_url_cleanly(chaos, workers, origin, tmp_path):
         subprocess.run(["umount", str(small)], check=False)
 
 
+RUNS = int(os.environ.get("FLEETFETCH_CHAOS_RUNS", "2"))
+URLS = int(os.environ.get("FLEETFETCH_CHAOS_URLS", "30"))
+
+
+@pytest.mark.timeout(120 + RUNS * (30 + URLS // 5))
 def test_repeated_random_kills_lose_nothing(chaos, workers, origin, tmp_path):
-    runs = int(os.environ.get("FLEETFETCH_CHAOS_RUNS", "2"))
-    count = int(os.environ.get("FLEETFETCH_CHAOS_URLS", "30"))
+    runs, count = RUNS, URLS
     totals = dict.fromkeys(("runs", "urls", *CLEAN), 0)
     rng = random.Random(int(os.environ.get("FLEETFETCH_CHAOS_SEED", "7")))
     spare = workers.start("steady", concurrency=2)
@@ -237,6 +241,7 @@ def test_repeated_random_kills_lose_nothing(chaos, workers, origin, tmp_path):
         for key in ("urls", *CLEAN):
             totals[key] += report[key]
         victim.stop()
+        print(f"run {run + 1}/{runs}: {report}", flush=True)
     print("\nchaos: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
     assert spare.proc is not None
     assert {k: totals[k] for k in CLEAN} == CLEAN, totals
