@@ -3,40 +3,30 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 QUEUE = "fleetfetch"
 TASK_NAME = "fleetfetch.download"
 
 
-def _int(env: dict[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
+def _parse(var: str, raw: str, default: Any) -> Any:
+    """A variable's text as the type of the setting's default."""
     try:
-        return int(raw)
+        if isinstance(default, bool):
+            return raw.lower() in {"1", "true", "yes", "on"}
+        if isinstance(default, int | float):
+            return type(default)(raw)
+        if isinstance(default, tuple):
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        if isinstance(default, Path):
+            return Path(raw)
+        return raw
     except ValueError:
-        raise SystemExit(f"error: {name}={raw!r} is not a whole number") from None
-
-
-def _float(env: dict[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise SystemExit(f"error: {name}={raw!r} is not a number") from None
-
-
-def _flag(env: dict[str, str], name: str) -> bool:
-    return env.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _list(env: dict[str, str], name: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in env.get(name, "").split(",") if p.strip())
+        kind = "whole number" if isinstance(default, int) else "number"
+        raise SystemExit(f"error: {var}={raw!r} is not a {kind}") from None
 
 
 @dataclass(frozen=True)
@@ -64,7 +54,7 @@ class Settings:
     per_host: int = 8
     host_lease: int = 60
     host_rate: float = 0.0
-    fsync: bool = True
+    no_fsync: bool = False
     allow_private: bool = False
     allow_networks: tuple[str, ...] = ()
     resolve: tuple[str, ...] = field(default=())
@@ -89,37 +79,26 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        e = dict(os.environ if env is None else env)
-        time_limit = _int(e, "FLEETFETCH_TIME_LIMIT", 3600)
-        return cls(
-            broker_url=e.get("CELERY_BROKER_URL") or None,
-            result_backend=e.get("CELERY_RESULT_BACKEND") or None,
-            download_dir=Path(e.get("FLEETFETCH_DIR") or "downloads"),
-            pool=e.get("FLEETFETCH_POOL") or "prefork",
-            concurrency=_int(e, "FLEETFETCH_CONCURRENCY", 0),
-            connect_timeout=_float(e, "FLEETFETCH_CONNECT_TIMEOUT", 10.0),
-            read_timeout=_float(e, "FLEETFETCH_READ_TIMEOUT", 30.0),
-            time_limit=time_limit,
+        e = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            raw = e.get(_VARIABLES[f.name], "").strip()
+            if raw:
+                values[f.name] = _parse(_VARIABLES[f.name], raw, f.default)
+        if "visibility_timeout" not in values:
             # Must exceed the time limit: Redis hands an unacknowledged task to another worker after this
             # long, so a shorter value runs a still-running download twice (celery #2599, #5935).
-            visibility_timeout=_int(e, "FLEETFETCH_VISIBILITY_TIMEOUT", max(7200, 2 * time_limit)),
-            soft_shutdown_timeout=_float(e, "FLEETFETCH_SOFT_SHUTDOWN_TIMEOUT", 60.0),
-            restore_interval=_int(e, "FLEETFETCH_RESTORE_INTERVAL", 10),
-            result_expires=_int(e, "FLEETFETCH_RESULT_EXPIRES", 3 * 24 * 3600),
-            max_size=_int(e, "FLEETFETCH_MAX_SIZE", 10 * 1024**3),
-            max_redirects=_int(e, "FLEETFETCH_MAX_REDIRECTS", 10),
-            max_attempts=_int(e, "FLEETFETCH_MAX_ATTEMPTS", 5),
-            backoff_base=_float(e, "FLEETFETCH_BACKOFF_BASE", 1.0),
-            backoff_cap=_float(e, "FLEETFETCH_BACKOFF_CAP", 60.0),
-            max_retry_after=_float(e, "FLEETFETCH_MAX_RETRY_AFTER", 300.0),
-            per_host=_int(e, "FLEETFETCH_PER_HOST", 8),
-            host_lease=_int(e, "FLEETFETCH_HOST_LEASE", 60),
-            host_rate=_float(e, "FLEETFETCH_HOST_RATE", 0.0),
-            fsync=not _flag(e, "FLEETFETCH_NO_FSYNC"),
-            allow_private=_flag(e, "FLEETFETCH_ALLOW_PRIVATE"),
-            allow_networks=_list(e, "FLEETFETCH_ALLOW_NETWORKS"),
-            resolve=_list(e, "FLEETFETCH_RESOLVE"),
-        )
+            values["visibility_timeout"] = max(7200, 2 * int(values.get("time_limit", cls.time_limit)))
+        return cls(**values)
+
+
+_VARIABLES = {f: "CELERY_" + f.upper() for f in ("broker_url", "result_backend")} | {
+    f: "FLEETFETCH_" + f.upper() for f in (
+        "pool", "concurrency", "connect_timeout", "read_timeout", "time_limit", "visibility_timeout",
+        "soft_shutdown_timeout", "restore_interval", "result_expires", "max_size", "max_redirects",
+        "max_attempts", "backoff_base", "backoff_cap", "max_retry_after", "per_host", "host_lease",
+        "host_rate", "no_fsync", "allow_private", "allow_networks", "resolve")
+} | {"download_dir": "FLEETFETCH_DIR"}
 
 
 settings = Settings.from_env()

@@ -141,7 +141,7 @@ def _run(call: Call, lease: hostlimit.Lease | None) -> dict[str, Any]:
                            force=bool(o.get("force")), max_size=int(o.get("max_size") or settings.max_size),
                            resume=o.get("resume"))
     try:
-        outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=settings.fsync,
+        outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=not settings.no_fsync,
                                    deadline=call.started + settings.soft_time_limit, on_chunk=_renewer(lease))
     except TransientError as exc:
         _pause_host(exc, call.host, call.attempt)

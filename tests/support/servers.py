@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import redis
 
-from producer.local import server_binary
+from producer.local import server_binary, stop_process
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -25,16 +25,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _stop(proc: subprocess.Popen | None, timeout: float) -> None:
-    if proc is None:
-        return
-    if proc.poll() is None:
+    if proc is not None:
+        stop_process(proc, timeout)
+
+
+def _kill(proc: subprocess.Popen | None) -> None:
+    """SIGKILL the whole process group (a worker's pool children too)."""
+    if proc is not None:
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 class RedisServer:
@@ -77,11 +77,8 @@ class RedisServer:
         self.proc = None
 
     def kill(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
+        _kill(self.proc)
+        self.proc = None
 
     def restart(self) -> None:
         self.stop()
@@ -145,11 +142,8 @@ class Worker:
         self.proc = None
 
     def kill(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
+        _kill(self.proc)
+        self.proc = None
 
     def log_text(self) -> str:
         try:
