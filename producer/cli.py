@@ -55,6 +55,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-rate", type=float, default=settings.host_rate,
                    help="requests per second per host across the cluster, 0 = no limit "
                         "(default: %(default)s, FLEETFETCH_HOST_RATE)")
+    p.add_argument("--content-disposition", action="store_true",
+                   help="name files from the server's Content-Disposition header (sanitised; off by default)")
     p.add_argument("--force", action="store_true", help="download even files an earlier run left unchanged")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output; summary and errors only")
     return p
@@ -88,6 +90,8 @@ def _task_opts(args: argparse.Namespace, subdir: str) -> dict[str, Any]:
     opts: dict[str, Any] = {"subdir": subdir} if subdir else {}
     if args.force:
         opts["force"] = True
+    if args.content_disposition:
+        opts["content_disposition"] = True
     for key, default in (("max_size", settings.max_size), ("max_attempts", settings.max_attempts),
                          ("per_host", settings.per_host), ("host_rate", settings.host_rate)):
         if getattr(args, key) != default:

@@ -139,7 +139,7 @@ def _run(call: Call, lease: hostlimit.Lease | None) -> dict[str, Any]:
     o = call.opts
     req = transfer.Request(url=call.url, name=call.name, subdir=o.get("subdir", ""), sha256=o.get("sha256"),
                            force=bool(o.get("force")), max_size=int(o.get("max_size") or settings.max_size),
-                           resume=o.get("resume"))
+                           resume=o.get("resume"), content_disposition=bool(o.get("content_disposition")))
     try:
         outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=not settings.no_fsync,
                                    deadline=call.started + settings.soft_time_limit, on_chunk=_renewer(lease))

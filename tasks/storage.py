@@ -88,18 +88,26 @@ class PartFile:
         self.hash.update(chunk)
         self.size += len(chunk)
 
-    def commit(self, fsync: bool) -> None:
-        """Make the verified bytes visible under the final name, atomically."""
+    def commit(self, fsync: bool, target: Path | None = None) -> None:
+        """Make the verified bytes visible under the final name (or `target`, which must not exist yet:
+        a server-chosen name never replaces another file), atomically."""
         try:
             if fsync:
                 os.fsync(self.fd)
-            os.replace(self.path, self.final)  # replaces a planted symlink itself, never writes through it
+            if target is None:
+                os.replace(self.path, self.final)  # replaces a planted symlink itself, never writes through it
+            else:
+                os.link(self.path, target)  # atomic create-if-absent; FileExistsError if taken
+                os.unlink(self.path)
+                self.final = target
             if fsync:
                 dir_fd = os.open(self.final.parent, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     os.fsync(dir_fd)
                 finally:
                     os.close(dir_fd)
+        except FileExistsError:
+            raise
         except OSError as exc:
             raise PermanentError(describe_os_error(exc, self.final)) from None
         self.close()

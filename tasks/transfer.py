@@ -12,7 +12,7 @@ from typing import Any
 import requests
 
 from . import fetch, storage
-from .naming import check_component
+from .naming import check_component, disposition_name, with_hash
 from .retry import DownloadError, PermanentError, TransientError
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -29,6 +29,7 @@ class Request:
     force: bool = False
     max_size: int = 0
     resume: dict[str, str] | None = None  # validators of a kept partial file, set by a failed attempt
+    content_disposition: bool = False  # name the file from the server's Content-Disposition (opt-in)
 
 
 @dataclass
@@ -90,7 +91,8 @@ def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, 
         if req.sha256 and digest != req.sha256:
             raise PermanentError(f"sha256 mismatch: expected {req.sha256}, got {digest}")
         size = part.size
-        part.commit(fsync)
+        name = _commit(part, req, response, fsync)
+        rel = str(Path(req.subdir, name)) if req.subdir else name
         found = _validators_of(response)
         storage.save_validators(root, directory, name, storage.Validators(req.url, size, digest, **found))
         return Outcome("done", rel, size, digest, response.status_code, response.url, _headers_of(response))
@@ -102,6 +104,23 @@ def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, 
     except BaseException:
         part.discard()
         raise
+
+
+def _commit(part: storage.PartFile, req: Request, response: requests.Response, fsync: bool) -> str:
+    """Rename into place; with --content-disposition under the server's name, hashed if that is taken."""
+    header = response.headers.get("content-disposition") if req.content_disposition else None
+    chosen = disposition_name(header) if header else None
+    if not chosen or chosen == part.final.name:
+        part.commit(fsync)
+        return part.final.name
+    for candidate in (chosen, with_hash(chosen, req.url)):
+        try:
+            part.commit(fsync, target=part.final.parent / candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    part.commit(fsync)  # both taken (an earlier run of the same list): keep the URL's own name
+    return part.final.name
 
 
 def _open(url: str, headers: dict[str, str], limits: fetch.Limits, part: storage.PartFile) -> requests.Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 from tests.conftest import read_manifest, write_list
 
@@ -143,3 +144,26 @@ def test_a_changed_file_on_disk_is_downloaded_again(cluster, worker, origin, tmp
     result, records = run(cluster, tmp_path, lines, "-d", "tamper")
     assert records[0]["status"] == "done" and target.read_bytes() == b"original"
     assert "If-None-Match" not in origin.requests_for("/local.txt")[-1].headers
+
+
+def test_content_disposition_names_are_opt_in_sanitised_and_never_overwrite(cluster, worker, origin, tmp_path):
+    cases = {"/dl?id=1": ('attachment; filename="report.pdf"', b"one"),
+             "/dl?id=2": ('attachment; filename="report.pdf"', b"two"),
+             "/dl?id=3": ('attachment; filename="../../escape.txt"', b"three"),
+             "/dl?id=4": ('attachment; filename="/etc/passwd"', b"four"),
+             "/dl?id=5": ('attachment; filename="..\\\\win.ini"', b"five"),
+             "/dl?id=6": ("attachment; filename*=UTF-8''r%C3%A9sum%C3%A9.txt", b"six")}
+    for path, (header, body) in cases.items():
+        origin.add(path, body, content_disposition=header)
+    lines = [origin.url(p) for p in cases]
+    result, records = run(cluster, tmp_path, lines, "-d", "cd", "--content-disposition")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = cluster.downloads / "cd"
+    names = [Path(r["path"]).name for r in records]
+    assert names[0] == "report.pdf" and names[1].startswith("report-") and names[1].endswith(".pdf")
+    assert names[2:] == ["escape.txt", "passwd", "win.ini", "résumé.txt"]
+    for name, (_, body) in zip(names, cases.values(), strict=True):
+        assert (out / name).read_bytes() == body
+    assert not list(cluster.downloads.parent.rglob("escape.txt"))[1:]  # only the one inside the job directory
+    plain, records = run(cluster, tmp_path, [origin.url("/dl?id=1")], "-d", "cd-off")
+    assert Path(records[0]["path"]).name == "dl"  # without the option the URL decides
