@@ -92,7 +92,7 @@ class Call:
     def record(self, outcome: transfer.Outcome | None, **extra: Any) -> dict[str, Any]:
         rec: dict[str, Any] = {"url": redact_url(self.url), "status": "failed", "attempts": self.attempt,
                                "elapsed_s": round(time.monotonic() - self.started, 3),
-                               "worker": socket.gethostname()}
+                               "worker": self.task.request.hostname or socket.gethostname()}
         if outcome is not None:
             rec.update(status=outcome.status, final_url=redact_url(outcome.final_url), path=outcome.path,
                        bytes=outcome.bytes, sha256=outcome.sha256, http_status=outcome.http_status,
