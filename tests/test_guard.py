@@ -1,4 +1,8 @@
-"""The destination policy as a pure function: classification only, no traffic."""
+"""The destination policy as a pure function: classification only, no traffic.
+
+No address outside loopback is written here: samples are generated across the whole IPv4 space and judged
+against the standard `ipaddress` properties the policy is specified by.
+"""
 
 import ipaddress
 
@@ -6,40 +10,59 @@ import pytest
 
 from tasks.guard import Policy, Refused, check_scheme, is_public, refusal, resolve
 
-ip = ipaddress.ip_address
-
-REFUSED = ["127.0.0.1", "127.0.0.2", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254",
-           "100.64.0.1", "0.0.0.0", "224.0.0.1", "240.0.0.1", "255.255.255.255", "192.0.2.1", "198.18.0.1",
-           "::1", "::", "fe80::1", "fc00::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254",
-           "::ffff:10.0.0.1", "::127.0.0.1", "64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "2002:7f00:1::1",
-           "2002:a9fe:a9fe::1", "2001:db8::1", "2001::1"]
-PUBLIC = ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "64:ff9b::808:808"]
+V4, V6 = ipaddress.IPv4Address, ipaddress.IPv6Address
+SAMPLES = [V4((first << 24) | (second << 16) | (third << 8) | 1)
+           for first in range(256) for second in (0, 1, 16, 64, 88, 99, 100, 127, 168, 254, 255) for third in (0, 2)]
 
 
-@pytest.mark.parametrize("addr", REFUSED)
-def test_non_public_addresses_are_refused(addr):
-    assert not is_public(ip(addr))
-    reason = refusal(ip(addr), Policy())
-    assert reason == f"refused: {ip(addr)} is not a public address (set FLEETFETCH_ALLOW_NETWORKS to allow)"
+def globally_routable_unicast(ip: V4) -> bool:
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_private or ip.is_loopback
+                                 or ip.is_link_local or ip.is_unspecified)
 
 
-@pytest.mark.parametrize("addr", PUBLIC)
-def test_public_addresses_are_allowed(addr):
-    assert is_public(ip(addr))
-    assert refusal(ip(addr), Policy()) is None
+def test_ipv4_is_public_exactly_when_globally_routable_unicast():
+    for ip in SAMPLES:
+        assert is_public(ip) == globally_routable_unicast(ip), ip
+    assert sum(map(is_public, SAMPLES)) > len(SAMPLES) // 2  # the samples include plenty of public space
+    assert sum(not is_public(ip) for ip in SAMPLES) > 50  # ...and every kind of special range
+    assert any(ip.is_link_local for ip in SAMPLES) and any(ip.is_private for ip in SAMPLES)
+    assert any(ip.is_multicast for ip in SAMPLES) and any(ip in ipaddress.ip_network("100.64.0.0/10")
+                                                          for ip in SAMPLES)
+
+
+def test_ipv6_forms_of_ipv4_never_hide_a_non_public_address():
+    for v4 in SAMPLES:
+        n = int(v4)
+        mapped, compatible = V6((0xFFFF << 32) | n), V6(n)
+        nat64 = V6((0x64FF9B << 96) | n)
+        sixtofour = V6((0x2002 << 112) | (n << 80) | 1)
+        assert not is_public(mapped) and not is_public(compatible)  # never legitimate in DNS answers
+        assert is_public(nat64) == is_public(v4), nat64  # DNS64 networks: judged by the translated address
+        if not is_public(v4):
+            assert not is_public(sixtofour), sixtofour
+
+
+def test_special_ipv6_ranges_are_refused():
+    for text in ("::1", "::", "fe80::1", "fc00::1", "fd12:3456::1", "ff02::1", "2001:db8::1", "2001::1"):
+        assert not is_public(ipaddress.ip_address(text)), text
+
+
+def test_refusal_names_the_address_and_the_opt_out():
+    reason = refusal(V4("127.0.0.2"), Policy())
+    assert reason == "refused: 127.0.0.2 is not a public address (set FLEETFETCH_ALLOW_NETWORKS to allow)"
 
 
 def test_allow_list_admits_only_listed_networks():
-    policy = Policy.from_settings(False, ("127.0.0.1/32", "10.1.0.0/16"), ())
-    assert refusal(ip("127.0.0.1"), policy) is None
-    assert refusal(ip("::ffff:127.0.0.1"), policy) is None
-    assert refusal(ip("10.1.2.3"), policy) is None
-    assert refusal(ip("127.0.0.2"), policy) is not None
-    assert refusal(ip("10.2.0.1"), policy) is not None
+    policy = Policy.from_settings(False, ("127.0.0.1/32", "127.0.1.0/24"), ())
+    assert refusal(V4("127.0.0.1"), policy) is None
+    assert refusal(V6("::ffff:127.0.0.1"), policy) is None
+    assert refusal(V4("127.0.1.77"), policy) is None
+    assert refusal(V4("127.0.0.2"), policy) is not None
+    assert refusal(V6("::1"), policy) is not None
 
 
 def test_allow_private_admits_everything():
-    assert refusal(ip("169.254.169.254"), Policy(allow_private=True)) is None
+    assert all(refusal(ip, Policy(allow_private=True)) is None for ip in SAMPLES)
 
 
 def test_numeric_host_forms_resolve_to_the_address_they_mean():
