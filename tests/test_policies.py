@@ -64,10 +64,10 @@ def test_settings_from_environment_with_typed_defaults():
     from tasks.config import Settings
 
     s = Settings.from_env({"FLEETFETCH_TIME_LIMIT": "5000", "FLEETFETCH_NO_FSYNC": "1",
-                           "FLEETFETCH_ALLOW_NETWORKS": "127.0.0.1/32, 10.1.0.0/16",
+                           "FLEETFETCH_ALLOW_NETWORKS": "127.0.0.1/32, 127.0.1.0/24",
                            "CELERY_BROKER_URL": "redis://:pw@h:6379/0"})
     assert s.time_limit == 5000 and s.visibility_timeout == 10_000  # always above the time limit
-    assert s.no_fsync is True and s.allow_networks == ("127.0.0.1/32", "10.1.0.0/16")
+    assert s.no_fsync is True and s.allow_networks == ("127.0.0.1/32", "127.0.1.0/24")
     assert s.backend == "redis://:pw@h:6379/1"  # defaults to the broker's Redis, db 1
     default = Settings.from_env({})
     assert default.visibility_timeout == 7200 and default.per_host == 8 and default.broker_url is None
