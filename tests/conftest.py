@@ -41,11 +41,11 @@ def base_env(**extra: str) -> dict[str, str]:
 class Cluster:
     """A Redis server plus the environment a worker and the producer share."""
 
-    def __init__(self, server: RedisServer, downloads: Path) -> None:
-        self.server = server
+    def __init__(self, server: RedisServer | None, downloads: Path, urls: tuple[str, str] | None = None) -> None:
+        self.server = server  # type: ignore[assignment]
         self.downloads = downloads
-        self.env = base_env(CELERY_BROKER_URL=server.url(0), CELERY_RESULT_BACKEND=server.url(1),
-                            FLEETFETCH_DIR=str(downloads))
+        broker, backend = urls or (server.url(0), server.url(1))  # type: ignore[union-attr]
+        self.env = base_env(CELERY_BROKER_URL=broker, CELERY_RESULT_BACKEND=backend, FLEETFETCH_DIR=str(downloads))
 
     def producer(self, *args: str, stdin: str | None = None, timeout: float = 120,
                  env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
