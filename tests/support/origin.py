@@ -60,6 +60,11 @@ class _Headers(dict):
             return default
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # listen() backlog: must be set before the server binds (default 5)
+
+
 class Origin:
     """`with Origin().start() as o: o.add("/f", b"...")`; `o.requests` lists what clients sent."""
 
@@ -92,9 +97,7 @@ class Origin:
     # lifecycle -------------------------------------------------------------------------------------
     def start(self) -> Origin:
         handler = type("Handler", (_Handler,), {"origin": self})
-        server = ThreadingHTTPServer((self.host, self.port), handler)
-        server.daemon_threads = True
-        server.request_queue_size = 512
+        server = _Server((self.host, self.port), handler)
         self._server = server
         self.port = server.server_address[1]
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
