@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -60,9 +61,14 @@ class Cluster:
         self.redis = RedisServer(work / f"redis-{workers}-{pool}", appendonly=False).start()
         self.env = env_for(CELERY_BROKER_URL=self.redis.url(0), CELERY_RESULT_BACKEND=self.redis.url(1),
                            FLEETFETCH_DIR=str(work / "cluster-out"), FLEETFETCH_NO_FSYNC="1")
-        self.workers = [Worker(dict(self.env, FLEETFETCH_DIR=str(work / "cluster-out")), name=f"b{i}-{pool}",
-                               concurrency=concurrency, pool=pool, log=work / f"w{i}-{pool}.log").start()
-                        for i in range(workers)]
+        self.workers: list[Worker] = []
+        try:
+            for i in range(workers):
+                self.workers.append(Worker(self.env, name=f"b{i}-{pool}", concurrency=concurrency, pool=pool,
+                                           log=work / f"w{i}-{pool}.log").start())
+        except BaseException:
+            self.stop()
+            raise
 
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers]
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="README workloads, 3 repeats, median")
     parser.add_argument("--enqueue", type=int, default=None, help="URLs for the enqueue benchmark")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up of servers and workers
     quick = not args.full
     workloads, repeats = (QUICK, 1) if quick else (FULL, 3)
     work = Path(tempfile.mkdtemp(prefix="fleetfetch-bench-"))
