@@ -192,6 +192,7 @@ def test_producer_killed_while_enqueuing_then_resume_publishes_the_rest(chaos, t
     chaos.broker().delete(QUEUE)
 
 
+@pytest.mark.root
 def test_disk_full_fails_the_url_cleanly(chaos, workers, origin, tmp_path):
     small = tmp_path / "small"
     small.mkdir()

@@ -98,6 +98,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.root
 def test_workers_on_two_hosts_share_a_job_and_survive_one_host_dying(network, tmp_path):
     procs: list[subprocess.Popen] = []
     site, shared = tmp_path / "site", tmp_path / "shared"
