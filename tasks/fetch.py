@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.cookiejar
 import socket
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -257,7 +256,3 @@ def body_chunks(response: requests.Response, read_timeout: float) -> Iterator[by
         raise TransientError(f"connection lost mid-body ({_root_cause(exc)})") from None
     finally:
         response.close()
-
-
-def deadline_passed(deadline: float) -> bool:
-    return time.monotonic() > deadline

@@ -13,7 +13,7 @@ import requests
 
 from . import fetch, storage
 from .naming import check_component, disposition_name, with_hash
-from .retry import DownloadError, PermanentError, TransientError
+from .retry import PermanentError, TransientError
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -174,5 +174,3 @@ def _headers_of(response: requests.Response) -> dict[str, Any]:
     h = response.headers
     return {"content_type": h.get("content-type"), "etag": h.get("etag"), "last_modified": h.get("last-modified")}
 
-
-__all__ = ["Request", "Outcome", "attempt", "DownloadError"]
