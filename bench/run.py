@@ -215,25 +215,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small workloads, one repeat (CI smoke check)")
     parser.add_argument("--full", action="store_true", help="README workloads, 3 repeats, median")
     parser.add_argument("--enqueue", type=int, default=None, help="URLs for the enqueue benchmark")
+    parser.add_argument("--only", help="re-measure only the workloads whose name contains this text (rows of "
+                                       "the other workloads and the enqueue figure are kept from the last run)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up of servers and workers
     quick = not args.full
     workloads, repeats = (QUICK, 1) if quick else (FULL, 3)
+    if args.only:
+        workloads = {k: v for k, v in workloads.items() if args.only in k}
     work = Path(tempfile.mkdtemp(prefix="fleetfetch-bench-"))
     work.chmod(0o755)  # nginx's worker processes run as an unprivileged user
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
     print(f"fleetfetch bench ({'quick' if quick else 'full'}), {machine}; origin: "
           f"{'nginx' if shutil.which('nginx') else 'python'}; Redis without persistence; fsync off for all")
     print(f"{'workload':<24} {'tool':<34} {'seconds':>8} {'files/s':>9} {'MB/s':>8} {'PSS MB':>7} {'workers':>7}")
+    name = "quick" if quick else "latest"
+    previous = json.loads((RESULTS / f"{name}.json").read_text()) if args.only else None
     try:
         rows = run_workloads(work, workloads, repeats, quick)
-        enq = enqueue_benchmark(work, args.enqueue or (50_000 if quick else 1_000_000))
+        if previous:
+            rows = [r for r in previous["rows"] if r["workload"] not in workloads] + rows
+            enq = previous["enqueue"]
+        else:
+            enq = enqueue_benchmark(work, args.enqueue or (50_000 if quick else 1_000_000))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"enqueue: {enq['urls']} URLs in {enq['seconds']:.1f} s = {enq['urls_per_s']:.0f} URLs/s, producer peak "
           f"PSS {enq['producer_pss_mb']:.0f} MB, {enq['queued']} queued")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "quick" if quick else "latest"
     (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine, "when": time.strftime("%Y-%m-%d %H:%M"),
                                                       "rows": rows, "enqueue": enq}, indent=1))
     chart(rows, RESULTS / f"{name}.png")
