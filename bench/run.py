@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small workloads, one repeat (CI smoke check)")
     parser.add_argument("--full", action="store_true", help="README workloads, 3 repeats, median")
     parser.add_argument("--enqueue", type=int, default=None, help="URLs for the enqueue benchmark")
-    parser.add_argument("--only", help="re-measure only the workloads whose name contains this text (rows of "
-                                       "the other workloads and the enqueue figure are kept from the last run)")
+    parser.add_argument("--only", help="re-measure only the workloads whose name contains this text, or only the "
+                                       "enqueue figure with --only enqueue (the rest is kept from the last run)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up of servers and workers
     quick = not args.full
@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_workloads(work, workloads, repeats, quick)
         if previous:
             rows = [r for r in previous["rows"] if r["workload"] not in workloads] + rows
+        if previous and args.only != "enqueue":
             enq = previous["enqueue"]
         else:
             enq = enqueue_benchmark(work, args.enqueue or (50_000 if quick else 1_000_000))
