@@ -155,7 +155,8 @@ def status(args: argparse.Namespace) -> int:
         print(f"job {args.job}: {total} URLs, input {meta.get('input')}")
         print("  " + ", ".join(f"{s} {counts[s]}" for s in ledger.STATES) + f", bytes {counts['bytes']}")
         for host, until in HostLimiter(conn.ledger.r).paused().items():
-            print(f"  host {host} paused until {time.strftime('%H:%M:%S', time.localtime(until))} (Retry-After)")
+            print(f"  host {host} paused until {time.strftime('%H:%M:%S', time.localtime(until))} "
+                  "(it answered 429/503, or server errors in a row)")
         if counts["published"] < total:
             print(f"  {total - counts['published']} URLs were never enqueued: fleetfetch resume {args.job}")
         return EXIT_FAILED if counts["failed"] else EXIT_OK

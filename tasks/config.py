@@ -53,6 +53,7 @@ class Settings:
     max_retry_after: float = 300.0
     per_host: int = 8
     host_lease: int = 60
+    host_errors: int = 5  # 5xx in a row from one host that pause it; 0 = never
     host_rate: float = 0.0
     no_fsync: bool = False
     allow_private: bool = False
@@ -97,7 +98,7 @@ _VARIABLES = {f: "CELERY_" + f.upper() for f in ("broker_url", "result_backend")
         "pool", "concurrency", "connect_timeout", "read_timeout", "time_limit", "visibility_timeout",
         "soft_shutdown_timeout", "restore_interval", "result_expires", "max_size", "max_redirects",
         "max_attempts", "backoff_base", "backoff_cap", "max_retry_after", "per_host", "host_lease",
-        "host_rate", "no_fsync", "allow_private", "allow_networks", "resolve")
+        "host_errors", "host_rate", "no_fsync", "allow_private", "allow_networks", "resolve")
 } | {"download_dir": "FLEETFETCH_DIR"}
 
 

@@ -109,11 +109,14 @@ def download(self: Any, url: str, name: str, job: str | None = None, index: int 
     """Download `url` into FLEETFETCH_DIR/[subdir/]name and return its record."""
     call = Call(self, url, name, job, index, dict(opts or {}))
     lease = _take_slot(call)
+    answered = False
     try:
-        return _run(call, lease)
+        record = _run(call, lease)
+        answered = True
+        return record
     finally:
         if lease is not None:
-            _limiter().release(lease)
+            _limiter().release(lease, answered)
 
 
 def _take_slot(call: Call) -> hostlimit.Lease | None:
@@ -144,7 +147,8 @@ def _run(call: Call, lease: hostlimit.Lease | None) -> dict[str, Any]:
         outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=not settings.no_fsync,
                                    deadline=call.started + settings.soft_time_limit, on_chunk=_renewer(lease))
     except TransientError as exc:
-        _pause_host(exc, call.host, call.attempt)
+        if lease is not None:  # host politeness is on
+            _pause_host(exc, call.host, call.attempt)
         if call.attempt < int(o.get("max_attempts") or settings.max_attempts):
             _retry(call, exc)
         return _fail(call, exc.reason)
@@ -176,11 +180,16 @@ def _renewer(lease: hostlimit.Lease | None) -> Any:
 
 
 def _pause_host(exc: DownloadError, host: str, attempt: int) -> None:
-    """429/503 pause the host for every worker: for Retry-After when given, else for the backoff."""
-    if exc.status not in (429, 503):
-        return
-    wait = exc.retry_after if exc.retry_after is not None else settings.backoff_base * 2 ** (attempt - 1)
-    _limiter().pause(host, min(wait, settings.max_retry_after))
+    """Pause the host for every worker: on 429/503 for Retry-After when given, else for the backoff; on other
+    5xx once `host_errors` of them came in a row (from any worker), for a backoff that grows while they last."""
+    if exc.status in (429, 503):
+        wait = exc.retry_after if exc.retry_after is not None else settings.backoff_base * 2 ** (attempt - 1)
+        _limiter().pause(host, min(wait, settings.max_retry_after))
+    elif exc.status is not None and exc.status >= 500 and settings.host_errors > 0:
+        paused = _limiter().server_error(host, settings.host_errors, settings.backoff_base, settings.backoff_cap)
+        if paused:
+            log.warning("Pausing host %s for %.1f s: %d or more server errors in a row", host, paused,
+                        settings.host_errors)
 
 
 def _retry(call: Call, exc: DownloadError) -> NoReturn:

@@ -5,6 +5,7 @@
   ff:host:<host>:pause   string set with PX until the host may be contacted again
   ff:host:<host>:wait    zset   task id -> first time it found no slot (its place in line)
   ff:host:<host>:stats   hash   avg_ms: moving average of how long a download holds a slot
+  ff:host:<host>:errors  string server errors (5xx) from the host in a row, any worker; a success resets it
   ff:paused              zset   host -> paused-until (ms), for `status`
 Every decision is one Lua script run, using the server's clock, so all workers on all machines agree.
 """
@@ -56,6 +57,7 @@ return {1, 0}
 
 _RELEASE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[3] == '1' then redis.call('DEL', KEYS[3]) end
 local avg = tonumber(redis.call('HGET', KEYS[2], 'avg_ms'))
 local ms = tonumber(ARGV[2])
 redis.call('HSET', KEYS[2], 'avg_ms', avg and (avg * 0.8 + ms * 0.2) or ms)
@@ -63,15 +65,25 @@ redis.call('PEXPIRE', KEYS[2], 3600000)
 return 0
 """
 
-_PAUSE = """
-local ms = tonumber(ARGV[1])
+_SET_PAUSE = """
 if redis.call('PTTL', KEYS[1]) < ms then
   redis.call('SET', KEYS[1], '1', 'PX', ms)
   local t = redis.call('TIME')
   redis.call('ZADD', KEYS[2], t[1] * 1000 + math.floor(t[2] / 1000) + ms, ARGV[2])
 end
-return 0
+return ms
 """
+
+_PAUSE = "local ms = tonumber(ARGV[1])\n" + _SET_PAUSE
+
+# One more server error in a row; from the threshold on, the host pauses for base, 2 x base, 4 x base... (capped).
+_STRIKE = """
+local n = redis.call('INCR', KEYS[3])
+redis.call('PEXPIRE', KEYS[3], 600000)
+local over = n - tonumber(ARGV[3])
+if over < 0 then return 0 end
+local ms = math.floor(math.min(tonumber(ARGV[4]), tonumber(ARGV[1]) * 2 ^ over))
+""" + _SET_PAUSE
 
 _RENEW = """
 local t = redis.call('TIME')
@@ -80,7 +92,7 @@ return redis.call('ZADD', KEYS[1], 'XX', t[1] * 1000 + math.floor(t[2] / 1000) +
 
 
 def _keys(host: str) -> list[str]:
-    return [f"ff:host:{host}:{k}" for k in ("slots", "bucket", "pause", "wait", "stats")]
+    return [f"ff:host:{host}:{k}" for k in ("slots", "bucket", "pause", "wait", "stats", "errors")]
 
 
 @dataclass
@@ -97,6 +109,7 @@ class HostLimiter:
         self.r = client
         self._acquire = client.register_script(_ACQUIRE)
         self._pause = client.register_script(_PAUSE)
+        self._strike = client.register_script(_STRIKE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
@@ -106,7 +119,7 @@ class HostLimiter:
         All slots busy: the waiter gets a place in line, and comes back about when its turn is due
         (place / limit x the host's average download time), not in a tight loop."""
         lease_id = uuid.uuid4().hex
-        reply = self._acquire(keys=_keys(host), args=[limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id])
+        reply = self._acquire(keys=_keys(host)[:5], args=[limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id])
         if reply[0]:
             return Lease(host, lease_id), 0.0
         if reply[1] < 0:
@@ -118,13 +131,25 @@ class HostLimiter:
     def renew(self, lease: Lease) -> None:
         self._renew(keys=[_keys(lease.host)[0]], args=[LEASE_S * 1000, lease.id])
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease, answered: bool = False) -> None:
+        """Give the slot back; `answered`: the host served the download, so its server errors in a row end."""
         k = _keys(lease.host)
-        self._release(keys=[k[0], k[4]], args=[lease.id, int((time.monotonic() - lease.since) * 1000)])
+        self._release(keys=[k[0], k[4], k[5]],
+                      args=[lease.id, int((time.monotonic() - lease.since) * 1000), int(answered)])
 
     def pause(self, host: str, seconds: float) -> None:
         """No worker contacts `host` for `seconds` (a longer pause already in place is kept)."""
         self._pause(keys=[_keys(host)[2], "ff:paused"], args=[max(1, int(seconds * 1000)), host])
+
+    def server_error(self, host: str, threshold: int, base: float, cap: float) -> float:
+        """Count a 5xx from `host`; at `threshold` in a row (cluster-wide) and beyond, pause the host.
+
+        Returns the pause in seconds, 0 below the threshold: 1 x base at the threshold, doubling with each
+        further error in a row, at most `cap`."""
+        k = _keys(host)
+        ms = self._strike(keys=[k[2], "ff:paused", k[5]],
+                          args=[max(1, int(base * 1000)), host, threshold, max(1, int(cap * 1000))])
+        return int(ms) / 1000
 
     def paused(self) -> dict[str, float]:
         """Hosts paused now -> epoch seconds until which they are paused."""

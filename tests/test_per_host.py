@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tasks.hostlimit import HostLimiter
 from tests.conftest import ROOT, Cluster, read_manifest, write_list
 from tests.support.origin import Origin
 from tests.support.servers import RedisServer, Worker
@@ -21,6 +22,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, li
     server = RedisServer(base / "redis").start()
     cluster = Cluster(server, base / "downloads")
     cluster.env.update(FLEETFETCH_ALLOW_NETWORKS="127.0.0.1/32,127.0.0.2/32", FLEETFETCH_HOST_LEASE=str(LEASE_S),
+                       FLEETFETCH_BACKOFF_BASE="1", FLEETFETCH_BACKOFF_CAP="2",  # a server-error pause of 1 s
                        FLEETFETCH_VISIBILITY_TIMEOUT="6", FLEETFETCH_TIME_LIMIT="5",
                        FLEETFETCH_RESTORE_INTERVAL="1")
     workers: list[Worker] = []
@@ -97,6 +99,40 @@ def test_retry_after_pauses_the_host_for_every_worker(pair, tmp_path):
         assert during == []
         assert any(throttled < r.time < throttled + 1.9 for r in b.requests)  # the other host kept going
         assert len(a.requests) == 31  # 30 URLs, one of them twice
+
+
+def test_server_errors_in_a_row_pause_the_host_for_every_worker(pair, tmp_path):
+    cluster, _ = pair
+    with Origin("127.0.0.1").start() as a, Origin("127.0.0.2").start() as b:
+        for i in range(8):  # every URL of host a answers 500 twice: its first 5 requests are 500s in a row
+            a.add(f"/a{i}", b"a", delay=0.05)
+            a.fail(f"/a{i}", [500, 500])
+        for i in range(80):
+            b.add(f"/b{i}", b"b", delay=0.05)
+        lines = [a.url(f"/a{i}") for i in range(8)] + [b.url(f"/b{i}") for i in range(80)]
+        result = cluster.producer(str(write_list(tmp_path / "urls.txt", lines)), "-d", "errors", "--per-host", "4",
+                                  timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        times = sorted(r.time for r in a.requests)
+        fifth = times[4]  # the fifth 500 in a row: host a is paused for 1 s (FLEETFETCH_BACKOFF_BASE)
+        # requests already in flight may end, but none starts during the pause, from any worker
+        assert [t for t in times if fifth + 0.3 < t < fifth + 0.95] == []
+        assert any(fifth < r.time < fifth + 0.95 for r in b.requests)  # the other host kept going
+        assert len(a.requests) == 24  # every URL of host a: two 500s, then served (the third of 3 attempts)
+
+
+def test_server_error_streak_pauses_with_growing_backoff_until_a_success(redis_server):
+    limiter = HostLimiter(redis_server.client(1))
+    host = "streak.test"
+    assert [limiter.server_error(host, 3, base=0.5, cap=1.5) for _ in range(5)] == [0, 0, 0.5, 1.0, 1.5]
+    assert host in limiter.paused()
+    lease, _ = limiter.acquire(host, 4)
+    assert lease is None  # paused: nobody gets a slot
+    limiter.r.delete(f"ff:host:{host}:pause")
+    lease, _ = limiter.acquire(host, 4)
+    assert lease is not None
+    limiter.release(lease, answered=True)  # the host served a download: the streak is over
+    assert limiter.server_error(host, 3, base=0.5, cap=1.5) == 0
 
 
 def test_slots_of_a_killed_worker_come_back(pair, tmp_path):
