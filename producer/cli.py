@@ -109,16 +109,17 @@ def run(args: argparse.Namespace) -> int:
         opts = _task_opts(args, subdir)
         with connect(local, download_dir, args.concurrency, args.pool, quiet=args.quiet) as conn:
             job_id = jobs.new_job_id()
-            total = jobs.create(conn.ledger, job_id, urls.entries(path), {"input": label, "opts": opts,
-                                                                          "created": time.time()})
-            if not args.quiet:
-                print(f"job {job_id}: {total} URLs", flush=True)
-            started = time.monotonic()
-            try:
-                jobs.publish(conn.app, conn.ledger, job_id, urls.entries(path), opts)
-            except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
-                raise Unreachable(f"lost the broker while enqueuing job {job_id} ({exc}); once it is back, "
-                                  f"run: fleetfetch resume {job_id}") from None
+            with urls.Spool() as spool:
+                total = jobs.create(conn.ledger, job_id, spool.recording(urls.entries(path)),
+                                    {"input": label, "opts": opts, "created": time.time()})
+                if not args.quiet:
+                    print(f"job {job_id}: {total} URLs", flush=True)
+                started = time.monotonic()
+                try:
+                    jobs.publish(conn.app, conn.ledger, job_id, spool.replay(), opts)
+                except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+                    raise Unreachable(f"lost the broker while enqueuing job {job_id} ({exc}); once it is back, "
+                                      f"run: fleetfetch resume {job_id}") from None
             if args.no_wait and not local:
                 print(job_id)
                 return EXIT_OK

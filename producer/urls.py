@@ -105,3 +105,28 @@ def entries(path: Path) -> Iterator[Entry]:
             seen.add(url)
             yield Entry(index, url, names.allocate(url), digest)
             index += 1
+
+
+class Spool:
+    """The entries of one streaming pass, kept in a temp file so a second pass needs no parsing or naming."""
+
+    def __init__(self) -> None:
+        self._fh = tempfile.TemporaryFile("w+", encoding="utf-8", newline="\n")  # noqa: SIM115 - see __exit__
+
+    def recording(self, items: Iterator[Entry]) -> Iterator[Entry]:
+        """Pass `items` through, writing each down (names have no control characters, URLs no whitespace)."""
+        for e in items:
+            self._fh.write(f"{e.index}\t{e.sha256 or ''}\t{e.name}\t{e.url}\n")
+            yield e
+
+    def replay(self) -> Iterator[Entry]:
+        self._fh.seek(0)
+        for line in self._fh:
+            index, digest, name, url = line.rstrip("\n").split("\t", 3)
+            yield Entry(int(index), url, name, digest or None)
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()

@@ -107,3 +107,25 @@ def test_any_url_path_names_one_safe_component(segments, query):
 def test_any_content_disposition_gives_a_safe_name(value):
     name = disposition_name("attachment; filename=" + value)
     assert name is None or (assert_safe(name) is None)
+
+
+@settings(max_examples=100)
+@given(st.lists(st.tuples(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30), st.booleans()),
+                min_size=1, max_size=20))
+def test_spool_replays_the_entries_it_recorded(items):
+    """The producer's second pass over a list reads the spool: the same indexes, URLs, names and digests."""
+    import tempfile
+    from pathlib import Path
+    from urllib.parse import quote
+
+    from producer.urls import Spool, entries
+
+    lines = [f"http://h{i % 3}.test/{quote(seg, safe='')}" + (f"  sha256={'Ab' * 32}" if digest else "")
+             for i, (seg, digest) in enumerate(items)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "urls.txt")
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        expected = list(entries(path))
+        with Spool() as spool:
+            assert list(spool.recording(entries(path))) == expected
+            assert list(spool.replay()) == expected
