@@ -119,7 +119,7 @@ class HostLimiter:
         All slots busy: the waiter gets a place in line, and comes back about when its turn is due
         (place / limit x the host's average download time), not in a tight loop."""
         lease_id = uuid.uuid4().hex
-        reply = self._acquire(keys=_keys(host)[:5], args=[limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id])
+        reply = self._acquire(keys=_keys(host), args=[limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id])
         if reply[0]:
             return Lease(host, lease_id), 0.0
         if reply[1] < 0:
