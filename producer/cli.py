@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,28 +15,24 @@ from kombu.exceptions import OperationalError
 
 from tasks import ledger
 from tasks.config import settings
+from tasks.errors import UnsafeName
 from tasks.hostlimit import HostLimiter
+from tasks.message import Options
+from tasks.naming import check_component
 
 from . import job as jobs
 from . import progress, urls
 from .connect import Connection, connect
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, Unreachable, UsageError
 
-COMMANDS = ("run", "status", "results", "resume")
-EPILOG = """commands:
-  fleetfetch URLS_FILE [options]        run a job (the default command; URLS_FILE may be - for stdin)
-  fleetfetch status JOB                 counts of a job (queued/started/done/failed...)
-  fleetfetch results JOB [--manifest F] one JSON record per URL, in input order
-  fleetfetch resume JOB                 publish the URLs of JOB that were never enqueued, then follow it
-
-exit codes: 0 all downloaded, 1 some failed, 2 bad input or usage, 3 broker/backend unreachable,
-            130 interrupted.  Local mode (no CELERY_BROKER_URL) starts an embedded server and a worker."""
+POOLS = ("prefork", "threads")
+EPILOG = """exit codes: 0 all downloaded, 1 some failed, 2 bad input or usage, 3 broker/backend unreachable (or it lost
+            the job), 4 local mode's embedded server or worker failed, 130 interrupted.
+Local mode (no CELERY_BROKER_URL) starts an embedded server and a worker; `fleetfetch URLS_FILE` means `run`."""
 
 
-def _run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fleetfetch", description="Download every URL of a list, verified.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("urls_file", help="text file, one URL per line (optionally followed by sha256=<hex>)")
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("urls_file", help="text file, one URL per line (optionally followed by sha256=<hex>); - for stdin")
     p.add_argument("-d", "--dir", default=None,
                    help="download directory (local mode; default ./downloads) or, in cluster mode, a relative "
                         "sub-directory of the workers' FLEETFETCH_DIR (default: FLEETFETCH_DIR itself)")
@@ -43,38 +40,44 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="enqueue, print the job id and exit 0")
     p.add_argument("--concurrency", type=int, default=os.cpu_count() or 2,
                    help="local mode: worker processes (default: %(default)s = cores)")
-    p.add_argument("--pool", default=settings.pool, choices=("prefork", "threads"),
-                   help="local mode: Celery pool (default: %(default)s, FLEETFETCH_POOL)")
-    p.add_argument("--max-size", type=int, default=settings.max_size,
-                   help="fail a body larger than this many bytes (default: %(default)s, FLEETFETCH_MAX_SIZE)")
-    p.add_argument("--max-attempts", type=int, default=settings.max_attempts,
-                   help="attempts per URL for transient failures (default: %(default)s, FLEETFETCH_MAX_ATTEMPTS)")
-    p.add_argument("--per-host", type=int, default=settings.per_host,
-                   help="downloads in flight per host across the whole cluster, 0 = no limit "
-                        "(default: %(default)s, FLEETFETCH_PER_HOST)")
-    p.add_argument("--host-rate", type=float, default=settings.host_rate,
-                   help="requests per second per host across the cluster, 0 = no limit "
-                        "(default: %(default)s, FLEETFETCH_HOST_RATE)")
+    p.add_argument("--pool", default=settings.pool,
+                   help=f"local mode: Celery pool, one of {', '.join(POOLS)} (default: %(default)s, FLEETFETCH_POOL)")
+    # Options below travel in each message only when given: unset, each worker uses its own FLEETFETCH_* setting.
+    p.add_argument("--max-size", type=int, default=None,
+                   help=f"fail a body larger than this many bytes (default: the workers' FLEETFETCH_MAX_SIZE, "
+                        f"{settings.max_size})")
+    p.add_argument("--max-attempts", type=int, default=None,
+                   help=f"attempts per URL for transient failures (default: FLEETFETCH_MAX_ATTEMPTS, "
+                        f"{settings.max_attempts})")
+    p.add_argument("--per-host", type=int, default=None,
+                   help=f"downloads in flight per host across the whole cluster, 0 = no limit "
+                        f"(default: FLEETFETCH_PER_HOST, {settings.per_host})")
+    p.add_argument("--host-rate", type=float, default=None,
+                   help=f"requests per second per host across the cluster, 0 = no limit "
+                        f"(default: FLEETFETCH_HOST_RATE, {settings.host_rate:g})")
     p.add_argument("--content-disposition", action="store_true",
                    help="name files from the server's Content-Disposition header (sanitised; off by default)")
     p.add_argument("--force", action="store_true", help="download even files an earlier run left unchanged")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output; summary and errors only")
-    return p
 
 
-def _job_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"fleetfetch {command}")
+def _add_job(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="the job id printed when the job was enqueued")
-    if command in ("results", "resume"):
-        p.add_argument("--manifest", type=Path, help="write the records to this file instead of stdout")
-    if command == "resume":
-        p.add_argument("-q", "--quiet", action="store_true")
-        p.add_argument("--no-wait", action="store_true")
-    return p
+
+
+def _add_results(p: argparse.ArgumentParser) -> None:
+    _add_job(p)
+    p.add_argument("--manifest", type=Path, help="write the records to this file instead of stdout")
+
+
+def _add_resume(p: argparse.ArgumentParser) -> None:
+    _add_results(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output; summary and errors only")
+    p.add_argument("--no-wait", action="store_true", help="publish and exit 0")
 
 
 def _subdir(value: str | None, local: bool) -> tuple[Path, str]:
-    """(download dir for a local worker, sub-directory passed to tasks)."""
+    """(download dir for a local worker, sub-directory passed to tasks), checked as the workers check names."""
     if local:
         return Path(value or "downloads"), ""
     if not value:
@@ -82,44 +85,44 @@ def _subdir(value: str | None, local: bool) -> tuple[Path, str]:
     p = Path(value)
     if p.is_absolute() or ".." in p.parts:
         raise UsageError(f"--dir {value!r}: in cluster mode it must be a relative sub-directory of FLEETFETCH_DIR")
+    for part in p.parts:
+        try:
+            check_component(part)
+        except UnsafeName:
+            raise UsageError(f"--dir {value!r}: {part!r} is not a name the workers accept (no hidden, reserved or "
+                             "special-character names); choose another sub-directory") from None
     return settings.download_dir, p.as_posix()
 
 
-def _task_opts(args: argparse.Namespace, subdir: str) -> dict[str, Any]:
-    """Only what differs from the workers' defaults travels in each message (messages stay small)."""
-    opts: dict[str, Any] = {"subdir": subdir} if subdir else {}
-    if args.force:
-        opts["force"] = True
-    if args.content_disposition:
-        opts["content_disposition"] = True
-    for key, default in (("max_size", settings.max_size), ("max_attempts", settings.max_attempts),
-                         ("per_host", settings.per_host), ("host_rate", settings.host_rate)):
-        if getattr(args, key) != default:
-            opts[key] = getattr(args, key)
-    return opts
+def _options(args: argparse.Namespace, subdir: str) -> Options:
+    """What the user set on the command line; the rest is left to each worker's settings."""
+    return Options(subdir=subdir, force=args.force, content_disposition=args.content_disposition,
+                   max_size=args.max_size, max_attempts=args.max_attempts, per_host=args.per_host,
+                   host_rate=args.host_rate)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pool not in POOLS:
+        raise UsageError(f"pool {args.pool!r} (--pool or FLEETFETCH_POOL): local mode runs one of {', '.join(POOLS)}")
     path, temporary = urls.open_list(args.urls_file)
     try:
         label = "stdin" if args.urls_file == "-" else args.urls_file
-        urls.validate(path, label)
         local = settings.broker_url is None
         download_dir, subdir = _subdir(args.dir, local)
-        opts = _task_opts(args, subdir)
-        with connect(local, download_dir, args.concurrency, args.pool, quiet=args.quiet) as conn:
+        options = _options(args, subdir)
+        with urls.read(path, label) as spool, \
+                connect(local, download_dir, args.concurrency, args.pool, quiet=args.quiet) as conn:
             job_id = jobs.new_job_id()
-            with urls.Spool() as spool:
-                total = jobs.create(conn.ledger, job_id, spool.recording(urls.entries(path)),
-                                    {"input": label, "opts": opts, "created": time.time()})
-                if not args.quiet:
-                    print(f"job {job_id}: {total} URLs", flush=True)
-                started = time.monotonic()
-                try:
-                    jobs.publish(conn.app, conn.ledger, job_id, spool.replay(), opts)
-                except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
-                    raise Unreachable(f"lost the broker while enqueuing job {job_id} ({exc}); once it is back, "
-                                      f"run: fleetfetch resume {job_id}") from None
+            total = jobs.create(conn.ledger, job_id, spool.replay(),
+                                {"input": label, "opts": options.changed(), "created": time.time()})
+            if not args.quiet:
+                print(f"job {job_id}: {progress.plural(total, 'URL')}", flush=True)
+            started = time.monotonic()
+            try:
+                jobs.publish(conn.app, conn.ledger, job_id, spool.replay(), options)
+            except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+                raise Unreachable(f"lost the broker while enqueuing job {job_id} ({exc}); once it is back, "
+                                  f"run: fleetfetch resume {job_id}") from None
             if args.no_wait and not local:
                 print(job_id)
                 return EXIT_OK
@@ -132,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 def _follow(conn: Connection, job_id: str, total: int, started: float, manifest: Path | None, quiet: bool,
             local: bool) -> int:
     try:
-        counts = progress.follow(conn.ledger, job_id, total, quiet=quiet, alive=conn.problem)
+        counts = progress.follow(conn.ledger, job_id, total, quiet=quiet, alive=conn.problem, tick=conn.sweep)
     except KeyboardInterrupt:
         if local:
             conn.hurry()
@@ -140,6 +143,9 @@ def _follow(conn: Connection, job_id: str, total: int, started: float, manifest:
         else:
             print(f"\ninterrupted: the job goes on; see it with: fleetfetch status {job_id}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ledger.JobGone:
+        raise Unreachable(f"the result backend no longer has job {job_id} (Redis restarted empty?); run the list "
+                          "again: files already downloaded and verified are not fetched again") from None
     elapsed = time.monotonic() - started
     fails = jobs.failures(conn.ledger, job_id, total) if counts["failed"] else []
     if manifest:
@@ -153,7 +159,7 @@ def status(args: argparse.Namespace) -> int:
         meta = _existing(conn.ledger, args.job)
         counts = conn.ledger.counts(args.job)
         total = int(meta.get("total") or 0)
-        print(f"job {args.job}: {total} URLs, input {meta.get('input')}")
+        print(f"job {args.job}: {progress.plural(total, 'URL')}, input {meta.get('input')}")
         print("  " + ", ".join(f"{s} {counts[s]}" for s in ledger.STATES) + f", bytes {counts['bytes']}")
         for host, until in HostLimiter(conn.ledger.r).paused().items():
             print(f"  host {host} paused until {time.strftime('%H:%M:%S', time.localtime(until))} "
@@ -179,9 +185,9 @@ def resume(args: argparse.Namespace) -> int:
         total = int(meta.get("total") or 0)
         started = time.monotonic()
         sent = jobs.publish(conn.app, conn.ledger, args.job, jobs.load_entries(conn.ledger, args.job),
-                            meta.get("opts") or {})
+                            Options(**(meta.get("opts") or {})))
         if not args.quiet:
-            print(f"job {args.job}: published {sent} URLs that had no task yet", flush=True)
+            print(f"job {args.job}: published {progress.plural(sent, 'URL')} that had no task yet", flush=True)
         if args.no_wait:
             return EXIT_OK
         return _follow(conn, args.job, total, started, args.manifest, args.quiet, False)
@@ -194,16 +200,41 @@ def _existing(book: ledger.Ledger, job: str) -> dict[str, Any]:
     return meta
 
 
+# Each command once: name -> (handler, arguments, one-line help).
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
+    "run": (run, _add_run, "run a job: download every URL of the list (the default command)"),
+    "status": (status, _add_job, "counts of a job (queued/started/done/failed...)"),
+    "results": (results, _add_results, "one JSON record per URL, in input order"),
+    "resume": (resume, _add_resume, "publish the URLs of JOB that were never enqueued, then follow it"),
+}
+
+
+def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one sub-parser per command."""
+    p = argparse.ArgumentParser(prog="fleetfetch", description="Download every URL of a list, verified.",
+                                usage="fleetfetch [run] URLS_FILE [options] | fleetfetch COMMAND ...")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    commands = {}
+    for name, (handler, add_arguments, text) in COMMANDS.items():
+        cp = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(cp)
+        cp.set_defaults(handler=handler)
+        commands[name] = cp
+    return p, commands
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    top, commands = parsers()
+    if argv in (["-h"], ["--help"]):  # the commands, then the options of the default one
+        print(top.format_help() + "\n" + commands["run"].format_help())
+        return EXIT_OK
+    if not argv or argv[0] not in COMMANDS:
+        argv = ["run", *argv]  # `fleetfetch URLS_FILE` is `fleetfetch run URLS_FILE`
     try:
-        if argv and argv[0] in COMMANDS[1:]:
-            command = argv[0]
-            args = _job_parser(command).parse_args(argv[1:])
-            return {"status": status, "results": results, "resume": resume}[command](args)
-        if argv and argv[0] == "run":
-            argv = argv[1:]
-        return run(_run_parser().parse_args(argv))
+        args = top.parse_args(argv)
+        return int(args.handler(args))
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code

@@ -11,12 +11,12 @@ import redis
 from celery import Celery
 from kombu import Connection as KombuConnection
 
-from tasks import ledger
+from tasks import feed, ledger
 from tasks.app import app
 from tasks.config import settings
 from tasks.redact import mask_password
 
-from .errors import Unreachable
+from .errors import LocalFailure, Unreachable
 from .local import LocalCluster
 
 HINT = ("start Redis there (e.g. `redis-server`), fix the URL, or unset CELERY_BROKER_URL to run in local mode "
@@ -27,8 +27,24 @@ HINT = ("start Redis there (e.g. `redis-server`), fix the URL, or unset CELERY_B
 class Connection:
     app: Celery
     ledger: ledger.Ledger
-    problem: Callable[[], str | None]
+    broker: str
+    problem: Callable[[], str | None] = lambda: None
     hurry: Callable[[], None] = lambda: None
+
+    def sweep(self) -> int:
+        """Publish again the URLs of live jobs that lost their worker or message (the workers do it too)."""
+        return feed.Reconciler(self.app, self.ledger, feed.broker_client(self.broker)).sweep()
+
+
+def _one_line(problem: Callable[[], str | None]) -> Callable[[], str | None]:
+    """A local worker's death as one line: the first line and the last line of its log that says anything."""
+    def check() -> str | None:
+        text = problem()
+        if not text:
+            return None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+    return check
 
 
 def check_redis(url: str, role: str) -> redis.Redis:
@@ -72,12 +88,18 @@ def connect(local: bool, download_dir: Path | None = None, concurrency: int = 2,
         check_broker(settings.broker)
         client = check_redis(settings.backend, "result backend")
         _configure(settings.broker, settings.backend)
-        yield Connection(app, ledger.Ledger(client, settings.result_expires), lambda: None)
+        yield Connection(app, ledger.Ledger(client, settings.result_expires), settings.broker)
         return
-    with LocalCluster(download_dir or Path("downloads"), concurrency, pool) as cluster:
+    try:
+        cluster = LocalCluster(download_dir or Path("downloads"), concurrency, pool).__enter__()
+    except RuntimeError as exc:
+        text = str(exc)
+        raise LocalFailure(f"local mode could not start: {_one_line(lambda: text)()}") from None
+    with cluster:
         if not quiet:
             print(f"local mode: embedded server on 127.0.0.1:{cluster.port}, {concurrency} {pool} worker "
                   f"process(es), files into {cluster.download_dir}", flush=True)
         _configure(cluster.broker, cluster.backend)
         client = check_redis(cluster.backend, "result backend")
-        yield Connection(app, ledger.Ledger(client, settings.result_expires), cluster.problem, cluster.hurry)
+        yield Connection(app, ledger.Ledger(client, settings.result_expires), cluster.broker,
+                         _one_line(cluster.problem), cluster.hurry)

@@ -1,6 +1,6 @@
 """Errors the CLI turns into one `error:` line and a documented exit code."""
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_LOCAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 class CliError(Exception):
@@ -14,4 +14,12 @@ class UsageError(CliError):
 
 
 class Unreachable(CliError):
+    """The broker or the result backend cannot be reached, or lost the job."""
+
     code = EXIT_UNREACHABLE
+
+
+class LocalFailure(CliError):
+    """Local mode's embedded server or worker failed to start or died."""
+
+    code = EXIT_LOCAL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tasks import ledger
+
+from .errors import LocalFailure
 
 POLL_S = 0.5
 PLAIN_EVERY_S = 5.0
@@ -29,9 +32,15 @@ def _line(counts: dict[str, int], total: int, elapsed: float) -> str:
             f"{counts['failed']} failed, {counts['started']} running), {mb:.1f} MB, {mb / max(elapsed, 1e-9):.1f} MB/s")
 
 
-def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Callable[[], str | None]) -> dict:
-    """Poll the job's counters (one round-trip each) until every URL has its final record."""
-    started = time.monotonic()
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Callable[[], str | None],
+           tick: Callable[[], object] = lambda: None, tick_every: float = 15.0) -> dict:
+    """Poll the job's counters (one round-trip each) until every URL has its final record; `tick` (the
+    reconciler) runs every `tick_every` seconds meanwhile. ledger.JobGone if the backend lost the job."""
+    started = last_tick = time.monotonic()
     err = sys.stdout
     tty = err.isatty() and not quiet
     last_plain, last_change, last_done = started, started, -1
@@ -50,7 +59,10 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
                 last_done, last_change = done, now
             problem = alive()
             if problem:
-                raise RuntimeError(problem)
+                raise LocalFailure(problem)
+            if now - last_tick >= tick_every:
+                last_tick = now
+                _tick_quietly(tick)
             if not tty and not quiet and now - last_plain >= PLAIN_EVERY_S:
                 print(_line(counts, total, now - started), file=err, flush=True)
                 last_plain = now
@@ -59,6 +71,12 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
                       "(celery -A tasks worker)", file=err, flush=True)
                 last_change = now
             time.sleep(POLL_S)
+
+
+def _tick_quietly(tick: Callable[[], object]) -> None:
+    """The producer's help with lost URLs is a bonus: the workers sweep too, so a failure here is not fatal."""
+    with contextlib.suppress(redis.RedisError, OSError):
+        tick()
 
 
 def _counts_waiting(book: ledger.Ledger, job: str) -> dict[str, int]:

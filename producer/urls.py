@@ -1,4 +1,7 @@
-"""Reading and validating a URL list: every line is checked before anything is enqueued."""
+"""Reading a URL list: one pass checks every line, names each URL and spools the entries to a temp file.
+
+Nothing is enqueued unless every line is good; the bad ones are all reported (up to MAX_REPORTED).
+"""
 
 from __future__ import annotations
 
@@ -7,25 +10,18 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
 
+from tasks.message import Entry
 from tasks.naming import NameAllocator
 
 from .errors import UsageError
 
 MAX_URL = 8192
+MAX_REPORTED = 20
 _DIGEST = re.compile(r"sha256=([0-9a-fA-F]*)")
-
-
-@dataclass(frozen=True)
-class Entry:
-    index: int
-    url: str
-    name: str
-    sha256: str | None
 
 
 def check_line(line: str) -> tuple[str, str | None]:
@@ -61,7 +57,7 @@ def _lines(fh: IO[str]) -> Iterator[tuple[int, str]]:
 
 
 def open_list(path: str) -> tuple[Path, bool]:
-    """The list as a re-readable file (stdin is copied to a temp file); True if that file is temporary."""
+    """The list as a file (stdin is copied to a temp file); True if that file is temporary."""
     if path == "-":
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as tmp:
             shutil.copyfileobj(sys.stdin, tmp)
@@ -72,52 +68,17 @@ def open_list(path: str) -> tuple[Path, bool]:
     return p, False
 
 
-def validate(path: Path, label: str) -> int:
-    """Check every line; raise UsageError naming the first bad line. Returns the number of distinct URLs."""
-    seen: set[str] = set()
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for number, line in _lines(fh):
-                try:
-                    url, _ = check_line(line)
-                except ValueError as exc:
-                    raise UsageError(f"{label}:{number}: {exc}") from None
-                seen.add(url)
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise UsageError(f"{label}: cannot read ({exc.strerror})") from None
-    if not seen:
-        raise UsageError(f"{label}: no URLs in the list")
-    return len(seen)
-
-
-def entries(path: Path) -> Iterator[Entry]:
-    """The validated list as entries: duplicates dropped, each URL with its own collision-free name."""
-    names = NameAllocator()
-    seen: set[str] = set()
-    index = 0
-    with open(path, encoding="utf-8") as fh:
-        for _, line in _lines(fh):
-            url, digest = check_line(line)
-            if url in seen:
-                continue
-            seen.add(url)
-            yield Entry(index, url, names.allocate(url), digest)
-            index += 1
-
-
 class Spool:
-    """The entries of one streaming pass, kept in a temp file so a second pass needs no parsing or naming."""
+    """The checked entries of a list, in a temp file: read any number of times without parsing or naming again."""
 
     def __init__(self) -> None:
         self._fh = tempfile.TemporaryFile("w+", encoding="utf-8", newline="\n")  # noqa: SIM115 - see __exit__
+        self.count = 0
 
-    def recording(self, items: Iterator[Entry]) -> Iterator[Entry]:
-        """Pass `items` through, writing each down (names have no control characters, URLs no whitespace)."""
-        for e in items:
-            self._fh.write(f"{e.index}\t{e.sha256 or ''}\t{e.name}\t{e.url}\n")
-            yield e
+    def add(self, e: Entry) -> None:
+        """Write an entry down (names have no control characters, URLs no whitespace)."""
+        self._fh.write(f"{e.index}\t{e.sha256 or ''}\t{e.name}\t{e.url}\n")
+        self.count += 1
 
     def replay(self) -> Iterator[Entry]:
         self._fh.seek(0)
@@ -130,3 +91,44 @@ class Spool:
 
     def __exit__(self, *exc: object) -> None:
         self._fh.close()
+
+
+def read(path: Path, label: str) -> Spool:
+    """Check every line and spool the distinct URLs with collision-free names; UsageError listing bad lines."""
+    spool = Spool()
+    try:
+        bad = _fill(spool, path, label)
+        if bad:
+            shown = bad[:MAX_REPORTED]
+            if len(bad) > MAX_REPORTED:
+                shown.append(f"... and {len(bad) - MAX_REPORTED} more")
+            if len(bad) > 1:
+                shown.append("nothing was enqueued: fix the lines above")
+            raise UsageError("\nerror: ".join(shown))
+        if not spool.count:
+            raise UsageError(f"{label}: no URLs in the list")
+    except BaseException:
+        spool.__exit__()
+        raise
+    return spool
+
+
+def _fill(spool: Spool, path: Path, label: str) -> list[str]:
+    """One pass over the file: good lines into the spool (while there is no bad one), bad lines returned."""
+    names, seen, bad = NameAllocator(), set[str](), list[str]()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for number, line in _lines(fh):
+                try:
+                    url, digest = check_line(line)
+                except ValueError as exc:
+                    bad.append(f"{label}:{number}: {exc}")
+                    continue
+                if not bad and url not in seen:
+                    seen.add(url)
+                    spool.add(Entry(spool.count, url, names.allocate(url), digest))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UsageError(f"{label}: cannot read ({exc.strerror})") from None
+    return bad

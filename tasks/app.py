@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from .config import QUEUE, settings
+from .feed import Sweeper
 
 app = Celery("fleetfetch", include=["tasks.download"])
 
@@ -60,3 +61,6 @@ app.conf.update(
     worker_concurrency=settings.concurrency or None,
     worker_redirect_stdouts=False,
 )
+
+# Every worker looks for URLs whose worker or message was lost (one at a time, under a Redis lock).
+app.steps["worker"].add(Sweeper)

@@ -44,6 +44,9 @@ class Settings:
     visibility_timeout: int = 7200
     soft_shutdown_timeout: float = 60.0
     restore_interval: int = 10
+    url_lease: int = 60  # a running URL not heard of for this long has lost its worker: it is published again
+    sweep_interval: int = 15  # how often one worker looks for URLs whose lease ran out or whose message was lost
+    max_redeliveries: int = 5  # a URL whose worker died this many times fails (it may be what kills them)
     result_expires: int = 3 * 24 * 3600
     max_size: int = 10 * 1024**3
     max_redirects: int = 10
@@ -96,7 +99,8 @@ class Settings:
 _VARIABLES = {f: "CELERY_" + f.upper() for f in ("broker_url", "result_backend")} | {
     f: "FLEETFETCH_" + f.upper() for f in (
         "pool", "concurrency", "connect_timeout", "read_timeout", "time_limit", "visibility_timeout",
-        "soft_shutdown_timeout", "restore_interval", "result_expires", "max_size", "max_redirects",
+        "soft_shutdown_timeout", "restore_interval", "url_lease", "sweep_interval", "max_redeliveries",
+        "result_expires", "max_size", "max_redirects",
         "max_attempts", "backoff_base", "backoff_cap", "max_retry_after", "per_host", "host_lease",
         "host_errors", "host_rate", "no_fsync", "allow_private", "allow_networks", "resolve")
 } | {"download_dir": "FLEETFETCH_DIR"}

@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -18,9 +18,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from . import fetch, hostlimit, ledger, transfer
 from .app import app
 from .config import TASK_NAME, settings
+from .errors import BadMessage, DownloadError, TransientError
 from .guard import Policy
+from .lease import Renewer
+from .message import Message, Options
 from .redact import redact_text, redact_url
-from .retry import DownloadError, TransientError, countdown
+from .retry import THROTTLE_STATUS, countdown, host_pause
 
 log = logging.getLogger("fleetfetch")
 
@@ -36,6 +39,7 @@ def _limits() -> fetch.Limits:
 
 
 def _ledger() -> ledger.Ledger:
+    """This process's ledger; its Redis client is the one backend connection the limiter shares too."""
     return ledger.for_url(settings.backend, settings.result_expires)
 
 
@@ -48,57 +52,51 @@ def _limiter() -> hostlimit.HostLimiter:
     return _limiter_for(os.getpid())  # a forked pool child gets its own
 
 
+leases = Renewer(_ledger, _limiter, settings.url_lease, min(settings.url_lease, hostlimit.LEASE_S) / 3)
+
+
 def _runner() -> str:
     name = current_process().name
     return threading.current_thread().name if name == "MainProcess" else name
 
 
-def display_args(url: str, name: str) -> tuple[str, str]:
-    """argsrepr/kwargsrepr for Flower and logs: the URL without its secrets."""
-    return repr((redact_url(url), name)), "{}"
-
-
 @dataclass
 class Call:
-    """One execution of the task: its arguments, its attempt number and its URL's ledger entry."""
+    """One execution of the task: its message and its URL's ledger entry."""
 
     task: Any
-    url: str
-    name: str
-    job: str | None
-    index: int
-    opts: dict[str, Any]
+    msg: Message
+    opts: Options  # the message's options with the worker's settings for those it leaves unset
     started: float = field(default_factory=time.monotonic)
 
     @property
-    def attempt(self) -> int:
-        return int(self.opts.get("attempt") or 1)
-
-    @property
     def host(self) -> str:
-        return (urlsplit(self.url).hostname or "").lower()
+        return (urlsplit(self.msg.url).hostname or "").lower()
 
-    def mark(self, state: str, record: dict[str, Any] | None = None) -> str | None:
+    def mark(self, state: str, record: dict[str, Any] | None = None, lease: float | None = None) -> str | None:
         """Move the URL to `state` in the ledger; returns the final state it already had, if any."""
-        return _ledger().transition(self.job, self.index, state, record) if self.job else None
+        m = self.msg
+        return _ledger().transition(m.job, m.index, state, record, lease) if m.job else None
 
     def requeue(self, wait: float) -> NoReturn:
         """Send this task back to the queue, to run again in `wait` seconds (the process is freed)."""
-        argsrepr, kwargsrepr = display_args(self.url, self.name)
-        raise self.task.retry(countdown=wait, args=(self.url, self.name),
-                              kwargs={"job": self.job, "index": self.index, "opts": self.opts},
-                              argsrepr=argsrepr, kwargsrepr=kwargsrepr)
+        args, kwargs = self.msg.encode()
+        argsrepr, kwargsrepr = self.msg.display()
+        raise self.task.retry(countdown=wait, args=args, kwargs=kwargs, argsrepr=argsrepr, kwargsrepr=kwargsrepr)
 
     def record(self, outcome: transfer.Outcome | None, **extra: Any) -> dict[str, Any]:
-        rec: dict[str, Any] = {"url": redact_url(self.url), "status": "failed", "attempts": self.attempt,
+        m = self.msg
+        rec: dict[str, Any] = {"url": redact_url(m.url), "status": "failed", "attempts": m.state.attempt,
                                "elapsed_s": round(time.monotonic() - self.started, 3),
                                "worker": self.task.request.hostname or socket.gethostname()}
         if outcome is not None:
             rec.update(status=outcome.status, final_url=redact_url(outcome.final_url), path=outcome.path,
                        bytes=outcome.bytes, sha256=outcome.sha256, http_status=outcome.http_status,
                        **outcome.headers)
-        if self.opts.get("waited_s"):
-            rec["waited_s"] = self.opts["waited_s"]
+        if m.state.waited_s:
+            rec["waited_s"] = m.state.waited_s
+        if m.state.redeliveries:
+            rec["redeliveries"] = m.state.redeliveries
         rec.update(extra)
         return rec
 
@@ -107,49 +105,64 @@ class Call:
 def download(self: Any, url: str, name: str, job: str | None = None, index: int = 0,
              opts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Download `url` into FLEETFETCH_DIR/[subdir/]name and return its record."""
-    call = Call(self, url, name, job, index, dict(opts or {}))
-    lease = _take_slot(call)
+    try:
+        msg = Message.decode(url, name, job, index, opts)
+        if msg.state.sealed:  # the message shows the URL without its secrets; the ledger has the real one
+            entry = _ledger().entry(job, index) if job else None
+            if entry is None:
+                raise BadMessage(f"job {job} has no URL #{index} in the ledger (expired?)")
+            msg.url = entry[0]
+    except BadMessage as exc:
+        call = Call(self, Message(url, name, job, index), Options())
+        return _fail(call, exc.reason)
+    call = Call(self, msg, msg.options.resolve(settings))
+    slot = _take_slot(call)
     answered = False
     try:
-        record = _run(call, lease)
+        with leases.hold(msg.job, msg.index, slot):
+            record = _run(call, slot is not None)
         answered = True
         return record
     finally:
-        if lease is not None:
-            _limiter().release(lease, answered)
+        if slot is not None:
+            _limiter().release(slot, answered)
 
 
 def _take_slot(call: Call) -> hostlimit.Lease | None:
     """A cluster-wide slot for the URL's host, or back to the queue until its turn is due."""
-    per_host = int(call.opts.get("per_host", settings.per_host))
-    rate = float(call.opts.get("host_rate", settings.host_rate))
+    per_host, rate = int(call.opts.per_host or 0), float(call.opts.host_rate or 0)
     if per_host <= 0 and rate <= 0:
         return None
-    lease, wait = _limiter().acquire(call.host, per_host, rate, waiter=call.task.request.id or "")
-    if lease is None:
-        call.opts.setdefault("wait_since", time.time())
+    slot, wait = _limiter().acquire(call.host, per_host, rate, waiter=call.task.request.id or "")
+    state = call.msg.state
+    if slot is None:
+        if state.wait_since is None:
+            state.wait_since = time.time()
+        if call.msg.job:  # the URL is held back on purpose: its lease covers the wait
+            _ledger().renew({call.msg.job: [call.msg.index]}, wait + settings.url_lease)
         call.requeue(wait)
-    waited = time.time() - call.opts.pop("wait_since", time.time())
-    call.opts["waited_s"] = round(call.opts.get("waited_s", 0) + waited, 3)
-    return lease
+    if state.wait_since is not None:
+        state.waited_s = round(state.waited_s + time.time() - state.wait_since, 3)
+        state.wait_since = None
+    return slot
 
 
-def _run(call: Call, lease: hostlimit.Lease | None) -> dict[str, Any]:
-    if call.mark(ledger.STARTED) is not None:
-        log.info("Already finished %s (job %s #%s): redelivery ignored", call.name, call.job, call.index)
-        return _ledger().record(call.job, call.index) or {} if call.job else {}
-    log.info("Starting download of %s %s", call.name, _runner())
-    o = call.opts
-    req = transfer.Request(url=call.url, name=call.name, subdir=o.get("subdir", ""), sha256=o.get("sha256"),
-                           force=bool(o.get("force")), max_size=int(o.get("max_size") or settings.max_size),
-                           resume=o.get("resume"), content_disposition=bool(o.get("content_disposition")))
+def _run(call: Call, polite: bool) -> dict[str, Any]:
+    m, o = call.msg, call.opts
+    if call.mark(ledger.STARTED, lease=settings.url_lease) is not None:
+        log.info("Already finished %s (job %s #%s): redelivery ignored", m.name, m.job, m.index)
+        return _ledger().record(m.job, m.index) or {} if m.job else {}
+    log.info("Starting download of %s %s", m.name, _runner())
+    req = transfer.Request(url=m.url, name=m.name, subdir=o.subdir, sha256=o.sha256, force=o.force,
+                           max_size=int(o.max_size or 0), resume=m.state.resume,
+                           content_disposition=o.content_disposition)
     try:
         outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=not settings.no_fsync,
-                                   deadline=call.started + settings.soft_time_limit, on_chunk=_renewer(lease))
+                                   deadline=call.started + settings.soft_time_limit)
     except TransientError as exc:
-        if lease is not None:  # host politeness is on
-            _pause_host(exc, call.host, call.attempt)
-        if call.attempt < int(o.get("max_attempts") or settings.max_attempts):
+        if polite:
+            _pause_host(exc, call.host, m.state.attempt)
+        if m.state.attempt < int(o.max_attempts or 1):
             _retry(call, exc)
         return _fail(call, exc.reason)
     except DownloadError as exc:
@@ -157,53 +170,41 @@ def _run(call: Call, lease: hostlimit.Lease | None) -> dict[str, Any]:
     except SoftTimeLimitExceeded:
         return _fail(call, f"time limit of {settings.time_limit} s exceeded")
     except Exception as exc:  # a bug must still end the URL with a record, never leave it "started"
-        log.exception("internal error on %s", redact_url(call.url))
+        log.error("internal error on %s: %s", redact_url(m.url), redact_text(f"{type(exc).__name__}: {exc}"),
+                  exc_info=False)
         return _fail(call, f"internal error: {type(exc).__name__}: {exc}")
     record = call.record(outcome)
     call.mark(outcome.status, record)
-    log.info("Finished %s: %s, %d bytes in %.2f s", call.name, outcome.status, outcome.bytes, record["elapsed_s"])
+    log.info("Finished %s: %s, %d bytes in %.2f s", m.name, outcome.status, outcome.bytes, record["elapsed_s"])
     return record
 
 
-def _renewer(lease: hostlimit.Lease | None) -> Any:
-    """A per-chunk callback that keeps a long download's host slot leased."""
-    if lease is None:
-        return None
-    last = [time.monotonic()]
-
-    def renew() -> None:
-        if time.monotonic() - last[0] > hostlimit.LEASE_S / 3:
-            _limiter().renew(lease)
-            last[0] = time.monotonic()
-
-    return renew
-
-
 def _pause_host(exc: DownloadError, host: str, attempt: int) -> None:
-    """Pause the host for every worker: on 429/503 for Retry-After when given, else for the backoff; on other
-    5xx once `host_errors` of them came in a row (from any worker), for a backoff that grows while they last."""
-    if exc.status in (429, 503):
-        wait = exc.retry_after if exc.retry_after is not None else settings.backoff_base * 2 ** (attempt - 1)
-        _limiter().pause(host, min(wait, settings.max_retry_after))
-    elif exc.status is not None and exc.status >= 500 and settings.host_errors > 0:
-        paused = _limiter().server_error(host, settings.host_errors, settings.backoff_base, settings.backoff_cap)
-        if paused:
-            log.warning("Pausing host %s for %.1f s: %d or more server errors in a row", host, paused,
-                        settings.host_errors)
+    """Apply the retry policy's host pause for this answer, for every worker."""
+    streak = 0
+    if exc.status is not None and exc.status >= 500 and exc.status not in THROTTLE_STATUS and settings.host_errors:
+        streak = _limiter().server_error(host)
+    pause = host_pause(exc.status, exc.retry_after, attempt, streak, threshold=settings.host_errors,
+                       base=settings.backoff_base, cap=settings.backoff_cap, max_wait=settings.max_retry_after)
+    if pause > 0:
+        _limiter().pause(host, pause)
+        if streak:
+            log.warning("Pausing host %s for %.1f s: %d server errors in a row", host, pause, streak)
 
 
 def _retry(call: Call, exc: DownloadError) -> NoReturn:
-    wait = countdown(call.attempt, exc.retry_after, base=settings.backoff_base, cap=settings.backoff_cap,
+    state = call.msg.state
+    wait = countdown(state.attempt, exc.retry_after, base=settings.backoff_base, cap=settings.backoff_cap,
                      max_wait=settings.max_retry_after, visibility_timeout=settings.visibility_timeout)
-    log.warning("Retrying %s in %.1f s (attempt %d failed: %s)", call.name, wait, call.attempt,
+    log.warning("Retrying %s in %.1f s (attempt %d failed: %s)", call.msg.name, wait, state.attempt,
                 redact_text(exc.reason))
-    call.opts.update(resume=getattr(exc, "resume", None), last_error=exc.reason, attempt=call.attempt + 1)
-    call.mark(ledger.RETRYING)
+    call.msg.state = replace(state, resume=getattr(exc, "resume", None), attempt=state.attempt + 1)
+    call.mark(ledger.RETRYING, lease=wait + settings.url_lease)
     call.requeue(wait)
 
 
 def _fail(call: Call, reason: str) -> NoReturn:
     reason = redact_text(reason)
-    call.mark(ledger.FAILED, call.record(None, path=call.name, reason=reason))
-    log.error("Failed %s: %s", redact_url(call.url), reason)
-    raise DownloadFailed(f"{redact_url(call.url)}: {reason}")
+    call.mark(ledger.FAILED, call.record(None, path=call.msg.name, reason=reason))
+    log.error("Failed %s: %s", redact_url(call.msg.url), reason)
+    raise DownloadFailed(f"{redact_url(call.msg.url)}: {reason}") from None

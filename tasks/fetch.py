@@ -25,16 +25,13 @@ from urllib3.poolmanager import SSL_KEYWORDS
 from urllib3.util import connection as u3conn
 
 from . import guard
-from .retry import RETRYABLE_STATUS, PermanentError, TransientError, parse_retry_after
+from .errors import CutShort, PermanentError, TransientError
+from .retry import RETRYABLE_STATUS, parse_retry_after
 
 CHUNK = 1 << 20
 USER_AGENT = "fleetfetch/0.1 (+https://github.com/fleetfetch/fleetfetch)"
 REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_POOLS = 64
-
-
-class CutShort(TransientError):
-    """The server closed the connection before sending all the bytes it announced."""
 
 
 class _PinnedMixin:

@@ -25,7 +25,13 @@ from .config import settings
 # A killed worker's slot comes back after at most this long; live downloads renew their lease.
 LEASE_S = settings.host_lease
 MAX_WAIT_S = 8.0  # longest a task waits before asking for a slot again
+PAUSED_KEY = "ff:paused"
 
+# All times in ms on the server's clock (TIME), so workers on every machine agree.
+
+# KEYS[1] slots, KEYS[2] bucket, KEYS[3] pause, KEYS[4] wait, KEYS[5] stats
+# ARGV[1] per-host limit (0 = none), ARGV[2] lease ms, ARGV[3] lease id, ARGV[4] rate/s (0 = none), ARGV[5] waiter id
+# Returns {1, 0} with a slot; {0, ms} paused or out of tokens for ms; {0, -1, place in line, avg download ms} full.
 _ACQUIRE = """
 local now_t = redis.call('TIME')
 local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
@@ -55,6 +61,8 @@ redis.call('ZREM', KEYS[4], ARGV[5])
 return {1, 0}
 """
 
+# KEYS[1] slots, KEYS[2] stats, KEYS[3] errors
+# ARGV[1] lease id, ARGV[2] ms the slot was held, ARGV[3] '1' if the host served the download (ends its error streak)
 _RELEASE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 if ARGV[3] == '1' then redis.call('DEL', KEYS[3]) end
@@ -65,7 +73,9 @@ redis.call('PEXPIRE', KEYS[2], 3600000)
 return 0
 """
 
-_SET_PAUSE = """
+# KEYS[1] pause, KEYS[2] the paused-hosts index; ARGV[1] ms, ARGV[2] host. A longer pause in place is kept.
+_PAUSE = """
+local ms = tonumber(ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ms then
   redis.call('SET', KEYS[1], '1', 'PX', ms)
   local t = redis.call('TIME')
@@ -74,25 +84,28 @@ end
 return ms
 """
 
-_PAUSE = "local ms = tonumber(ARGV[1])\n" + _SET_PAUSE
-
-# One more server error in a row; from the threshold on, the host pauses for base, 2 x base, 4 x base... (capped).
-_STRIKE = """
-local n = redis.call('INCR', KEYS[3])
-redis.call('PEXPIRE', KEYS[3], 600000)
-local over = n - tonumber(ARGV[3])
-if over < 0 then return 0 end
-local ms = math.floor(math.min(tonumber(ARGV[4]), tonumber(ARGV[1]) * 2 ^ over))
-""" + _SET_PAUSE
-
+# KEYS[1] slots; ARGV[1] lease ms, ARGV[2] lease id. Extends a lease that still exists (XX), never re-creates one.
 _RENEW = """
 local t = redis.call('TIME')
 return redis.call('ZADD', KEYS[1], 'XX', t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1]), ARGV[2])
 """
 
 
-def _keys(host: str) -> list[str]:
-    return [f"ff:host:{host}:{k}" for k in ("slots", "bucket", "pause", "wait", "stats", "errors")]
+@dataclass(frozen=True)
+class HostKeys:
+    """The Redis keys of one host's politeness state."""
+
+    host: str
+
+    def _key(self, part: str) -> str:
+        return f"ff:host:{self.host}:{part}"
+
+    slots = property(lambda self: self._key("slots"))
+    bucket = property(lambda self: self._key("bucket"))
+    pause = property(lambda self: self._key("pause"))
+    wait = property(lambda self: self._key("wait"))
+    stats = property(lambda self: self._key("stats"))
+    errors = property(lambda self: self._key("errors"))
 
 
 @dataclass
@@ -109,7 +122,6 @@ class HostLimiter:
         self.r = client
         self._acquire = client.register_script(_ACQUIRE)
         self._pause = client.register_script(_PAUSE)
-        self._strike = client.register_script(_STRIKE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
@@ -119,7 +131,9 @@ class HostLimiter:
         All slots busy: the waiter gets a place in line, and comes back about when its turn is due
         (place / limit x the host's average download time), not in a tight loop."""
         lease_id = uuid.uuid4().hex
-        reply = self._acquire(keys=_keys(host), args=[limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id])
+        k = HostKeys(host)
+        reply = self._acquire(keys=[k.slots, k.bucket, k.pause, k.wait, k.stats],
+                              args=[limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id])
         if reply[0]:
             return Lease(host, lease_id), 0.0
         if reply[1] < 0:
@@ -129,31 +143,28 @@ class HostLimiter:
         return None, reply[1] / 1000 + random.uniform(0, 0.25)
 
     def renew(self, lease: Lease) -> None:
-        self._renew(keys=[_keys(lease.host)[0]], args=[LEASE_S * 1000, lease.id])
+        self._renew(keys=[HostKeys(lease.host).slots], args=[LEASE_S * 1000, lease.id])
 
     def release(self, lease: Lease, answered: bool = False) -> None:
         """Give the slot back; `answered`: the host served the download, so its server errors in a row end."""
-        k = _keys(lease.host)
-        self._release(keys=[k[0], k[4], k[5]],
+        k = HostKeys(lease.host)
+        self._release(keys=[k.slots, k.stats, k.errors],
                       args=[lease.id, int((time.monotonic() - lease.since) * 1000), int(answered)])
 
     def pause(self, host: str, seconds: float) -> None:
         """No worker contacts `host` for `seconds` (a longer pause already in place is kept)."""
-        self._pause(keys=[_keys(host)[2], "ff:paused"], args=[max(1, int(seconds * 1000)), host])
+        self._pause(keys=[HostKeys(host).pause, PAUSED_KEY], args=[max(1, int(seconds * 1000)), host])
 
-    def server_error(self, host: str, threshold: int, base: float, cap: float) -> float:
-        """Count a 5xx from `host`; at `threshold` in a row (cluster-wide) and beyond, pause the host.
-
-        Returns the pause in seconds, 0 below the threshold: 1 x base at the threshold, doubling with each
-        further error in a row, at most `cap`."""
-        k = _keys(host)
-        ms = self._strike(keys=[k[2], "ff:paused", k[5]],
-                          args=[max(1, int(base * 1000)), host, threshold, max(1, int(cap * 1000))])
-        return int(ms) / 1000
+    def server_error(self, host: str) -> int:
+        """Count a 5xx from `host`; returns the host's server errors in a row, from any worker."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.incr(HostKeys(host).errors)
+        pipe.pexpire(HostKeys(host).errors, 600_000)
+        return int(pipe.execute()[0])
 
     def paused(self) -> dict[str, float]:
         """Hosts paused now -> epoch seconds until which they are paused."""
         now_s, now_us = cast(tuple[int, int], self.r.time())
-        self.r.zremrangebyscore("ff:paused", "-inf", now_s * 1000 + now_us // 1000)
-        hosts = cast(list[tuple[bytes, float]], self.r.zrange("ff:paused", 0, -1, withscores=True))
+        self.r.zremrangebyscore(PAUSED_KEY, "-inf", now_s * 1000 + now_us // 1000)
+        hosts = cast(list[tuple[bytes, float]], self.r.zrange(PAUSED_KEY, 0, -1, withscores=True))
         return {h.decode(): score / 1000 for h, score in hosts}

@@ -5,6 +5,8 @@ Keys share the hash tag `{JOB}` (Redis Cluster keeps them on one node):
   ff:{JOB}:urls   hash   index -> [url, name, sha256|null]           (what `resume` re-enqueues)
   ff:{JOB}:state  hash   index -> state
   ff:{JOB}:rec    hash   index -> final record (JSON)
+  ff:{JOB}:due    zset   index -> time (ms) by which a worker must be heard of again: the lease of a running URL,
+                         the countdown of a retrying one (+ the lease); a final state removes it
   ff:jobs         zset   job id -> creation time
 State changes run as one Lua script, so counters always match the states and a URL gets at most one
 final record, however many times its task is delivered.
@@ -16,19 +18,27 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .redact import redact_url
+
 QUEUED, STARTED, RETRYING = "queued", "started", "retrying"
 DONE, UNCHANGED, FAILED = "done", "unchanged", "failed"
 FINAL = (DONE, UNCHANGED, FAILED)
 STATES = (QUEUED, STARTED, RETRYING, *FINAL)
 JOBS_KEY = "ff:jobs"
+LIVE_KEY = "ff:live"  # set of jobs not finished yet: what the reconciler looks at
 BATCH = 2000
 
+# KEYS[1] meta, KEYS[2] state, KEYS[3] rec, KEYS[4] due
+# ARGV[1] index, ARGV[2] new state, ARGV[3] final record JSON or '', ARGV[4] bytes to count, ARGV[5] ttl (s),
+# ARGV[6] ms from now by which a worker must be heard of again for this URL (its lease); '' = none (final)
+# Returns the final state the URL already had (then nothing changes), or false.
 _TRANSITION = """
 local old = redis.call('HGET', KEYS[2], ARGV[1])
 if old == 'done' or old == 'unchanged' or old == 'failed' then return old end
@@ -37,19 +47,99 @@ if old ~= ARGV[2] then
   if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
   redis.call('HINCRBY', KEYS[1], 'n:' .. ARGV[2], 1)
 end
+if ARGV[6] == '' then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+else
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[4], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[6]), ARGV[1])
+end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'bytes', tonumber(ARGV[4]))
 end
 if redis.call('TTL', KEYS[3]) < 0 then
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[5])) end
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[5])) end
 end
 return false
 """
 
+# KEYS[1] due; ARGV[1] ms from now, ARGV[2..] indexes. Extends the leases that still exist (XX): a URL that
+# reached its final state meanwhile is not given a lease again.
+_RENEW = """
+local t = redis.call('TIME')
+local at = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', at, ARGV[i]) end
+return #ARGV - 1
+"""
 
-def keys(job: str) -> dict[str, str]:
-    return {k: f"ff:{{{job}}}:{k}" for k in ("meta", "urls", "state", "rec")}
+
+# KEYS[1] meta, KEYS[2] state, KEYS[3] due, KEYS[4] redelivered; ARGV[1..] indexes
+# Each URL not final goes back to queued (counters kept), loses its lease and counts one more redelivery.
+# Returns {index, redeliveries, ...} for the URLs moved.
+_REQUEUE = """
+local out = {}
+for i = 1, #ARGV do
+  local old = redis.call('HGET', KEYS[2], ARGV[i])
+  if old ~= 'done' and old ~= 'unchanged' and old ~= 'failed' then
+    if old ~= 'queued' then
+      redis.call('HSET', KEYS[2], ARGV[i], 'queued')
+      if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
+      redis.call('HINCRBY', KEYS[1], 'n:queued', 1)
+    end
+    redis.call('ZREM', KEYS[3], ARGV[i])
+    table.insert(out, tonumber(ARGV[i]))
+    table.insert(out, redis.call('HINCRBY', KEYS[4], ARGV[i], 1))
+  end
+end
+local ttl = redis.call('TTL', KEYS[1])
+if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
+return out
+"""
+
+
+class JobGone(LookupError):
+    """The backend has no such job: expired, never created, or the server came back empty."""
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """The Redis keys of one job; the hash tag `{JOB}` keeps them on one Redis Cluster node."""
+
+    job: str
+
+    def _key(self, part: str) -> str:
+        return f"ff:{{{self.job}}}:{part}"
+
+    @property
+    def meta(self) -> str:
+        return self._key("meta")
+
+    @property
+    def urls(self) -> str:
+        return self._key("urls")
+
+    @property
+    def state(self) -> str:
+        return self._key("state")
+
+    @property
+    def rec(self) -> str:
+        return self._key("rec")
+
+    @property
+    def due(self) -> str:
+        """zset index -> server time (ms) by which a worker must be heard of again for a non-final URL."""
+        return self._key("due")
+
+    @property
+    def redelivered(self) -> str:
+        """hash index -> times the reconciler published the URL again."""
+        return self._key("redelivered")
+
+    @property
+    def suspect(self) -> str:
+        """set of queued URLs that had no message at the last sweep (lost if still so at the next)."""
+        return self._key("suspect")
 
 
 class Ledger:
@@ -59,39 +149,41 @@ class Ledger:
         self.r = client
         self.ttl = ttl
         self._transition = client.register_script(_TRANSITION)
+        self._renew = client.register_script(_RENEW)
+        self._requeue = client.register_script(_REQUEUE)
 
     # producer side ---------------------------------------------------------------------------------
-    def create(self, job: str, meta: dict[str, Any]) -> None:
-        k = keys(job)
+    def create(self, job: str, meta: dict[str, Any], entries: Iterable[tuple[int, str, str, str | None]]) -> int:
+        """Write the job and its URLs (index, url, name, sha256) before anything is published, so `resume`
+        can finish it whatever happens to the producer. Returns the number of URLs."""
+        k = JobKeys(job)
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(k["meta"], mapping={**{f"n:{s}": 0 for s in STATES}, "bytes": 0, "published": 0,
-                                      **{m: json.dumps(v) for m, v in meta.items()}})
-        pipe.expire(k["meta"], self.ttl)
+        pipe.hset(k.meta, mapping={**{f"n:{s}": 0 for s in STATES}, "bytes": 0, "published": 0,
+                                   **{m: json.dumps(v) for m, v in meta.items()}})
+        pipe.expire(k.meta, self.ttl)
         pipe.zadd(JOBS_KEY, {job: time.time()})
+        pipe.sadd(LIVE_KEY, job)
         pipe.zremrangebyscore(JOBS_KEY, 0, time.time() - self.ttl)
-        pipe.execute()
-
-    def add_urls(self, job: str, entries: Iterable[tuple[int, str, str, str | None]]) -> None:
-        """Record the job's URLs (index, url, name, sha256) before anything is published."""
-        k = keys(job)
-        pipe = self.r.pipeline(transaction=False)
-        for n, (i, url, name, digest) in enumerate(entries, 1):
-            pipe.hset(k["urls"], str(i), json.dumps([url, name, digest]))
-            if n % BATCH == 0:
+        total = 0
+        for total, (i, url, name, digest) in enumerate(entries, 1):
+            pipe.hset(k.urls, str(i), json.dumps([url, name, digest]))
+            if total % BATCH == 0:
                 pipe.execute()
-        pipe.expire(k["urls"], self.ttl)
+        pipe.expire(k.urls, self.ttl)
+        pipe.hset(k.meta, "total", json.dumps(total))
         pipe.execute()
+        return total
 
-    def queued_pipeline_ops(self, pipe: Any, job: str, indexes: list[int]) -> None:
-        """Mark URLs queued, in the same transaction that publishes their tasks."""
-        k = keys(job)
-        pipe.hset(k["state"], mapping={str(i): QUEUED for i in indexes})
-        pipe.hincrby(k["meta"], f"n:{QUEUED}", len(indexes))
-        pipe.hincrby(k["meta"], "published", len(indexes))
-        pipe.expire(k["state"], self.ttl)
+    def mark_queued(self, pipe: Any, job: str, indexes: list[int]) -> None:
+        """Mark URLs queued, in the same transaction (`pipe`) that publishes their tasks."""
+        k = JobKeys(job)
+        pipe.hset(k.state, mapping={str(i): QUEUED for i in indexes})
+        pipe.hincrby(k.meta, f"n:{QUEUED}", len(indexes))
+        pipe.hincrby(k.meta, "published", len(indexes))
+        pipe.expire(k.state, self.ttl)
 
     def meta(self, job: str) -> dict[str, Any]:
-        raw = cast(dict[bytes, bytes], self.r.hgetall(keys(job)["meta"]))
+        raw = cast(dict[bytes, bytes], self.r.hgetall(JobKeys(job).meta))
         out: dict[str, Any] = {}
         for key, value in raw.items():
             k, v = key.decode(), value.decode()
@@ -99,53 +191,101 @@ class Ledger:
         return out
 
     def counts(self, job: str) -> dict[str, int]:
-        """All counters in one round-trip, however large the job."""
+        """All counters in one round-trip, however large the job; JobGone if the job is not there."""
         fields = [f"n:{s}" for s in STATES] + ["bytes", "published"]
-        values = self.r.hmget(keys(job)["meta"], fields)
+        values = self.r.hmget(JobKeys(job).meta, fields)
+        if all(v is None for v in values):
+            raise JobGone(job)
         return {f.removeprefix("n:"): int(v or 0) for f, v in zip(fields, values, strict=True)}
 
     def unpublished(self, job: str, total: int) -> Iterator[tuple[int, str, str, str | None]]:
         """URLs of the job that have no state yet: never published (for `resume`)."""
-        k = keys(job)
+        k = JobKeys(job)
         for start in range(0, total, BATCH):
             idx = list(range(start, min(total, start + BATCH)))
-            states = self.r.hmget(k["state"], [str(i) for i in idx])
+            states = self.r.hmget(k.state, [str(i) for i in idx])
             missing = [i for i, s in zip(idx, states, strict=True) if s is None]
             if missing:
-                rows = cast(list[bytes], self.r.hmget(k["urls"], [str(i) for i in missing]))
+                rows = cast(list[bytes], self.r.hmget(k.urls, [str(i) for i in missing]))
                 for i, raw in zip(missing, rows, strict=True):
                     url, name, digest = json.loads(raw)
                     yield i, url, name, digest
 
     def records(self, job: str, total: int) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
         """(index, final record or None, state) for every URL, in input order, fetched in batches."""
-        k = keys(job)
+        k = JobKeys(job)
         for start in range(0, total, BATCH):
             idx = [str(i) for i in range(start, min(total, start + BATCH))]
             pipe = self.r.pipeline(transaction=False)
-            pipe.hmget(k["rec"], idx)
-            pipe.hmget(k["state"], idx)
-            pipe.hmget(k["urls"], idx)
+            pipe.hmget(k.rec, idx)
+            pipe.hmget(k.state, idx)
+            pipe.hmget(k.urls, idx)
             recs, states, urls = pipe.execute()
             for i, rec, state, url in zip(idx, recs, states, urls, strict=True):
                 record = json.loads(rec) if rec else None
                 if record is None and url:
                     u, name, _ = json.loads(url)
-                    record = {"url": u, "path": name, "status": (state or b"unpublished").decode()}
+                    record = {"url": redact_url(u), "path": name, "status": (state or b"unpublished").decode()}
                 yield int(i), record, state.decode() if state else None
 
     # task side -------------------------------------------------------------------------------------
-    def transition(self, job: str, index: int, state: str, record: dict[str, Any] | None = None) -> str | None:
-        """Move one URL to `state`. Returns the final state it already had (then nothing changed), or None."""
-        k = keys(job)
+    def transition(self, job: str, index: int, state: str, record: dict[str, Any] | None = None,
+                   lease: float | None = None) -> str | None:
+        """Move one URL to `state`; a non-final state holds a lease of `lease` seconds (see `renew`), a final
+        state ends it. Returns the final state the URL already had (then nothing changed), or None."""
+        k = JobKeys(job)
         payload = json.dumps(record, separators=(",", ":")) if record is not None else ""
         nbytes = int(record.get("bytes") or 0) if record and state == DONE else 0
-        old = self._transition(keys=[k["meta"], k["state"], k["rec"]],
-                               args=[str(index), state, payload, nbytes, self.ttl])
+        due = "" if state in FINAL or lease is None else str(int(lease * 1000))
+        old = self._transition(keys=[k.meta, k.state, k.rec, k.due],
+                               args=[str(index), state, payload, nbytes, self.ttl, due])
         return old.decode() if old else None
 
+    def renew(self, leases: dict[str, list[int]], seconds: float) -> None:
+        """Extend the leases of running URLs ({job: [index, ...]}) to `seconds` from now, one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for job, indexes in leases.items():
+            self._renew(keys=[JobKeys(job).due], args=[int(seconds * 1000), *indexes], client=pipe)
+        pipe.execute()
+
+    def entry(self, job: str, index: int) -> tuple[str, str, str | None] | None:
+        """(url, name, sha256) of one URL of the job, as the producer recorded it."""
+        raw = self.r.hget(JobKeys(job).urls, str(index))
+        return tuple(json.loads(raw)) if raw else None  # type: ignore[return-value]
+
+    # reconciler side -----------------------------------------------------------------------------
+    def live(self) -> list[str]:
+        return sorted(j.decode() for j in cast(set[bytes], self.r.smembers(LIVE_KEY)))
+
+    def finished(self, job: str) -> None:
+        self.r.srem(LIVE_KEY, job)
+
+    def overdue(self, job: str, limit: int) -> list[int]:
+        """URLs whose lease ran out (server time): their worker is gone, or their message was."""
+        now_s, now_us = cast(tuple[int, int], self.r.time())
+        found = self.r.zrangebyscore(JobKeys(job).due, "-inf", now_s * 1000 + now_us // 1000, start=0, num=limit)
+        return [int(i) for i in cast(list[bytes], found)]
+
+    def queued(self, job: str, limit: int) -> list[int]:
+        """Up to `limit` URLs in state queued (a scan: used only when the queue is empty)."""
+        found: list[int] = []
+        for index, state in self.r.hscan_iter(JobKeys(job).state, count=1000):
+            if state == QUEUED.encode():
+                found.append(int(index))
+                if len(found) >= limit:
+                    break
+        return found
+
+    def requeue(self, job: str, indexes: list[int]) -> dict[int, int]:
+        """Put URLs that are not final back to queued; {index: redeliveries so far} of those moved."""
+        if not indexes:
+            return {}
+        k = JobKeys(job)
+        out = cast(list[int], self._requeue(keys=[k.meta, k.state, k.due, k.redelivered], args=indexes))
+        return dict(zip(out[::2], out[1::2], strict=True))
+
     def record(self, job: str, index: int) -> dict[str, Any] | None:
-        raw = self.r.hget(keys(job)["rec"], str(index))
+        raw = self.r.hget(JobKeys(job).rec, str(index))
         return json.loads(raw) if raw else None
 
 

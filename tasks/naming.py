@@ -7,14 +7,12 @@ import re
 import unicodedata
 from urllib.parse import unquote, urlsplit
 
+from .errors import UnsafeName
+
 MAX_NAME_BYTES = 180  # leaves room for the ".<name>.<id>.part" temp name within NAME_MAX (255)
 DEFAULT_NAME = "index.html"
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f/\\<>:"|?*]')
 _WINDOWS_DEVICES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(10)}
-
-
-class UnsafeName(ValueError):
-    """A name that is not one safe path component (raised by check_component)."""
 
 
 def sanitize(raw: str) -> str:

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import PermanentError, TransientError
 from .naming import check_component
-from .retry import PermanentError, TransientError
 
 META_DIR = ".fleetfetch"
 PART_SUFFIX = ".part"

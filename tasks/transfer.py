@@ -12,8 +12,8 @@ from typing import Any
 import requests
 
 from . import fetch, storage
+from .errors import CutShort, PermanentError, TransientError
 from .naming import check_component, disposition_name, with_hash
-from .retry import PermanentError, TransientError
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -98,7 +98,7 @@ def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, 
         return Outcome("done", rel, size, digest, response.status_code, response.url, _headers_of(response))
     except TransientError as exc:
         kept = _validators_of(response) if response is not None and part.size > 0 else {}
-        exc.resume = kept or None  # type: ignore[attr-defined]
+        exc.resume = kept or None
         part.close() if kept else part.discard()
         raise
     except BaseException:
@@ -163,7 +163,7 @@ def _stream(response: requests.Response, part: storage.PartFile, req: Request, l
                 raise PermanentError("time limit exceeded (FLEETFETCH_TIME_LIMIT)")
             if on_chunk is not None:
                 on_chunk()
-    except fetch.CutShort:
+    except CutShort:
         if expected is None:
             raise
     if expected is not None and part.size != expected:

@@ -112,20 +112,26 @@ def test_any_content_disposition_gives_a_safe_name(value):
 @settings(max_examples=100)
 @given(st.lists(st.tuples(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30), st.booleans()),
                 min_size=1, max_size=20))
-def test_spool_replays_the_entries_it_recorded(items):
-    """The producer's second pass over a list reads the spool: the same indexes, URLs, names and digests."""
+def test_one_pass_spools_distinct_urls_with_names_and_digests(items):
+    """The producer reads the list once: every distinct URL in order, its name, its first digest; replayable."""
     import tempfile
     from pathlib import Path
     from urllib.parse import quote
 
-    from producer.urls import Spool, entries
+    from producer.urls import read
 
     lines = [f"http://h{i % 3}.test/{quote(seg, safe='')}" + (f"  sha256={'Ab' * 32}" if digest else "")
              for i, (seg, digest) in enumerate(items)]
+    first_digest: dict[str, str | None] = {}
+    for line in lines:
+        url, *rest = line.split()
+        first_digest.setdefault(url, rest[0].removeprefix("sha256=").lower() if rest else None)
+    names = NameAllocator()
+    expected = [(i, url, names.allocate(url), d) for i, (url, d) in enumerate(first_digest.items())]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "urls.txt")
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        expected = list(entries(path))
-        with Spool() as spool:
-            assert list(spool.recording(entries(path))) == expected
-            assert list(spool.replay()) == expected
+        with read(path, "urls.txt") as spool:
+            entries = list(spool.replay())
+            assert [(e.index, e.url, e.name, e.sha256) for e in entries] == expected
+            assert list(spool.replay()) == entries

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tasks.hostlimit import HostLimiter
+from tasks.hostlimit import HostKeys, HostLimiter
+from tasks.retry import host_pause
 from tests.conftest import ROOT, Cluster, read_manifest, write_list
 from tests.support.origin import Origin
 from tests.support.servers import RedisServer, Worker
@@ -121,18 +122,31 @@ def test_server_errors_in_a_row_pause_the_host_for_every_worker(pair, tmp_path):
         assert len(a.requests) == 24  # every URL of host a: two 500s, then served (the third of 3 attempts)
 
 
-def test_server_error_streak_pauses_with_growing_backoff_until_a_success(redis_server):
+def test_server_error_streak_is_counted_cluster_wide_and_ended_by_a_success(redis_server):
     limiter = HostLimiter(redis_server.client(1))
     host = "streak.test"
-    assert [limiter.server_error(host, 3, base=0.5, cap=1.5) for _ in range(5)] == [0, 0, 0.5, 1.0, 1.5]
+    assert [limiter.server_error(host) for _ in range(5)] == [1, 2, 3, 4, 5]
+    limiter.pause(host, 0.5)
     assert host in limiter.paused()
     lease, _ = limiter.acquire(host, 4)
     assert lease is None  # paused: nobody gets a slot
-    limiter.r.delete(f"ff:host:{host}:pause")
+    limiter.r.delete(HostKeys(host).pause)
     lease, _ = limiter.acquire(host, 4)
     assert lease is not None
     limiter.release(lease, answered=True)  # the host served a download: the streak is over
-    assert limiter.server_error(host, 3, base=0.5, cap=1.5) == 0
+    assert limiter.server_error(host) == 1
+
+
+def test_host_pause_policy():
+    policy = {"threshold": 3, "base": 0.5, "cap": 1.5, "max_wait": 10}
+    # other 5xx: nothing until the threshold, then base, doubling, capped
+    assert [host_pause(500, None, 1, n, **policy) for n in range(1, 7)] == [0, 0, 0.5, 1.0, 1.5, 1.5]
+    assert host_pause(500, None, 1, 9, **{**policy, "threshold": 0}) == 0  # FLEETFETCH_HOST_ERRORS=0: never
+    # 429/503: the server's Retry-After (at most max_wait), else this attempt's backoff step
+    assert host_pause(429, 4.0, 1, 0, **policy) == 4.0
+    assert host_pause(503, 60.0, 1, 0, **policy) == 10
+    assert [host_pause(503, None, a, 0, **policy) for a in (1, 2, 3)] == [0.5, 1.0, 1.5]
+    assert host_pause(404, None, 1, 9, **policy) == 0
 
 
 def test_slots_of_a_killed_worker_come_back(pair, tmp_path):

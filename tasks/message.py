@@ -1,0 +1,126 @@
+"""The task message: what travels from the producer to a worker, declared once.
+
+A message is `download(url, name, job=JOB, index=I, opts={...})`:
+  args    (url, name)   the URL, or its redacted form when it carries secrets (`sealed`: the worker reads the
+                        real URL from the job's ledger, so `celery inspect` and Flower never see a password)
+  kwargs  job, index    the URL's place in the job ledger
+          opts          only the options the user set (Options) and the retry state (RetryState), flat
+Options left unset are decided by the worker's own settings (FLEETFETCH_*), in `Options.resolve`: a value typed
+by the user always wins over the worker's environment. An undeclared key fails the message loudly (BadMessage)
+instead of being ignored: a producer newer than its workers is told so.
+
+Importable without requests or the task itself: the producer uses it to build messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from .errors import BadMessage
+from .redact import redact_url
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user asked for; None means "the worker's setting of the same name"."""
+
+    subdir: str = ""
+    sha256: str | None = None
+    force: bool = False
+    content_disposition: bool = False
+    max_size: int | None = None
+    max_attempts: int | None = None
+    per_host: int | None = None
+    host_rate: float | None = None
+
+    def resolve(self, settings: Any) -> Options:
+        """Every unset option filled from the worker's settings (message first, then the worker)."""
+        return replace(self, **{f.name: getattr(settings, f.name) for f in fields(self)
+                                if getattr(self, f.name) is None and hasattr(settings, f.name)})
+
+    def changed(self) -> dict[str, Any]:
+        """Only the options that differ from "unset": what a message needs to carry."""
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) != f.default}
+
+
+@dataclass
+class RetryState:
+    """Carried from one attempt of a URL to the next (Celery re-publishes the message with it)."""
+
+    attempt: int = 1
+    resume: dict[str, str] | None = None  # validators of a kept partial file: continue it with Range
+    waited_s: float = 0.0  # time spent waiting for a host slot, reported in the record
+    wait_since: float | None = None  # when the current wait for a host slot began (epoch seconds)
+    sealed: bool = False  # args carry the redacted URL; the real one is in the ledger
+    redeliveries: int = 0  # times the reconciler published this URL again after its message was lost
+
+
+_OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "subdir": (str,), "sha256": (str, type(None)), "force": (bool,), "content_disposition": (bool,),
+    "max_size": (int,), "max_attempts": (int,), "per_host": (int,), "host_rate": (int, float),
+    "attempt": (int,), "resume": (dict, type(None)), "waited_s": (int, float), "wait_since": (int, float, type(None)),
+    "sealed": (bool,), "redeliveries": (int,),
+}
+_OPTIONS = {f.name for f in fields(Options)}
+_STATE = {f.name for f in fields(RetryState)}
+assert set(_OPTION_TYPES) == _OPTIONS | _STATE, "every message key has a declared type"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One URL of a job as the producer recorded it in the ledger."""
+
+    index: int
+    url: str
+    name: str
+    sha256: str | None = None
+
+
+@dataclass
+class Message:
+    url: str
+    name: str
+    job: str | None = None
+    index: int = 0
+    options: Options = field(default_factory=Options)
+    state: RetryState = field(default_factory=RetryState)
+
+    @property
+    def sealed_url(self) -> str:
+        """What args[0] carries: the URL itself, or its redacted form when that differs."""
+        shown = redact_url(self.url)
+        return shown if shown != self.url and self.job else self.url
+
+    def encode(self) -> tuple[tuple[str, str], dict[str, Any]]:
+        """(args, kwargs) of the task call."""
+        shown = self.sealed_url
+        state = replace(self.state, sealed=shown != self.url)
+        defaults = RetryState()
+        opts = self.options.changed() | {k: v for k, v in asdict(state).items() if v != getattr(defaults, k)}
+        return (shown, self.name), {"job": self.job, "index": self.index, "opts": opts}
+
+    @classmethod
+    def decode(cls, url: str, name: str, job: str | None, index: int, opts: dict[str, Any] | None) -> Message:
+        """The message as the worker received it; BadMessage for an undeclared key or a value of the wrong type."""
+        opts = dict(opts or {})
+        unknown = sorted(set(opts) - _OPTIONS - _STATE)
+        if unknown:
+            raise BadMessage(f"the task message has unknown option(s) {', '.join(unknown)}: this worker is older "
+                             "than the producer; upgrade the workers")
+        for key, value in opts.items():
+            if not isinstance(value, _OPTION_TYPES[key]) or (isinstance(value, bool) and bool not in
+                                                               _OPTION_TYPES[key]):
+                raise BadMessage(f"the task message has a bad value for {key}: {value!r}")
+        return cls(url, name, job, index, Options(**{k: v for k, v in opts.items() if k in _OPTIONS}),
+                   RetryState(**{k: v for k, v in opts.items() if k in _STATE}))
+
+    @classmethod
+    def of(cls, job: str, e: Entry, options: Options, state: RetryState | None = None) -> Message:
+        """The message of a job's URL: the job's options, with the URL's own digest."""
+        opts = replace(options, sha256=e.sha256) if e.sha256 else options
+        return cls(e.url, e.name, job, e.index, opts, state or RetryState())
+
+    def display(self) -> tuple[str, str]:
+        """argsrepr/kwargsrepr for Flower and logs: the URL without its secrets."""
+        return repr((redact_url(self.url), self.name)), repr({"job": self.job, "index": self.index})
