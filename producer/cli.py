@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
 def _follow(conn: Connection, job_id: str, total: int, started: float, manifest: Path | None, quiet: bool,
             local: bool) -> int:
     try:
-        counts = progress.follow(conn.ledger, job_id, total, quiet=quiet, alive=conn.problem, tick=conn.sweep)
+        counts = progress.follow(conn.ledger, job_id, total, quiet=quiet, alive=conn.problem, tick=conn.sweep,
+                                 tick_every=settings.sweep_interval)
     except KeyboardInterrupt:
         if local:
             conn.hurry()

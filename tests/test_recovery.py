@@ -1,0 +1,230 @@
+"""Nothing lost under the shipped settings: URL leases and the reconciler bring every URL home.
+
+The visibility timeout and the task time limit are never shortened here. Most tests shorten the URL lease and the
+sweep interval (FAST) only so that each heals in seconds instead of about a minute; the last test suffers every
+fault in one job with all shipped settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from tasks import feed, ledger
+from tasks.config import QUEUE
+from tasks.message import Entry, Message, Options
+from tests.conftest import Cluster, job_id_of, write_list
+from tests.support.origin import Origin
+from tests.support.servers import RedisServer
+from tests.test_chaos import CLEAN, Workers, audit, finish, serve, start_job, wait_for_requests
+
+# Shortened only to keep these tests fast (a lost URL is noticed after 4 s instead of 60 s); the visibility timeout
+# (7200 s) and the time limit (3600 s) stay as shipped, so Redis never re-delivers anything during a test.
+FAST = {"FLEETFETCH_URL_LEASE": "4", "FLEETFETCH_SWEEP_INTERVAL": "1"}
+
+
+@pytest.fixture
+def fast(tmp_path: Path) -> Iterator[Cluster]:
+    server = RedisServer(tmp_path / "redis").start()
+    cluster = Cluster(server, tmp_path / "downloads")
+    cluster.env.update(FAST)
+    try:
+        yield cluster
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def crew(fast: Cluster, tmp_path: Path) -> Iterator[Workers]:
+    ws = Workers(fast, tmp_path)
+    try:
+        yield ws
+    finally:
+        ws.stop()
+
+
+def publisher(broker: str) -> Celery:
+    """An app that publishes to `broker` as the producer does (the module-level app may point elsewhere)."""
+    return Celery("test-publisher", broker=broker, set_as_current=False, config_source={
+        "task_default_queue": QUEUE, "task_serializer": "json", "accept_content": ["json"]})
+
+
+def healed(report: dict[str, int]) -> dict[str, int]:
+    return {k: report[k] for k in CLEAN}
+
+
+def enqueue(cluster: Cluster, tmp_path: Path, origin: Origin, bodies: dict[str, bytes], sub: str) -> str:
+    """Enqueue with --no-wait: the producer is gone, so only the workers can heal the job."""
+    listing = write_list(tmp_path / f"{sub}.txt", [origin.url(p) for p in bodies])
+    result = cluster.producer(str(listing), "-d", sub, "--no-wait")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def wait_finished(cluster: Cluster, job: str, timeout: float) -> float:
+    """Seconds until every URL of `job` has its final record (AssertionError after `timeout`)."""
+    book, started = ledger.Ledger(cluster.backend(), 3600), time.monotonic()
+    while time.monotonic() - started < timeout:
+        counts = book.counts(job)
+        if sum(counts[s] for s in ledger.FINAL) >= int(book.meta(job)["total"]):
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise AssertionError(f"job {job} not finished after {timeout} s: {book.counts(job)}")
+
+
+def test_a_worker_host_lost_outright_is_healed_by_the_other_worker(fast, crew, origin, tmp_path):
+    bodies = serve(origin, 12, size=100_000, rate=200_000)  # 0.5 s each
+    doomed = crew.start("doomed", concurrency=3)
+    job = enqueue(fast, tmp_path, origin, bodies, "lost")
+    wait_for_requests(origin, 3)
+    crew.start("survivor", concurrency=2)
+    doomed.kill()  # its whole process group, never replaced: its URLs are held in Redis's unacked for 2 hours
+    heal = wait_finished(fast, job, timeout=90)
+    print(f"worker host lost: healed in {heal:.1f} s (URL lease 4 s, sweep 1 s)")
+    report = audit(fast, fast.downloads / "lost", job, bodies, origin)
+    assert healed(report) == CLEAN, report
+    records = [json.loads(line) for line in fast.producer("results", job).stdout.splitlines()]
+    assert any(r.get("redeliveries") for r in records)
+
+
+def test_redis_restarted_several_times_while_tasks_run(fast, crew, origin, tmp_path):
+    bodies = serve(origin, 20, size=150_000, rate=150_000)  # 1 s each
+    crew.start("r1", concurrency=3)
+    proc = start_job(fast, tmp_path, origin, bodies, "restarts")
+    wait_for_requests(origin, 3)
+    for _ in range(3):
+        time.sleep(1.2)  # appendfsync everysec
+        fast.server.stop()
+        time.sleep(2)
+        fast.server.start()
+    out = finish(proc, timeout=150)
+    report = audit(fast, fast.downloads / "restarts", job_id_of(out), bodies, origin)
+    assert healed(report) == CLEAN, report
+
+
+def test_pool_child_killed_while_redis_is_down(fast, crew, origin, tmp_path):
+    bodies = serve(origin, 8, size=200_000, rate=100_000)  # 2 s each
+    w = crew.start("kd", concurrency=2)
+    proc = start_job(fast, tmp_path, origin, bodies, "down")
+    wait_for_requests(origin, 2)
+    time.sleep(0.5)
+    fast.server.stop()
+    kids = w.children()
+    assert kids
+    os.kill(kids[0].pid, signal.SIGKILL)
+    time.sleep(3)
+    fast.server.start()
+    out = finish(proc, timeout=150)
+    report = audit(fast, fast.downloads / "down", job_id_of(out), bodies, origin)
+    assert healed(report) == CLEAN, report
+
+
+def test_queue_deleted_by_hand_mid_job(fast, crew, origin, tmp_path):
+    bodies = serve(origin, 30, size=50_000, rate=200_000)
+    crew.start("dq", concurrency=2)
+    job = enqueue(fast, tmp_path, origin, bodies, "deleted")
+    wait_for_requests(origin, 2)
+    assert fast.broker().delete(QUEUE) == 1  # every message not yet taken by the worker is gone
+    heal = wait_finished(fast, job, timeout=90)
+    print(f"queue deleted: healed in {heal:.1f} s (sweep 1 s)")
+    report = audit(fast, fast.downloads / "deleted", job, bodies, origin)
+    assert healed(report) == CLEAN, report
+
+
+def test_a_stale_message_delivered_after_the_url_finished_is_a_no_op(fast, crew, origin, tmp_path):
+    bodies = serve(origin, 2, size=10_000)
+    crew.start("st", concurrency=1)
+    out = finish(start_job(fast, tmp_path, origin, bodies, "stale"))
+    job = job_id_of(out)
+    before = len(origin.requests)
+    records = fast.producer("results", job).stdout
+    book = ledger.Ledger(fast.backend(), 3600)
+    stale = Message.of(job, Entry(0, origin.url("/c0.bin"), "c0.bin"), Options())
+    feed.publish(publisher(fast.env["CELERY_BROKER_URL"]), book, job, [stale], mark=False)
+    deadline = time.monotonic() + 20
+    while fast.broker().llen(QUEUE) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    assert fast.broker().llen(QUEUE) == 0  # consumed
+    assert len(origin.requests) == before  # and nothing downloaded
+    assert fast.producer("results", job).stdout == records
+
+
+def test_a_url_whose_worker_keeps_dying_fails_after_max_redeliveries(redis_server):
+    """The reconciler alone, against a real Redis: an overdue URL is republished until the limit, then failed."""
+    book = ledger.Ledger(redis_server.client(1), 3600)
+    job = f"poison-{time.time_ns()}"
+    book.create(job, {"opts": {}}, [(0, "http://127.0.0.1:9/p", "p", None)])
+    reconciler = feed.Reconciler(publisher(redis_server.url(2)), book, None)
+    for n in range(1, 7):
+        book.transition(job, 0, ledger.STARTED, lease=0)  # started, and its lease has run out at once
+        time.sleep(0.01)
+        book.r.delete(feed.LOCK_KEY)
+        healed = reconciler.heal(job, book.counts(job))
+        if n <= 5:
+            assert healed == 1 and book.r.hget(ledger.JobKeys(job).state, "0") == b"queued"
+    assert healed == 0
+    record = book.record(job, 0)
+    assert record is not None and record["status"] == "failed" and "lost 5 times" in record["reason"]
+    assert redis_server.client(2).llen(QUEUE) == 5
+    redis_server.client(2).delete(QUEUE)
+
+
+def test_a_backend_that_comes_back_empty_stops_the_producer_with_what_to_do(fast, crew, origin, tmp_path):
+    bodies = serve(origin, 6, size=200_000, rate=100_000)
+    crew.start("em", concurrency=1)
+    proc = start_job(fast, tmp_path, origin, bodies, "empty")
+    wait_for_requests(origin, 1)
+    fast.server.stop()
+    for f in fast.server.dir.rglob("*.aof*"):
+        if f.is_file():
+            f.unlink()
+    appendonly = fast.server.dir / "appendonlydir"
+    if appendonly.exists():
+        for f in appendonly.iterdir():
+            f.unlink()
+    fast.server.start()  # empty: no queue, no ledger
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out + err
+    assert "no longer has job" in err and "run the list again" in err and "Traceback" not in err
+
+
+@pytest.mark.timeout(420)
+def test_every_fault_heals_with_all_shipped_settings(tmp_path, origin):
+    """One job, every fault, nothing shortened: a worker host lost, the queue deleted, a pool child killed while
+    Redis is down. Only what reaching a loopback origin needs is set (FLEETFETCH_ALLOW_NETWORKS)."""
+    with RedisServer(tmp_path / "redis") as server:
+        cluster = Cluster(server, tmp_path / "downloads")
+        keep = ("FLEETFETCH_ALLOW_NETWORKS", "FLEETFETCH_DIR")
+        cluster.env = {k: v for k, v in cluster.env.items() if not k.startswith("FLEETFETCH_") or k in keep}
+        crew = Workers(cluster, tmp_path)
+        try:
+            bodies = serve(origin, 40, size=150_000, rate=150_000)  # 1 s each
+            doomed = crew.start("doomed", concurrency=2)
+            steady = crew.start("steady", concurrency=2)
+            job = enqueue(cluster, tmp_path, origin, bodies, "all")
+            wait_for_requests(origin, 4)
+            faulted = time.monotonic()
+            doomed.kill()  # host lost: 2 URLs running there, its reserved messages held in unacked for 2 hours
+            time.sleep(1)
+            cluster.broker().delete(QUEUE)  # every waiting message gone
+            time.sleep(1)
+            server.stop()
+            kids = steady.children()
+            assert kids
+            os.kill(kids[0].pid, signal.SIGKILL)  # a pool child dies while Redis is down
+            time.sleep(3)
+            server.start()
+            wait_finished(cluster, job, timeout=240)  # fails the test if the job is not whole by then
+            print(f"every fault, shipped settings: job whole {time.monotonic() - faulted:.0f} s after the first fault")
+            report = audit(cluster, cluster.downloads / "all", job, bodies, origin)
+            assert healed(report) == CLEAN, report
+        finally:
+            crew.stop()
