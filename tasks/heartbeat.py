@@ -24,10 +24,21 @@ from celery import Celery, bootsteps
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_FILE = os.environ.get("FLEETFETCH_HEARTBEAT_FILE", "").strip()
-try:
-    INTERVAL_S = float(os.environ.get("FLEETFETCH_HEARTBEAT_INTERVAL", "") or 5.0)
-except ValueError:
-    raise SystemExit("error: FLEETFETCH_HEARTBEAT_INTERVAL is not a number of seconds, e.g. 5") from None
+
+
+def _interval(raw: str) -> float:
+    """Seconds between beats: FLEETFETCH_HEARTBEAT_INTERVAL, default 5, well inside the probes' one minute."""
+    try:
+        value = float(raw or 5.0)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 30:
+        raise SystemExit(f"error: FLEETFETCH_HEARTBEAT_INTERVAL={raw!r} is not a number of seconds between 0 and 30 "
+                         "(the liveness probe allows one minute): unset it for the default 5")
+    return value
+
+
+INTERVAL_S = _interval(os.environ.get("FLEETFETCH_HEARTBEAT_INTERVAL", "").strip())
 
 
 def ready_path(alive: str | Path) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks import heartbeat
 from tests.conftest import ROOT, base_env
 from tests.support.servers import RedisServer, Worker
 
@@ -121,3 +122,13 @@ def test_without_the_variable_the_worker_writes_no_health_files(broker, tmp_path
         pass
     assert "heartbeat" not in worker.log_text()
     assert not list(tmp_path.glob("*.alive*"))
+
+
+@pytest.mark.parametrize("raw", ["abc", "0", "-1", "60", "nan", "inf"])
+def test_a_bad_interval_is_one_error_line(raw):
+    with pytest.raises(SystemExit, match=r"^error: FLEETFETCH_HEARTBEAT_INTERVAL=.* unset it for the default 5$"):
+        heartbeat._interval(raw)
+
+
+def test_the_interval_defaults_to_5_seconds():
+    assert heartbeat._interval("") == 5.0 and heartbeat._interval("0.5") == 0.5
