@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from celery import Celery
 
+from . import heartbeat
 from .config import QUEUE, settings
 from .feed import Sweeper
 
 app = Celery("fleetfetch", include=["tasks.download"])
+heartbeat.install(app)  # health files for probes that start no Python (deploy/README.md)
 
 _redis_sockets = {
     "socket_timeout": 30,  # a dead broker connection is noticed instead of hanging a worker
