@@ -18,7 +18,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from . import fetch, hostlimit, ledger, transfer
 from .app import app
 from .config import TASK_NAME, settings
-from .errors import BadMessage, DownloadError, TransientError
+from .errors import BadMessage, Busy, DownloadError, TransientError
 from .guard import Policy
 from .lease import Renewer
 from .message import Message, Options
@@ -159,6 +159,9 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
     try:
         outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=not settings.no_fsync,
                                    deadline=call.started + settings.soft_time_limit)
+    except Busy:
+        log.info("Another delivery of %s (job %s #%s) is running it: this one steps aside", m.name, m.job, m.index)
+        return {"status": "duplicate", "url": redact_url(m.url)}
     except TransientError as exc:
         if polite:
             _pause_host(exc, call.host, m.state.attempt)

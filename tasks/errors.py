@@ -3,7 +3,9 @@
     DownloadError                 reason: the one line that ends up in the URL's record
     ├── TransientError            worth another attempt: connection trouble, timeouts, 408/425/429/5xx
     │   │                         .resume: validators of a kept partial file (Range on the next attempt)
-    │   └── CutShort              the body ended before Content-Length said it would
+    │   ├── CutShort              the body ended before Content-Length said it would
+    │   └── Busy                  another delivery of the same URL is writing its file right now: this one
+    │                             steps aside (no attempt counted, no record; the running one holds the lease)
     └── PermanentError            not worth another attempt: 404, refused destination, bad digest, too large
         ├── UnsafeName            a file name that is not one safe path component
         └── BadMessage            a task message this worker cannot read (unknown option, wrong type)
@@ -34,6 +36,10 @@ class TransientError(DownloadError):
 
 class CutShort(TransientError):
     """The server closed the connection before sending all the bytes it announced."""
+
+
+class Busy(TransientError):
+    """Another delivery of the same URL holds its temp file: a duplicate, which ends without a record."""
 
 
 class PermanentError(DownloadError):

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PermanentError, TransientError
+from .errors import Busy, PermanentError
 from .naming import check_component
 
 META_DIR = ".fleetfetch"
@@ -60,7 +60,7 @@ class PartFile:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise TransientError(f"another attempt is writing {name} right now") from None
+            raise Busy(f"another attempt is writing {name} right now") from None
         self.hash = hashlib.sha256()
         self.size = 0
 

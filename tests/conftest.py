@@ -31,6 +31,12 @@ TEST_SETTINGS = {
 }
 
 
+# Tests that kill things shorten how soon a lost URL is noticed (URL lease 4 s instead of 60 s, a sweep every second
+# instead of 15 s) only to stay fast. The visibility timeout and the time limit are never shortened: recovery must not
+# depend on them. tests/test_recovery.py also runs every fault with all shipped settings.
+FAST_HEAL = {"FLEETFETCH_URL_LEASE": "4", "FLEETFETCH_SWEEP_INTERVAL": "1"}
+
+
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "FLEETFETCH_"))}
     env.update(TEST_SETTINGS, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")

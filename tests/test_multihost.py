@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from producer.local import server_binary
-from tests.conftest import ROOT, base_env, write_list
+from tests.conftest import FAST_HEAL, ROOT, base_env, write_list
 
 NET = "198.18.0"  # the range reserved for network testing
 HOSTS = {"broker": 1, "origin": 2, "w1": 3, "w2": 4, "prod": 5}
@@ -108,8 +108,8 @@ def test_workers_on_two_hosts_share_a_job_and_survive_one_host_dying(network, tm
         (site / name).write_bytes(body)
     broker = f"redis://:netns-test-pw@{NET}.1:6379"
     env = base_env(CELERY_BROKER_URL=f"{broker}/0", CELERY_RESULT_BACKEND=f"{broker}/1", FLEETFETCH_DIR=str(shared),
-                   FLEETFETCH_ALLOW_NETWORKS=f"{NET}.0/24", FLEETFETCH_VISIBILITY_TIMEOUT="6",
-                   FLEETFETCH_TIME_LIMIT="5", FLEETFETCH_RESTORE_INTERVAL="1", FLEETFETCH_PER_HOST="0")
+                   FLEETFETCH_ALLOW_NETWORKS=f"{NET}.0/24", FLEETFETCH_PER_HOST="0",
+                   **FAST_HEAL)
     try:
         procs.append(network.spawn("broker", [server_binary(), "--bind", f"{NET}.1", "--port", "6379", "--dir",
                                               str(tmp_path), "--appendonly", "yes", "--save", "", "--requirepass",

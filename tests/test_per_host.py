@@ -9,7 +9,7 @@ import pytest
 
 from tasks.hostlimit import HostKeys, HostLimiter
 from tasks.retry import host_pause
-from tests.conftest import ROOT, Cluster, read_manifest, write_list
+from tests.conftest import FAST_HEAL, ROOT, Cluster, read_manifest, write_list
 from tests.support.origin import Origin
 from tests.support.servers import RedisServer, Worker
 
@@ -24,8 +24,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, li
     cluster = Cluster(server, base / "downloads")
     cluster.env.update(FLEETFETCH_ALLOW_NETWORKS="127.0.0.1/32,127.0.0.2/32", FLEETFETCH_HOST_LEASE=str(LEASE_S),
                        FLEETFETCH_BACKOFF_BASE="1", FLEETFETCH_BACKOFF_CAP="2",  # a server-error pause of 1 s
-                       FLEETFETCH_VISIBILITY_TIMEOUT="6", FLEETFETCH_TIME_LIMIT="5",
-                       FLEETFETCH_RESTORE_INTERVAL="1")
+                       **FAST_HEAL)
     workers: list[Worker] = []
     try:
         for n in (1, 2):
@@ -160,8 +159,8 @@ def test_slots_of_a_killed_worker_come_back(pair, tmp_path):
         while len(a.requests) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         workers[0].kill()  # it may hold one or both slots; its leases expire after LEASE_S
-        # A replacement comes up (as an orchestrator would restart it); the dead worker's unacknowledged
-        # tasks return once the visibility timeout has passed.
+        # A replacement comes up (as an orchestrator would restart it); the dead worker's URLs come back when their
+        # leases run out (the reconciler), its host slots when theirs do.
         workers[0] = Worker(cluster.env, name="h1b", concurrency=4, log=tmp_path / "w1b.log", cwd=ROOT).start()
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, out + err

@@ -20,21 +20,17 @@ from celery import Celery
 from tasks import feed, ledger
 from tasks.config import QUEUE
 from tasks.message import Entry, Message, Options
-from tests.conftest import Cluster, job_id_of, write_list
+from tests.conftest import FAST_HEAL, Cluster, job_id_of, write_list
 from tests.support.origin import Origin
 from tests.support.servers import RedisServer
 from tests.test_chaos import CLEAN, Workers, audit, finish, serve, start_job, wait_for_requests
-
-# Shortened only to keep these tests fast (a lost URL is noticed after 4 s instead of 60 s); the visibility timeout
-# (7200 s) and the time limit (3600 s) stay as shipped, so Redis never re-delivers anything during a test.
-FAST = {"FLEETFETCH_URL_LEASE": "4", "FLEETFETCH_SWEEP_INTERVAL": "1"}
 
 
 @pytest.fixture
 def fast(tmp_path: Path) -> Iterator[Cluster]:
     server = RedisServer(tmp_path / "redis").start()
     cluster = Cluster(server, tmp_path / "downloads")
-    cluster.env.update(FAST)
+    cluster.env.update(FAST_HEAL)
     try:
         yield cluster
     finally:
