@@ -102,6 +102,43 @@ def origin() -> Iterator[Origin]:
         o.stop()
 
 
+@pytest.fixture
+def chaos(tmp_path: Path) -> Iterator[Cluster]:
+    """An own Redis (AOF, so it can be restarted) for a test that kills things; shipped settings but FAST_HEAL."""
+    server = RedisServer(tmp_path / "redis").start()
+    cluster = Cluster(server, tmp_path / "downloads")
+    cluster.env.update(FAST_HEAL)
+    try:
+        yield cluster
+    finally:
+        server.stop()
+
+
+class Workers:
+    """Workers of one test, all stopped at the end whatever happens."""
+
+    def __init__(self, cluster: Cluster, logs: Path) -> None:
+        self.cluster, self.logs, self.all = cluster, logs, list[Worker]()
+
+    def start(self, name: str, concurrency: int = 2) -> Worker:
+        w = Worker(self.cluster.env, name=name, concurrency=concurrency, log=self.logs / f"{name}.log", cwd=ROOT)
+        self.all.append(w)
+        return w.start()
+
+    def stop(self) -> None:
+        for w in self.all:
+            w.stop()
+
+
+@pytest.fixture
+def workers(chaos: Cluster, tmp_path: Path) -> Iterator[Workers]:
+    ws = Workers(chaos, tmp_path)
+    try:
+        yield ws
+    finally:
+        ws.stop()
+
+
 def write_list(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -12,53 +12,13 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tasks.config import QUEUE
-from tests.conftest import FAST_HEAL, ROOT, Cluster, job_id_of, write_list
+from tests.conftest import Cluster, job_id_of, write_list
 from tests.support.origin import Origin
-from tests.support.servers import RedisServer, Worker
-
-CHAOS_ENV = FAST_HEAL  # shipped settings otherwise (see FAST_HEAL for why these two are shorter)
-
-
-@pytest.fixture
-def chaos(tmp_path: Path) -> Iterator[Cluster]:
-    server = RedisServer(tmp_path / "redis").start()
-    cluster = Cluster(server, tmp_path / "downloads")
-    cluster.env.update(CHAOS_ENV)
-    try:
-        yield cluster
-    finally:
-        server.stop()
-
-
-class Workers:
-    """Workers of one test, all stopped at the end whatever happens."""
-
-    def __init__(self, cluster: Cluster, logs: Path) -> None:
-        self.cluster, self.logs, self.all = cluster, logs, []
-
-    def start(self, name: str, concurrency: int = 2) -> Worker:
-        w = Worker(self.cluster.env, name=name, concurrency=concurrency, log=self.logs / f"{name}.log", cwd=ROOT)
-        self.all.append(w)
-        return w.start()
-
-    def stop(self) -> None:
-        for w in self.all:
-            w.stop()
-
-
-@pytest.fixture
-def workers(chaos: Cluster, tmp_path: Path) -> Iterator[Workers]:
-    ws = Workers(chaos, tmp_path)
-    try:
-        yield ws
-    finally:
-        ws.stop()
 
 
 def serve(origin: Origin, count: int, size: int = 60_000, rate: float | None = None) -> dict[str, bytes]:

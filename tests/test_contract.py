@@ -186,3 +186,10 @@ def test_a_local_worker_that_dies_is_one_line_and_exit_4(tmp_path):
     assert proc.returncode == 4, out + err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith("error: the local worker exited")
+
+
+def test_the_contract_and_the_pure_policies_import_without_celery_or_requests():
+    code = ("import sys, tasks.message, tasks.errors, tasks.retry, tasks.naming, tasks.guard, tasks.redact; "
+            "print(sorted(m for m in ('celery', 'requests', 'kombu', 'urllib3') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

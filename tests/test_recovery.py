@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,30 +19,10 @@ from celery import Celery
 from tasks import feed, ledger
 from tasks.config import QUEUE
 from tasks.message import Entry, Message, Options
-from tests.conftest import FAST_HEAL, Cluster, job_id_of, write_list
+from tests.conftest import Cluster, Workers, job_id_of, write_list
 from tests.support.origin import Origin
 from tests.support.servers import RedisServer
-from tests.test_chaos import CLEAN, Workers, audit, finish, serve, start_job, wait_for_requests
-
-
-@pytest.fixture
-def fast(tmp_path: Path) -> Iterator[Cluster]:
-    server = RedisServer(tmp_path / "redis").start()
-    cluster = Cluster(server, tmp_path / "downloads")
-    cluster.env.update(FAST_HEAL)
-    try:
-        yield cluster
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def crew(fast: Cluster, tmp_path: Path) -> Iterator[Workers]:
-    ws = Workers(fast, tmp_path)
-    try:
-        yield ws
-    finally:
-        ws.stop()
+from tests.test_chaos import CLEAN, audit, finish, serve, start_job, wait_for_requests
 
 
 def publisher(broker: str) -> Celery:
@@ -75,82 +54,82 @@ def wait_finished(cluster: Cluster, job: str, timeout: float) -> float:
     raise AssertionError(f"job {job} not finished after {timeout} s: {book.counts(job)}")
 
 
-def test_a_worker_host_lost_outright_is_healed_by_the_other_worker(fast, crew, origin, tmp_path):
+def test_a_worker_host_lost_outright_is_healed_by_the_other_worker(chaos, workers, origin, tmp_path):
     bodies = serve(origin, 12, size=100_000, rate=200_000)  # 0.5 s each
-    doomed = crew.start("doomed", concurrency=3)
-    job = enqueue(fast, tmp_path, origin, bodies, "lost")
+    doomed = workers.start("doomed", concurrency=3)
+    job = enqueue(chaos, tmp_path, origin, bodies, "lost")
     wait_for_requests(origin, 3)
-    crew.start("survivor", concurrency=2)
+    workers.start("survivor", concurrency=2)
     doomed.kill()  # its whole process group, never replaced: its URLs are held in Redis's unacked for 2 hours
-    heal = wait_finished(fast, job, timeout=90)
+    heal = wait_finished(chaos, job, timeout=90)
     print(f"worker host lost: healed in {heal:.1f} s (URL lease 4 s, sweep 1 s)")
-    report = audit(fast, fast.downloads / "lost", job, bodies, origin)
+    report = audit(chaos, chaos.downloads / "lost", job, bodies, origin)
     assert healed(report) == CLEAN, report
-    records = [json.loads(line) for line in fast.producer("results", job).stdout.splitlines()]
+    records = [json.loads(line) for line in chaos.producer("results", job).stdout.splitlines()]
     assert any(r.get("redeliveries") for r in records)
 
 
-def test_redis_restarted_several_times_while_tasks_run(fast, crew, origin, tmp_path):
+def test_redis_restarted_several_times_while_tasks_run(chaos, workers, origin, tmp_path):
     bodies = serve(origin, 20, size=150_000, rate=150_000)  # 1 s each
-    crew.start("r1", concurrency=3)
-    proc = start_job(fast, tmp_path, origin, bodies, "restarts")
+    workers.start("r1", concurrency=3)
+    proc = start_job(chaos, tmp_path, origin, bodies, "restarts")
     wait_for_requests(origin, 3)
     for _ in range(3):
         time.sleep(1.2)  # appendfsync everysec
-        fast.server.stop()
+        chaos.server.stop()
         time.sleep(2)
-        fast.server.start()
+        chaos.server.start()
     out = finish(proc, timeout=150)
-    report = audit(fast, fast.downloads / "restarts", job_id_of(out), bodies, origin)
+    report = audit(chaos, chaos.downloads / "restarts", job_id_of(out), bodies, origin)
     assert healed(report) == CLEAN, report
 
 
-def test_pool_child_killed_while_redis_is_down(fast, crew, origin, tmp_path):
+def test_pool_child_killed_while_redis_is_down(chaos, workers, origin, tmp_path):
     bodies = serve(origin, 8, size=200_000, rate=100_000)  # 2 s each
-    w = crew.start("kd", concurrency=2)
-    proc = start_job(fast, tmp_path, origin, bodies, "down")
+    w = workers.start("kd", concurrency=2)
+    proc = start_job(chaos, tmp_path, origin, bodies, "down")
     wait_for_requests(origin, 2)
     time.sleep(0.5)
-    fast.server.stop()
+    chaos.server.stop()
     kids = w.children()
     assert kids
     os.kill(kids[0].pid, signal.SIGKILL)
     time.sleep(3)
-    fast.server.start()
+    chaos.server.start()
     out = finish(proc, timeout=150)
-    report = audit(fast, fast.downloads / "down", job_id_of(out), bodies, origin)
+    report = audit(chaos, chaos.downloads / "down", job_id_of(out), bodies, origin)
     assert healed(report) == CLEAN, report
 
 
-def test_queue_deleted_by_hand_mid_job(fast, crew, origin, tmp_path):
+def test_queue_deleted_by_hand_mid_job(chaos, workers, origin, tmp_path):
     bodies = serve(origin, 30, size=50_000, rate=200_000)
-    crew.start("dq", concurrency=2)
-    job = enqueue(fast, tmp_path, origin, bodies, "deleted")
+    workers.start("dq", concurrency=2)
+    job = enqueue(chaos, tmp_path, origin, bodies, "deleted")
     wait_for_requests(origin, 2)
-    assert fast.broker().delete(QUEUE) == 1  # every message not yet taken by the worker is gone
-    heal = wait_finished(fast, job, timeout=90)
+    assert chaos.broker().delete(QUEUE) == 1  # every message not yet taken by the worker is gone
+    heal = wait_finished(chaos, job, timeout=90)
     print(f"queue deleted: healed in {heal:.1f} s (sweep 1 s)")
-    report = audit(fast, fast.downloads / "deleted", job, bodies, origin)
+    report = audit(chaos, chaos.downloads / "deleted", job, bodies, origin)
     assert healed(report) == CLEAN, report
 
 
-def test_a_stale_message_delivered_after_the_url_finished_is_a_no_op(fast, crew, origin, tmp_path):
+def test_a_stale_message_delivered_after_the_url_finished_is_a_no_op(chaos, workers, origin, tmp_path):
     bodies = serve(origin, 2, size=10_000)
-    crew.start("st", concurrency=1)
-    out = finish(start_job(fast, tmp_path, origin, bodies, "stale"))
+    workers.start("st", concurrency=1)
+    out = finish(start_job(chaos, tmp_path, origin, bodies, "stale"))
     job = job_id_of(out)
     before = len(origin.requests)
-    records = fast.producer("results", job).stdout
-    book = ledger.Ledger(fast.backend(), 3600)
+    records = chaos.producer("results", job).stdout
+    book = ledger.Ledger(chaos.backend(), 3600)
     stale = Message.of(job, Entry(0, origin.url("/c0.bin"), "c0.bin"), Options())
-    feed.publish(publisher(fast.env["CELERY_BROKER_URL"]), book, job, [stale], mark=False)
+    feed.publish(publisher(chaos.env["CELERY_BROKER_URL"]), book, job, [stale], mark=False)
     deadline = time.monotonic() + 20
-    while fast.broker().llen(QUEUE) and time.monotonic() < deadline:
+    while chaos.broker().llen(QUEUE) and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1)
-    assert fast.broker().llen(QUEUE) == 0  # consumed
+    assert chaos.broker().llen(QUEUE) == 0  # consumed
     assert len(origin.requests) == before  # and nothing downloaded
-    assert fast.producer("results", job).stdout == records
+    assert chaos.producer("results", job).stdout == records
 
 
 def test_a_url_whose_worker_keeps_dying_fails_after_max_redeliveries(redis_server):
@@ -173,20 +152,20 @@ def test_a_url_whose_worker_keeps_dying_fails_after_max_redeliveries(redis_serve
     redis_server.client(2).delete(QUEUE)
 
 
-def test_a_backend_that_comes_back_empty_stops_the_producer_with_what_to_do(fast, crew, origin, tmp_path):
+def test_a_backend_that_comes_back_empty_stops_the_producer_with_what_to_do(chaos, workers, origin, tmp_path):
     bodies = serve(origin, 6, size=200_000, rate=100_000)
-    crew.start("em", concurrency=1)
-    proc = start_job(fast, tmp_path, origin, bodies, "empty")
+    workers.start("em", concurrency=1)
+    proc = start_job(chaos, tmp_path, origin, bodies, "empty")
     wait_for_requests(origin, 1)
-    fast.server.stop()
-    for f in fast.server.dir.rglob("*.aof*"):
+    chaos.server.stop()
+    for f in chaos.server.dir.rglob("*.aof*"):
         if f.is_file():
             f.unlink()
-    appendonly = fast.server.dir / "appendonlydir"
+    appendonly = chaos.server.dir / "appendonlydir"
     if appendonly.exists():
         for f in appendonly.iterdir():
             f.unlink()
-    fast.server.start()  # empty: no queue, no ledger
+    chaos.server.start()  # empty: no queue, no ledger
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 3, out + err
     assert "no longer has job" in err and "run the list again" in err and "Traceback" not in err
