@@ -149,9 +149,9 @@ def _take_slot(call: Call) -> hostlimit.Lease | None:
 
 def _run(call: Call, polite: bool) -> dict[str, Any]:
     m, o = call.msg, call.opts
-    if call.mark(ledger.STARTED, lease=settings.url_lease) is not None:
+    if m.job and call.mark(ledger.STARTED, lease=settings.url_lease) is not None:
         log.info("Already finished %s (job %s #%s): redelivery ignored", m.name, m.job, m.index)
-        return _ledger().record(m.job, m.index) or {} if m.job else {}
+        return _ledger().record(m.job, m.index) or {}
     log.info("Starting download of %s %s", m.name, _runner())
     req = transfer.Request(url=m.url, name=m.name, subdir=o.subdir, sha256=o.sha256, force=o.force,
                            max_size=int(o.max_size or 0), resume=m.state.resume,
