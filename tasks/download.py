@@ -138,8 +138,7 @@ def _take_slot(call: Call) -> hostlimit.Lease | None:
     if slot is None:
         if state.wait_since is None:
             state.wait_since = time.time()
-        if call.msg.job:  # the URL is held back on purpose: its lease covers the wait
-            _ledger().renew({call.msg.job: [call.msg.index]}, wait + settings.url_lease)
+        call.mark(ledger.QUEUED, lease=wait + settings.url_lease)  # held back on purpose: a lease covers the wait
         call.requeue(wait)
     if state.wait_since is not None:
         state.waited_s = round(state.waited_s + time.time() - state.wait_since, 3)

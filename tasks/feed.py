@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -35,6 +36,7 @@ PUBLISH_BATCH = 1000
 SWEEP_BATCH = 500  # URLs republished per job per sweep at most: a sweep stays short
 LOCK_KEY = "ff:sweep:lock"
 UNACKED_KEY = "unacked"  # kombu's Redis transport: delivered, not yet acknowledged messages
+UNACKED_INDEX_KEY = "unacked_index"  # ... and when each was delivered
 
 
 def _chunks(items: Iterable[Message], size: int) -> Iterator[list[Message]]:
@@ -104,8 +106,8 @@ class Reconciler:
 
     def heal(self, job: str, counts: dict[str, int]) -> int:
         lost = self.book.overdue(job, SWEEP_BATCH)
-        if counts[ledger.QUEUED] and self._queue_empty():
-            lost += self._queued_without_message(job)
+        if counts[ledger.QUEUED] and self.broker is not None:
+            lost += self._queued_without_message(job, check_queue=self._queue_empty())
         if not lost:
             return 0
         moved = self.book.requeue(job, sorted(set(lost)))
@@ -130,18 +132,33 @@ class Reconciler:
         return len(messages)
 
     def _queue_empty(self) -> bool:
-        if self.broker is None:
-            return False
-        return int(cast(int, self.broker.llen(QUEUE))) == 0
+        return self.broker is not None and int(cast(int, self.broker.llen(QUEUE))) == 0
 
-    def _queued_without_message(self, job: str) -> list[int]:
-        """Queued URLs whose message is in no queue and held by no worker, now and at the previous sweep."""
+    def _held(self) -> dict[str, float]:
+        """Task id -> when it was delivered, for every message a worker holds unacknowledged."""
         assert self.broker is not None
-        held = set()
-        for raw in cast(list[bytes], self.broker.hvals(UNACKED_KEY)):
+        pipe = self.broker.pipeline(transaction=False)
+        pipe.hgetall(UNACKED_KEY)
+        pipe.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
+        messages, index = pipe.execute()
+        since = {tag: score for tag, score in cast(list[tuple[bytes, float]], index)}
+        held = {}
+        for tag, raw in cast(dict[bytes, bytes], messages).items():
             with contextlib.suppress(ValueError, KeyError, TypeError, IndexError):
-                held.add(json.loads(raw)[0]["headers"]["id"])
-        now = {i for i in self.book.queued(job, SWEEP_BATCH) if f"{job}-{i}" not in held}
+                held[json.loads(raw)[0]["headers"]["id"]] = since.get(tag, time.time())
+        return held
+
+    def _queued_without_message(self, job: str, check_queue: bool) -> list[int]:
+        """Queued URLs that no message will deliver, now and at the previous sweep: in no queue and held by no
+        worker (looked for once the queue is empty), or held unstarted for longer than a lease (by a worker that
+        is gone: Redis would give the message back only after the visibility timeout)."""
+        held = self._held()
+        stale = time.time() - settings.url_lease
+        prefix = f"{job}-"
+        now = {int(tid[len(prefix):]) for tid, at in held.items() if tid.startswith(prefix) and at < stale}
+        if check_queue:
+            now |= {i for i in self.book.queued(job, SWEEP_BATCH) if f"{prefix}{i}" not in held}
+        now = self.book.without_lease(job, self.book.in_state(job, sorted(now), ledger.QUEUED))
         k = ledger.JobKeys(job)
         before = {int(i) for i in cast(set[bytes], self.book.r.smembers(k.suspect))}
         pipe = self.book.r.pipeline(transaction=True)

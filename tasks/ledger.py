@@ -80,13 +80,13 @@ _REQUEUE = """
 local out = {}
 for i = 1, #ARGV do
   local old = redis.call('HGET', KEYS[2], ARGV[i])
+  redis.call('ZREM', KEYS[3], ARGV[i])
   if old ~= 'done' and old ~= 'unchanged' and old ~= 'failed' then
     if old ~= 'queued' then
       redis.call('HSET', KEYS[2], ARGV[i], 'queued')
       if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
       redis.call('HINCRBY', KEYS[1], 'n:queued', 1)
     end
-    redis.call('ZREM', KEYS[3], ARGV[i])
     table.insert(out, tonumber(ARGV[i]))
     table.insert(out, redis.call('HINCRBY', KEYS[4], ARGV[i], 1))
   end
@@ -275,6 +275,22 @@ class Ledger:
                 if len(found) >= limit:
                     break
         return found
+
+    def in_state(self, job: str, indexes: list[int], state: str) -> list[int]:
+        """Those of `indexes` whose URL is in `state` now."""
+        if not indexes:
+            return []
+        states = self.r.hmget(JobKeys(job).state, [str(i) for i in indexes])
+        return [i for i, s in zip(indexes, states, strict=True) if s == state.encode()]
+
+    def without_lease(self, job: str, indexes: list[int]) -> set[int]:
+        """Those of `indexes` that hold no lease (nothing is running, retrying or waiting for them)."""
+        if not indexes:
+            return set()
+        pipe = self.r.pipeline(transaction=False)
+        for i in indexes:
+            pipe.zscore(JobKeys(job).due, str(i))
+        return {i for i, score in zip(indexes, pipe.execute(), strict=True) if score is None}
 
     def requeue(self, job: str, indexes: list[int]) -> dict[int, int]:
         """Put URLs that are not final back to queued; {index: redeliveries so far} of those moved."""
