@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, NoReturn
@@ -157,7 +158,7 @@ def _run(call: Call, lease: hostlimit.Lease | None) -> dict[str, Any]:
     except SoftTimeLimitExceeded:
         return _fail(call, f"time limit of {settings.time_limit} s exceeded")
     except Exception as exc:  # a bug must still end the URL with a record, never leave it "started"
-        log.exception("internal error on %s", redact_url(call.url))
+        log.error("internal error on %s\n%s", redact_url(call.url), redact_text(traceback.format_exc()))
         return _fail(call, f"internal error: {type(exc).__name__}: {exc}")
     record = call.record(outcome)
     call.mark(outcome.status, record)
@@ -206,4 +207,4 @@ def _fail(call: Call, reason: str) -> NoReturn:
     reason = redact_text(reason)
     call.mark(ledger.FAILED, call.record(None, path=call.name, reason=reason))
     log.error("Failed %s: %s", redact_url(call.url), reason)
-    raise DownloadFailed(f"{redact_url(call.url)}: {reason}")
+    raise DownloadFailed(f"{redact_url(call.url)}: {reason}") from None  # no chained traceback: it quotes URLs

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,8 @@ from . import fetch, storage
 from .naming import check_component, disposition_name, with_hash
 from .retry import PermanentError, TransientError
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)")
+_DECIMAL = re.compile(r"[0-9]{1,19}")
 
 
 @dataclass
@@ -80,7 +80,7 @@ def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, 
                 headers["If-None-Match"] = known.etag
             if known.last_modified:
                 headers["If-Modified-Since"] = known.last_modified
-        response = _open(req.url, headers, limits, part)
+        response = _open(req.url, headers, limits, part, deadline)
         if response.status_code == 304 and known:
             response.close()
             part.discard()
@@ -123,22 +123,23 @@ def _commit(part: storage.PartFile, req: Request, response: requests.Response, f
     return part.final.name
 
 
-def _open(url: str, headers: dict[str, str], limits: fetch.Limits, part: storage.PartFile) -> requests.Response:
+def _open(url: str, headers: dict[str, str], limits: fetch.Limits, part: storage.PartFile,
+          deadline: float) -> requests.Response:
     """Open the response; a refused or ignored range starts over from zero."""
     try:
-        response = fetch.open_response(url, headers, limits)
+        response = fetch.open_response(url, headers, limits, deadline)
     except PermanentError as exc:
         if exc.status != 416 or "Range" not in headers:
             raise
         part.restart()
-        return fetch.open_response(url, _without_range(headers), limits)
+        return fetch.open_response(url, _without_range(headers), limits, deadline)
     if "Range" in headers:
         if response.status_code == 206 and _range_ok(response, part.size):
             return response
         part.restart()  # 200: the server ignored Range or the file changed (If-Range): start over
         if response.status_code == 206:
             response.close()
-            return fetch.open_response(url, _without_range(headers), limits)
+            return fetch.open_response(url, _without_range(headers), limits, deadline)
     return response
 
 
@@ -149,18 +150,16 @@ def _without_range(headers: dict[str, str]) -> dict[str, str]:
 def _stream(response: requests.Response, part: storage.PartFile, req: Request, limits: fetch.Limits,
             deadline: float, on_chunk: Callable[[], None] | None) -> None:
     """Append the body to the part file, enforcing the size limit, the deadline and Content-Length."""
-    length = response.headers.get("content-length")
-    expected = part.size + int(length) if length and length.isdigit() else None
+    length = response.headers.get("content-length", "").strip()
+    expected = part.size + int(length) if _DECIMAL.fullmatch(length) else None  # not isdigit(): "²" is a digit
     if req.max_size and expected is not None and expected > req.max_size:
         response.close()
         raise PermanentError(f"too large: {expected} bytes is over the limit of {req.max_size} (--max-size)")
     try:
-        for chunk in fetch.body_chunks(response, limits.read_timeout):
+        for chunk in fetch.body_chunks(response, limits.read_timeout, deadline):
             part.write(chunk)
             if req.max_size and part.size > req.max_size:
                 raise PermanentError(f"too large: over the limit of {req.max_size} bytes (--max-size)")
-            if time.monotonic() > deadline:
-                raise PermanentError("time limit exceeded (FLEETFETCH_TIME_LIMIT)")
             if on_chunk is not None:
                 on_chunk()
     except fetch.CutShort:
