@@ -80,9 +80,13 @@ class TargetDir:
         except OSError as exc:
             raise PermanentError(describe_os_error(exc, self.root / "x")) from None
 
+    def check_meta(self) -> None:
+        """Refuse (before any request) a metadata directory that is a planted link or not ours."""
+        os.close(self.meta(create=True))
+
     def meta(self, create: bool) -> int:
         """A descriptor of `.fleetfetch/<subdir>` (the caller closes it); FileNotFoundError if absent."""
-        return _descend(self._open_root(), [META_DIR, *self.parts], create, META_DIR)
+        return _descend(self._open_root(), [META_DIR, *self.parts], create, "/".join([META_DIR, *self.parts]))
 
     def __enter__(self) -> TargetDir:
         return self

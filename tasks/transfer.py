@@ -77,6 +77,7 @@ def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, 
 def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadline: float, fsync: bool,
              on_chunk: Callable[[], None] | None) -> Outcome:
     name = check_component(req.name)
+    where.check_meta()
     known = None if req.force else storage.load_validators(where, name, req.url)
     part = storage.PartFile(where, name)
     response: requests.Response | None = None
