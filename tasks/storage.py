@@ -3,9 +3,9 @@
 The download directory may be shared with other users. Every file and directory below it is reached from a
 directory descriptor, one component at a time, with O_NOFOLLOW: a planted symlink (a sub-directory, the
 `.fleetfetch` metadata directory, a temp or sidecar file) is refused instead of followed, so nothing is ever
-created or written outside the download directory. Directories below it must belong to the worker's user, and
-a temp file is written only if we own it and it has no other link (a planted hard link is dropped, not
-written into).
+created or written outside the download directory. Directories below it must belong to the worker's user (or
+root), and a temp file is written only if we own it and it has no other link (a planted hard link is dropped,
+not written into).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _descend(fd: int, parts: list[str], create: bool, shown: str) -> int:
         finally:
             os.close(fd)
         fd = child
-        if os.fstat(fd).st_uid != os.geteuid():
+        if os.fstat(fd).st_uid not in (os.geteuid(), 0):  # another user could swap what is inside
             os.close(fd)
             raise PermanentError(f"refused: {shown!r} in the download directory belongs to another user")
     return fd
