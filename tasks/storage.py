@@ -136,14 +136,15 @@ class PartFile:
         self.size = 0
 
     def identity(self) -> str:
-        """`inode:size` of the temp file, recorded when an attempt keeps it for the next one to resume."""
-        return f"{os.fstat(self.fd).st_ino}:{self.size}"
+        """`inode:size:mtime_ns` of the temp file, recorded when an attempt keeps it for the next one to resume
+        (all three: a file planted under the same name may even get the freed inode number back)."""
+        st = os.fstat(self.fd)
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
     def keep_prefix(self, identity: str | None) -> int:
         """Resume: hash what an earlier attempt left and continue after it. Returns its length (0 when the
         file is not the one that attempt recorded: nothing unknown is resumed from)."""
-        recorded = identity.split(":")[0] if identity else ""
-        if not recorded.isdecimal() or os.fstat(self.fd).st_ino != int(recorded):
+        if identity is None or self.identity() != identity:
             self.restart()
             return 0
         os.lseek(self.fd, 0, os.SEEK_SET)
