@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import http.client
 import http.cookiejar
+import logging
 import math
 import socket
 import threading
@@ -36,6 +37,9 @@ CHUNK = 1 << 20
 USER_AGENT = "fleetfetch/0.1 (+https://github.com/fleetfetch/fleetfetch)"
 REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_POOLS = 64
+# urllib3 logs each request line (path and query: signed-URL tokens) at DEBUG; a worker run with
+# --loglevel=DEBUG must not write those secrets to its log.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.INFO)
 TIME_LIMIT_REASON = "time limit exceeded (FLEETFETCH_TIME_LIMIT)"
 # User-facing reasons for socket errors, chosen by errno (never by matching message text).
 _ERRNO_REASONS = {

@@ -204,10 +204,16 @@ class PartFile:
             self.fd = -1
 
 
+def url_key(url: str) -> str:
+    """What a sidecar keeps of the URL: a digest, never the URL (it may hold a password or a token, and the
+    download directory may be readable by other users)."""
+    return "sha256:" + hashlib.sha256(url.encode()).hexdigest()
+
+
 @dataclass
 class Validators:
     """What we know about a file from an earlier run: enough for a conditional GET, and the file's size,
-    inode and mtime when we wrote it (unchanged: trusted without reading it again)."""
+    inode and mtime when we wrote it (unchanged: trusted without reading it again). `url` is `url_key(url)`."""
 
     url: str
     bytes: int
@@ -254,7 +260,7 @@ def load_validators(where: TargetDir, name: str, url: str) -> Validators | None:
     A file whose inode, size and mtime are those recorded is trusted unread; else it is hashed again."""
     found = _read_sidecar(where, name)
     st = _stat(where, name)
-    if found is None or st is None or found.url != url or st.st_size != found.bytes:
+    if found is None or st is None or found.url != url_key(url) or st.st_size != found.bytes:
         return None
     if found.matches(st):
         return found
@@ -265,7 +271,7 @@ def owns(where: TargetDir, name: str, url: str) -> bool:
     """True if `name` is this URL's own file from an earlier download, untouched since."""
     found = _read_sidecar(where, name)
     st = _stat(where, name)
-    return found is not None and st is not None and found.url == url and found.matches(st)
+    return found is not None and st is not None and found.url == url_key(url) and found.matches(st)
 
 
 def save_validators(where: TargetDir, name: str, v: Validators) -> None:

@@ -101,7 +101,8 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
         size = part.size
         name, st = _commit(part, where, req, response, fsync)
         found = _validators_of(response)
-        validators = storage.Validators(req.url, size, digest, found.get("etag"), found.get("last_modified"))
+        validators = storage.Validators(storage.url_key(req.url), size, digest, found.get("etag"),
+                                        found.get("last_modified"))
         storage.save_validators(where, name, validators.stamp(st))
         return Outcome("done", _rel(req, name), size, digest, response.status_code, response.url,
                        _headers_of(response))

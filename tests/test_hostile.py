@@ -129,6 +129,20 @@ def test_a_password_with_any_punctuation_is_never_shown(hostile, origin, tmp_pat
     assert "DownloadFailed" in worker.log_text()  # the failure was logged, without the chained original
 
 
+def test_sidecars_in_the_download_directory_keep_no_secret(hostile, origin, tmp_path):
+    """The validator sidecars live in a directory other users may read: they keep a digest of the URL."""
+    cluster, _ = hostile
+    origin.add("/signed.bin", b"signed", etag='"s1"')
+    host = origin.base_url.removeprefix("http://")
+    url = f"http://user:{PASSWORD}@{host}/signed.bin?X-Amz-Signature=sig0123secret"
+    result, _ = run(cluster, tmp_path, [url], "-d", "signed")
+    assert result.returncode == 0, result.stdout
+    again, records = run(cluster, tmp_path, [url], "-d", "signed")
+    assert records[0]["status"] == "unchanged"  # the digest still recognises the URL
+    sidecars = list((cluster.downloads / ".fleetfetch" / "signed").iterdir())
+    assert sidecars and all("sig0123secret" not in p.read_text() and "pW-" not in p.read_text() for p in sidecars)
+
+
 # --- writes outside the download directory -----------------------------------------------------------------
 
 

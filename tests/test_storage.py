@@ -117,6 +117,6 @@ def test_sidecars_never_follow_a_planted_link(tmp_path):
         where.check_meta()
         (root / ".fleetfetch" / "f.json").symlink_to(outside)
         assert storage.load_validators(where, "f", "http://h/f") is None
-        storage.save_validators(where, "f", storage.Validators("http://h/f", 1, "0" * 64))
+        storage.save_validators(where, "f", storage.Validators(storage.url_key("http://h/f"), 1, "0" * 64))
     assert outside.read_text() == "{}" and not (root / ".fleetfetch" / "f.json").is_symlink()
-    assert Path(root / ".fleetfetch" / "f.json").read_text().startswith('{"url": "http://h/f"')
+    assert Path(root / ".fleetfetch" / "f.json").read_text().startswith('{"url": "sha256:')
