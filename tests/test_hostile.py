@@ -188,6 +188,17 @@ def test_a_new_sub_directory_is_never_created_through_a_linked_parent(hostile, o
     assert list(outside.iterdir()) == []
 
 
+def test_the_manifest_is_never_written_through_a_planted_temp_link(hostile, origin, tmp_path):
+    cluster, _ = hostile
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"do not touch")
+    (tmp_path / "m.jsonl.tmp").symlink_to(victim)
+    origin.add("/man.txt", b"m")
+    result, records = run(cluster, tmp_path, [origin.url("/man.txt")], "-d", "manifest")
+    assert result.returncode == 0 and records[0]["status"] == "done"
+    assert victim.read_bytes() == b"do not touch"
+
+
 # --- unchanged files are trusted by their recorded size, inode and mtime -----------------------------------
 
 
