@@ -21,6 +21,8 @@ from pathlib import Path
 
 import redis
 
+from tasks.config import QUEUE
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -62,7 +64,7 @@ def stop_process(proc: subprocess.Popen, grace: float, sig: int = signal.SIGTERM
     proc.wait()
 
 
-QUEUE_KEYS = ("fleetfetch",)  # kombu's Redis list of waiting messages (tasks.config.QUEUE)
+QUEUE_KEYS = (QUEUE,)  # kombu's Redis list of waiting messages
 UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages: running or waiting for a countdown
 IDLE_WAIT_S = 1.0  # after the job: how long to wait for the last acknowledgements before a quick stop
 
@@ -120,7 +122,7 @@ class LocalCluster:
         return self._spawn(argv, "server.log")
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1, socket_timeout=5)
+        return redis.Redis("127.0.0.1", self.port, password=self.password, socket_connect_timeout=1, socket_timeout=5)
 
     def _wait_for(self, proc: subprocess.Popen) -> None:
         client = self.client()
