@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -47,7 +49,15 @@ def failures(book: ledger.Ledger, job: str, total: int) -> list[dict[str, Any]]:
 
 
 def manifest_to(path: Path, book: ledger.Ledger, job: str, total: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        write_manifest(book, job, total, fh)
-    tmp.replace(path)
+    # A fresh temp name (O_EXCL): a planted `NAME.tmp` link in a shared directory is never written through.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "w", encoding="utf-8") as fh:
+            write_manifest(book, job, total, fh)
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plainly created file would be (mkstemp makes it 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 import redis
+
+from tasks.config import QUEUE
 
 _PR_SET_PDEATHSIG = 1
 
@@ -49,11 +52,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def stop_process(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM, wait up to `grace`, then SIGKILL the process group. Safe to call twice."""
+def stop_process(proc: subprocess.Popen, grace: float, sig: int = signal.SIGTERM) -> None:
+    """`sig` (SIGTERM), wait up to `grace`, then SIGKILL the process group. Safe to call twice."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -61,24 +64,36 @@ def stop_process(proc: subprocess.Popen, grace: float) -> None:
     proc.wait()
 
 
+QUEUE_KEYS = (QUEUE,)  # kombu's Redis list of waiting messages
+UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages: running or waiting for a countdown
+IDLE_WAIT_S = 1.0  # after the job: how long to wait for the last acknowledgements before a quick stop
+
+
 class LocalCluster:
-    """`with LocalCluster(dir, concurrency) as c:` gives c.broker / c.backend URLs with a worker consuming."""
+    """`with LocalCluster(dir, concurrency) as c:` gives c.broker / c.backend URLs with a worker consuming.
+
+    The server listens on 127.0.0.1 only and requires a random password (written to a 0600 config file in a
+    0700 directory, handed to the worker in its environment, never on a command line): another local user
+    can neither read the queue (URLs with their secrets) nor enqueue tasks.
+    """
 
     def __init__(self, download_dir: Path, concurrency: int, pool: str = "prefork") -> None:
         self.download_dir = download_dir.resolve()
         self.concurrency = concurrency
         self.pool = pool
-        self.tmp = Path(tempfile.mkdtemp(prefix="fleetfetch-local-"))
+        self.tmp = Path(tempfile.mkdtemp(prefix="fleetfetch-local-"))  # mode 0700
         self.port = free_port()
-        self.broker = f"redis://127.0.0.1:{self.port}/0"
-        self.backend = f"redis://127.0.0.1:{self.port}/1"
+        self.password = secrets.token_urlsafe(32)
+        self.broker = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+        self.backend = f"redis://:{self.password}@127.0.0.1:{self.port}/1"
         self.procs: list[subprocess.Popen] = []
-        self.grace = 20.0  # a finished job has nothing running; after Ctrl-C, hurry() makes this short
+        self.grace = 20.0  # running downloads may finish; after Ctrl-C, hurry() makes this short
 
     def __enter__(self) -> LocalCluster:
         try:
-            self._start_server()
-            self._start_worker()
+            server = self._spawn_server()
+            self._start_worker()  # in parallel: the server is up long before the worker has imported Celery
+            self._wait_for(server)
         except BaseException:
             self.close()
             raise
@@ -95,13 +110,22 @@ class LocalCluster:
         self.procs.append(proc)
         return proc
 
-    def _start_server(self) -> None:
+    def _spawn_server(self) -> subprocess.Popen:
+        conf = self.tmp / "server.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with open(fd, "w", encoding="ascii") as fh:
+            fh.write(f"requirepass {self.password}\n")
         # AOF everysec: a crash of this machine loses at most a second of queue state, as in cluster mode.
-        argv = [server_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.tmp),
+        argv = [server_binary(), str(conf), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.tmp),
                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
                 "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
-        proc = self._spawn(argv, "server.log")
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        return self._spawn(argv, "server.log")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis("127.0.0.1", self.port, password=self.password, socket_connect_timeout=1, socket_timeout=5)
+
+    def _wait_for(self, proc: subprocess.Popen) -> None:
+        client = self.client()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -138,8 +162,32 @@ class LocalCluster:
         """Interrupted: do not wait for running downloads (their temp files are reused or removed later)."""
         self.grace = 2.0
 
+    def idle(self, wait: float = IDLE_WAIT_S) -> bool:
+        """True once no task waits in the queue and none is delivered but unacknowledged (running, or held
+        for a retry countdown), checked for up to `wait` seconds: the last acknowledgement trails the record."""
+        deadline = time.monotonic() + wait
+        try:
+            client = self.client()
+            while True:
+                if not client.exists(UNACKED_KEY, *QUEUE_KEYS):
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.02)
+        except (redis.RedisError, OSError):
+            return False
+
     def close(self) -> None:
-        for proc in reversed(self.procs):
-            stop_process(proc, grace=self.grace)
+        """Stop worker and server. With nothing running or pending (the job is over) the worker's process group
+        is killed at once instead of a warm shutdown that takes seconds to join its pool: it holds no task and
+        no temp file, and the server's data is thrown away with the temp directory."""
+        quick = bool(self.procs) and self.grace > 2.0 and self.idle()
+        for proc in reversed(self.procs):  # the worker first, then the server
+            if not quick:
+                stop_process(proc, grace=self.grace)
+            elif proc.args[0] == sys.executable:  # the idle worker: nothing of it is worth waiting for
+                stop_process(proc, grace=0, sig=signal.SIGKILL)
+            else:
+                stop_process(proc, grace=1.0)
         self.procs.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -16,7 +16,7 @@ from tasks import ledger
 
 from .errors import LocalFailure
 
-POLL_S = 0.5
+POLL_S = 0.1  # one small round-trip; a short job is reported as soon as it ends (local mode fixed cost)
 PLAIN_EVERY_S = 5.0
 IDLE_HINT_S = 30.0
 MAX_LISTED_FAILURES = 50

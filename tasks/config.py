@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -12,21 +15,88 @@ QUEUE = "fleetfetch"
 TASK_NAME = "fleetfetch.download"
 
 
+POOLS = ("prefork", "threads", "solo")
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+class BadSetting(SystemExit):
+    """A setting that cannot work: the program stops at start with one `error:` line and exit status 2,
+    instead of failing every URL later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _parse(var: str, raw: str, default: Any) -> Any:
     """A variable's text as the type of the setting's default."""
+    if isinstance(default, bool):
+        if raw.lower() not in _TRUE | _FALSE:
+            raise BadSetting(f"error: {var}={raw!r} is not a yes/no value (use 1 or 0)")
+        return raw.lower() in _TRUE
+    if isinstance(default, int | float):
+        try:
+            value = type(default)(raw)
+        except ValueError:
+            kind = "whole number" if isinstance(default, int) else "number"
+            raise BadSetting(f"error: {var}={raw!r} is not a {kind}") from None
+        if not math.isfinite(value):
+            raise BadSetting(f"error: {var}={raw!r} is not a finite number")
+        return value
+    if isinstance(default, tuple):
+        return tuple(p.strip() for p in raw.split(",") if p.strip())
+    if isinstance(default, Path):
+        return Path(raw)
+    return raw
+
+
+# Lower bounds of numeric settings (a value below makes no sense or breaks a promise).
+_AT_LEAST = {
+    "concurrency": 0, "connect_timeout": 0.001, "read_timeout": 0.001, "time_limit": 1, "soft_shutdown_timeout": 0,
+    "restore_interval": 1, "result_expires": 1, "max_size": 0, "max_redirects": 0, "max_attempts": 1,
+    "backoff_base": 0, "backoff_cap": 0, "max_retry_after": 0, "per_host": 0, "host_lease": 1, "host_errors": 0,
+    "host_rate": 0,
+}
+
+
+def _check_network(value: str) -> None:
     try:
-        if isinstance(default, bool):
-            return raw.lower() in {"1", "true", "yes", "on"}
-        if isinstance(default, int | float):
-            return type(default)(raw)
-        if isinstance(default, tuple):
-            return tuple(p.strip() for p in raw.split(",") if p.strip())
-        if isinstance(default, Path):
-            return Path(raw)
-        return raw
+        ipaddress.ip_network(value, strict=False)
+    except ValueError as exc:
+        raise BadSetting(f"error: FLEETFETCH_ALLOW_NETWORKS: {value!r} is not a network ({exc}); "
+                         "write e.g. 10.1.0.0/16 or fd00::/8") from None
+
+
+def _check_resolve(value: str) -> None:
+    host, _, rest = value.partition(":")
+    port, _, address = rest.partition(":")
+    try:
+        ok = bool(host) and port.isdecimal() and int(port) <= 65535
+        ipaddress.ip_address(address.strip("[]"))
     except ValueError:
-        kind = "whole number" if isinstance(default, int) else "number"
-        raise SystemExit(f"error: {var}={raw!r} is not a {kind}") from None
+        ok = False
+    if not ok:
+        raise BadSetting(f"error: FLEETFETCH_RESOLVE: {value!r} is not HOST:PORT:ADDRESS (PORT 0 = any), "
+                         "e.g. files.example:443:192.0.2.7")
+
+
+def validate(s: Settings) -> None:
+    """Refuse settings that cannot work, naming the variable and what to write instead."""
+    for name, low in _AT_LEAST.items():
+        if getattr(s, name) < low:
+            raise BadSetting(f"error: {_VARIABLES[name]}={getattr(s, name)!r} must be at least {low}")
+    if s.pool not in POOLS:
+        raise BadSetting(f"error: FLEETFETCH_POOL={s.pool!r}: use one of {', '.join(POOLS)}")
+    if s.visibility_timeout <= s.time_limit:
+        raise BadSetting(f"error: FLEETFETCH_VISIBILITY_TIMEOUT={s.visibility_timeout} must exceed "
+                         f"FLEETFETCH_TIME_LIMIT={s.time_limit} (else a running download is started twice)")
+    for network in s.allow_networks:
+        _check_network(network)
+    for entry in s.resolve:
+        _check_resolve(entry)
 
 
 @dataclass(frozen=True)
@@ -93,7 +163,9 @@ class Settings:
             # Must exceed the time limit: Redis hands an unacknowledged task to another worker after this
             # long, so a shorter value runs a still-running download twice (celery #2599, #5935).
             values["visibility_timeout"] = max(7200, 2 * int(values.get("time_limit", cls.time_limit)))
-        return cls(**values)
+        settings = cls(**values)
+        validate(settings)
+        return settings
 
 
 _VARIABLES = {f: "CELERY_" + f.upper() for f in ("broker_url", "result_backend")} | {
@@ -106,4 +178,14 @@ _VARIABLES = {f: "CELERY_" + f.upper() for f in ("broker_url", "result_backend")
 } | {"download_dir": "FLEETFETCH_DIR"}
 
 
-settings = Settings.from_env()
+def _load() -> Settings:
+    """The process's settings; on a bad one, its `error:` line on stderr and exit status 2 (also in a worker,
+    which then refuses to start)."""
+    try:
+        return Settings.from_env()
+    except BadSetting as exc:
+        print(exc.message, file=sys.stderr, flush=True)
+        raise
+
+
+settings = _load()

@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any, NoReturn
@@ -172,8 +173,7 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
     except SoftTimeLimitExceeded:
         return _fail(call, f"time limit of {settings.time_limit} s exceeded")
     except Exception as exc:  # a bug must still end the URL with a record, never leave it "started"
-        log.error("internal error on %s: %s", redact_url(m.url), redact_text(f"{type(exc).__name__}: {exc}"),
-                  exc_info=False)
+        log.error("internal error on %s\n%s", redact_url(m.url), redact_text(traceback.format_exc()))
         return _fail(call, f"internal error: {type(exc).__name__}: {exc}")
     record = call.record(outcome)
     call.mark(outcome.status, record)
@@ -209,4 +209,4 @@ def _fail(call: Call, reason: str) -> NoReturn:
     reason = redact_text(reason)
     call.mark(ledger.FAILED, call.record(None, path=call.msg.name, reason=reason))
     log.error("Failed %s: %s", redact_url(call.msg.url), reason)
-    raise DownloadFailed(f"{redact_url(call.msg.url)}: {reason}") from None
+    raise DownloadFailed(f"{redact_url(call.msg.url)}: {reason}") from None  # no chained traceback: it quotes URLs

@@ -6,9 +6,14 @@ while the Host header and TLS name/certificate checks stay on the URL's host nam
 
 from __future__ import annotations
 
+import errno
+import http.client
 import http.cookiejar
+import logging
+import math
 import socket
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,12 +31,27 @@ from urllib3.util import connection as u3conn
 
 from . import guard
 from .errors import CutShort, PermanentError, TransientError
+from .redact import redact_text, redact_url
 from .retry import RETRYABLE_STATUS, parse_retry_after
 
 CHUNK = 1 << 20
 USER_AGENT = "fleetfetch/0.1 (+https://github.com/fleetfetch/fleetfetch)"
 REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_POOLS = 64
+# urllib3 logs each request line (path and query: signed-URL tokens) at DEBUG; a worker run with
+# --loglevel=DEBUG must not write those secrets to its log.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.INFO)
+TIME_LIMIT_REASON = "time limit exceeded (FLEETFETCH_TIME_LIMIT)"
+# User-facing reasons for socket errors, chosen by errno (never by matching message text).
+_ERRNO_REASONS = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset by peer",
+    errno.ECONNABORTED: "connection aborted",
+    errno.EPIPE: "connection closed by peer (broken pipe)",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ETIMEDOUT: "connection timed out",
+}
 
 
 class _PinnedMixin:
@@ -145,13 +165,17 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 
 def _pin(adapter: PinnedAdapter, url: str, policy: guard.Policy) -> None:
-    guard.check_scheme(url)
-    parts = urlsplit(url)
+    """Check one hop (scheme, address) and pin its connection to the checked address."""
     try:
+        guard.check_scheme(url)
+        parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-    except ValueError:
-        raise PermanentError(f"invalid port in {url}") from None
-    host = parts.hostname
+        host = parts.hostname
+        pool_host = urllib3.util.parse_url(url).host
+    except guard.Refused as exc:
+        raise PermanentError(str(exc)) from None
+    except (ValueError, urllib3.exceptions.LocationParseError):
+        raise PermanentError(f"invalid URL: {redact_url(url)}") from None
     if not host:
         raise PermanentError("URL has no host")
     try:
@@ -160,11 +184,12 @@ def _pin(adapter: PinnedAdapter, url: str, policy: guard.Policy) -> None:
         raise PermanentError(str(exc)) from None
     except LookupError as exc:
         raise TransientError(str(exc)) from None
-    adapter.pins[(urllib3.util.parse_url(url).host or host, port)] = address
+    adapter.pins[(pool_host or host, port)] = address
 
 
-def open_response(url: str, headers: dict[str, str], limits: Limits) -> requests.Response:
-    """GET `url`, following redirects by hand: every hop is re-checked; credentials stay with their host."""
+def open_response(url: str, headers: dict[str, str], limits: Limits, deadline: float = math.inf) -> requests.Response:
+    """GET `url`, following redirects by hand: every hop is re-checked; credentials stay with their host.
+    Nothing waits past `deadline` (a time.monotonic() value): timeouts shrink to the time left."""
     s, adapter = session()
     adapter.pins.clear()  # only this download's checked hops may connect
     start_origin = _origin(url)
@@ -176,15 +201,18 @@ def open_response(url: str, headers: dict[str, str], limits: Limits) -> requests
         if _origin(current) != start_origin:
             hop_headers = {k: v for k, v in hop_headers.items() if k.lower() not in ("authorization", "cookie")}
         seen.add(current)
-        response = _send(s, current, hop_headers, limits)
+        response = _send(s, current, hop_headers, limits, deadline)
         if response.status_code not in REDIRECTS or "location" not in response.headers:
             return response
         response.close()
-        current = urljoin(current, response.headers["location"])
-        if _origin(current) != start_origin:
-            current = _strip_userinfo(current)
+        try:
+            current = urljoin(current, response.headers["location"])
+            if _origin(current) != start_origin:
+                current = _strip_userinfo(current)
+        except ValueError:
+            raise PermanentError(f"invalid redirect from {redact_url(current)}") from None
         if current in seen:
-            raise PermanentError(f"redirect loop at {current}")
+            raise PermanentError(f"redirect loop at {redact_url(current)}")
     raise PermanentError(f"too many redirects (more than {limits.max_redirects})")
 
 
@@ -194,20 +222,31 @@ def _strip_userinfo(url: str) -> str:
     return p._replace(netloc=netloc).geturl()
 
 
-def _send(s: requests.Session, url: str, headers: dict[str, str], limits: Limits) -> requests.Response:
-    timeout = (limits.connect_timeout, limits.read_timeout)
+def time_left(deadline: float) -> float:
+    """Seconds until `deadline`; PermanentError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise PermanentError(TIME_LIMIT_REASON)
+    return left
+
+
+def _send(s: requests.Session, url: str, headers: dict[str, str], limits: Limits, deadline: float) -> requests.Response:
+    left = time_left(deadline)
+    timeout = (min(limits.connect_timeout, left), min(limits.read_timeout, left))
     try:
         response = s.get(url, headers=headers, stream=True, allow_redirects=False, timeout=timeout)
     except requests.exceptions.ConnectTimeout:
+        time_left(deadline)
         raise TransientError(f"connect timed out after {limits.connect_timeout:g} s") from None
     except requests.exceptions.ReadTimeout:
+        time_left(deadline)
         raise TransientError(f"read timed out after {limits.read_timeout:g} s") from None
     except requests.exceptions.SSLError as exc:
-        raise PermanentError(f"TLS error: {_root_cause(exc)}") from None
+        raise PermanentError(f"TLS error: {redact_text(_root_cause(exc))}") from None
     except requests.exceptions.ConnectionError as exc:
         raise TransientError(_connection_reason(exc)) from None
     except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, ValueError) as exc:
-        raise PermanentError(f"invalid URL: {exc}") from None
+        raise PermanentError(f"invalid URL: {redact_text(str(exc))}") from None
     status = response.status_code
     if status >= 400:
         reason = f"{status} {response.reason or ''}".strip()
@@ -219,37 +258,77 @@ def _send(s: requests.Session, url: str, headers: dict[str, str], limits: Limits
     return response
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every exception it wraps: causes, contexts, urllib3's `reason`, exceptions among `args`."""
+    todo: list[object] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+
+
 def _root_cause(exc: BaseException) -> str:
-    while exc.__context__ is not None or exc.__cause__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return str(exc) or type(exc).__name__
+    last = list(_causes(exc))[-1]
+    return str(last) or type(last).__name__
+
+
+def _known_reason(exc: BaseException) -> str | None:
+    """The user-facing reason of a connection failure, chosen by exception type and errno; None if unknown."""
+    causes = list(_causes(exc))
+    for e in causes:  # the socket's own error first: urllib3's NewConnectionError is also a "timeout" class
+        if isinstance(e, OSError) and e.errno in _ERRNO_REASONS:
+            return _ERRNO_REASONS[e.errno]
+    for e in causes:
+        if isinstance(e, http.client.RemoteDisconnected):
+            return "connection closed without a response"
+        if isinstance(e, TimeoutError | urllib3.exceptions.TimeoutError) and not isinstance(
+                e, urllib3.exceptions.NewConnectionError):
+            return "read timed out"
+    return None
 
 
 def _connection_reason(exc: BaseException) -> str:
-    text = str(exc)
-    if "Connection refused" in text or "Errno 111" in text:
-        return "connection refused"
-    if "Connection reset" in text or "Errno 104" in text:
-        return "connection reset by peer"
-    if "Read timed out" in text or "timed out" in text:
-        return "read timed out"
-    return f"connection failed: {_root_cause(exc)}"
+    return _known_reason(exc) or f"connection failed: {redact_text(_root_cause(exc))}"
 
 
-def body_chunks(response: requests.Response, read_timeout: float) -> Iterator[bytes]:
-    """The raw body (nothing decompressed) in chunks; a cut or stalled connection becomes TransientError."""
+def _is_cut_short(exc: BaseException) -> bool:
+    return any(isinstance(e, http.client.IncompleteRead | urllib3.exceptions.IncompleteRead) for e in _causes(exc))
+
+
+def _limit_next_read(response: requests.Response, seconds: float) -> None:
+    """Make the next socket read wait at most `seconds` (the read timeout, or less near the deadline)."""
+    connection = getattr(response.raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
+def body_chunks(response: requests.Response, read_timeout: float, deadline: float = math.inf) -> Iterator[bytes]:
+    """The raw body (nothing decompressed) in chunks; a cut or stalled connection becomes TransientError.
+
+    Each chunk is one socket read (`read1`) whose timeout is the read timeout or the time left, whichever is
+    shorter: a server that drips a byte at a time cannot hold the download past its deadline, in any pool
+    (the threads pool has no Celery time limit at all).
+    """
     raw = response.raw
     try:
         while True:
-            chunk = raw.read(CHUNK, decode_content=False)
+            _limit_next_read(response, min(read_timeout, time_left(deadline)))
+            chunk = raw.read1(CHUNK, decode_content=False)
             if not chunk:
                 return
             yield chunk
     except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
+        time_left(deadline)
         raise TransientError(f"read timed out after {read_timeout:g} s (stalled)") from None
     except (urllib3.exceptions.ProtocolError, urllib3.exceptions.HTTPError, OSError) as exc:
-        if "IncompleteRead" in repr(exc):
+        if _is_cut_short(exc):
             raise CutShort("body cut short (connection closed early)") from None
-        raise TransientError(f"connection lost mid-body ({_root_cause(exc)})") from None
+        reason = _known_reason(exc) or redact_text(_root_cause(exc))
+        raise TransientError(f"connection lost mid-body ({reason})") from None
     finally:
         response.close()

@@ -27,8 +27,9 @@ class Policy:
     def from_settings(cls, allow_private: bool, allow_networks: tuple[str, ...], resolve: tuple[str, ...]) -> Policy:
         nets = tuple(ipaddress.ip_network(n, strict=False) for n in allow_networks)
         overrides = []
-        for entry in resolve:
-            host, port, addr = entry.rsplit(":", 2) if entry.count(":") >= 2 else (entry, "0", "")
+        for entry in resolve:  # checked at start by config.validate
+            host, _, rest = entry.partition(":")
+            port, _, addr = rest.partition(":")  # the address may be IPv6: split at the first two colons only
             overrides.append((host.lower(), int(port), addr.strip("[]")))
         return cls(allow_private, nets, tuple(overrides))
 

@@ -3,41 +3,64 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import unicodedata
+from collections.abc import Iterator
 from urllib.parse import unquote, urlsplit
 
 from .errors import UnsafeName
 
 MAX_NAME_BYTES = 180  # leaves room for the ".<name>.<id>.part" temp name within NAME_MAX (255)
 DEFAULT_NAME = "index.html"
+_MAX_EXT_BYTES = 16
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f/\\<>:"|?*]')
 _WINDOWS_DEVICES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(10)}
 
 
 def sanitize(raw: str) -> str:
-    """Turn any string into one safe path component: no separators, controls, dot-names or device names."""
+    """Turn any string into one safe path component: no separators, controls, dot-names or device names.
+
+    The result is a fixed point (`sanitize(sanitize(x)) == sanitize(x)`), which is exactly what the worker's
+    `check_component` accepts: the producer can only make names the worker takes.
+    """
+    name = unicodedata.normalize("NFC", raw)
+    for _ in range(4):  # each pass only shortens, or prefixes a device name once: stable after a few
+        again = _sanitize_once(name)
+        if again == name:
+            break
+        name = again
+    return name
+
+
+def _sanitize_once(raw: str) -> str:
     name = unicodedata.normalize("NFC", raw)
     name = _UNSAFE.sub("_", name).strip(" ")
     name = re.sub(r"^\.+", lambda m: "_" * len(m.group()), name)  # no hidden files, no "." or ".."
     name = name.rstrip(". ")  # Windows drops trailing dots and spaces
     if not name:
         return DEFAULT_NAME
-    stem, dot, ext = name.partition(".")
+    stem = name.partition(".")[0]
     if stem.lower() in _WINDOWS_DEVICES:
         name = "_" + name
-    return _truncate(name)
+    return _truncate(name).rstrip(". ")  # a cut can end in a space or a dot again
+
+
+def _split_ext(name: str) -> tuple[str, str]:
+    """(stem, ext) where ext is a short extension (at most 16 bytes) or empty."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem or len(ext.encode()) > _MAX_EXT_BYTES:
+        return name, ""
+    return stem, ext
 
 
 def _truncate(name: str, limit: int = MAX_NAME_BYTES) -> str:
     """Cut to `limit` UTF-8 bytes, keeping a short extension, never splitting a character."""
     if len(name.encode()) <= limit:
         return name
-    stem, dot, ext = name.rpartition(".")
-    if not dot or not stem or len(ext.encode()) > 16:
-        stem, ext = name, ""
+    stem, ext = _split_ext(name)
     tail = f".{ext}" if ext else ""
-    budget = limit - len(tail.encode())
+    budget = max(0, limit - len(tail.encode()))
     cut = stem.encode()[:budget].decode("utf-8", "ignore")
     return cut + tail
 
@@ -49,14 +72,22 @@ def name_for(url: str) -> str:
     return sanitize(unquote(segment, errors="replace"))
 
 
-def with_hash(name: str, url: str) -> str:
-    """`f.pdf` -> `f-1a2b3c4d.pdf`: a name made unique by a short hash of the whole URL."""
-    digest = hashlib.sha256(url.encode()).hexdigest()[:8]
-    stem, dot, ext = name.rpartition(".")
-    if not dot or not stem:
-        stem, ext = name, ""
-    stem = _truncate(stem, MAX_NAME_BYTES - 9 - len(ext.encode()) - 1)
-    return f"{stem}-{digest}.{ext}" if ext else f"{stem}-{digest}"
+def with_hash(name: str, seed: str) -> str:
+    """`f.pdf` -> `f-1a2b3c4d.pdf`: a name made distinct by a short hash of `seed` (the whole URL)."""
+    digest = hashlib.sha256(seed.encode()).hexdigest()[:8]
+    stem, ext = _split_ext(name)
+    tail = f".{ext}" if ext else ""
+    stem = stem.encode()[: MAX_NAME_BYTES - 9 - len(tail.encode())].decode("utf-8", "ignore")
+    return sanitize(f"{stem}-{digest}{tail}")
+
+
+def candidates(name: str, url: str) -> Iterator[str]:
+    """The names a URL may take, in order: its own, then hashed ones. Endless, so a caller can always skip a
+    name that is taken (a crafted list can hold another URL's hashed name as a plain name)."""
+    yield name
+    yield with_hash(name, url)
+    for n in itertools.count(2):
+        yield with_hash(name, f"{url}#{n}")
 
 
 def collision_key(name: str) -> str:
@@ -71,11 +102,13 @@ class NameAllocator:
         self._taken: set[str] = set()
 
     def allocate(self, url: str, preferred: str | None = None) -> str:
-        name = sanitize(preferred) if preferred else name_for(url)
-        if collision_key(name) in self._taken:
-            name = with_hash(name, url)
-        self._taken.add(collision_key(name))
-        return name
+        """The first of the URL's candidate names that no earlier URL of the job holds (under case folding)."""
+        for name in candidates(sanitize(preferred) if preferred else name_for(url), url):
+            key = collision_key(name)
+            if key not in self._taken:
+                self._taken.add(key)
+                return name
+        raise AssertionError("unreachable: candidates() never ends")
 
 
 def check_component(name: str) -> str:
@@ -93,7 +126,7 @@ def parse_content_disposition(value: str) -> str | None:
         if rest:
             try:
                 return unquote(rest, encoding=charset or "utf-8", errors="replace")
-            except LookupError:
+            except (LookupError, ValueError):  # unknown charset, or a codec without "replace" (idna)
                 return unquote(rest, errors="replace")
     plain = re.search(r'filename\s*=\s*("((?:[^"\\]|\\.)*)"|[^;]+)', value, re.I)
     if not plain:

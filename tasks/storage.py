@@ -1,4 +1,12 @@
-"""Files on disk: a locked temp file beside the target, atomic rename when verified, validator sidecars."""
+"""Files on disk: a locked temp file beside the target, atomic rename when verified, validator sidecars.
+
+The download directory may be shared with other users. Every file and directory below it is reached from a
+directory descriptor, one component at a time, with O_NOFOLLOW: a planted symlink (a sub-directory, the
+`.fleetfetch` metadata directory, a temp or sidecar file) is refused instead of followed, so nothing is ever
+created or written outside the download directory. Directories below it must belong to the worker's user (or
+root), and a temp file is written only if we own it and it has no other link (a planted hard link is dropped,
+not written into).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,9 @@ import fcntl
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import secrets
+import stat
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import Busy, PermanentError
@@ -17,22 +27,7 @@ from .naming import check_component
 META_DIR = ".fleetfetch"
 PART_SUFFIX = ".part"
 _READ_CHUNK = 1 << 20
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
-def target_dir(root: Path, subdir: str) -> Path:
-    """The directory a job writes into, created if missing, refused if it resolves outside `root`."""
-    root.mkdir(parents=True, exist_ok=True)
-    real_root = Path(os.path.realpath(root))
-    parts = [check_component(p) for p in Path(subdir).parts] if subdir else []
-    directory = real_root.joinpath(*parts)
-    directory.mkdir(parents=True, exist_ok=True)
-    if not _inside(Path(os.path.realpath(directory)), real_root):
-        raise PermanentError(f"refused: {subdir!r} leads outside the download directory (symlink?)")
-    return directory
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def describe_os_error(exc: OSError, path: Path) -> str:
@@ -45,17 +40,93 @@ def describe_os_error(exc: OSError, path: Path) -> str:
     return f"cannot write {path.name}: {exc.strerror or exc}"
 
 
+def _descend(fd: int, parts: list[str], create: bool, shown: str) -> int:
+    """The descriptor of directory `parts` below the directory `fd` (which is closed), never following a
+    symlink and never creating anything before the components above it are checked."""
+    for part in parts:
+        try:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=fd)
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise PermanentError(f"refused: {shown!r} leads outside the download directory (symlink?)") from None
+            if exc.errno == errno.ENOENT and not create:
+                raise
+            raise PermanentError(describe_os_error(exc, Path(shown))) from None
+        finally:
+            os.close(fd)
+        fd = child
+        if os.fstat(fd).st_uid not in (os.geteuid(), 0):  # another user could swap what is inside
+            os.close(fd)
+            raise PermanentError(f"refused: {shown!r} in the download directory belongs to another user")
+    return fd
+
+
+class TargetDir:
+    """`with TargetDir(root, subdir) as d:` the directory one task writes into, opened once as `d.fd`."""
+
+    def __init__(self, root: Path, subdir: str) -> None:
+        self.root = root
+        self.parts = [check_component(p) for p in Path(subdir).parts] if subdir else []
+        self.path = root.joinpath(*self.parts)
+        root.mkdir(parents=True, exist_ok=True)  # the root itself is the operator's choice (may be a link)
+        self.fd = _descend(self._open_root(), self.parts, True, subdir)
+
+    def _open_root(self) -> int:
+        try:
+            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise PermanentError(describe_os_error(exc, self.root / "x")) from None
+
+    def check_meta(self) -> None:
+        """Refuse (before any request) a metadata directory that is a planted link or not ours."""
+        os.close(self.meta(create=True))
+
+    def meta(self, create: bool) -> int:
+        """A descriptor of `.fleetfetch/<subdir>` (the caller closes it); FileNotFoundError if absent."""
+        return _descend(self._open_root(), [META_DIR, *self.parts], create, "/".join([META_DIR, *self.parts]))
+
+    def __enter__(self) -> TargetDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def _open_own_file(dir_fd: int, name: str) -> int:
+    """Open (or create) `name` for writing, only if it is a regular file of ours with no other link.
+
+    A planted file (a hard link to a file elsewhere, a file of another user, a FIFO) is unlinked, which
+    removes only its name here, and a fresh file is created in its place with O_EXCL.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(3):
+        fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid():
+            return fd
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == st.st_ino:
+                os.unlink(name, dir_fd=dir_fd)
+        flags |= os.O_EXCL
+    raise PermanentError(f"refused: {name} keeps being replaced by someone else")
+
+
 class PartFile:
     """The temp file `.NAME.part` for one target: locked, appended to, hashed, then renamed into place."""
 
-    def __init__(self, directory: Path, name: str) -> None:
-        self.final = directory / name
-        self.path = directory / f".{name}{PART_SUFFIX}"
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    def __init__(self, where: TargetDir, name: str) -> None:
+        self.dir_fd = where.fd
+        self.name = name
+        self.part = f".{name}{PART_SUFFIX}"
+        self.shown = where.path / name
         try:
-            self.fd = os.open(self.path, flags, 0o644)
+            self.fd = _open_own_file(self.dir_fd, self.part)
         except OSError as exc:
-            raise PermanentError(describe_os_error(exc, self.path)) from None
+            raise PermanentError(describe_os_error(exc, where.path / self.part)) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -64,8 +135,18 @@ class PartFile:
         self.hash = hashlib.sha256()
         self.size = 0
 
-    def keep_prefix(self) -> int:
-        """Resume: hash what an earlier attempt left and continue after it. Returns its length."""
+    def identity(self) -> str:
+        """`inode:size:mtime_ns` of the temp file, recorded when an attempt keeps it for the next one to resume
+        (all three: a file planted under the same name may even get the freed inode number back)."""
+        st = os.fstat(self.fd)
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+    def keep_prefix(self, identity: str | None) -> int:
+        """Resume: hash what an earlier attempt left and continue after it. Returns its length (0 when the
+        file is not the one that attempt recorded: nothing unknown is resumed from)."""
+        if identity is None or self.identity() != identity:
+            self.restart()
+            return 0
         os.lseek(self.fd, 0, os.SEEK_SET)
         self.hash, self.size = hashlib.sha256(), 0
         while chunk := os.read(self.fd, _READ_CHUNK):
@@ -84,37 +165,37 @@ class PartFile:
             while view:
                 view = view[os.write(self.fd, view) :]
         except OSError as exc:
-            raise PermanentError(describe_os_error(exc, self.final)) from None
+            raise PermanentError(describe_os_error(exc, self.shown)) from None
         self.hash.update(chunk)
         self.size += len(chunk)
 
-    def commit(self, fsync: bool, target: Path | None = None) -> None:
-        """Make the verified bytes visible under the final name (or `target`, which must not exist yet:
-        a server-chosen name never replaces another file), atomically."""
+    def commit(self, fsync: bool, target: str | None = None, replace: bool = True) -> os.stat_result:
+        """Make the verified bytes visible under the final name (or `target`), atomically. With
+        `replace=False` the name must be free (FileExistsError otherwise): a server-chosen name never
+        replaces another file. Returns the file's stat (recorded so a re-run can trust it unread)."""
+        target = target or self.name
         try:
             if fsync:
                 os.fsync(self.fd)
-            if target is None:
-                os.replace(self.path, self.final)  # replaces a planted symlink itself, never writes through it
-            else:
-                os.link(self.path, target)  # atomic create-if-absent; FileExistsError if taken
-                os.unlink(self.path)
-                self.final = target
+            if replace:  # replaces a planted symlink itself, never writes through it
+                os.replace(self.part, target, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            else:  # atomic create-if-absent
+                os.link(self.part, target, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd, follow_symlinks=False)
+                os.unlink(self.part, dir_fd=self.dir_fd)
             if fsync:
-                dir_fd = os.open(self.final.parent, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+                os.fsync(self.dir_fd)
+            st = os.fstat(self.fd)
         except FileExistsError:
             raise
         except OSError as exc:
-            raise PermanentError(describe_os_error(exc, self.final)) from None
+            raise PermanentError(describe_os_error(exc, self.shown.with_name(target))) from None
+        self.name = target
         self.close()
+        return st
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            os.unlink(self.part, dir_fd=self.dir_fd)
         self.close()
 
     def close(self) -> None:
@@ -123,46 +204,103 @@ class PartFile:
             self.fd = -1
 
 
+def url_key(url: str) -> str:
+    """What a sidecar keeps of the URL: a digest, never the URL (it may hold a password or a token, and the
+    download directory may be readable by other users)."""
+    return "sha256:" + hashlib.sha256(url.encode()).hexdigest()
+
+
 @dataclass
 class Validators:
-    """What we know about a file from an earlier run: enough for a conditional GET."""
+    """What we know about a file from an earlier run: enough for a conditional GET, and the file's size,
+    inode and mtime when we wrote it (unchanged: trusted without reading it again). `url` is `url_key(url)`."""
 
     url: str
     bytes: int
     sha256: str
     etag: str | None = None
     last_modified: str | None = None
+    inode: int | None = None
+    mtime_ns: int | None = None
+
+    def stamp(self, st: os.stat_result) -> Validators:
+        self.inode, self.mtime_ns = st.st_ino, st.st_mtime_ns
+        return self
+
+    def matches(self, st: os.stat_result) -> bool:
+        """The file is exactly the one we wrote: same inode, size and modification time."""
+        return (st.st_ino, st.st_size, st.st_mtime_ns) == (self.inode, self.bytes, self.mtime_ns)
 
 
-def _sidecar(root: Path, directory: Path, name: str) -> Path:
-    rel = directory.relative_to(Path(os.path.realpath(root)))
-    return Path(os.path.realpath(root)) / META_DIR / rel / f"{name}.json"
-
-
-def load_validators(root: Path, directory: Path, name: str, url: str) -> Validators | None:
-    """Validators for a present file of the same URL whose size still matches; None otherwise."""
+def _read_sidecar(where: TargetDir, name: str) -> Validators | None:
     try:
-        data = json.loads(_sidecar(root, directory, name).read_text())
-        found = Validators(**data)
-        target = directory / name
-        if found.url != url or target.is_symlink() or target.stat().st_size != found.bytes:
-            return None
-        return found if sha256_of(target) == found.sha256 else None  # edited on disk: download again
+        meta = where.meta(create=False)
+    except FileNotFoundError:
+        return None
+    try:
+        fd = os.open(f"{name}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=meta)
+        with open(fd, "rb") as fh:
+            return Validators(**json.loads(fh.read(1 << 16)))
     except (OSError, ValueError, TypeError):
         return None
+    finally:
+        os.close(meta)
 
 
-def save_validators(root: Path, directory: Path, name: str, v: Validators) -> None:
-    path = _sidecar(root, directory, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(v.__dict__))
-    os.replace(tmp, path)
+def _stat(where: TargetDir, name: str) -> os.stat_result | None:
+    try:
+        st = os.stat(name, dir_fd=where.fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
 
 
-def sha256_of(path: Path) -> str:
+def load_validators(where: TargetDir, name: str, url: str) -> Validators | None:
+    """Validators for a present file of the same URL whose content still matches; None otherwise.
+    A file whose inode, size and mtime are those recorded is trusted unread; else it is hashed again."""
+    found = _read_sidecar(where, name)
+    st = _stat(where, name)
+    if found is None or st is None or found.url != url_key(url) or st.st_size != found.bytes:
+        return None
+    if found.matches(st):
+        return found
+    return found if _sha256_at(where.fd, name) == found.sha256 else None  # edited on disk: download again
+
+
+def owns(where: TargetDir, name: str, url: str) -> bool:
+    """True if `name` is this URL's own file from an earlier download, untouched since."""
+    found = _read_sidecar(where, name)
+    st = _stat(where, name)
+    return found is not None and st is not None and found.url == url_key(url) and found.matches(st)
+
+
+def save_validators(where: TargetDir, name: str, v: Validators) -> None:
+    meta = where.meta(create=True)
+    tmp = f".{name}.json.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=meta)
+        with open(fd, "w", encoding="utf-8") as fh:
+            json.dump(asdict(v), fh)
+        os.replace(tmp, f"{name}.json", src_dir_fd=meta, dst_dir_fd=meta)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=meta)
+        raise PermanentError(describe_os_error(exc, where.path / META_DIR / name)) from None
+    finally:
+        os.close(meta)
+
+
+def _sha256_at(dir_fd: int, name: str) -> str | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    with open(fd, "rb") as fh:
+        return sha256_of_file(fh)
+
+
+def sha256_of_file(fh: object) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_READ_CHUNK):
-            digest.update(chunk)
+    while chunk := fh.read(_READ_CHUNK):  # type: ignore[attr-defined]
+        digest.update(chunk)
     return digest.hexdigest()

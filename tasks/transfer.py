@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,9 +13,10 @@ import requests
 
 from . import fetch, storage
 from .errors import CutShort, PermanentError, TransientError
-from .naming import check_component, disposition_name, with_hash
+from .naming import candidates, check_component, disposition_name
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)")
+_DECIMAL = re.compile(r"[0-9]{1,19}")
 
 
 @dataclass
@@ -51,9 +52,10 @@ def _validators_of(response: requests.Response) -> dict[str, str]:
 
 
 def _resume_headers(part: storage.PartFile, resume: dict[str, str] | None) -> dict[str, str]:
-    """Range + If-Range to continue a kept partial file; empty (and the file emptied) otherwise."""
+    """Range + If-Range to continue the partial file an earlier attempt recorded; empty (and the file
+    emptied) otherwise."""
     validator = (resume or {}).get("etag") or (resume or {}).get("last_modified")
-    if validator and part.keep_prefix() > 0:
+    if validator and part.keep_prefix((resume or {}).get("part")) > 0:
         return {"Range": f"bytes={part.size}-", "If-Range": validator}
     part.restart()
     return {}
@@ -64,14 +66,17 @@ def _range_ok(response: requests.Response, offset: int) -> bool:
     return match is not None and int(match.group(1)) == offset
 
 
-def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, fsync: bool,
-            on_chunk: Callable[[], None] | None = None) -> Outcome:
+def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, fsync: bool) -> Outcome:
     """Run one attempt. Raises TransientError (with `.resume` when the partial file is worth keeping)."""
-    directory = storage.target_dir(root, req.subdir)
+    with storage.TargetDir(root, req.subdir) as where:
+        return _attempt(req, where, limits, deadline, fsync)
+
+
+def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadline: float, fsync: bool) -> Outcome:
     name = check_component(req.name)
-    known = None if req.force else storage.load_validators(root, directory, name, req.url)
-    rel = str(Path(req.subdir, name)) if req.subdir else name
-    part = storage.PartFile(directory, name)
+    where.check_meta()
+    known = None if req.force else storage.load_validators(where, name, req.url)
+    part = storage.PartFile(where, name)
     response: requests.Response | None = None
     try:
         headers = _resume_headers(part, req.resume)
@@ -80,24 +85,28 @@ def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, 
                 headers["If-None-Match"] = known.etag
             if known.last_modified:
                 headers["If-Modified-Since"] = known.last_modified
-        response = _open(req.url, headers, limits, part)
+        response = _open(req.url, headers, limits, part, deadline)
         if response.status_code == 304 and known:
             response.close()
             part.discard()
-            return Outcome("unchanged", rel, known.bytes, known.sha256, 304, response.url,
+            return Outcome("unchanged", _rel(req, name), known.bytes, known.sha256, 304, response.url,
                            {"etag": known.etag or "", "last_modified": known.last_modified or ""})
-        _stream(response, part, req, limits, deadline, on_chunk)
+        _stream(response, part, req, limits, deadline)
         digest = part.hash.hexdigest()
         if req.sha256 and digest != req.sha256:
             raise PermanentError(f"sha256 mismatch: expected {req.sha256}, got {digest}")
         size = part.size
-        name = _commit(part, req, response, fsync)
-        rel = str(Path(req.subdir, name)) if req.subdir else name
+        name, st = _commit(part, where, req, response, fsync)
         found = _validators_of(response)
-        storage.save_validators(root, directory, name, storage.Validators(req.url, size, digest, **found))
-        return Outcome("done", rel, size, digest, response.status_code, response.url, _headers_of(response))
+        validators = storage.Validators(storage.url_key(req.url), size, digest, found.get("etag"),
+                                        found.get("last_modified"))
+        storage.save_validators(where, name, validators.stamp(st))
+        return Outcome("done", _rel(req, name), size, digest, response.status_code, response.url,
+                       _headers_of(response))
     except TransientError as exc:
         kept = _validators_of(response) if response is not None and part.size > 0 else {}
+        if kept:
+            kept["part"] = part.identity()
         exc.resume = kept or None
         part.close() if kept else part.discard()
         raise
@@ -106,39 +115,48 @@ def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, 
         raise
 
 
-def _commit(part: storage.PartFile, req: Request, response: requests.Response, fsync: bool) -> str:
-    """Rename into place; with --content-disposition under the server's name, hashed if that is taken."""
-    header = response.headers.get("content-disposition") if req.content_disposition else None
-    chosen = disposition_name(header) if header else None
-    if not chosen or chosen == part.final.name:
-        part.commit(fsync)
-        return part.final.name
-    for candidate in (chosen, with_hash(chosen, req.url)):
+def _rel(req: Request, name: str) -> str:
+    return str(Path(req.subdir, name)) if req.subdir else name
+
+
+_MAX_CANDIDATES = 64
+
+
+def _commit(part: storage.PartFile, where: storage.TargetDir, req: Request, response: requests.Response,
+            fsync: bool) -> tuple[str, os.stat_result]:
+    """Rename into place. The producer gave every URL of a job its own name, so that name is replaced (an
+    earlier run's file). With --content-disposition a server may name any file, so no name is replaced then
+    but this URL's own untouched earlier download: the first free candidate is taken, atomically."""
+    if not req.content_disposition:
+        return part.name, part.commit(fsync)
+    header = response.headers.get("content-disposition")
+    chosen = (disposition_name(header) if header else None) or req.name
+    for candidate in itertools.islice(candidates(chosen, req.url), _MAX_CANDIDATES):
         try:
-            part.commit(fsync, target=part.final.parent / candidate)
-            return candidate
+            return candidate, part.commit(fsync, target=candidate, replace=False)
         except FileExistsError:
-            continue
-    part.commit(fsync)  # both taken (an earlier run of the same list): keep the URL's own name
-    return part.final.name
+            if storage.owns(where, candidate, req.url):
+                return candidate, part.commit(fsync, target=candidate)
+    raise PermanentError(f"no free file name for {chosen} after {_MAX_CANDIDATES} tries")
 
 
-def _open(url: str, headers: dict[str, str], limits: fetch.Limits, part: storage.PartFile) -> requests.Response:
+def _open(url: str, headers: dict[str, str], limits: fetch.Limits, part: storage.PartFile,
+          deadline: float) -> requests.Response:
     """Open the response; a refused or ignored range starts over from zero."""
     try:
-        response = fetch.open_response(url, headers, limits)
+        response = fetch.open_response(url, headers, limits, deadline)
     except PermanentError as exc:
         if exc.status != 416 or "Range" not in headers:
             raise
         part.restart()
-        return fetch.open_response(url, _without_range(headers), limits)
+        return fetch.open_response(url, _without_range(headers), limits, deadline)
     if "Range" in headers:
         if response.status_code == 206 and _range_ok(response, part.size):
             return response
         part.restart()  # 200: the server ignored Range or the file changed (If-Range): start over
         if response.status_code == 206:
             response.close()
-            return fetch.open_response(url, _without_range(headers), limits)
+            return fetch.open_response(url, _without_range(headers), limits, deadline)
     return response
 
 
@@ -147,22 +165,18 @@ def _without_range(headers: dict[str, str]) -> dict[str, str]:
 
 
 def _stream(response: requests.Response, part: storage.PartFile, req: Request, limits: fetch.Limits,
-            deadline: float, on_chunk: Callable[[], None] | None) -> None:
+            deadline: float) -> None:
     """Append the body to the part file, enforcing the size limit, the deadline and Content-Length."""
-    length = response.headers.get("content-length")
-    expected = part.size + int(length) if length and length.isdigit() else None
+    length = response.headers.get("content-length", "").strip()
+    expected = part.size + int(length) if _DECIMAL.fullmatch(length) else None  # not isdigit(): "²" is a digit
     if req.max_size and expected is not None and expected > req.max_size:
         response.close()
         raise PermanentError(f"too large: {expected} bytes is over the limit of {req.max_size} (--max-size)")
     try:
-        for chunk in fetch.body_chunks(response, limits.read_timeout):
+        for chunk in fetch.body_chunks(response, limits.read_timeout, deadline):
             part.write(chunk)
             if req.max_size and part.size > req.max_size:
                 raise PermanentError(f"too large: over the limit of {req.max_size} bytes (--max-size)")
-            if time.monotonic() > deadline:
-                raise PermanentError("time limit exceeded (FLEETFETCH_TIME_LIMIT)")
-            if on_chunk is not None:
-                on_chunk()
     except CutShort:
         if expected is None:
             raise

@@ -1,7 +1,9 @@
 """The naming function: one safe, deterministic component for any URL or Content-Disposition."""
 
+import itertools
 import os
 import unicodedata
+from urllib.parse import quote
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,10 +11,13 @@ from hypothesis import strategies as st
 from tasks.naming import (
     MAX_NAME_BYTES,
     NameAllocator,
+    candidates,
     check_component,
+    collision_key,
     disposition_name,
     name_for,
     sanitize,
+    with_hash,
 )
 
 
@@ -74,6 +79,33 @@ def test_collisions_get_distinct_deterministic_names():
     assert names[1].startswith("f-") and names[1].endswith(".pdf")
 
 
+def test_a_name_cut_to_the_limit_never_ends_in_a_space_or_a_dot():
+    """The producer once made `aaa…a ` (cut before ` b`), which the worker refused as `UnsafeName`."""
+    for tail in ("%20b", ".b", "%20.b", "..%20b"):
+        name = name_for("http://h/" + "a" * 179 + tail)
+        assert_safe(name)
+        assert not name.endswith((" ", "."))
+    assert_safe(sanitize("con" + " " * 200 + "x"))  # the cut leaves a device name: prefixed again
+
+
+def test_a_hashed_name_that_another_url_holds_is_skipped():
+    """`A/f.pdf`, `A/f-<hash of B/f.pdf>.pdf`, `B/f.pdf`: B must not get the second URL's name."""
+    b = "http://h/B/f.pdf"
+    crafted = with_hash("f.pdf", b)
+    alloc = NameAllocator()
+    names = [alloc.allocate(u) for u in ("http://h/A/f.pdf", f"http://h/A/{crafted}", b)]
+    assert names[:2] == ["f.pdf", crafted]
+    assert len(set(names)) == 3
+    assert_safe(names[2])
+
+
+def test_hashed_names_with_long_extensions_stay_within_the_limit():
+    for name in ("a." + "b" * 170, "x" * 180, "é" * 90, "a.tar.gz", "a-b." + "c" * 16):
+        hashed = with_hash(sanitize(name), "http://h/u")
+        assert_safe(hashed)
+        assert hashed != sanitize(name)
+
+
 def test_content_disposition_hostile_values():
     assert disposition_name('attachment; filename="report.pdf"') == "report.pdf"
     assert disposition_name("attachment; filename*=UTF-8''na%C3%AFve%20file.txt") == "naïve file.txt"
@@ -82,6 +114,8 @@ def test_content_disposition_hostile_values():
     assert disposition_name('attachment; filename="..\\\\x"') == "x"
     assert disposition_name('attachment; filename=""') == "index.html"
     assert disposition_name("inline") is None
+    assert disposition_name("attachment; filename*=idna''%C3%A9.txt") == "é.txt"  # codec without "replace"
+    assert disposition_name("attachment; filename*=rot13''x.txt") == "x.txt"
 
 
 @settings(max_examples=400)
@@ -135,3 +169,38 @@ def test_one_pass_spools_distinct_urls_with_names_and_digests(items):
             entries = list(spool.replay())
             assert [(e.index, e.url, e.name, e.sha256) for e in entries] == expected
             assert list(spool.replay()) == entries
+
+
+_segments = st.text(alphabet="fFaé.- ", min_size=0, max_size=6)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.sampled_from(["A", "B", "C"]), _segments, st.integers(0, 3)), min_size=1, max_size=12),
+       st.randoms(use_true_random=False))
+def test_no_two_urls_of_a_list_share_a_name_even_with_crafted_hashed_names(items, rnd):
+    """Lists that hold other URLs' hashed candidate names as plain names, in any order: names stay distinct
+    under case folding, and every one is accepted by the worker's check."""
+    urls = []
+    for folder, segment, crafted in items:
+        url = f"http://h/{folder}/{quote(segment, safe='')}"
+        urls.append(url)
+        if urls and crafted:
+            victim = rnd.choice(urls)
+            made = list(itertools.islice(candidates(name_for(victim), victim), crafted + 1))[-1]
+            urls.append(f"http://h/{folder}{crafted}/{quote(made, safe='')}")
+    rnd.shuffle(urls)
+    urls = list(dict.fromkeys(urls))
+    alloc = NameAllocator()
+    names = [alloc.allocate(u) for u in urls]
+    assert len({collision_key(n) for n in names}) == len(urls)
+    for n in names:
+        assert_safe(n)
+    again = NameAllocator()
+    assert [again.allocate(u) for u in urls] == names  # deterministic
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=400), st.text(max_size=40))
+def test_every_candidate_name_is_accepted_by_the_worker(raw, url):
+    for name in itertools.islice(candidates(sanitize(raw), url), 4):
+        assert_safe(name)

@@ -1,0 +1,122 @@
+"""Storage against a booby-trapped directory, and fetch's failure reasons from real sockets (pure-ish units)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from tasks import fetch, guard, storage
+from tasks.errors import PermanentError, TransientError
+
+
+def test_a_planted_hard_link_or_fifo_is_dropped_and_a_fresh_temp_file_created(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    (tmp_path / "dl").mkdir()
+    os.link(victim, tmp_path / "dl" / ".a.part")
+    os.mkfifo(tmp_path / "dl" / ".b.part")
+    with storage.TargetDir(tmp_path / "dl", "") as where:
+        for name in ("a", "b"):
+            part = storage.PartFile(where, name)
+            part.restart()
+            part.write(b"new bytes")
+            part.commit(fsync=False)
+    assert victim.read_bytes() == b"keep me" and os.stat(victim).st_nlink == 1
+    assert (tmp_path / "dl" / "a").read_bytes() == (tmp_path / "dl" / "b").read_bytes() == b"new bytes"
+
+
+def test_only_the_part_file_an_attempt_recorded_is_resumed(tmp_path):
+    with storage.TargetDir(tmp_path, "") as where:
+        part = storage.PartFile(where, "f")
+        part.write(b"first half")
+        recorded = part.identity()
+        part.close()
+        again = storage.PartFile(where, "f")
+        assert again.keep_prefix(recorded) == len(b"first half")
+        again.close()
+        os.unlink(tmp_path / ".f.part")  # someone else's file now stands under the same name
+        (tmp_path / ".f.part").write_bytes(b"planted bytes")
+        other = storage.PartFile(where, "f")
+        assert other.keep_prefix(recorded) == 0 and os.path.getsize(tmp_path / ".f.part") == 0
+        assert other.keep_prefix(None) == 0 and other.keep_prefix("garbage") == 0
+        other.close()
+
+
+def test_sub_directories_are_walked_without_following_links(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "dl"
+    root.mkdir()
+    (root / "link").symlink_to(outside)
+    (root / "file").write_text("x")
+    for subdir in ("link/new", "file/new", "link"):
+        with pytest.raises(PermanentError, match="leads outside the download directory"):
+            storage.TargetDir(root, subdir)
+    assert list(outside.iterdir()) == []
+    with storage.TargetDir(root, "a/b") as where:
+        assert where.path == root / "a" / "b" and (root / "a" / "b").is_dir()
+
+
+def _limits() -> fetch.Limits:
+    return fetch.Limits(2, 2, 3, guard.Policy(allow_networks=(guard.ipaddress.ip_network("127.0.0.1/32"),)))
+
+
+def _one_shot_server(behaviour: str) -> tuple[int, threading.Thread]:
+    """A listener on 127.0.0.1 that answers one connection by resetting it or closing it without a word."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve() -> None:
+        with srv:
+            conn, _ = srv.accept()
+            conn.recv(4096)
+            if behaviour == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return srv.getsockname()[1], thread
+
+
+@pytest.mark.parametrize("behaviour, reason", [("reset", "connection reset by peer"),
+                                               ("close", "connection closed without a response")])
+def test_connection_failures_are_named_by_exception_type_and_errno(behaviour, reason):
+    port, thread = _one_shot_server(behaviour)
+    with pytest.raises(TransientError) as failed:
+        fetch.open_response(f"http://127.0.0.1:{port}/x", {}, _limits())
+    thread.join(5)
+    assert failed.value.reason == reason
+
+
+def test_a_closed_port_is_connection_refused():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: refused
+        with pytest.raises(TransientError) as failed:
+            fetch.open_response(f"http://127.0.0.1:{port}/x", {}, _limits())
+    assert failed.value.reason == "connection refused"
+
+
+def test_the_deadline_is_checked_before_connecting():
+    with pytest.raises(PermanentError, match="time limit exceeded"):
+        fetch.open_response("http://127.0.0.1:9/x", {}, _limits(), deadline=0.0)
+
+
+def test_sidecars_never_follow_a_planted_link(tmp_path):
+    outside = tmp_path / "victim.json"
+    outside.write_text("{}")
+    root = tmp_path / "dl"
+    with storage.TargetDir(root, "") as where:
+        where.check_meta()
+        (root / ".fleetfetch" / "f.json").symlink_to(outside)
+        assert storage.load_validators(where, "f", "http://h/f") is None
+        storage.save_validators(where, "f", storage.Validators(storage.url_key("http://h/f"), 1, "0" * 64))
+    assert outside.read_text() == "{}" and not (root / ".fleetfetch" / "f.json").is_symlink()
+    assert Path(root / ".fleetfetch" / "f.json").read_text().startswith('{"url": "sha256:')
