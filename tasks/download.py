@@ -83,7 +83,9 @@ class Call:
         """Send this task back to the queue, to run again in `wait` seconds (the process is freed)."""
         args, kwargs = self.msg.encode()
         argsrepr, kwargsrepr = self.msg.display()
-        raise self.task.retry(countdown=wait, args=args, kwargs=kwargs, argsrepr=argsrepr, kwargsrepr=kwargsrepr)
+        retry = self.task.retry(countdown=wait, args=args, kwargs=kwargs, argsrepr=argsrepr, kwargsrepr=kwargsrepr,
+                                throw=False)
+        raise retry from None  # no chained traceback in the RETRY state: the failure it chains may quote URLs
 
     def record(self, outcome: transfer.Outcome | None, **extra: Any) -> dict[str, Any]:
         m = self.msg

@@ -151,10 +151,12 @@ def test_a_pool_local_mode_cannot_run_is_a_usage_error(tmp_path):
     from tests.conftest import base_env
 
     listing = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:1/x"])
-    env = base_env(FLEETFETCH_POOL="gevent")
-    result = subprocess.run([sys.executable, "-m", "producer", str(listing), "-d", str(tmp_path / "d")], env=env,
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert result.returncode == 2 and result.stderr.startswith("error: pool 'gevent'"), result.stderr
+    for env, args in ((base_env(FLEETFETCH_POOL="gevent"), []), (base_env(), ["--pool", "gevent"])):
+        result = subprocess.run([sys.executable, "-m", "producer", str(listing), "-d", str(tmp_path / "d"), *args],
+                                env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and "gevent" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
 
 
 def _cmdline(p: psutil.Process) -> str:

@@ -12,7 +12,7 @@ import time
 
 import psutil
 
-from tests.conftest import ROOT, base_env, read_manifest, write_list
+from tests.conftest import ROOT, base_env, job_id_of, read_manifest, write_list
 
 
 class Spawned:
@@ -90,3 +90,46 @@ def test_ctrl_c_in_local_mode_stops_server_and_worker(origin, tmp_path):
     assert watch.survivors() == []
     target = tmp_path / "downloads" / "slow.bin"
     assert not target.exists() or target.read_bytes() == body  # never a partial file under the final name
+
+
+def test_a_local_job_outlives_its_command_ctrl_c_then_status_results_and_resume(origin, tmp_path):
+    """The embedded server keeps the job under DIR/.fleetfetch/: after Ctrl-C the job can be looked at and resumed,
+    and only the URLs without a final record are fetched again."""
+    bodies = {f"/k{i}.bin": bytes([i]) * 40_000 for i in range(24)}
+    for path, body in bodies.items():
+        origin.add(path, body, rate=80_000)  # 0.5 s each
+    listing = write_list(tmp_path / "urls.txt", [origin.url(p) for p in bodies])
+    out_dir = tmp_path / "kept"
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(out_dir), "--concurrency", "2"],
+                            cwd=tmp_path, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    watch = Spawned(proc)
+    deadline = time.monotonic() + 60
+    while len({p for p in bodies if (out_dir / p[1:]).exists()}) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    job = job_id_of(out)
+    assert f"fleetfetch resume {job} -d {out_dir}" in err and "Traceback" not in err
+    assert watch.survivors() == []
+    finished_before = {p for p in bodies if (out_dir / p[1:]).exists()}
+    assert 4 <= len(finished_before) < len(bodies)
+
+    status = subprocess.run([sys.executable, "-m", "producer", "status", job, "-d", str(out_dir)], cwd=tmp_path,
+                            env=base_env(), capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"job {job}: 24 URLs" in status.stdout
+    records = subprocess.run([sys.executable, "-m", "producer", "results", job, "-d", str(out_dir)], cwd=tmp_path,
+                             env=base_env(), capture_output=True, text=True, timeout=60)
+    assert len(records.stdout.splitlines()) == 24
+
+    resumed = subprocess.run([sys.executable, "-m", "producer", "resume", job, "-d", str(out_dir), "-q"],
+                             cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "summary:" in resumed.stdout
+    for path, body in bodies.items():
+        assert (out_dir / path[1:]).read_bytes() == body
+        if path in finished_before:
+            assert len(origin.requests_for(path)) == 1, path  # done before Ctrl-C: not fetched again
+    assert not list(out_dir.glob(".*.part"))

@@ -82,6 +82,21 @@ def test_per_host_limit_holds_cluster_wide_and_hosts_progress_in_parallel(pair, 
         assert per_download < 3 * base_ops  # no busy loop hammering Redis while waiting for slots
 
 
+def test_a_slow_host_never_gets_more_connections_than_its_limit(pair, tmp_path):
+    """Each download takes 2 x the slot lease (a host sending 12 kB/s): the lease is renewed by a timer while the
+    body trickles in, so no other worker ever takes a second slot. Renewing between 1 MiB reads let it lapse."""
+    cluster, _ = pair
+    with Origin("127.0.0.1").start() as a:
+        for i in range(3):
+            a.add(f"/trickle{i}", b"t" * 72_000, rate=12_000)  # 6 s each, LEASE_S = 3
+        lines = [a.url(f"/trickle{i}") for i in range(3)]
+        result = cluster.producer(str(write_list(tmp_path / "slow.txt", lines)), "-d", "slow", "--per-host", "1",
+                                  timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert a.max_concurrent == 1
+        assert len(a.requests) == 3
+
+
 def test_retry_after_pauses_the_host_for_every_worker(pair, tmp_path):
     cluster, _ = pair
     with Origin("127.0.0.1").start() as a, Origin("127.0.0.2").start() as b:
