@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from kombu.exceptions import OperationalError
@@ -16,14 +16,17 @@ from kombu.exceptions import OperationalError
 from tasks import ledger
 from tasks.config import settings
 from tasks.errors import UnsafeName
+from tasks.fetch import USER_AGENT
 from tasks.hostlimit import HostLimiter
-from tasks.message import Options
+from tasks.message import Options, split_headers
 from tasks.naming import check_component
+from tasks.version import VERSION
 
 from . import job as jobs
 from . import progress, urls
 from .connect import Connection, connect
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, Unreachable, UsageError
+from .units import parse_size
 
 POOLS = ("prefork", "threads")
 EPILOG = """exit codes: 0 all downloaded, 1 some failed, 2 bad input or usage, 3 broker/backend unreachable (or it lost
@@ -43,9 +46,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", default=settings.pool,
                    help=f"local mode: Celery pool, one of {', '.join(POOLS)} (default: %(default)s, FLEETFETCH_POOL)")
     # Options below travel in each message only when given: unset, each worker uses its own FLEETFETCH_* setting.
-    p.add_argument("--max-size", type=int, default=None,
-                   help=f"fail a body larger than this many bytes (default: the workers' FLEETFETCH_MAX_SIZE, "
-                        f"{settings.max_size})")
+    p.add_argument("--max-size", type=_size, default=None,
+                   help=f"fail a body larger than this (bytes, or 500K, 10M, 2G) (default: the workers' "
+                        f"FLEETFETCH_MAX_SIZE, {settings.max_size})")
     p.add_argument("--max-attempts", type=int, default=None,
                    help=f"attempts per URL for transient failures (default: FLEETFETCH_MAX_ATTEMPTS, "
                         f"{settings.max_attempts})")
@@ -58,6 +61,13 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--content-disposition", action="store_true",
                    help="name files from the server's Content-Disposition header (sanitised; off by default)")
     p.add_argument("--force", action="store_true", help="download even files an earlier run left unchanged")
+    p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="send this header with every request (repeatable); credentials (Authorization, Cookie, "
+                        "*-Token, *-Key) are never shown, nor sent to another host after a redirect")
+    p.add_argument("-A", "--user-agent", default=None, metavar="UA",
+                   help=f"User-Agent header (default: {USER_AGENT})")
+    p.add_argument("--limit-rate", type=_size, default=None, metavar="RATE",
+                   help="bytes per second per download, e.g. 500K or 2M (default: unlimited)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output; summary and errors only")
 
 
@@ -94,11 +104,28 @@ def _subdir(value: str | None, local: bool) -> tuple[Path, str]:
     return settings.download_dir, p.as_posix()
 
 
-def _options(args: argparse.Namespace, subdir: str) -> Options:
-    """What the user set on the command line; the rest is left to each worker's settings."""
-    return Options(subdir=subdir, force=args.force, content_disposition=args.content_disposition,
-                   max_size=args.max_size, max_attempts=args.max_attempts, per_host=args.per_host,
-                   host_rate=args.host_rate)
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _options(args: argparse.Namespace, subdir: str) -> tuple[Options, list[tuple[str, str]]]:
+    """What the user set on the command line (the rest is left to each worker's settings), and the secret
+    headers, which stay in the job's ledger instead of travelling in its messages."""
+    try:
+        headers = [urls.parse_header(h) for h in args.header]
+        if args.user_agent is not None:
+            urls.parse_header(f"User-Agent: {args.user_agent}")
+    except ValueError as exc:
+        raise UsageError(f"--header/--user-agent: {exc}") from None
+    shown, secret = split_headers(headers)
+    options = Options(subdir=subdir, force=args.force, content_disposition=args.content_disposition,
+                      max_size=args.max_size, max_attempts=args.max_attempts, per_host=args.per_host,
+                      host_rate=args.host_rate, headers=shown, user_agent=args.user_agent,
+                      limit_rate=args.limit_rate or None, secret_headers=bool(secret))
+    return options, secret
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,12 +136,13 @@ def run(args: argparse.Namespace) -> int:
         label = "stdin" if args.urls_file == "-" else args.urls_file
         local = settings.broker_url is None
         download_dir, subdir = _subdir(args.dir, local)
-        options = _options(args, subdir)
+        options, secret = _options(args, subdir)
         with urls.read(path, label) as spool, \
                 connect(local, download_dir, args.concurrency, args.pool, quiet=args.quiet) as conn:
             job_id = jobs.new_job_id()
             total = jobs.create(conn.ledger, job_id, spool.replay(),
-                                {"input": label, "opts": options.changed(), "created": time.time()})
+                                {"input": label, "opts": options.changed(), "created": time.time(),
+                                 ledger.SECRET_HEADERS: secret})
             if not args.quiet:
                 print(f"job {job_id}: {progress.plural(total, 'URL')}", flush=True)
             started = time.monotonic()
@@ -166,7 +194,8 @@ def status(args: argparse.Namespace) -> int:
             print(f"  host {host} paused until {time.strftime('%H:%M:%S', time.localtime(until))} "
                   "(it answered 429/503, or server errors in a row)")
         if counts["published"] < total:
-            print(f"  {total - counts['published']} URLs were never enqueued: fleetfetch resume {args.job}")
+            print(f"  {progress.plural(total - counts['published'], 'URL')} never enqueued: "
+                  f"fleetfetch resume {args.job}")
         return EXIT_FAILED if counts["failed"] else EXIT_OK
 
 
@@ -210,10 +239,18 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `error:` line (exit 2) like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see --help)")
+
+
 def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and one sub-parser per command."""
-    p = argparse.ArgumentParser(prog="fleetfetch", description="Download every URL of a list, verified.",
+    p = _Parser(prog="fleetfetch", description="Download every URL of a list, verified.",
                                 usage="fleetfetch [run] URLS_FILE [options] | fleetfetch COMMAND ...")
+    p.add_argument("-V", "--version", action="version", version=f"fleetfetch {VERSION}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     commands = {}
     for name, (handler, add_arguments, text) in COMMANDS.items():
@@ -230,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     top, commands = parsers()
     if argv in (["-h"], ["--help"]):  # the commands, then the options of the default one
         print(top.format_help() + "\n" + commands["run"].format_help())
+        return EXIT_OK
+    if argv in (["-V"], ["--version"]):
+        print(f"fleetfetch {VERSION}")
         return EXIT_OK
     if not argv or argv[0] not in COMMANDS:
         argv = ["run", *argv]  # `fleetfetch URLS_FILE` is `fleetfetch run URLS_FILE`

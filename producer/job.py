@@ -21,7 +21,7 @@ def new_job_id() -> str:
 
 def create(book: ledger.Ledger, job: str, entries: Iterable[Entry], meta: dict[str, Any]) -> int:
     """Write the job and its URL list to the ledger (before publishing, so `resume` can finish it)."""
-    return book.create(job, meta, ((e.index, e.url, e.name, e.sha256) for e in entries))
+    return book.create(job, meta, ((e.index, e.url, e.name, e.sha256, e.opts) for e in entries))
 
 
 def publish(app: Celery, book: ledger.Ledger, job: str, entries: Iterable[Entry], options: Options) -> int:
@@ -32,8 +32,8 @@ def publish(app: Celery, book: ledger.Ledger, job: str, entries: Iterable[Entry]
 def load_entries(book: ledger.Ledger, job: str) -> Iterator[Entry]:
     """The URLs of `job` that were never published (what `resume` sends)."""
     total = int(book.meta(job).get("total") or 0)
-    for i, url, name, digest in book.unpublished(job, total):
-        yield Entry(i, url, name, digest)
+    for i, url, name, digest, own in book.unpublished(job, total):
+        yield Entry(i, url, name, digest, own)
 
 
 def write_manifest(book: ledger.Ledger, job: str, total: int, out: IO[str]) -> None:

@@ -67,6 +67,7 @@ class Call:
     task: Any
     msg: Message
     opts: Options  # the message's options with the worker's settings for those it leaves unset
+    secrets: list[tuple[str, str]] = field(default_factory=list)  # secret headers, read from the ledger
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -112,10 +113,11 @@ def download(self: Any, url: str, name: str, job: str | None = None, index: int 
             if entry is None:
                 raise BadMessage(f"job {job} has no URL #{index} in the ledger (expired?)")
             msg.url = entry[0]
+        secrets = _ledger().secret_headers(job, index) if job and msg.options.secret_headers else []
     except BadMessage as exc:
         call = Call(self, Message(url, name, job, index), Options())
         return _fail(call, exc.reason)
-    call = Call(self, msg, msg.options.resolve(settings))
+    call = Call(self, msg, msg.options.resolve(settings), secrets)
     slot = _take_slot(call)
     answered = False
     try:
@@ -155,7 +157,8 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
     log.info("Starting download of %s %s", m.name, _runner())
     req = transfer.Request(url=m.url, name=m.name, subdir=o.subdir, sha256=o.sha256, force=o.force,
                            max_size=int(o.max_size or 0), resume=m.state.resume,
-                           content_disposition=o.content_disposition)
+                           content_disposition=o.content_disposition, headers=_headers(call),
+                           limit_rate=int(o.limit_rate or 0))
     try:
         outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=not settings.no_fsync,
                                    deadline=call.started + settings.soft_time_limit)
@@ -180,6 +183,11 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
     call.mark(outcome.status, record)
     log.info("Finished %s: %s, %d bytes in %.2f s", m.name, outcome.status, outcome.bytes, record["elapsed_s"])
     return record
+
+
+def _headers(call: Call) -> dict[str, str]:
+    """User-Agent, then the user's headers (a User-Agent among them wins), then the secret ones."""
+    return {"User-Agent": call.opts.user_agent or fetch.USER_AGENT, **dict(call.opts.headers), **dict(call.secrets)}
 
 
 def _pause_host(exc: DownloadError, host: str, attempt: int) -> None:

@@ -115,14 +115,14 @@ class Reconciler:
             entry = self.book.entry(job, index)
             if entry is None:
                 continue
-            url, name, digest = entry
+            url, name, digest, own = entry
             if times > settings.max_redeliveries:
                 record = {"url": redact_url(url), "status": ledger.FAILED, "path": name, "redeliveries": times - 1,
                           "reason": f"its worker was lost {times - 1} times (killed, out of memory?); "
                                     "not tried again (FLEETFETCH_MAX_REDELIVERIES)"}
                 self.book.transition(job, index, ledger.FAILED, record)
                 continue
-            messages.append(Message.of(job, Entry(index, url, name, digest), options,
+            messages.append(Message.of(job, Entry(index, url, name, digest, own), options,
                                        RetryState(redeliveries=times)))
         if messages:
             publish(self.app, self.book, job, messages, mark=False)

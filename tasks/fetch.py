@@ -26,10 +26,12 @@ from urllib3.util import connection as u3conn
 
 from . import guard
 from .errors import CutShort, PermanentError, TransientError
+from .message import is_secret_header
 from .retry import RETRYABLE_STATUS, parse_retry_after
+from .version import VERSION
 
 CHUNK = 1 << 20
-USER_AGENT = "fleetfetch/0.1 (+https://github.com/fleetfetch/fleetfetch)"
+USER_AGENT = f"fleetfetch/{VERSION} python-requests/{requests.__version__}"
 REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_POOLS = 64
 
@@ -174,7 +176,7 @@ def open_response(url: str, headers: dict[str, str], limits: Limits) -> requests
         _pin(adapter, current, limits.policy)
         hop_headers = dict(headers)
         if _origin(current) != start_origin:
-            hop_headers = {k: v for k, v in hop_headers.items() if k.lower() not in ("authorization", "cookie")}
+            hop_headers = {k: v for k, v in hop_headers.items() if not is_secret_header(k)}
         seen.add(current)
         response = _send(s, current, hop_headers, limits)
         if response.status_code not in REDIRECTS or "location" not in response.headers:
@@ -236,12 +238,12 @@ def _connection_reason(exc: BaseException) -> str:
     return f"connection failed: {_root_cause(exc)}"
 
 
-def body_chunks(response: requests.Response, read_timeout: float) -> Iterator[bytes]:
+def body_chunks(response: requests.Response, read_timeout: float, size: int = CHUNK) -> Iterator[bytes]:
     """The raw body (nothing decompressed) in chunks; a cut or stalled connection becomes TransientError."""
     raw = response.raw
     try:
         while True:
-            chunk = raw.read(CHUNK, decode_content=False)
+            chunk = raw.read(size, decode_content=False)
             if not chunk:
                 return
             yield chunk

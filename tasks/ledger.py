@@ -2,7 +2,7 @@
 
 Keys share the hash tag `{JOB}` (Redis Cluster keeps them on one node):
   ff:{JOB}:meta   hash   job settings + counters n:<state>, bytes, published
-  ff:{JOB}:urls   hash   index -> [url, name, sha256|null]           (what `resume` re-enqueues)
+  ff:{JOB}:urls   hash   index -> [url, name, sha256|null(, the URL's own options)]  (what `resume` re-enqueues)
   ff:{JOB}:state  hash   index -> state
   ff:{JOB}:rec    hash   index -> final record (JSON)
   ff:{JOB}:due    zset   index -> time (ms) by which a worker must be heard of again: the lease of a running URL,
@@ -25,6 +25,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .message import is_secret_header
 from .redact import redact_url
 
 QUEUED, STARTED, RETRYING = "queued", "started", "retrying"
@@ -34,6 +35,8 @@ STATES = (QUEUED, STARTED, RETRYING, *FINAL)
 JOBS_KEY = "ff:jobs"
 LIVE_KEY = "ff:live"  # set of jobs not finished yet: what the reconciler looks at
 BATCH = 2000
+SECRET_HEADERS = "secret_headers"  # meta field: the job's secret headers (JSON pairs), read by the workers
+Row = tuple[int, str, str, str | None, dict[str, Any]]  # index, url, name, sha256, the URL's own options
 
 # KEYS[1] meta, KEYS[2] state, KEYS[3] rec, KEYS[4] due
 # ARGV[1] index, ARGV[2] new state, ARGV[3] final record JSON or '', ARGV[4] bytes to count, ARGV[5] ttl (s),
@@ -153,9 +156,9 @@ class Ledger:
         self._requeue = client.register_script(_REQUEUE)
 
     # producer side ---------------------------------------------------------------------------------
-    def create(self, job: str, meta: dict[str, Any], entries: Iterable[tuple[int, str, str, str | None]]) -> int:
-        """Write the job and its URLs (index, url, name, sha256) before anything is published, so `resume`
-        can finish it whatever happens to the producer. Returns the number of URLs."""
+    def create(self, job: str, meta: dict[str, Any], entries: Iterable[Row]) -> int:
+        """Write the job and its URLs (index, url, name, sha256, own options) before anything is published, so
+        `resume` can finish it whatever happens to the producer. Returns the number of URLs."""
         k = JobKeys(job)
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(k.meta, mapping={**{f"n:{s}": 0 for s in STATES}, "bytes": 0, "published": 0,
@@ -165,8 +168,8 @@ class Ledger:
         pipe.sadd(LIVE_KEY, job)
         pipe.zremrangebyscore(JOBS_KEY, 0, time.time() - self.ttl)
         total = 0
-        for total, (i, url, name, digest) in enumerate(entries, 1):
-            pipe.hset(k.urls, str(i), json.dumps([url, name, digest]))
+        for total, (i, url, name, digest, own) in enumerate(entries, 1):
+            pipe.hset(k.urls, str(i), json.dumps([url, name, digest, own] if own else [url, name, digest]))
             if total % BATCH == 0:
                 pipe.execute()
         pipe.expire(k.urls, self.ttl)
@@ -198,7 +201,7 @@ class Ledger:
             raise JobGone(job)
         return {f.removeprefix("n:"): int(v or 0) for f, v in zip(fields, values, strict=True)}
 
-    def unpublished(self, job: str, total: int) -> Iterator[tuple[int, str, str, str | None]]:
+    def unpublished(self, job: str, total: int) -> Iterator[Row]:
         """URLs of the job that have no state yet: never published (for `resume`)."""
         k = JobKeys(job)
         for start in range(0, total, BATCH):
@@ -208,8 +211,7 @@ class Ledger:
             if missing:
                 rows = cast(list[bytes], self.r.hmget(k.urls, [str(i) for i in missing]))
                 for i, raw in zip(missing, rows, strict=True):
-                    url, name, digest = json.loads(raw)
-                    yield i, url, name, digest
+                    yield (i, *_row(raw))
 
     def records(self, job: str, total: int) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
         """(index, final record or None, state) for every URL, in input order, fetched in batches."""
@@ -224,7 +226,7 @@ class Ledger:
             for i, rec, state, url in zip(idx, recs, states, urls, strict=True):
                 record = json.loads(rec) if rec else None
                 if record is None and url:
-                    u, name, _ = json.loads(url)
+                    u, name, *_ = json.loads(url)
                     record = {"url": redact_url(u), "path": name, "status": (state or b"unpublished").decode()}
                 yield int(i), record, state.decode() if state else None
 
@@ -248,10 +250,17 @@ class Ledger:
             self._renew(keys=[JobKeys(job).due], args=[int(seconds * 1000), *indexes], client=pipe)
         pipe.execute()
 
-    def entry(self, job: str, index: int) -> tuple[str, str, str | None] | None:
-        """(url, name, sha256) of one URL of the job, as the producer recorded it."""
+    def entry(self, job: str, index: int) -> tuple[str, str, str | None, dict[str, Any]] | None:
+        """(url, name, sha256, own options) of one URL of the job, as the producer recorded it."""
         raw = self.r.hget(JobKeys(job).urls, str(index))
-        return tuple(json.loads(raw)) if raw else None  # type: ignore[return-value]
+        return _row(raw) if raw else None
+
+    def secret_headers(self, job: str, index: int) -> list[tuple[str, str]]:
+        """The job's and the URL's secret headers (Authorization, Cookie...): kept here, never in a message."""
+        k = JobKeys(job)
+        meta, raw = self.r.hget(k.meta, SECRET_HEADERS), self.r.hget(k.urls, str(index))
+        own = _row(raw)[3].get("headers", []) if raw else []
+        return [(n, v) for n, v in (json.loads(meta) if meta else []) + own if is_secret_header(n)]
 
     # reconciler side -----------------------------------------------------------------------------
     def live(self) -> list[str]:
@@ -287,6 +296,11 @@ class Ledger:
     def record(self, job: str, index: int) -> dict[str, Any] | None:
         raw = self.r.hget(JobKeys(job).rec, str(index))
         return json.loads(raw) if raw else None
+
+
+def _row(raw: bytes | str) -> tuple[str, str, str | None, dict[str, Any]]:
+    url, name, digest, *own = json.loads(raw)
+    return url, name, digest, (own[0] if own else {})
 
 
 _cache: dict[tuple[int, str], Ledger] = {}

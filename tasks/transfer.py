@@ -30,6 +30,8 @@ class Request:
     max_size: int = 0
     resume: dict[str, str] | None = None  # validators of a kept partial file, set by a failed attempt
     content_disposition: bool = False  # name the file from the server's Content-Disposition (opt-in)
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request (User-Agent, --header)
+    limit_rate: int = 0  # bytes per second of this download; 0: unlimited
 
 
 @dataclass
@@ -80,7 +82,7 @@ def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, 
                 headers["If-None-Match"] = known.etag
             if known.last_modified:
                 headers["If-Modified-Since"] = known.last_modified
-        response = _open(req.url, headers, limits, part)
+        response = _open(req.url, {**req.headers, **headers}, limits, part)
         if response.status_code == 304 and known:
             response.close()
             part.discard()
@@ -154,8 +156,9 @@ def _stream(response: requests.Response, part: storage.PartFile, req: Request, l
     if req.max_size and expected is not None and expected > req.max_size:
         response.close()
         raise PermanentError(f"too large: {expected} bytes is over the limit of {req.max_size} (--max-size)")
+    pace = _Pace(req.limit_rate)
     try:
-        for chunk in fetch.body_chunks(response, limits.read_timeout):
+        for chunk in fetch.body_chunks(response, limits.read_timeout, pace.chunk):
             part.write(chunk)
             if req.max_size and part.size > req.max_size:
                 raise PermanentError(f"too large: over the limit of {req.max_size} bytes (--max-size)")
@@ -163,11 +166,29 @@ def _stream(response: requests.Response, part: storage.PartFile, req: Request, l
                 raise PermanentError("time limit exceeded (FLEETFETCH_TIME_LIMIT)")
             if on_chunk is not None:
                 on_chunk()
+            pace.wait(len(chunk), deadline)
     except CutShort:
         if expected is None:
             raise
     if expected is not None and part.size != expected:
         raise TransientError(f"body cut short: {part.size} of {expected} bytes")
+
+
+class _Pace:
+    """--limit-rate: read in small chunks and sleep while ahead of `rate` bytes per second (average since start)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.chunk = min(fetch.CHUNK, max(4096, rate // 10)) if rate > 0 else fetch.CHUNK
+        self.began, self.bytes = time.monotonic(), 0
+
+    def wait(self, n: int, deadline: float) -> None:
+        if self.rate <= 0:
+            return
+        self.bytes += n
+        ahead = self.bytes / self.rate - (time.monotonic() - self.began)
+        if ahead > 0:
+            time.sleep(min(ahead, max(0.0, deadline - time.monotonic())))
 
 
 def _headers_of(response: requests.Response) -> dict[str, Any]:
