@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -73,6 +74,16 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 def _add_job(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="the job id printed when the job was enqueued")
+
+
+def _add_status(p: argparse.ArgumentParser) -> None:
+    _add_job(p)
+    p.add_argument("--json", action="store_true", help="one JSON object: state, total, counts per state, bytes")
+
+
+def _add_jobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=20, help="how many of the newest jobs (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="JSON Lines, one object per job (as status --json)")
 
 
 def _add_results(p: argparse.ArgumentParser) -> None:
@@ -180,7 +191,12 @@ def _follow(conn: Connection, job_id: str, total: int, started: float, manifest:
     if manifest:
         jobs.manifest_to(manifest, conn.ledger, job_id, total)
     print(progress.summary(counts, fails, elapsed), flush=True)
-    return EXIT_FAILED if counts["failed"] else EXIT_OK
+    return _exit_for(counts)
+
+
+def _exit_for(counts: dict[str, int]) -> int:
+    """0 only when every URL was downloaded (or unchanged): failed or cancelled URLs make it 1."""
+    return EXIT_FAILED if counts["failed"] or counts["cancelled"] else EXIT_OK
 
 
 def status(args: argparse.Namespace) -> int:
@@ -188,7 +204,11 @@ def status(args: argparse.Namespace) -> int:
         meta = _existing(conn.ledger, args.job)
         counts = conn.ledger.counts(args.job)
         total = int(meta.get("total") or 0)
-        print(f"job {args.job}: {progress.plural(total, 'URL')}, input {meta.get('input')}")
+        if args.json:
+            print(json.dumps(jobs.describe(conn.ledger, args.job, meta)))
+            return _exit_for(counts)
+        state = jobs.describe(conn.ledger, args.job, meta)["state"]
+        print(f"job {args.job}: {progress.plural(total, 'URL')}, {state}, input {meta.get('input')}")
         print("  " + ", ".join(f"{s} {counts[s]}" for s in ledger.STATES) + f", bytes {counts['bytes']}")
         for host, until in HostLimiter(conn.ledger.r).paused().items():
             print(f"  host {host} paused until {time.strftime('%H:%M:%S', time.localtime(until))} "
@@ -196,7 +216,7 @@ def status(args: argparse.Namespace) -> int:
         if counts["published"] < total:
             print(f"  {progress.plural(total - counts['published'], 'URL')} never enqueued: "
                   f"fleetfetch resume {args.job}")
-        return EXIT_FAILED if counts["failed"] else EXIT_OK
+        return _exit_for(counts)
 
 
 def results(args: argparse.Namespace) -> int:
@@ -206,7 +226,7 @@ def results(args: argparse.Namespace) -> int:
             jobs.manifest_to(args.manifest, conn.ledger, args.job, total)
         else:
             jobs.write_manifest(conn.ledger, args.job, total, sys.stdout)
-        return EXIT_FAILED if conn.ledger.counts(args.job)["failed"] else EXIT_OK
+        return _exit_for(conn.ledger.counts(args.job))
 
 
 def resume(args: argparse.Namespace) -> int:
@@ -214,6 +234,11 @@ def resume(args: argparse.Namespace) -> int:
         meta = _existing(conn.ledger, args.job)
         total = int(meta.get("total") or 0)
         started = time.monotonic()
+        if meta.get(ledger.CANCELLED_AT) is not None:
+            taken = conn.ledger.uncancel(args.job, total)
+            if not args.quiet:
+                print(f"job {args.job}: cancelled before; taking up its {progress.plural(taken, 'cancelled URL')} "
+                      "again", flush=True)
         sent = jobs.publish(conn.app, conn.ledger, args.job, jobs.load_entries(conn.ledger, args.job),
                             Options(**(meta.get("opts") or {})))
         if not args.quiet:
@@ -221,6 +246,33 @@ def resume(args: argparse.Namespace) -> int:
         if args.no_wait:
             return EXIT_OK
         return _follow(conn, args.job, total, started, args.manifest, args.quiet, False)
+
+
+def jobs_(args: argparse.Namespace) -> int:
+    with connect(False) as conn:
+        found = list(jobs.recent(conn.ledger, args.limit))
+    if args.json:
+        for job in found:
+            print(json.dumps(job))
+        return EXIT_OK
+    if not found:
+        print("no jobs in the result backend")
+    for job in found:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created"] or 0))
+        n = job["counts"]
+        print(f"{job['job']}  {created}  {job['state']:<9}  {n['done'] + n['unchanged']}/{job['total']} downloaded, "
+              f"{n['failed']} failed, {n['cancelled']} cancelled  {job['input']}")
+    return EXIT_OK
+
+
+def cancel(args: argparse.Namespace) -> int:
+    with connect(False) as conn:
+        total = int(_existing(conn.ledger, args.job).get("total") or 0)
+        n = conn.ledger.cancel(args.job, total)
+        running = conn.ledger.counts(args.job)["started"]
+    print(f"job {args.job}: cancelled {progress.plural(n, 'URL')} not started; {running} running stop at their next "
+          f"chunk (their temp files are removed). Take it up again with: fleetfetch resume {args.job}")
+    return EXIT_OK
 
 
 def _existing(book: ledger.Ledger, job: str) -> dict[str, Any]:
@@ -233,9 +285,12 @@ def _existing(book: ledger.Ledger, job: str) -> dict[str, Any]:
 # Each command once: name -> (handler, arguments, one-line help).
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
     "run": (run, _add_run, "run a job: download every URL of the list (the default command)"),
-    "status": (status, _add_job, "counts of a job (queued/started/done/failed...)"),
+    "status": (status, _add_status, "counts of a job (queued/started/done/failed/cancelled...)"),
+    "jobs": (jobs_, _add_jobs, "recent jobs, newest first, with their counts and state (running/finished/cancelled)"),
+    "cancel": (cancel, _add_job, "cancel a job: URLs not started end as cancelled, running ones stop"),
     "results": (results, _add_results, "one JSON record per URL, in input order"),
-    "resume": (resume, _add_resume, "publish the URLs of JOB that were never enqueued, then follow it"),
+    "resume": (resume, _add_resume, "publish the URLs of JOB that were never enqueued (or were cancelled), then "
+                                    "follow it"),
 }
 
 
@@ -252,7 +307,7 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                                 usage="fleetfetch [run] URLS_FILE [options] | fleetfetch COMMAND ...")
     p.add_argument("-V", "--version", action="version", version=f"fleetfetch {VERSION}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    commands = {}
+    commands: dict[str, argparse.ArgumentParser] = {}
     for name, (handler, add_arguments, text) in COMMANDS.items():
         cp = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)

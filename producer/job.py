@@ -51,3 +51,26 @@ def manifest_to(path: Path, book: ledger.Ledger, job: str, total: int) -> None:
     with open(tmp, "w", encoding="utf-8") as fh:
         write_manifest(book, job, total, fh)
     tmp.replace(path)
+
+
+def describe(book: ledger.Ledger, job: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What `status --json` and `jobs --json` show of a job: its state (running/finished/cancelled) and counts.
+    Never its secret headers."""
+    meta = book.meta(job) if meta is None else meta
+    counts = book.counts(job)
+    total = int(meta.get("total") or 0)
+    if meta.get(ledger.CANCELLED_AT) is not None:
+        state = "cancelled"
+    else:
+        state = "finished" if sum(counts[s] for s in ledger.FINAL) >= total else "running"
+    return {"job": job, "state": state, "total": total, "input": meta.get("input"), "created": meta.get("created"),
+            "counts": {s: counts[s] for s in ledger.STATES}, "bytes": counts["bytes"],
+            "published": counts["published"]}
+
+
+def recent(book: ledger.Ledger, limit: int) -> Iterator[dict[str, Any]]:
+    """The newest jobs still in the backend, newest first."""
+    for job, _created in book.recent(limit):
+        meta = book.meta(job)
+        if meta:
+            yield describe(book, job, meta)

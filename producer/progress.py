@@ -30,7 +30,8 @@ def finished(counts: dict[str, int]) -> int:
 def _line(counts: dict[str, int], total: int, elapsed: float) -> str:
     size = counts["bytes"]
     return (f"progress: {finished(counts)}/{total} finished ({counts['done']} done, {counts['unchanged']} unchanged, "
-            f"{counts['failed']} failed, {counts['started']} running), {human_bytes(size)}, "
+            f"{counts['failed']} failed, {counts['cancelled']} cancelled, {counts['started']} running), "
+            f"{human_bytes(size)}, "
             f"{human_rate(size, elapsed)}")
 
 
@@ -99,6 +100,8 @@ def summary(counts: dict[str, int], fails: list[dict[str, Any]], seconds: float)
     size = counts["bytes"]
     lines = [f"summary: {counts['done']} downloaded, {counts['unchanged']} unchanged, {counts['failed']} failed; "
              f"{human_bytes(size)} in {seconds:.1f} s ({human_rate(size, seconds)})"]
+    if counts.get("cancelled"):
+        lines[0] = lines[0].replace(" failed;", f" failed, {counts['cancelled']} cancelled;", 1)
     for record in fails[:MAX_LISTED_FAILURES]:
         lines.append(f"  failed: {record.get('url')}: {record.get('reason')}")
     if len(fails) > MAX_LISTED_FAILURES:

@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any, NoReturn
@@ -18,7 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from . import fetch, hostlimit, ledger, transfer
 from .app import app
 from .config import TASK_NAME, settings
-from .errors import BadMessage, Busy, DownloadError, TransientError
+from .errors import BadMessage, Busy, Cancelled, DownloadError, TransientError
 from .guard import Policy
 from .lease import Renewer
 from .message import Message, Options
@@ -26,6 +27,7 @@ from .redact import redact_text, redact_url
 from .retry import THROTTLE_STATUS, countdown, host_pause
 
 log = logging.getLogger("fleetfetch")
+CANCEL_CHECK_S = 0.5  # how often a running download looks whether its job was cancelled
 
 
 class DownloadFailed(Exception):
@@ -151,6 +153,8 @@ def _take_slot(call: Call) -> hostlimit.Lease | None:
 
 def _run(call: Call, polite: bool) -> dict[str, Any]:
     m, o = call.msg, call.opts
+    if m.job and _ledger().cancelled(m.job):
+        return _cancelled(call)
     if call.mark(ledger.STARTED, lease=settings.url_lease) is not None:
         log.info("Already finished %s (job %s #%s): redelivery ignored", m.name, m.job, m.index)
         return _ledger().record(m.job, m.index) or {} if m.job else {}
@@ -161,7 +165,9 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
                            limit_rate=int(o.limit_rate or 0))
     try:
         outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=not settings.no_fsync,
-                                   deadline=call.started + settings.soft_time_limit)
+                                   deadline=call.started + settings.soft_time_limit, on_chunk=_stop_if_cancelled(m.job))
+    except Cancelled:
+        return _cancelled(call)
     except Busy:
         log.info("Another delivery of %s (job %s #%s) is running it: this one steps aside", m.name, m.job, m.index)
         return {"status": "duplicate", "url": redact_url(m.url)}
@@ -182,6 +188,30 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
     record = call.record(outcome)
     call.mark(outcome.status, record)
     log.info("Finished %s: %s, %d bytes in %.2f s", m.name, outcome.status, outcome.bytes, record["elapsed_s"])
+    return record
+
+
+def _stop_if_cancelled(job: str | None) -> Callable[[], None] | None:
+    """Called after each chunk: raises Cancelled once the job is cancelled (a look at the ledger per CANCEL_CHECK_S)."""
+    if not job:
+        return None
+    last = time.monotonic()
+
+    def check() -> None:
+        nonlocal last
+        if time.monotonic() - last >= CANCEL_CHECK_S:
+            last = time.monotonic()
+            if _ledger().cancelled(job):
+                raise Cancelled("job cancelled")
+
+    return check
+
+
+def _cancelled(call: Call) -> dict[str, Any]:
+    """End the URL as cancelled (its temp file is already gone): a record, no file, no retry."""
+    record = call.record(None, path=call.msg.name, status=ledger.CANCELLED, reason="job cancelled")
+    call.mark(ledger.CANCELLED, record)
+    log.info("Cancelled %s (job %s #%s)", call.msg.name, call.msg.job, call.msg.index)
     return record
 
 

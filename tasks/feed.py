@@ -104,6 +104,10 @@ class Reconciler:
 
     def heal(self, job: str, counts: dict[str, int]) -> int:
         lost = self.book.overdue(job, SWEEP_BATCH)
+        if self.book.cancelled(job):  # nothing of a cancelled job is published again: what was lost ends here
+            for index in lost:
+                self.book.transition(job, index, ledger.CANCELLED)
+            return 0
         if counts[ledger.QUEUED] and self._queue_empty():
             lost += self._queued_without_message(job)
         if not lost:

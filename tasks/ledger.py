@@ -29,12 +29,13 @@ from .message import is_secret_header
 from .redact import redact_url
 
 QUEUED, STARTED, RETRYING = "queued", "started", "retrying"
-DONE, UNCHANGED, FAILED = "done", "unchanged", "failed"
-FINAL = (DONE, UNCHANGED, FAILED)
+DONE, UNCHANGED, FAILED, CANCELLED = "done", "unchanged", "failed", "cancelled"
+FINAL = (DONE, UNCHANGED, FAILED, CANCELLED)
 STATES = (QUEUED, STARTED, RETRYING, *FINAL)
 JOBS_KEY = "ff:jobs"
 LIVE_KEY = "ff:live"  # set of jobs not finished yet: what the reconciler looks at
 BATCH = 2000
+CANCELLED_AT = "cancelled"  # meta field: when `cancel` stopped the job (absent: not cancelled)
 SECRET_HEADERS = "secret_headers"  # meta field: the job's secret headers (JSON pairs), read by the workers
 Row = tuple[int, str, str, str | None, dict[str, Any]]  # index, url, name, sha256, the URL's own options
 
@@ -44,7 +45,7 @@ Row = tuple[int, str, str, str | None, dict[str, Any]]  # index, url, name, sha2
 # Returns the final state the URL already had (then nothing changes), or false.
 _TRANSITION = """
 local old = redis.call('HGET', KEYS[2], ARGV[1])
-if old == 'done' or old == 'unchanged' or old == 'failed' then return old end
+if old == 'done' or old == 'unchanged' or old == 'failed' or old == 'cancelled' then return old end
 if old ~= ARGV[2] then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
   if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
@@ -83,7 +84,7 @@ _REQUEUE = """
 local out = {}
 for i = 1, #ARGV do
   local old = redis.call('HGET', KEYS[2], ARGV[i])
-  if old ~= 'done' and old ~= 'unchanged' and old ~= 'failed' then
+  if old ~= 'done' and old ~= 'unchanged' and old ~= 'failed' and old ~= 'cancelled' then
     if old ~= 'queued' then
       redis.call('HSET', KEYS[2], ARGV[i], 'queued')
       if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
@@ -97,6 +98,41 @@ end
 local ttl = redis.call('TTL', KEYS[1])
 if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
 return out
+"""
+
+# KEYS[1] meta, KEYS[2] state, KEYS[3] due; ARGV[1] ttl (s), ARGV[2..] indexes
+# Each URL not started and not final (never published, queued, retrying) becomes cancelled; a URL never published
+# counts as published (published = URLs that have a state). Started ones are left to their worker. Returns the count.
+_CANCEL = """
+local n = 0
+for i = 2, #ARGV do
+  local old = redis.call('HGET', KEYS[2], ARGV[i])
+  if not old or old == 'queued' or old == 'retrying' then
+    redis.call('HSET', KEYS[2], ARGV[i], 'cancelled')
+    if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) else redis.call('HINCRBY', KEYS[1], 'published', 1) end
+    redis.call('HINCRBY', KEYS[1], 'n:cancelled', 1)
+    redis.call('ZREM', KEYS[3], ARGV[i])
+    n = n + 1
+  end
+end
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+return n
+"""
+
+# KEYS[1] meta, KEYS[2] state, KEYS[3] rec; ARGV[1..] indexes
+# Each cancelled URL goes back to "never published" (no state, no record), for `resume`. Returns the count.
+_UNCANCEL = """
+local n = 0
+for i = 1, #ARGV do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == 'cancelled' then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    redis.call('HDEL', KEYS[3], ARGV[i])
+    redis.call('HINCRBY', KEYS[1], 'n:cancelled', -1)
+    redis.call('HINCRBY', KEYS[1], 'published', -1)
+    n = n + 1
+  end
+end
+return n
 """
 
 
@@ -154,6 +190,8 @@ class Ledger:
         self._transition = client.register_script(_TRANSITION)
         self._renew = client.register_script(_RENEW)
         self._requeue = client.register_script(_REQUEUE)
+        self._cancel = client.register_script(_CANCEL)
+        self._uncancel = client.register_script(_UNCANCEL)
 
     # producer side ---------------------------------------------------------------------------------
     def create(self, job: str, meta: dict[str, Any], entries: Iterable[Row]) -> int:
@@ -184,6 +222,35 @@ class Ledger:
         pipe.hincrby(k.meta, f"n:{QUEUED}", len(indexes))
         pipe.hincrby(k.meta, "published", len(indexes))
         pipe.expire(k.state, self.ttl)
+
+    def cancel(self, job: str, total: int) -> int:
+        """Stop a job: flag it (running URLs stop at their next chunk), cancel every URL not started yet and
+        take the job off the live set. Returns the URLs cancelled here."""
+        k = JobKeys(job)
+        self.r.hset(k.meta, CANCELLED_AT, json.dumps(time.time()))
+        n = 0
+        for start in range(0, total, BATCH):
+            n += int(self._cancel(keys=[k.meta, k.state, k.due],
+                                  args=[self.ttl, *range(start, min(total, start + BATCH))]))
+        return n
+
+    def uncancel(self, job: str, total: int) -> int:
+        """Take a cancelled job up again: its cancelled URLs become unpublished (what `resume` sends)."""
+        k = JobKeys(job)
+        n = 0
+        for start in range(0, total, BATCH):
+            n += int(self._uncancel(keys=[k.meta, k.state, k.rec], args=list(range(start, min(total, start + BATCH)))))
+        self.r.hdel(k.meta, CANCELLED_AT)
+        self.r.sadd(LIVE_KEY, job)
+        return n
+
+    def cancelled(self, job: str) -> bool:
+        return bool(self.r.hexists(JobKeys(job).meta, CANCELLED_AT))
+
+    def recent(self, limit: int) -> list[tuple[str, float]]:
+        """(job, creation time) of the newest jobs, newest first."""
+        found = self.r.zrevrange(JOBS_KEY, 0, limit - 1, withscores=True)
+        return [(j.decode(), float(t)) for j, t in cast(list[tuple[bytes, float]], found)]
 
     def meta(self, job: str) -> dict[str, Any]:
         raw = cast(dict[bytes, bytes], self.r.hgetall(JobKeys(job).meta))
