@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -14,8 +15,8 @@ from typing import Any, NoReturn
 import redis
 from kombu.exceptions import OperationalError
 
-from tasks import ledger
-from tasks.config import settings
+from tasks import feed, ledger
+from tasks.config import QUEUE, settings
 from tasks.errors import UnsafeName
 from tasks.fetch import USER_AGENT
 from tasks.hostlimit import HostLimiter
@@ -30,6 +31,7 @@ from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, Unreachabl
 from .units import parse_size
 
 POOLS = ("prefork", "threads")
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
 EPILOG = """exit codes: 0 all downloaded, 1 some failed, 2 bad input or usage, 3 broker/backend unreachable (or it lost
             the job), 4 local mode's embedded server or worker failed, 130 interrupted.
 Local mode (no CELERY_BROKER_URL) starts an embedded server and a worker; `fleetfetch URLS_FILE` means `run`."""
@@ -69,6 +71,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help=f"User-Agent header (default: {USER_AGENT})")
     p.add_argument("--limit-rate", type=_size, default=None, metavar="RATE",
                    help="bytes per second per download, e.g. 500K or 2M (default: unlimited)")
+    p.add_argument("--queue", default=None, metavar="NAME",
+                   help=f"publish the job to this Celery queue, served by workers started with -Q NAME "
+                        f"(default: {QUEUE})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output; summary and errors only")
 
 
@@ -115,6 +120,18 @@ def _subdir(value: str | None, local: bool) -> tuple[Path, str]:
     return settings.download_dir, p.as_posix()
 
 
+def _queue(name: str | None, local: bool) -> str:
+    """The job's queue: --queue, checked (a Redis list name the workers' -Q can name), or the default one."""
+    if name is None:
+        return QUEUE
+    if local:
+        raise UsageError("--queue: local mode's worker serves only its own queue; use --queue with a broker "
+                         "(CELERY_BROKER_URL) and workers started with -Q NAME")
+    if not _QUEUE_NAME.fullmatch(name):
+        raise UsageError(f"--queue {name!r}: use letters, digits and - _ . : (at most 100)")
+    return name
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -148,17 +165,18 @@ def run(args: argparse.Namespace) -> int:
         local = settings.broker_url is None
         download_dir, subdir = _subdir(args.dir, local)
         options, secret = _options(args, subdir)
+        queue = _queue(args.queue, local)
         with urls.read(path, label) as spool, \
                 connect(local, download_dir, args.concurrency, args.pool, quiet=args.quiet) as conn:
             job_id = jobs.new_job_id()
             total = jobs.create(conn.ledger, job_id, spool.replay(),
                                 {"input": label, "opts": options.changed(), "created": time.time(),
-                                 ledger.SECRET_HEADERS: secret})
+                                 ledger.SECRET_HEADERS: secret, "queue": queue})
             if not args.quiet:
                 print(f"job {job_id}: {progress.plural(total, 'URL')}", flush=True)
             started = time.monotonic()
             try:
-                jobs.publish(conn.app, conn.ledger, job_id, spool.replay(), options)
+                jobs.publish(conn.app, conn.ledger, job_id, spool.replay(), options, queue)
             except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
                 raise Unreachable(f"lost the broker while enqueuing job {job_id} ({exc}); once it is back, "
                                   f"run: fleetfetch resume {job_id}") from None
@@ -240,7 +258,7 @@ def resume(args: argparse.Namespace) -> int:
                 print(f"job {args.job}: cancelled before; taking up its {progress.plural(taken, 'cancelled URL')} "
                       "again", flush=True)
         sent = jobs.publish(conn.app, conn.ledger, args.job, jobs.load_entries(conn.ledger, args.job),
-                            Options(**(meta.get("opts") or {})))
+                            Options(**(meta.get("opts") or {})), feed.job_queue(meta))
         if not args.quiet:
             print(f"job {args.job}: published {progress.plural(sent, 'URL')} that had no task yet", flush=True)
         if args.no_wait:

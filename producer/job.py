@@ -24,9 +24,10 @@ def create(book: ledger.Ledger, job: str, entries: Iterable[Entry], meta: dict[s
     return book.create(job, meta, ((e.index, e.url, e.name, e.sha256, e.opts) for e in entries))
 
 
-def publish(app: Celery, book: ledger.Ledger, job: str, entries: Iterable[Entry], options: Options) -> int:
-    """One task per URL, each carrying the job's options."""
-    return feed.publish(app, book, job, (Message.of(job, e, options) for e in entries))
+def publish(app: Celery, book: ledger.Ledger, job: str, entries: Iterable[Entry], options: Options,
+            queue: str = feed.QUEUE) -> int:
+    """One task per URL to the job's queue, each carrying the job's options."""
+    return feed.publish(app, book, job, (Message.of(job, e, options) for e in entries), queue_name=queue)
 
 
 def load_entries(book: ledger.Ledger, job: str) -> Iterator[Entry]:
@@ -65,7 +66,7 @@ def describe(book: ledger.Ledger, job: str, meta: dict[str, Any] | None = None) 
         state = "finished" if sum(counts[s] for s in ledger.FINAL) >= total else "running"
     return {"job": job, "state": state, "total": total, "input": meta.get("input"), "created": meta.get("created"),
             "counts": {s: counts[s] for s in ledger.STATES}, "bytes": counts["bytes"],
-            "published": counts["published"]}
+            "published": counts["published"], "queue": feed.job_queue(meta)}
 
 
 def recent(book: ledger.Ledger, limit: int) -> Iterator[dict[str, Any]]:

@@ -43,8 +43,11 @@ def _chunks(items: Iterable[Message], size: int) -> Iterator[list[Message]]:
         yield batch
 
 
-def publish(app: Celery, book: ledger.Ledger, job: str, messages: Iterable[Message], *, mark: bool = True) -> int:
-    """One task per URL, pipelined through kombu's publish batches; each batch then marked queued.
+def publish(app: Celery, book: ledger.Ledger, job: str, messages: Iterable[Message], *, mark: bool = True,
+            queue_name: str = QUEUE) -> int:
+    """One task per URL to `queue_name` (the job's queue: `--queue`), pipelined through kombu's publish batches;
+    each batch then marked queued. A retry goes back to the queue its message came from (Celery's retry keeps
+    the routing key).
 
     Messages are built with `app.amqp.create_task_message` (Celery's message protocol) and handed to kombu's
     `Producer.publish` directly, rather than through `apply_async`/`send_task_message`. Those would make the
@@ -53,7 +56,7 @@ def publish(app: Celery, book: ledger.Ledger, job: str, messages: Iterable[Messa
     for every message (a quarter of the publishing time, measured with cProfile); here it is declared once.
     """
     amqp = app.amqp
-    queue = amqp.queues[amqp.router.route({}, TASK_NAME)["queue"].name]
+    queue = amqp.queues[queue_name]  # declared on demand (task_create_missing_queues)
     sent = 0
     with app.producer_or_acquire() as producer:
         producer.maybe_declare(queue, retry=True)
@@ -77,6 +80,11 @@ def publish(app: Celery, book: ledger.Ledger, job: str, messages: Iterable[Messa
 
 def job_options(book: ledger.Ledger, job: str) -> Options:
     return Options(**(book.meta(job).get("opts") or {}))
+
+
+def job_queue(meta: dict[str, Any]) -> str:
+    """The queue a job's messages go to (`--queue`, kept in its meta), the default one otherwise."""
+    return str(meta.get("queue") or QUEUE)
 
 
 class Reconciler:
@@ -108,7 +116,8 @@ class Reconciler:
             for index in lost:
                 self.book.transition(job, index, ledger.CANCELLED)
             return 0
-        if counts[ledger.QUEUED] and self._queue_empty():
+        queue = job_queue(self.book.meta(job))
+        if counts[ledger.QUEUED] and self._queue_empty(queue):
             lost += self._queued_without_message(job)
         if not lost:
             return 0
@@ -129,14 +138,14 @@ class Reconciler:
             messages.append(Message.of(job, Entry(index, url, name, digest, own), options,
                                        RetryState(redeliveries=times)))
         if messages:
-            publish(self.app, self.book, job, messages, mark=False)
+            publish(self.app, self.book, job, messages, mark=False, queue_name=queue)
             log.warning("Published %d URL(s) of job %s again: their worker or message was lost", len(messages), job)
         return len(messages)
 
-    def _queue_empty(self) -> bool:
+    def _queue_empty(self, queue: str) -> bool:
         if self.broker is None:
             return False
-        return int(cast(int, self.broker.llen(QUEUE))) == 0
+        return int(cast(int, self.broker.llen(queue))) == 0
 
     def _queued_without_message(self, job: str) -> list[int]:
         """Queued URLs whose message is in no queue and held by no worker, now and at the previous sweep."""
