@@ -42,6 +42,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--dir", default=None,
                    help="download directory (local mode; default ./downloads) or, in cluster mode, a relative "
                         "sub-directory of the workers' FLEETFETCH_DIR (default: FLEETFETCH_DIR itself)")
+    p.add_argument("-x", "--force-directories", action="store_true",
+                   help="keep host/path/... of each URL under the download directory (as wget -x), each "
+                        "directory name sanitised")
     p.add_argument("--manifest", type=Path, help="write JSON Lines, one record per URL, when the job ends")
     p.add_argument("--no-wait", action="store_true", help="enqueue, print the job id and exit 0")
     p.add_argument("--concurrency", type=int, default=os.cpu_count() or 2,
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         download_dir, subdir = _subdir(args.dir, local)
         options, secret = _options(args, subdir)
         queue = _queue(args.queue, local)
-        with urls.read(path, label) as spool, \
+        with urls.read(path, label, args.force_directories) as spool, \
                 connect(local, download_dir, args.concurrency, args.pool, quiet=args.quiet) as conn:
             job_id = jobs.new_job_id()
             total = jobs.create(conn.ledger, job_id, spool.replay(),

@@ -15,11 +15,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from tasks.errors import UnsafeName
 from tasks.message import Entry
-from tasks.naming import NameAllocator, check_component
+from tasks.naming import NameAllocator, check_component, sanitize
 
 from .errors import UsageError
 
@@ -165,11 +165,11 @@ class Spool:
         self._fh.close()
 
 
-def read(path: Path, label: str) -> Spool:
+def read(path: Path, label: str, force_directories: bool = False) -> Spool:
     """Check every line and spool the distinct URLs with collision-free names; UsageError listing bad lines."""
     spool = Spool()
     try:
-        bad = _fill(spool, path, label)
+        bad = _fill(spool, path, label, force_directories)
         if bad:
             shown = bad[:MAX_REPORTED]
             if len(bad) > MAX_REPORTED:
@@ -188,8 +188,9 @@ def read(path: Path, label: str) -> Spool:
 class _Filler:
     """The URL being read (its option lines may follow) and what the job has so far."""
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, force_directories: bool = False) -> None:
         self.spool, self.bad = spool, list[str]()
+        self.force_directories = force_directories
         self.names: dict[str, NameAllocator] = {}  # one per directory: names are unique where they land
         self.seen: set[str] = set()
         self.url: str | None = None
@@ -206,13 +207,22 @@ class _Filler:
             return
         self.seen.add(url)
         name, digest = own.pop("name", None), own.pop("sha256", None)
+        if self.force_directories:
+            own["subdir"] = "/".join(p for p in (own.get("subdir", ""), url_directories(url)) if p)
         names = self.names.setdefault(own.get("subdir", ""), NameAllocator())
         self.spool.add(Entry(self.spool.count, url, names.allocate(url, name), digest, own))
 
 
-def _fill(spool: Spool, path: Path, label: str) -> list[str]:
+def url_directories(url: str) -> str:
+    """-x/--force-directories (wget's): `http://h:81/a/b/f.pdf` -> `h_81/a/b`, each component sanitised."""
+    parts = urlsplit(url)
+    segments = [parts.netloc.rsplit("@", 1)[-1].lower(), *parts.path.split("/")[:-1]]
+    return "/".join(sanitize(unquote(seg, errors="replace")) for seg in segments if seg)
+
+
+def _fill(spool: Spool, path: Path, label: str, force_directories: bool = False) -> list[str]:
     """One pass over the file: good lines into the spool (while there is no bad one), bad lines returned."""
-    state, url_line = _Filler(spool), False
+    state, url_line = _Filler(spool, force_directories), False
     try:
         with open(path, encoding="utf-8") as fh:
             for number, line, indented in _lines(fh):

@@ -111,3 +111,19 @@ def test_max_size_with_a_suffix_and_one_url_summary(cluster, worker, origin, tmp
                               "--max-size", "2K")
     assert result.returncode == 0, result.stdout + result.stderr
     assert ": 1 URL\n" in result.stdout and "1.0 kB in " in result.stdout and "0.0 MB/s" not in result.stdout
+
+
+def test_force_directories_keeps_host_and_path(cluster, worker, origin, tmp_path):
+    origin.add("/a/b/deep.txt", b"deep")
+    origin.add("/a/f.txt", b"a")
+    origin.add("/sub%3Adir/f.txt", b"colon")
+    origin.add("/top.txt", b"top")
+    lines = [origin.url("/a/b/deep.txt"), origin.url("/a/f.txt"), origin.url("/sub%3Adir/f.txt"),
+             origin.url("/top.txt"), "  dir=extra"]
+    result = cluster.producer(str(write_list(tmp_path / "u.txt", lines)), "-d", "mirror", "-x")
+    assert result.returncode == 0, result.stdout + result.stderr
+    host = cluster.downloads / "mirror" / f"127.0.0.1_{origin.port}"  # ':' is not a safe name character
+    assert (host / "a" / "b" / "deep.txt").read_bytes() == b"deep"
+    assert (host / "a" / "f.txt").read_bytes() == b"a"
+    assert (host / "sub_dir" / "f.txt").read_bytes() == b"colon"  # same name, another directory: kept
+    assert (cluster.downloads / "mirror" / "extra" / host.name / "top.txt").read_bytes() == b"top"
