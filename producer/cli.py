@@ -9,6 +9,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,8 +25,8 @@ from tasks.message import Options, split_headers
 from tasks.naming import check_component
 from tasks.version import VERSION
 
+from . import credentials, progress, urls
 from . import job as jobs
-from . import progress, urls
 from .connect import Connection, connect
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, Unreachable, UsageError
 from .units import parse_size
@@ -72,6 +73,10 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                         "*-Token, *-Key) are never shown, nor sent to another host after a redirect")
     p.add_argument("-A", "--user-agent", default=None, metavar="UA",
                    help=f"User-Agent header (default: {USER_AGENT})")
+    p.add_argument("--netrc-file", type=Path, default=None, metavar="FILE",
+                   help="logins per host from this netrc file, sent (Basic) only to the matching host")
+    p.add_argument("--load-cookies", type=Path, default=None, metavar="FILE",
+                   help="cookies from this Netscape cookies.txt, sent only to matching domains and paths")
     p.add_argument("--limit-rate", type=_size, default=None, metavar="RATE",
                    help="bytes per second per download, e.g. 500K or 2M (default: unlimited)")
     p.add_argument("--queue", default=None, metavar="NAME",
@@ -168,13 +173,16 @@ def run(args: argparse.Namespace) -> int:
         local = settings.broker_url is None
         download_dir, subdir = _subdir(args.dir, local)
         options, secret = _options(args, subdir)
+        logins = credentials.load(args.netrc_file, args.load_cookies)
+        options = replace(options, credentials=bool(logins))
         queue = _queue(args.queue, local)
         with urls.read(path, label, args.force_directories) as spool, \
                 connect(local, download_dir, args.concurrency, args.pool, quiet=args.quiet) as conn:
             job_id = jobs.new_job_id()
             total = jobs.create(conn.ledger, job_id, spool.replay(),
                                 {"input": label, "opts": options.changed(), "created": time.time(),
-                                 ledger.SECRET_HEADERS: secret, "queue": queue})
+                                 ledger.SECRET_HEADERS: secret, "queue": queue,
+                                 **({ledger.CREDENTIALS: logins.to_json()} if logins else {})})
             if not args.quiet:
                 print(f"job {job_id}: {progress.plural(total, 'URL')}", flush=True)
             started = time.monotonic()

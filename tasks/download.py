@@ -19,6 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from . import fetch, hostlimit, ledger, transfer
 from .app import app
 from .config import TASK_NAME, settings
+from .credentials import Credentials
 from .errors import BadMessage, Busy, Cancelled, DownloadError, TransientError
 from .guard import Policy
 from .lease import Renewer
@@ -70,6 +71,7 @@ class Call:
     msg: Message
     opts: Options  # the message's options with the worker's settings for those it leaves unset
     secrets: list[tuple[str, str]] = field(default_factory=list)  # secret headers, read from the ledger
+    credentials: Credentials | None = None  # netrc logins and cookies, read from the ledger
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -116,10 +118,11 @@ def download(self: Any, url: str, name: str, job: str | None = None, index: int 
                 raise BadMessage(f"job {job} has no URL #{index} in the ledger (expired?)")
             msg.url = entry[0]
         secrets = _ledger().secret_headers(job, index) if job and msg.options.secret_headers else []
+        logins = Credentials.from_json(_ledger().credentials(job)) if job and msg.options.credentials else None
     except BadMessage as exc:
         call = Call(self, Message(url, name, job, index), Options())
         return _fail(call, exc.reason)
-    call = Call(self, msg, msg.options.resolve(settings), secrets)
+    call = Call(self, msg, msg.options.resolve(settings), secrets, logins)
     slot = _take_slot(call)
     answered = False
     try:
@@ -162,7 +165,7 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
     req = transfer.Request(url=m.url, name=m.name, subdir=o.subdir, sha256=o.sha256, force=o.force,
                            max_size=int(o.max_size or 0), resume=m.state.resume,
                            content_disposition=o.content_disposition, headers=_headers(call),
-                           limit_rate=int(o.limit_rate or 0))
+                           limit_rate=int(o.limit_rate or 0), credentials=call.credentials)
     try:
         outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=not settings.no_fsync,
                                    deadline=call.started + settings.soft_time_limit, on_chunk=_stop_if_cancelled(m.job))

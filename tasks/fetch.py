@@ -10,7 +10,7 @@ import http.cookiejar
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -165,8 +165,10 @@ def _pin(adapter: PinnedAdapter, url: str, policy: guard.Policy) -> None:
     adapter.pins[(urllib3.util.parse_url(url).host or host, port)] = address
 
 
-def open_response(url: str, headers: dict[str, str], limits: Limits) -> requests.Response:
-    """GET `url`, following redirects by hand: every hop is re-checked; credentials stay with their host."""
+def open_response(url: str, headers: dict[str, str], limits: Limits,
+                  per_host: Callable[[str], dict[str, str]] | None = None) -> requests.Response:
+    """GET `url`, following redirects by hand: every hop is re-checked; credentials stay with their host.
+    `per_host(hop_url)`: headers for that hop's host only (netrc, cookies), unless the user set the same header."""
     s, adapter = session()
     adapter.pins.clear()  # only this download's checked hops may connect
     start_origin = _origin(url)
@@ -177,6 +179,9 @@ def open_response(url: str, headers: dict[str, str], limits: Limits) -> requests
         hop_headers = dict(headers)
         if _origin(current) != start_origin:
             hop_headers = {k: v for k, v in hop_headers.items() if not is_secret_header(k)}
+        if per_host is not None:
+            given = {k.lower() for k in hop_headers}
+            hop_headers.update({k: v for k, v in per_host(current).items() if k.lower() not in given})
         seen.add(current)
         response = _send(s, current, hop_headers, limits)
         if response.status_code not in REDIRECTS or "location" not in response.headers:

@@ -36,6 +36,7 @@ JOBS_KEY = "ff:jobs"
 LIVE_KEY = "ff:live"  # set of jobs not finished yet: what the reconciler looks at
 BATCH = 2000
 CANCELLED_AT = "cancelled"  # meta field: when `cancel` stopped the job (absent: not cancelled)
+CREDENTIALS = "credentials"  # meta field: the job's netrc logins and cookies (tasks.credentials), read by workers
 SECRET_HEADERS = "secret_headers"  # meta field: the job's secret headers (JSON pairs), read by the workers
 Row = tuple[int, str, str, str | None, dict[str, Any]]  # index, url, name, sha256, the URL's own options
 
@@ -243,6 +244,11 @@ class Ledger:
         self.r.hdel(k.meta, CANCELLED_AT)
         self.r.sadd(LIVE_KEY, job)
         return n
+
+    def credentials(self, job: str) -> dict[str, Any] | None:
+        """The job's netrc logins and cookies as the producer stored them (JSON), if any."""
+        raw = self.r.hget(JobKeys(job).meta, CREDENTIALS)
+        return json.loads(raw) if raw else None
 
     def cancelled(self, job: str) -> bool:
         return bool(self.r.hexists(JobKeys(job).meta, CANCELLED_AT))

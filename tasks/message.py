@@ -37,6 +37,7 @@ class Options:
     user_agent: str | None = None  # None: fleetfetch's own (fetch.USER_AGENT)
     limit_rate: int | None = None  # bytes per second per download; None or 0: unlimited
     secret_headers: bool = False  # the job or URL has secret headers: the worker reads them from the ledger
+    credentials: bool = False  # the job has netrc logins or cookies: the worker reads them from the ledger
 
     def __post_init__(self) -> None:
         # JSON (the message, the job's meta) turns the pairs into lists: keep one shape.
@@ -68,6 +69,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "subdir": (str,), "sha256": (str, type(None)), "force": (bool,), "content_disposition": (bool,),
     "max_size": (int,), "max_attempts": (int,), "per_host": (int,), "host_rate": (int, float),
     "headers": (list, tuple), "user_agent": (str,), "limit_rate": (int,), "secret_headers": (bool,),
+    "credentials": (bool,),
     "attempt": (int,), "resume": (dict, type(None)), "waited_s": (int, float), "wait_since": (int, float, type(None)),
     "sealed": (bool,), "redeliveries": (int,),
 }

@@ -12,6 +12,7 @@ from typing import Any
 import requests
 
 from . import fetch, storage
+from .credentials import Credentials
 from .errors import CutShort, PermanentError, TransientError
 from .naming import check_component, disposition_name, with_hash
 
@@ -32,6 +33,7 @@ class Request:
     content_disposition: bool = False  # name the file from the server's Content-Disposition (opt-in)
     headers: dict[str, str] = field(default_factory=dict)  # sent with every request (User-Agent, --header)
     limit_rate: int = 0  # bytes per second of this download; 0: unlimited
+    credentials: Credentials | None = None  # netrc logins and cookies, added per host by fetch
 
 
 @dataclass
@@ -82,7 +84,7 @@ def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, 
                 headers["If-None-Match"] = known.etag
             if known.last_modified:
                 headers["If-Modified-Since"] = known.last_modified
-        response = _open(req.url, {**req.headers, **headers}, limits, part)
+        response = _open(req.url, {**req.headers, **headers}, limits, part, req.credentials)
         if response.status_code == 304 and known:
             response.close()
             part.discard()
@@ -125,22 +127,24 @@ def _commit(part: storage.PartFile, req: Request, response: requests.Response, f
     return part.final.name
 
 
-def _open(url: str, headers: dict[str, str], limits: fetch.Limits, part: storage.PartFile) -> requests.Response:
+def _open(url: str, headers: dict[str, str], limits: fetch.Limits, part: storage.PartFile,
+          credentials: Credentials | None = None) -> requests.Response:
     """Open the response; a refused or ignored range starts over from zero."""
+    per_host = credentials.headers_for if credentials else None
     try:
-        response = fetch.open_response(url, headers, limits)
+        response = fetch.open_response(url, headers, limits, per_host)
     except PermanentError as exc:
         if exc.status != 416 or "Range" not in headers:
             raise
         part.restart()
-        return fetch.open_response(url, _without_range(headers), limits)
+        return fetch.open_response(url, _without_range(headers), limits, per_host)
     if "Range" in headers:
         if response.status_code == 206 and _range_ok(response, part.size):
             return response
         part.restart()  # 200: the server ignored Range or the file changed (If-Range): start over
         if response.status_code == 206:
             response.close()
-            return fetch.open_response(url, _without_range(headers), limits)
+            return fetch.open_response(url, _without_range(headers), limits, per_host)
     return response
 
 
