@@ -77,6 +77,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="logins per host from this netrc file, sent (Basic) only to the matching host")
     p.add_argument("--load-cookies", type=Path, default=None, metavar="FILE",
                    help="cookies from this Netscape cookies.txt, sent only to matching domains and paths")
+    p.add_argument("--proxy", default=None, metavar="URL",
+                   help="send every request through this HTTP proxy, http://[user:password@]host:port (never taken "
+                        "from the environment; its address must pass the workers' destination policy)")
     p.add_argument("--limit-rate", type=_size, default=None, metavar="RATE",
                    help="bytes per second per download, e.g. 500K or 2M (default: unlimited)")
     p.add_argument("--queue", default=None, metavar="NAME",
@@ -173,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         local = settings.broker_url is None
         download_dir, subdir = _subdir(args.dir, local)
         options, secret = _options(args, subdir)
-        logins = credentials.load(args.netrc_file, args.load_cookies)
+        logins = credentials.load(args.netrc_file, args.load_cookies, args.proxy)
         options = replace(options, credentials=bool(logins))
         queue = _queue(args.queue, local)
         with urls.read(path, label, args.force_directories) as spool, \

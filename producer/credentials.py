@@ -1,19 +1,37 @@
-"""Reading the credential files a user points at (--netrc-file, --load-cookies) into tasks.credentials form."""
+"""Reading what the user gives to connect with (--netrc-file, --load-cookies, --proxy) into tasks.credentials form."""
 
 from __future__ import annotations
 
 import http.cookiejar
 import netrc
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tasks.credentials import Cookie, Credentials
+from tasks.redact import redact_url
 
 from .errors import UsageError
 
 
-def load(netrc_file: Path | None, cookies_file: Path | None) -> Credentials:
-    """The logins and cookies of both files; UsageError naming the file (and line) on a problem."""
-    return Credentials(_logins(netrc_file) if netrc_file else {}, _cookies(cookies_file) if cookies_file else [])
+def load(netrc_file: Path | None, cookies_file: Path | None, proxy: str | None = None) -> Credentials:
+    """The logins and cookies of both files, and the proxy; UsageError naming the file (and line) on a problem."""
+    return Credentials(_logins(netrc_file) if netrc_file else {}, _cookies(cookies_file) if cookies_file else [],
+                       _proxy(proxy) if proxy else None)
+
+
+def _proxy(url: str) -> str:
+    """--proxy: http://[user:password@]host[:port] (port 1080 if left out, as curl); shown only without secrets."""
+    try:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise UsageError(f"--proxy {redact_url(url)}: not a valid URL ({exc})") from None
+    if parts.scheme.lower() != "http":
+        raise UsageError(f"--proxy {redact_url(url)}: only http:// proxies are supported (https:// destinations "
+                         "go through them with CONNECT)")
+    if not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise UsageError(f"--proxy {redact_url(url)}: give http://[user:password@]host:port, nothing else")
+    return parts._replace(path="").geturl()
 
 
 def _logins(path: Path) -> dict[str, tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""Credentials a job brings from files: netrc logins per host and Netscape cookies per domain.
+"""Credentials a job brings: netrc logins per host, Netscape cookies per domain, and its --proxy.
 
 They are secrets: kept in the job's ledger (like secret headers), never in a task message. The worker adds them
 hop by hop (`headers_for`), so each request, a redirect's included, gets only what matches its own host.
@@ -42,9 +42,10 @@ class Cookie:
 class Credentials:
     logins: dict[str, tuple[str, str]] = field(default_factory=dict)  # host -> (login, password), from netrc
     cookies: list[Cookie] = field(default_factory=list)
+    proxy: str | None = None  # --proxy http://[user:password@]host:port (its password is a secret too)
 
     def __bool__(self) -> bool:
-        return bool(self.logins or self.cookies)
+        return bool(self.logins or self.cookies or self.proxy)
 
     def headers_for(self, url: str) -> dict[str, str]:
         """Authorization (netrc, unless the URL has its own userinfo) and Cookie for this URL's host only."""
@@ -61,10 +62,11 @@ class Credentials:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"logins": {h: list(v) for h, v in self.logins.items()}, "cookies": [asdict(c) for c in self.cookies]}
+        return {"logins": {h: list(v) for h, v in self.logins.items()}, "cookies": [asdict(c) for c in self.cookies],
+                "proxy": self.proxy}
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> Credentials:
         data = data or {}
         return cls({h: (v[0], v[1]) for h, v in (data.get("logins") or {}).items()},
-                   [Cookie(**c) for c in data.get("cookies") or []])
+                   [Cookie(**c) for c in data.get("cookies") or []], data.get("proxy"))

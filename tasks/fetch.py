@@ -116,6 +116,15 @@ class PinnedAdapter(HTTPAdapter):
         super().close()
 
 
+class ProxiedAdapter(HTTPAdapter):
+    """Through the job's explicit --proxy: the proxy connects to each destination, so a hop's host is checked by
+    the policy (`pins` records it) but cannot be pinned; the connection to the proxy goes to its checked address."""
+
+    def __init__(self) -> None:
+        super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
+        self.pins: dict[tuple[str, int], str] = {}
+
+
 _local = threading.local()
 
 
@@ -133,6 +142,37 @@ def session() -> tuple[requests.Session, PinnedAdapter]:
     return _local.session, _local.adapter
 
 
+def proxied_session(proxy: str, policy: guard.Policy) -> tuple[requests.Session, ProxiedAdapter]:
+    """A session whose requests go through `proxy` (http://[user:password@]host:port), reused per thread; the
+    proxy's own address must pass the destination policy and is the one connected to."""
+    parts = urlsplit(proxy)
+    port = parts.port or 1080
+    try:
+        address = guard.resolve(parts.hostname or "", port, policy)
+    except guard.Refused as exc:
+        raise PermanentError(f"proxy {parts.hostname}: {exc}") from None
+    except LookupError as exc:
+        raise TransientError(f"proxy {parts.hostname}: {exc}") from None
+    host = f"[{address}]" if ":" in address else address
+    userinfo = parts.netloc.rpartition("@")[0]
+    pinned = parts._replace(netloc=f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}").geturl()
+    cached = getattr(_local, "proxied", None)
+    if cached is not None and cached[0] == pinned:
+        return cached[1], cached[2]
+    if cached is not None:
+        cached[1].close()
+    s = requests.Session()
+    s.trust_env = False
+    s.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    s.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+    s.proxies = {"http": pinned, "https": pinned}
+    adapter = ProxiedAdapter()
+    s.mount("http://", adapter)
+    s.mount("https://", adapter)
+    _local.proxied = (pinned, s, adapter)
+    return s, adapter
+
+
 @dataclass(frozen=True)
 class Limits:
     connect_timeout: float
@@ -146,7 +186,7 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return p.scheme.lower(), (p.hostname or "").lower(), p.port
 
 
-def _pin(adapter: PinnedAdapter, url: str, policy: guard.Policy) -> None:
+def _pin(adapter: PinnedAdapter | ProxiedAdapter, url: str, policy: guard.Policy) -> None:
     guard.check_scheme(url)
     parts = urlsplit(url)
     try:
@@ -166,10 +206,12 @@ def _pin(adapter: PinnedAdapter, url: str, policy: guard.Policy) -> None:
 
 
 def open_response(url: str, headers: dict[str, str], limits: Limits,
-                  per_host: Callable[[str], dict[str, str]] | None = None) -> requests.Response:
+                  per_host: Callable[[str], dict[str, str]] | None = None, proxy: str | None = None
+                  ) -> requests.Response:
     """GET `url`, following redirects by hand: every hop is re-checked; credentials stay with their host.
-    `per_host(hop_url)`: headers for that hop's host only (netrc, cookies), unless the user set the same header."""
-    s, adapter = session()
+    `per_host(hop_url)`: headers for that hop's host only (netrc, cookies), unless the user set the same header.
+    `proxy`: the job's explicit --proxy (never one from the environment)."""
+    s, adapter = session() if proxy is None else proxied_session(proxy, limits.policy)
     adapter.pins.clear()  # only this download's checked hops may connect
     start_origin = _origin(url)
     seen: set[str] = set()

@@ -33,7 +33,7 @@ class Request:
     content_disposition: bool = False  # name the file from the server's Content-Disposition (opt-in)
     headers: dict[str, str] = field(default_factory=dict)  # sent with every request (User-Agent, --header)
     limit_rate: int = 0  # bytes per second of this download; 0: unlimited
-    credentials: Credentials | None = None  # netrc logins and cookies, added per host by fetch
+    credentials: Credentials | None = None  # netrc logins, cookies (added per host by fetch) and --proxy
 
 
 @dataclass
@@ -131,20 +131,21 @@ def _open(url: str, headers: dict[str, str], limits: fetch.Limits, part: storage
           credentials: Credentials | None = None) -> requests.Response:
     """Open the response; a refused or ignored range starts over from zero."""
     per_host = credentials.headers_for if credentials else None
+    proxy = credentials.proxy if credentials else None
     try:
-        response = fetch.open_response(url, headers, limits, per_host)
+        response = fetch.open_response(url, headers, limits, per_host, proxy)
     except PermanentError as exc:
         if exc.status != 416 or "Range" not in headers:
             raise
         part.restart()
-        return fetch.open_response(url, _without_range(headers), limits, per_host)
+        return fetch.open_response(url, _without_range(headers), limits, per_host, proxy)
     if "Range" in headers:
         if response.status_code == 206 and _range_ok(response, part.size):
             return response
         part.restart()  # 200: the server ignored Range or the file changed (If-Range): start over
         if response.status_code == 206:
             response.close()
-            return fetch.open_response(url, _without_range(headers), limits, per_host)
+            return fetch.open_response(url, _without_range(headers), limits, per_host, proxy)
     return response
 
 
