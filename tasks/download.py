@@ -156,9 +156,11 @@ def _take_slot(call: Call) -> hostlimit.Lease | None:
 
 def _run(call: Call, polite: bool) -> dict[str, Any]:
     m, o = call.msg, call.opts
-    if m.job and _ledger().cancelled(m.job):
-        return _cancelled(call)
-    if call.mark(ledger.STARTED, lease=settings.url_lease) is not None:
+    already = call.mark(ledger.STARTED, lease=settings.url_lease)
+    if already == ledger.CANCELLED:
+        log.info("Skipped %s (job %s #%s): the job was cancelled", m.name, m.job, m.index)
+        return _ledger().record(m.job, m.index) or {"status": ledger.CANCELLED} if m.job else {}
+    if already is not None:
         log.info("Already finished %s (job %s #%s): redelivery ignored", m.name, m.job, m.index)
         return _ledger().record(m.job, m.index) or {} if m.job else {}
     log.info("Starting download of %s %s", m.name, _runner())

@@ -43,10 +43,19 @@ Row = tuple[int, str, str, str | None, dict[str, Any]]  # index, url, name, sha2
 # KEYS[1] meta, KEYS[2] state, KEYS[3] rec, KEYS[4] due
 # ARGV[1] index, ARGV[2] new state, ARGV[3] final record JSON or '', ARGV[4] bytes to count, ARGV[5] ttl (s),
 # ARGV[6] ms from now by which a worker must be heard of again for this URL (its lease); '' = none (final)
-# Returns the final state the URL already had (then nothing changes), or false.
+# Returns the final state the URL already had (then nothing changes), or false. A URL about to start in a job
+# that was cancelled (meta field `cancelled`) ends cancelled instead, and 'cancelled' is returned: the worker
+# skips it in the same round trip.
 _TRANSITION = """
 local old = redis.call('HGET', KEYS[2], ARGV[1])
 if old == 'done' or old == 'unchanged' or old == 'failed' or old == 'cancelled' then return old end
+if ARGV[2] == 'started' and redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then
+  redis.call('HSET', KEYS[2], ARGV[1], 'cancelled')
+  if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
+  redis.call('HINCRBY', KEYS[1], 'n:cancelled', 1)
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  return 'cancelled'
+end
 if old ~= ARGV[2] then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
   if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
@@ -195,7 +204,7 @@ class Ledger:
         self._uncancel = client.register_script(_UNCANCEL)
 
     # producer side ---------------------------------------------------------------------------------
-    def create(self, job: str, meta: dict[str, Any], entries: Iterable[Row]) -> int:
+    def create(self, job: str, meta: dict[str, Any], entries: Iterable[Row | tuple[int, str, str, str | None]]) -> int:
         """Write the job and its URLs (index, url, name, sha256, own options) before anything is published, so
         `resume` can finish it whatever happens to the producer. Returns the number of URLs."""
         k = JobKeys(job)
@@ -207,8 +216,9 @@ class Ledger:
         pipe.sadd(LIVE_KEY, job)
         pipe.zremrangebyscore(JOBS_KEY, 0, time.time() - self.ttl)
         total = 0
-        for total, (i, url, name, digest, own) in enumerate(entries, 1):
-            pipe.hset(k.urls, str(i), json.dumps([url, name, digest, own] if own else [url, name, digest]))
+        for total, (i, url, name, digest, *own) in enumerate(entries, 1):  # own options: optional
+            row = [url, name, digest, own[0]] if own and own[0] else [url, name, digest]
+            pipe.hset(k.urls, str(i), json.dumps(row))
             if total % BATCH == 0:
                 pipe.execute()
         pipe.expire(k.urls, self.ttl)
