@@ -98,3 +98,13 @@ def test_limit_rate_holds_each_download_within_20_percent(cluster, worker, origi
     for record in read_manifest(manifest):
         assert 0.8 * expected <= record["elapsed_s"] <= 1.2 * expected, record
         assert record["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_version_and_help_document_the_options(cluster):
+    version = cluster.producer("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"fleetfetch {VERSION}"
+    helptext = cluster.producer("--help").stdout
+    for option in ("--header", "--user-agent", "--limit-rate", "--force-directories", "--queue", "--netrc-file",
+                   "--load-cookies", "--proxy", "--version", "jobs", "cancel"):
+        assert option in helptext, option
+    assert "--json" in cluster.producer("status", "--help").stdout
