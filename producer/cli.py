@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -11,24 +10,23 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import redis
 from kombu.exceptions import OperationalError
 
-from tasks import feed, ledger
+from tasks import ledger
 from tasks.config import QUEUE, settings
 from tasks.errors import UnsafeName
 from tasks.fetch import USER_AGENT
-from tasks.hostlimit import HostLimiter
 from tasks.message import Options, split_headers
 from tasks.naming import check_component
 from tasks.version import VERSION
 
-from . import credentials, progress, urls
+from . import commands, credentials, progress, urls
 from . import job as jobs
-from .connect import Connection, connect
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, Unreachable, UsageError
+from .connect import connect
+from .errors import EXIT_INTERRUPTED, EXIT_OK, CliError, Unreachable, UsageError
 from .units import parse_size
 
 POOLS = ("prefork", "threads")
@@ -197,132 +195,20 @@ def run(args: argparse.Namespace) -> int:
             if args.no_wait and not local:
                 print(job_id)
                 return EXIT_OK
-            return _follow(conn, job_id, total, started, args.manifest, args.quiet, local)
+            return commands.follow(conn, job_id, total, started, args.manifest, args.quiet, local)
     finally:
         if temporary:
             path.unlink(missing_ok=True)
 
 
-def _follow(conn: Connection, job_id: str, total: int, started: float, manifest: Path | None, quiet: bool,
-            local: bool) -> int:
-    try:
-        counts = progress.follow(conn.ledger, job_id, total, quiet=quiet, alive=conn.problem, tick=conn.sweep,
-                                 tick_every=settings.sweep_interval)
-    except KeyboardInterrupt:
-        if local:
-            conn.hurry()
-            print("\ninterrupted: stopping the local worker and server (the job is abandoned)", file=sys.stderr)
-        else:
-            print(f"\ninterrupted: the job goes on; see it with: fleetfetch status {job_id}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except ledger.JobGone:
-        raise Unreachable(f"the result backend no longer has job {job_id} (Redis restarted empty?); run the list "
-                          "again: files already downloaded and verified are not fetched again") from None
-    elapsed = time.monotonic() - started
-    fails = jobs.failures(conn.ledger, job_id, total) if counts["failed"] else []
-    if manifest:
-        jobs.manifest_to(manifest, conn.ledger, job_id, total)
-    print(progress.summary(counts, fails, elapsed), flush=True)
-    return _exit_for(counts)
-
-
-def _exit_for(counts: dict[str, int]) -> int:
-    """0 only when every URL was downloaded (or unchanged): failed or cancelled URLs make it 1."""
-    return EXIT_FAILED if counts["failed"] or counts["cancelled"] else EXIT_OK
-
-
-def status(args: argparse.Namespace) -> int:
-    with connect(False) as conn:
-        meta = _existing(conn.ledger, args.job)
-        counts = conn.ledger.counts(args.job)
-        total = int(meta.get("total") or 0)
-        if args.json:
-            print(json.dumps(jobs.describe(conn.ledger, args.job, meta)))
-            return _exit_for(counts)
-        state = jobs.describe(conn.ledger, args.job, meta)["state"]
-        print(f"job {args.job}: {progress.plural(total, 'URL')}, {state}, input {meta.get('input')}")
-        print("  " + ", ".join(f"{s} {counts[s]}" for s in ledger.STATES) + f", bytes {counts['bytes']}")
-        for host, until in HostLimiter(conn.ledger.r).paused().items():
-            print(f"  host {host} paused until {time.strftime('%H:%M:%S', time.localtime(until))} "
-                  "(it answered 429/503, or server errors in a row)")
-        if counts["published"] < total:
-            print(f"  {progress.plural(total - counts['published'], 'URL')} never enqueued: "
-                  f"fleetfetch resume {args.job}")
-        return _exit_for(counts)
-
-
-def results(args: argparse.Namespace) -> int:
-    with connect(False) as conn:
-        total = int(_existing(conn.ledger, args.job).get("total") or 0)
-        if args.manifest:
-            jobs.manifest_to(args.manifest, conn.ledger, args.job, total)
-        else:
-            jobs.write_manifest(conn.ledger, args.job, total, sys.stdout)
-        return _exit_for(conn.ledger.counts(args.job))
-
-
-def resume(args: argparse.Namespace) -> int:
-    with connect(False) as conn:
-        meta = _existing(conn.ledger, args.job)
-        total = int(meta.get("total") or 0)
-        started = time.monotonic()
-        if meta.get(ledger.CANCELLED_AT) is not None:
-            taken = conn.ledger.uncancel(args.job, total)
-            if not args.quiet:
-                print(f"job {args.job}: cancelled before; taking up its {progress.plural(taken, 'cancelled URL')} "
-                      "again", flush=True)
-        sent = jobs.publish(conn.app, conn.ledger, args.job, jobs.load_entries(conn.ledger, args.job),
-                            Options(**(meta.get("opts") or {})), feed.job_queue(meta))
-        if not args.quiet:
-            print(f"job {args.job}: published {progress.plural(sent, 'URL')} that had no task yet", flush=True)
-        if args.no_wait:
-            return EXIT_OK
-        return _follow(conn, args.job, total, started, args.manifest, args.quiet, False)
-
-
-def jobs_(args: argparse.Namespace) -> int:
-    with connect(False) as conn:
-        found = list(jobs.recent(conn.ledger, args.limit))
-    if args.json:
-        for job in found:
-            print(json.dumps(job))
-        return EXIT_OK
-    if not found:
-        print("no jobs in the result backend")
-    for job in found:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created"] or 0))
-        n = job["counts"]
-        print(f"{job['job']}  {created}  {job['state']:<9}  {n['done'] + n['unchanged']}/{job['total']} downloaded, "
-              f"{n['failed']} failed, {n['cancelled']} cancelled  {job['input']}")
-    return EXIT_OK
-
-
-def cancel(args: argparse.Namespace) -> int:
-    with connect(False) as conn:
-        total = int(_existing(conn.ledger, args.job).get("total") or 0)
-        n = conn.ledger.cancel(args.job, total)
-        running = conn.ledger.counts(args.job)["started"]
-    print(f"job {args.job}: cancelled {progress.plural(n, 'URL')} not started; {running} running stop at their next "
-          f"chunk (their temp files are removed). Take it up again with: fleetfetch resume {args.job}")
-    return EXIT_OK
-
-
-def _existing(book: ledger.Ledger, job: str) -> dict[str, Any]:
-    meta = book.meta(job)
-    if not meta:
-        raise UsageError(f"no job {job!r} in the result backend (expired, or another backend?)")
-    return meta
-
-
 # Each command once: name -> (handler, arguments, one-line help).
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
     "run": (run, _add_run, "run a job: download every URL of the list (the default command)"),
-    "status": (status, _add_status, "counts of a job (queued/started/done/failed/cancelled...)"),
-    "jobs": (jobs_, _add_jobs, "recent jobs, newest first, with their counts and state (running/finished/cancelled)"),
-    "cancel": (cancel, _add_job, "cancel a job: URLs not started end as cancelled, running ones stop"),
-    "results": (results, _add_results, "one JSON record per URL, in input order"),
-    "resume": (resume, _add_resume, "publish the URLs of JOB that were never enqueued (or were cancelled), then "
-                                    "follow it"),
+    "status": (commands.status, _add_status, "counts of a job (queued/started/done/failed/cancelled...)"),
+    "jobs": (commands.list_jobs, _add_jobs, "recent jobs, newest first, with their counts and state"),
+    "cancel": (commands.cancel, _add_job, "cancel a job: URLs not started end as cancelled, running ones stop"),
+    "results": (commands.results, _add_results, "one JSON record per URL, in input order"),
+    "resume": (commands.resume, _add_resume, "publish the URLs of JOB never enqueued (or cancelled), then follow it"),
 }
 
 
