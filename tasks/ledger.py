@@ -110,6 +110,17 @@ if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
 return out
 """
 
+# KEYS[1] meta, KEYS[2] state; ARGV[1] ttl (s), ARGV[2..] indexes just published
+# Each URL without a state becomes queued; returns how many did.
+_MARK_QUEUED = """
+local n = 0
+for i = 2, #ARGV do n = n + redis.call('HSETNX', KEYS[2], ARGV[i], 'queued') end
+redis.call('HINCRBY', KEYS[1], 'n:queued', n)
+redis.call('HINCRBY', KEYS[1], 'published', n)
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+return n
+"""
+
 # KEYS[1] meta, KEYS[2] state, KEYS[3] due; ARGV[1] ttl (s), ARGV[2..] indexes
 # Each URL not started and not final (never published, queued, retrying) becomes cancelled; a URL never published
 # counts as published (published = URLs that have a state). Started ones are left to their worker. Returns the count.
@@ -201,6 +212,7 @@ class Ledger:
         self._renew = client.register_script(_RENEW)
         self._requeue = client.register_script(_REQUEUE)
         self._cancel = client.register_script(_CANCEL)
+        self._mark_queued = client.register_script(_MARK_QUEUED)
         self._uncancel = client.register_script(_UNCANCEL)
 
     # producer side ---------------------------------------------------------------------------------
@@ -227,12 +239,10 @@ class Ledger:
         return total
 
     def mark_queued(self, pipe: Any, job: str, indexes: list[int]) -> None:
-        """Mark URLs queued, in the same transaction (`pipe`) that publishes their tasks."""
+        """Mark URLs queued, in the same transaction (`pipe`) that publishes their tasks; a URL that already has a
+        state (a `cancel` while the job was being enqueued) keeps it."""
         k = JobKeys(job)
-        pipe.hset(k.state, mapping={str(i): QUEUED for i in indexes})
-        pipe.hincrby(k.meta, f"n:{QUEUED}", len(indexes))
-        pipe.hincrby(k.meta, "published", len(indexes))
-        pipe.expire(k.state, self.ttl)
+        self._mark_queued(keys=[k.meta, k.state], args=[self.ttl, *indexes], client=pipe)
 
     def cancel(self, job: str, total: int) -> int:
         """Stop a job: flag it (running URLs stop at their next chunk), cancel every URL not started yet and

@@ -96,3 +96,22 @@ def test_the_reconciler_never_republishes_a_cancelled_job(cluster):
     assert counts["cancelled"] == 3 and counts["started"] == 0 and counts["queued"] == 0
     assert cluster.broker().llen(QUEUE) == before
     assert book.overdue(job, 10) == []
+
+
+def test_a_cancel_while_the_job_is_being_enqueued_keeps_its_urls_cancelled(cluster):
+    """The producer marks a batch queued after publishing it: a URL cancelled meanwhile stays cancelled, and the
+    counters still add up to the job's total."""
+    book = ledger.Ledger(cluster.backend(), 3600)
+    job = f"test-race-{uuid.uuid4().hex[:8]}"
+    book.create(job, {"input": "test"}, [(i, f"http://127.0.0.1:9/{i}", f"f{i}", None, {}) for i in range(4)])
+    pipe = book.r.pipeline(transaction=True)
+    book.mark_queued(pipe, job, [0, 1])
+    pipe.execute()
+    assert book.cancel(job, 4) == 4  # 2 queued, 2 not yet published
+    pipe = book.r.pipeline(transaction=True)
+    book.mark_queued(pipe, job, [2, 3])  # the producer's next batch lands after the cancel
+    pipe.execute()
+    counts = book.counts(job)
+    assert counts["cancelled"] == 4 and counts["queued"] == 0 and counts["published"] == 4
+    assert book.transition(job, 3, ledger.STARTED, lease=60) == ledger.CANCELLED  # its message is skipped
+    assert book.counts(job) == counts
