@@ -111,6 +111,9 @@ def check_line(line: str) -> tuple[str, str | None]:
     digest = None
     for token in rest:
         match = _DIGEST.fullmatch(token)
+        if not match and "://" in token:
+            raise ValueError("several URLs on one line (aria2's mirrors of one file) are not supported: give each "
+                             "URL its own line")
         if not match:
             raise ValueError(f"unexpected text after the URL: {token!r} (only sha256=<64 hex digits> may follow)")
         if len(match.group(1)) != 64:
