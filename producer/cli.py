@@ -3,30 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
+import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 import redis
 from kombu.exceptions import OperationalError
 
 from tasks import ledger
-from tasks.config import settings
+from tasks.config import QUEUE, settings
 from tasks.errors import UnsafeName
-from tasks.hostlimit import HostLimiter
-from tasks.message import Options
+from tasks.fetch import USER_AGENT
+from tasks.message import Options, split_headers
 from tasks.naming import check_component
+from tasks.version import VERSION
 
+from . import commands, credentials, progress, urls
 from . import job as jobs
-from . import progress, urls
-from .connect import Connection, connect
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, Unreachable, UsageError
-from .local import state_dir
+from .connect import connect
+from .errors import EXIT_INTERRUPTED, EXIT_OK, CliError, Unreachable, UsageError
+from .units import parse_size
 
 POOLS = ("prefork", "threads")
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
 EPILOG = """exit codes: 0 all downloaded, 1 some failed, 2 bad input or usage, 3 broker/backend unreachable (or it lost
             the job), 4 local mode's embedded server or worker failed, 130 interrupted.
 Local mode (no CELERY_BROKER_URL) starts an embedded server and a worker; `fleetfetch URLS_FILE` means `run`."""
@@ -36,6 +39,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("urls_file", help="text file, one URL per line (optionally followed by sha256=<hex>); - for stdin")
     _add_dir(p, "download directory (local mode; default: FLEETFETCH_DIR, ./downloads) or, in cluster mode, a "
                 "relative sub-directory of the workers' FLEETFETCH_DIR (default: FLEETFETCH_DIR itself)")
+    p.add_argument("-x", "--force-directories", action="store_true",
+                   help="keep host/path/... of each URL under the download directory (as wget -x), each "
+                        "directory name sanitised")
     p.add_argument("--manifest", type=Path, help="write JSON Lines, one record per URL, when the job ends")
     p.add_argument("--no-wait", action="store_true", help="enqueue, print the job id and exit 0")
     p.add_argument("--concurrency", type=int, default=None,
@@ -43,9 +49,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", default=settings.pool,
                    help=f"local mode: Celery pool, one of {', '.join(POOLS)} (default: %(default)s, FLEETFETCH_POOL)")
     # Options below travel in each message only when given: unset, each worker uses its own FLEETFETCH_* setting.
-    p.add_argument("--max-size", type=int, default=None,
-                   help=f"fail a body larger than this many bytes (default: the workers' FLEETFETCH_MAX_SIZE, "
-                        f"{settings.max_size})")
+    p.add_argument("--max-size", type=_size, default=None,
+                   help=f"fail a body larger than this (bytes, or 500K, 10M, 2G) (default: the workers' "
+                        f"FLEETFETCH_MAX_SIZE, {settings.max_size})")
     p.add_argument("--max-attempts", type=int, default=None,
                    help=f"attempts per URL for transient failures (default: FLEETFETCH_MAX_ATTEMPTS, "
                         f"{settings.max_attempts})")
@@ -58,6 +64,23 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--content-disposition", action="store_true",
                    help="name files from the server's Content-Disposition header (sanitised; off by default)")
     p.add_argument("--force", action="store_true", help="download even files an earlier run left unchanged")
+    p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="send this header with every request (repeatable); credentials (Authorization, Cookie, "
+                        "*-Token, *-Key) are never shown, nor sent to another host after a redirect")
+    p.add_argument("-A", "--user-agent", default=None, metavar="UA",
+                   help=f"User-Agent header (default: {USER_AGENT})")
+    p.add_argument("--netrc-file", type=Path, default=None, metavar="FILE",
+                   help="logins per host from this netrc file, sent (Basic) only to the matching host")
+    p.add_argument("--load-cookies", type=Path, default=None, metavar="FILE",
+                   help="cookies from this Netscape cookies.txt, sent only to matching domains and paths")
+    p.add_argument("--proxy", default=None, metavar="URL",
+                   help="send every request through this HTTP proxy, http://[user:password@]host:port (never taken "
+                        "from the environment; its address must pass the workers' destination policy)")
+    p.add_argument("--limit-rate", type=_size, default=None, metavar="RATE",
+                   help="bytes per second per download, e.g. 500K or 2M (default: unlimited)")
+    p.add_argument("--queue", default=None, metavar="NAME",
+                   help=f"publish the job to this Celery queue, served by workers started with -Q NAME "
+                        f"(default: {QUEUE})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output; summary and errors only")
 
 
@@ -65,10 +88,25 @@ def _add_dir(p: argparse.ArgumentParser, text: str) -> None:
     p.add_argument("-d", "--dir", default=None, help=text)
 
 
-def _add_job(p: argparse.ArgumentParser) -> None:
-    p.add_argument("job", help="the job id printed when the job was enqueued")
+def _add_local_dir(p: argparse.ArgumentParser) -> None:
     _add_dir(p, "local mode: the download directory the job ran in (its state is kept there; default: "
                 "FLEETFETCH_DIR, ./downloads)")
+
+
+def _add_job(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="the job id printed when the job was enqueued")
+    _add_local_dir(p)
+
+
+def _add_status(p: argparse.ArgumentParser) -> None:
+    _add_job(p)
+    p.add_argument("--json", action="store_true", help="one JSON object: state, total, counts per state, bytes")
+
+
+def _add_jobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=20, help="how many of the newest jobs (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="JSON Lines, one object per job (as status --json)")
+    _add_local_dir(p)
 
 
 def _add_results(p: argparse.ArgumentParser) -> None:
@@ -100,11 +138,40 @@ def _subdir(value: str | None, local: bool) -> tuple[Path, str]:
     return settings.download_dir, p.as_posix()
 
 
-def _options(args: argparse.Namespace, subdir: str) -> Options:
-    """What the user set on the command line; the rest is left to each worker's settings."""
-    return Options(subdir=subdir, force=args.force, content_disposition=args.content_disposition,
-                   max_size=args.max_size, max_attempts=args.max_attempts, per_host=args.per_host,
-                   host_rate=args.host_rate)
+def _queue(name: str | None, local: bool) -> str:
+    """The job's queue: --queue, checked (a Redis list name the workers' -Q can name), or the default one."""
+    if name is None:
+        return QUEUE
+    if local:
+        raise UsageError("--queue: local mode's worker serves only its own queue; use --queue with a broker "
+                         "(CELERY_BROKER_URL) and workers started with -Q NAME")
+    if not _QUEUE_NAME.fullmatch(name):
+        raise UsageError(f"--queue {name!r}: use letters, digits and - _ . : (at most 100)")
+    return name
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _options(args: argparse.Namespace, subdir: str) -> tuple[Options, list[tuple[str, str]]]:
+    """What the user set on the command line (the rest is left to each worker's settings), and the secret
+    headers, which stay in the job's ledger instead of travelling in its messages."""
+    try:
+        headers = [urls.parse_header(h) for h in args.header]
+        if args.user_agent is not None:
+            urls.parse_header(f"User-Agent: {args.user_agent}")
+    except ValueError as exc:
+        raise UsageError(f"--header/--user-agent: {exc}") from None
+    shown, secret = split_headers(headers)
+    options = Options(subdir=subdir, force=args.force, content_disposition=args.content_disposition,
+                      max_size=args.max_size, max_attempts=args.max_attempts, per_host=args.per_host,
+                      host_rate=args.host_rate, headers=shown, user_agent=args.user_agent,
+                      limit_rate=args.limit_rate or None, secret_headers=bool(secret))
+    return options, secret
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,125 +182,59 @@ def run(args: argparse.Namespace) -> int:
         label = "stdin" if args.urls_file == "-" else args.urls_file
         local = settings.broker_url is None
         download_dir, subdir = _subdir(args.dir, local)
-        options = _options(args, subdir)
-        with urls.read(path, label) as spool, \
+        options, secret = _options(args, subdir)
+        logins = credentials.load(args.netrc_file, args.load_cookies, args.proxy)
+        options = replace(options, credentials=bool(logins))
+        queue = _queue(args.queue, local)
+        with urls.read(path, label, args.force_directories) as spool, \
                 connect(local, download_dir, args.concurrency, args.pool, quiet=args.quiet) as conn:
             job_id = jobs.new_job_id()
             total = jobs.create(conn.ledger, job_id, spool.replay(),
-                                {"input": label, "opts": options.changed(), "created": time.time()})
+                                {"input": label, "opts": options.changed(), "created": time.time(),
+                                 ledger.SECRET_HEADERS: secret, "queue": queue,
+                                 **({ledger.CREDENTIALS: logins.to_json()} if logins else {})})
             if not args.quiet:
                 print(f"job {job_id}: {progress.plural(total, 'URL')}", flush=True)
             started = time.monotonic()
             try:
-                jobs.publish(conn.app, conn.ledger, job_id, spool.replay(), options)
+                jobs.publish(conn.app, conn.ledger, job_id, spool.replay(), options, queue)
             except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
                 raise Unreachable(f"lost the broker while enqueuing job {job_id} ({exc}); once it is back, "
                                   f"run: fleetfetch resume {job_id}") from None
             if args.no_wait and not local:
                 print(job_id)
                 return EXIT_OK
-            return _follow(conn, job_id, total, started, args.manifest, args.quiet, local)
+            return commands.follow(conn, job_id, total, started, args.manifest, args.quiet, local)
     finally:
         if temporary:
             path.unlink(missing_ok=True)
 
 
-def _follow(conn: Connection, job_id: str, total: int, started: float, manifest: Path | None, quiet: bool,
-            local: bool) -> int:
-    try:
-        counts = progress.follow(conn.ledger, job_id, total, quiet=quiet, alive=conn.problem, tick=conn.sweep,
-                                 tick_every=settings.sweep_interval)
-    except KeyboardInterrupt:
-        if local:
-            conn.hurry()
-            print(f"\ninterrupted: the local worker and server stop; the job is kept: fleetfetch resume {job_id} "
-                  f"-d {conn.download_dir}", file=sys.stderr)
-        else:
-            print(f"\ninterrupted: the job goes on; see it with: fleetfetch status {job_id}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except ledger.JobGone:
-        raise Unreachable(f"the result backend no longer has job {job_id} (Redis restarted empty?); run the list "
-                          "again: files already downloaded and verified are not fetched again") from None
-    elapsed = time.monotonic() - started
-    fails = jobs.failures(conn.ledger, job_id, total) if counts["failed"] else []
-    if manifest:
-        jobs.manifest_to(manifest, conn.ledger, job_id, total)
-    print(progress.summary(counts, fails, elapsed), flush=True)
-    return EXIT_FAILED if counts["failed"] else EXIT_OK
-
-
-def status(args: argparse.Namespace) -> int:
-    with _connect_to_job(args, worker=False) as conn:
-        meta = _existing(conn.ledger, args.job)
-        counts = conn.ledger.counts(args.job)
-        total = int(meta.get("total") or 0)
-        print(f"job {args.job}: {progress.plural(total, 'URL')}, input {meta.get('input')}")
-        print("  " + ", ".join(f"{s} {counts[s]}" for s in ledger.STATES) + f", bytes {counts['bytes']}")
-        for host, until in HostLimiter(conn.ledger.r).paused().items():
-            print(f"  host {host} paused until {time.strftime('%H:%M:%S', time.localtime(until))} "
-                  "(it answered 429/503, or server errors in a row)")
-        if counts["published"] < total:
-            print(f"  {total - counts['published']} URLs were never enqueued: fleetfetch resume {args.job}")
-        return EXIT_FAILED if counts["failed"] else EXIT_OK
-
-
-def results(args: argparse.Namespace) -> int:
-    with _connect_to_job(args, worker=False) as conn:
-        total = int(_existing(conn.ledger, args.job).get("total") or 0)
-        if args.manifest:
-            jobs.manifest_to(args.manifest, conn.ledger, args.job, total)
-        else:
-            jobs.write_manifest(conn.ledger, args.job, total, sys.stdout)
-        return EXIT_FAILED if conn.ledger.counts(args.job)["failed"] else EXIT_OK
-
-
-def resume(args: argparse.Namespace) -> int:
-    with _connect_to_job(args, worker=True) as conn:
-        meta = _existing(conn.ledger, args.job)
-        total = int(meta.get("total") or 0)
-        started = time.monotonic()
-        sent = jobs.publish(conn.app, conn.ledger, args.job, jobs.load_entries(conn.ledger, args.job),
-                            Options(**(meta.get("opts") or {})))
-        if not args.quiet:
-            print(f"job {args.job}: published {progress.plural(sent, 'URL')} that had no task yet", flush=True)
-        if args.no_wait:
-            return EXIT_OK
-        return _follow(conn, args.job, total, started, args.manifest, args.quiet, settings.broker_url is None)
-
-
-def _connect_to_job(args: argparse.Namespace, worker: bool) -> contextlib.AbstractContextManager[Connection]:
-    """The cluster's broker, or in local mode the embedded server on the job's download directory."""
-    if settings.broker_url is not None:
-        return connect(False)
-    directory = Path(args.dir) if args.dir else settings.download_dir
-    if not state_dir(directory).is_dir():
-        raise UsageError(f"no local jobs in {directory} (give the job's directory with -d, or set "
-                         "CELERY_BROKER_URL for a cluster's jobs)")
-    return connect(True, directory, quiet=True, worker=worker)
-
-
-def _existing(book: ledger.Ledger, job: str) -> dict[str, Any]:
-    meta = book.meta(job)
-    if not meta:
-        raise UsageError(f"no job {job!r} in the result backend (expired, or another backend?)")
-    return meta
-
-
 # Each command once: name -> (handler, arguments, one-line help).
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
     "run": (run, _add_run, "run a job: download every URL of the list (the default command)"),
-    "status": (status, _add_job, "counts of a job (queued/started/done/failed...)"),
-    "results": (results, _add_results, "one JSON record per URL, in input order"),
-    "resume": (resume, _add_resume, "publish the URLs of JOB that were never enqueued, then follow it"),
+    "status": (commands.status, _add_status, "counts of a job (queued/started/done/failed/cancelled...)"),
+    "jobs": (commands.list_jobs, _add_jobs, "recent jobs, newest first, with their counts and state"),
+    "cancel": (commands.cancel, _add_job, "cancel a job: URLs not started end as cancelled, running ones stop"),
+    "results": (commands.results, _add_results, "one JSON record per URL, in input order"),
+    "resume": (commands.resume, _add_resume, "publish the URLs of JOB never enqueued (or cancelled), then follow it"),
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `error:` line (exit 2) like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see --help)")
 
 
 def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and one sub-parser per command."""
-    p = argparse.ArgumentParser(prog="fleetfetch", description="Download every URL of a list, verified.",
+    p = _Parser(prog="fleetfetch", description="Download every URL of a list, verified.",
                                 usage="fleetfetch [run] URLS_FILE [options] | fleetfetch COMMAND ...")
+    p.add_argument("-V", "--version", action="version", version=f"fleetfetch {VERSION}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    commands = {}
+    commands: dict[str, argparse.ArgumentParser] = {}
     for name, (handler, add_arguments, text) in COMMANDS.items():
         cp = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     top, commands = parsers()
     if argv in (["-h"], ["--help"]):  # the commands, then the options of the default one
         print(top.format_help() + "\n" + commands["run"].format_help())
+        return EXIT_OK
+    if argv in (["-V"], ["--version"]):
+        print(f"fleetfetch {VERSION}")
         return EXIT_OK
     if not argv or argv[0] not in COMMANDS:
         argv = ["run", *argv]  # `fleetfetch URLS_FILE` is `fleetfetch run URLS_FILE`

@@ -23,19 +23,20 @@ def new_job_id() -> str:
 
 def create(book: ledger.Ledger, job: str, entries: Iterable[Entry], meta: dict[str, Any]) -> int:
     """Write the job and its URL list to the ledger (before publishing, so `resume` can finish it)."""
-    return book.create(job, meta, ((e.index, e.url, e.name, e.sha256) for e in entries))
+    return book.create(job, meta, ((e.index, e.url, e.name, e.sha256, e.opts) for e in entries))
 
 
-def publish(app: Celery, book: ledger.Ledger, job: str, entries: Iterable[Entry], options: Options) -> int:
-    """One task per URL, each carrying the job's options."""
-    return feed.publish(app, book, job, (Message.of(job, e, options) for e in entries))
+def publish(app: Celery, book: ledger.Ledger, job: str, entries: Iterable[Entry], options: Options,
+            queue: str = feed.QUEUE) -> int:
+    """One task per URL to the job's queue, each carrying the job's options."""
+    return feed.publish(app, book, job, (Message.of(job, e, options) for e in entries), queue_name=queue)
 
 
 def load_entries(book: ledger.Ledger, job: str) -> Iterator[Entry]:
     """The URLs of `job` that were never published (what `resume` sends)."""
     total = int(book.meta(job).get("total") or 0)
-    for i, url, name, digest in book.unpublished(job, total):
-        yield Entry(i, url, name, digest)
+    for i, url, name, digest, own in book.unpublished(job, total):
+        yield Entry(i, url, name, digest, own)
 
 
 def write_manifest(book: ledger.Ledger, job: str, total: int, out: IO[str]) -> None:
@@ -61,3 +62,26 @@ def manifest_to(path: Path, book: ledger.Ledger, job: str, total: int) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def describe(book: ledger.Ledger, job: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What `status --json` and `jobs --json` show of a job: its state (running/finished/cancelled) and counts.
+    Never its secret headers."""
+    meta = book.meta(job) if meta is None else meta
+    counts = book.counts(job)
+    total = int(meta.get("total") or 0)
+    if meta.get(ledger.CANCELLED_AT) is not None:
+        state = "cancelled"
+    else:
+        state = "finished" if sum(counts[s] for s in ledger.FINAL) >= total else "running"
+    return {"job": job, "state": state, "total": total, "input": meta.get("input"), "created": meta.get("created"),
+            "counts": {s: counts[s] for s in ledger.STATES}, "bytes": counts["bytes"],
+            "published": counts["published"], "queue": feed.job_queue(meta)}
+
+
+def recent(book: ledger.Ledger, limit: int) -> Iterator[dict[str, Any]]:
+    """The newest jobs still in the backend, newest first."""
+    for job, _created in book.recent(limit):
+        meta = book.meta(job)
+        if meta:
+            yield describe(book, job, meta)

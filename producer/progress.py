@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tasks import ledger
 
 from .errors import LocalFailure
+from .units import human_bytes, human_rate
 
 POLL_S = 0.1  # one small round-trip; a short job is reported as soon as it ends (local mode fixed cost)
 PLAIN_EVERY_S = 5.0
@@ -27,9 +28,11 @@ def finished(counts: dict[str, int]) -> int:
 
 
 def _line(counts: dict[str, int], total: int, elapsed: float) -> str:
-    mb = counts["bytes"] / 1e6
+    size = counts["bytes"]
     return (f"progress: {finished(counts)}/{total} finished ({counts['done']} done, {counts['unchanged']} unchanged, "
-            f"{counts['failed']} failed, {counts['started']} running), {mb:.1f} MB, {mb / max(elapsed, 1e-9):.1f} MB/s")
+            f"{counts['failed']} failed, {counts['cancelled']} cancelled, {counts['started']} running), "
+            f"{human_bytes(size)}, "
+            f"{human_rate(size, elapsed)}")
 
 
 def plural(n: int, noun: str) -> str:
@@ -52,7 +55,7 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
         while True:
             counts = _counts_waiting(book, job)
             done, now = finished(counts), time.monotonic()
-            bar.update(task_id, completed=done, info=f"{counts['failed']} failed, {counts['bytes'] / 1e6:.1f} MB")
+            bar.update(task_id, completed=done, info=f"{counts['failed']} failed, {human_bytes(counts['bytes'])}")
             if done >= total:
                 return counts
             if done != last_done:
@@ -94,9 +97,11 @@ def _counts_waiting(book: ledger.Ledger, job: str) -> dict[str, int]:
 
 
 def summary(counts: dict[str, int], fails: list[dict[str, Any]], seconds: float) -> str:
-    mb = counts["bytes"] / 1e6
+    size = counts["bytes"]
     lines = [f"summary: {counts['done']} downloaded, {counts['unchanged']} unchanged, {counts['failed']} failed; "
-             f"{mb:.1f} MB in {seconds:.1f} s ({mb / max(seconds, 1e-9):.1f} MB/s)"]
+             f"{human_bytes(size)} in {seconds:.1f} s ({human_rate(size, seconds)})"]
+    if counts.get("cancelled"):
+        lines[0] = lines[0].replace(" failed;", f" failed, {counts['cancelled']} cancelled;", 1)
     for record in fails[:MAX_LISTED_FAILURES]:
         lines.append(f"  failed: {record.get('url')}: {record.get('reason')}")
     if len(fails) > MAX_LISTED_FAILURES:

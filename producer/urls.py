@@ -1,27 +1,97 @@
 """Reading a URL list: one pass checks every line, names each URL and spools the entries to a temp file.
 
+Two formats, mixed freely: one URL per line (optionally followed by sha256=<hex>), and aria2c's input file, where
+a URL line is followed by indented `key=value` lines (out, dir, header, checksum, user-agent) for that URL.
 Nothing is enqueued unless every line is good; the bad ones are all reported (up to MAX_REPORTED).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
-from urllib.parse import urlsplit
+from typing import IO, Any
+from urllib.parse import unquote, urlsplit
 
+from tasks.errors import UnsafeName
 from tasks.message import Entry
-from tasks.naming import NameAllocator
+from tasks.naming import NameAllocator, check_component, sanitize
 
 from .errors import UsageError
 
 MAX_URL = 8192
 MAX_REPORTED = 20
 _DIGEST = re.compile(r"sha256=([0-9a-fA-F]*)")
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+ARIA2_OPTIONS = ("out", "dir", "header", "checksum", "user-agent")
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """`Name: value` -> (name, value); ValueError naming the problem (never the value: it may be a secret)."""
+    name, colon, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not colon or not name:
+        raise ValueError(f"a header is 'Name: value', not {name!r}")
+    if not _HEADER_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not a header name (letters, digits and -_.!#$%&'*+^`|~ only)")
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"the value of header {name} has a line break or NUL")
+    return name, value
+
+
+def _subdir(value: str) -> str:
+    """dir=: a relative sub-directory whose every component the workers accept."""
+    p = Path(value)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise ValueError(f"dir={value!r}: give a relative sub-directory of the download directory (no /, no ..)")
+    for part in p.parts:
+        try:
+            check_component(part)
+        except UnsafeName:
+            raise ValueError(f"dir={value!r}: {part!r} is not a name the workers accept (no hidden, reserved or "
+                             "special-character names)") from None
+    return p.as_posix()
+
+
+def _out(value: str) -> str:
+    """out=: one file name the workers accept."""
+    try:
+        return check_component(value)
+    except UnsafeName:
+        hint = "; put directories in dir=" if "/" in value else ""
+        raise ValueError(f"out={value!r} is not a file name the workers accept (no /, hidden, reserved or "
+                         f"special-character names){hint}") from None
+
+
+def parse_option(own: dict[str, Any], line: str) -> None:
+    """One indented aria2 `key=value` line into the URL's own options; ValueError naming the problem."""
+    key, eq, value = line.partition("=")
+    key, value = key.strip(), value.strip()
+    if not eq:
+        raise ValueError(f"an option line is key=value, not {key!r}")
+    if key == "out":
+        own["name"] = _out(value)
+    elif key == "dir":
+        own["subdir"] = _subdir(value)
+    elif key == "header":
+        own.setdefault("headers", []).append(list(parse_header(value)))
+    elif key == "user-agent":
+        parse_header(f"User-Agent: {value}")
+        own["user_agent"] = value
+    elif key == "checksum":
+        algorithm, _, digest = value.partition("=")
+        if algorithm.lower() not in ("sha-256", "sha256"):
+            raise ValueError(f"checksum={algorithm}=...: only sha-256 is supported (checksum=sha-256=<64 hex digits>)")
+        if not _HEX64.fullmatch(digest):
+            raise ValueError("invalid checksum: sha-256= needs 64 hex digits")
+        own["sha256"] = digest.lower()
+    else:
+        raise ValueError(f"unknown option {key!r} (a list may give {', '.join(ARIA2_OPTIONS)})")
 
 
 def check_line(line: str) -> tuple[str, str | None]:
@@ -41,6 +111,9 @@ def check_line(line: str) -> tuple[str, str | None]:
     digest = None
     for token in rest:
         match = _DIGEST.fullmatch(token)
+        if not match and "://" in token:
+            raise ValueError("several URLs on one line (aria2's mirrors of one file) are not supported: give each "
+                             "URL its own line")
         if not match:
             raise ValueError(f"unexpected text after the URL: {token!r} (only sha256=<64 hex digits> may follow)")
         if len(match.group(1)) != 64:
@@ -49,11 +122,12 @@ def check_line(line: str) -> tuple[str, str | None]:
     return url, digest
 
 
-def _lines(fh: IO[str]) -> Iterator[tuple[int, str]]:
+def _lines(fh: IO[str]) -> Iterator[tuple[int, str, bool]]:
+    """(line number, text, indented: an aria2 option line) of each line that is not blank or a comment."""
     for number, raw in enumerate(fh, 1):
         line = raw.strip()
         if line and not line.startswith("#"):
-            yield number, line
+            yield number, line, raw[:1] in (" ", "\t")
 
 
 def open_list(path: str) -> tuple[Path, bool]:
@@ -77,14 +151,15 @@ class Spool:
 
     def add(self, e: Entry) -> None:
         """Write an entry down (names have no control characters, URLs no whitespace)."""
-        self._fh.write(f"{e.index}\t{e.sha256 or ''}\t{e.name}\t{e.url}\n")
+        own = json.dumps(e.opts, separators=(",", ":")) if e.opts else ""  # JSON escapes tabs and newlines
+        self._fh.write(f"{e.index}\t{e.sha256 or ''}\t{own}\t{e.name}\t{e.url}\n")
         self.count += 1
 
     def replay(self) -> Iterator[Entry]:
         self._fh.seek(0)
         for line in self._fh:
-            index, digest, name, url = line.rstrip("\n").split("\t", 3)
-            yield Entry(int(index), url, name, digest or None)
+            index, digest, own, name, url = line.rstrip("\n").split("\t", 4)
+            yield Entry(int(index), url, name, digest or None, json.loads(own) if own else {})
 
     def __enter__(self) -> Spool:
         return self
@@ -93,11 +168,11 @@ class Spool:
         self._fh.close()
 
 
-def read(path: Path, label: str) -> Spool:
+def read(path: Path, label: str, force_directories: bool = False) -> Spool:
     """Check every line and spool the distinct URLs with collision-free names; UsageError listing bad lines."""
     spool = Spool()
     try:
-        bad = _fill(spool, path, label)
+        bad = _fill(spool, path, label, force_directories)
         if bad:
             shown = bad[:MAX_REPORTED]
             if len(bad) > MAX_REPORTED:
@@ -113,22 +188,61 @@ def read(path: Path, label: str) -> Spool:
     return spool
 
 
-def _fill(spool: Spool, path: Path, label: str) -> list[str]:
+class _Filler:
+    """The URL being read (its option lines may follow) and what the job has so far."""
+
+    def __init__(self, spool: Spool, force_directories: bool = False) -> None:
+        self.spool, self.bad = spool, list[str]()
+        self.force_directories = force_directories
+        self.names: dict[str, NameAllocator] = {}  # one per directory: names are unique where they land
+        self.seen: set[str] = set()
+        self.url: str | None = None
+        self.own: dict[str, Any] = {}
+
+    def start(self, url: str | None, digest: str | None) -> None:
+        self.finish()
+        self.url, self.own = url, ({"sha256": digest} if digest else {})
+
+    def finish(self) -> None:
+        url, own = self.url, self.own
+        self.url, self.own = None, {}
+        if url is None or self.bad or url in self.seen:
+            return
+        self.seen.add(url)
+        name, digest = own.pop("name", None), own.pop("sha256", None)
+        if self.force_directories:
+            own["subdir"] = "/".join(p for p in (own.get("subdir", ""), url_directories(url)) if p)
+        names = self.names.setdefault(own.get("subdir", ""), NameAllocator())
+        self.spool.add(Entry(self.spool.count, url, names.allocate(url, name), digest, own))
+
+
+def url_directories(url: str) -> str:
+    """-x/--force-directories (wget's): `http://h:81/a/b/f.pdf` -> `h_81/a/b`, each component sanitised."""
+    parts = urlsplit(url)
+    segments = [parts.netloc.rsplit("@", 1)[-1].lower(), *parts.path.split("/")[:-1]]
+    return "/".join(sanitize(unquote(seg, errors="replace")) for seg in segments if seg)
+
+
+def _fill(spool: Spool, path: Path, label: str, force_directories: bool = False) -> list[str]:
     """One pass over the file: good lines into the spool (while there is no bad one), bad lines returned."""
-    names, seen, bad = NameAllocator(), set[str](), list[str]()
+    state, url_line = _Filler(spool, force_directories), False
     try:
         with open(path, encoding="utf-8") as fh:
-            for number, line in _lines(fh):
+            for number, line, indented in _lines(fh):
                 try:
-                    url, digest = check_line(line)
+                    if indented and url_line:
+                        parse_option(state.own, line)
+                        continue
+                    if indented:
+                        raise ValueError(f"option line {line.split('=', 1)[0]!r}= has no URL line before it")
+                    url_line = True
+                    state.start(None, None)  # a bad URL line's options are still checked, then dropped
+                    state.start(*check_line(line))
                 except ValueError as exc:
-                    bad.append(f"{label}:{number}: {exc}")
-                    continue
-                if not bad and url not in seen:
-                    seen.add(url)
-                    spool.add(Entry(spool.count, url, names.allocate(url), digest))
+                    state.bad.append(f"{label}:{number}: {exc}")
+            state.finish()
     except UnicodeDecodeError as exc:
         raise UsageError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise UsageError(f"{label}: cannot read ({exc.strerror})") from None
-    return bad
+    return state.bad

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any, NoReturn
@@ -19,7 +20,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from . import fetch, hostlimit, ledger, transfer
 from .app import app
 from .config import TASK_NAME, settings
-from .errors import BadMessage, Busy, DownloadError, TransientError
+from .credentials import Credentials
+from .errors import BadMessage, Busy, Cancelled, DownloadError, TransientError
 from .guard import Policy
 from .lease import Renewer
 from .message import Message, Options
@@ -27,6 +29,7 @@ from .redact import redact_text, redact_url
 from .retry import THROTTLE_STATUS, countdown, host_pause
 
 log = logging.getLogger("fleetfetch")
+CANCEL_CHECK_S = 0.5  # how often a running download looks whether its job was cancelled
 
 
 class DownloadFailed(Exception):
@@ -68,6 +71,8 @@ class Call:
     task: Any
     msg: Message
     opts: Options  # the message's options with the worker's settings for those it leaves unset
+    secrets: list[tuple[str, str]] = field(default_factory=list)  # secret headers, read from the ledger
+    credentials: Credentials | None = None  # netrc logins and cookies, read from the ledger
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -115,10 +120,12 @@ def download(self: Any, url: str, name: str, job: str | None = None, index: int 
             if entry is None:
                 raise BadMessage(f"job {job} has no URL #{index} in the ledger (expired?)")
             msg.url = entry[0]
+        secrets = _ledger().secret_headers(job, index) if job and msg.options.secret_headers else []
+        logins = Credentials.from_json(_ledger().credentials(job)) if job and msg.options.credentials else None
     except BadMessage as exc:
         call = Call(self, Message(url, name, job, index), Options())
         return _fail(call, exc.reason)
-    call = Call(self, msg, msg.options.resolve(settings))
+    call = Call(self, msg, msg.options.resolve(settings), secrets, logins)
     slot = _take_slot(call)
     answered = False
     try:
@@ -151,16 +158,21 @@ def _take_slot(call: Call) -> hostlimit.Lease | None:
 
 def _run(call: Call, polite: bool) -> dict[str, Any]:
     m, o = call.msg, call.opts
-    if m.job and call.mark(ledger.STARTED, lease=settings.url_lease) is not None:
-        log.info("Already finished %s (job %s #%s): redelivery ignored", m.name, m.job, m.index)
-        return _ledger().record(m.job, m.index) or {}
+    already = call.mark(ledger.STARTED, lease=settings.url_lease) if m.job else None
+    if m.job and already is not None:
+        why = "the job was cancelled" if already == ledger.CANCELLED else "redelivery ignored"
+        log.info("Already finished %s (job %s #%s): %s", m.name, m.job, m.index, why)
+        return _ledger().record(m.job, m.index) or {"status": already}
     log.info("Starting download of %s %s", m.name, _runner())
     req = transfer.Request(url=m.url, name=m.name, subdir=o.subdir, sha256=o.sha256, force=o.force,
                            max_size=int(o.max_size or 0), resume=m.state.resume,
-                           content_disposition=o.content_disposition)
+                           content_disposition=o.content_disposition, headers=_headers(call),
+                           limit_rate=int(o.limit_rate or 0), credentials=call.credentials)
     try:
         outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=not settings.no_fsync,
-                                   deadline=call.started + settings.soft_time_limit)
+                                   deadline=call.started + settings.soft_time_limit, on_chunk=_stop_if_cancelled(m.job))
+    except Cancelled:
+        return _cancelled(call)
     except Busy:
         log.info("Another delivery of %s (job %s #%s) is running it: this one steps aside", m.name, m.job, m.index)
         return {"status": "duplicate", "url": redact_url(m.url)}
@@ -181,6 +193,35 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
     call.mark(outcome.status, record)
     log.info("Finished %s: %s, %d bytes in %.2f s", m.name, outcome.status, outcome.bytes, record["elapsed_s"])
     return record
+
+
+def _stop_if_cancelled(job: str | None) -> Callable[[], None] | None:
+    """Called after each chunk: raises Cancelled once the job is cancelled (a look at the ledger per CANCEL_CHECK_S)."""
+    if not job:
+        return None
+    last = time.monotonic()
+
+    def check() -> None:
+        nonlocal last
+        if time.monotonic() - last >= CANCEL_CHECK_S:
+            last = time.monotonic()
+            if _ledger().cancelled(job):
+                raise Cancelled("job cancelled")
+
+    return check
+
+
+def _cancelled(call: Call) -> dict[str, Any]:
+    """End the URL as cancelled (its temp file is already gone): a record, no file, no retry."""
+    record = call.record(None, path=call.msg.name, status=ledger.CANCELLED, reason="job cancelled")
+    call.mark(ledger.CANCELLED, record)
+    log.info("Cancelled %s (job %s #%s)", call.msg.name, call.msg.job, call.msg.index)
+    return record
+
+
+def _headers(call: Call) -> dict[str, str]:
+    """User-Agent, then the user's headers (a User-Agent among them wins), then the secret ones."""
+    return {"User-Agent": call.opts.user_agent or fetch.USER_AGENT, **dict(call.opts.headers), **dict(call.secrets)}
 
 
 def _pause_host(exc: DownloadError, host: str, attempt: int) -> None:

@@ -6,9 +6,10 @@
     │   ├── CutShort              the body ended before Content-Length said it would
     │   └── Busy                  another delivery of the same URL is writing its file right now: this one
     │                             steps aside (no attempt counted, no record; the running one holds the lease)
-    └── PermanentError            not worth another attempt: 404, refused destination, bad digest, too large
-        ├── UnsafeName            a file name that is not one safe path component
-        └── BadMessage            a task message this worker cannot read (unknown option, wrong type)
+    ├── PermanentError            not worth another attempt: 404, refused destination, bad digest, too large
+    │   ├── UnsafeName            a file name that is not one safe path component
+    │   └── BadMessage            a task message this worker cannot read (unknown option, wrong type)
+    └── Cancelled                 the job was cancelled (`fleetfetch cancel`): the URL ends `cancelled`, no file
 
 `status` and `retry_after` carry the HTTP answer where there was one (host pauses are decided from them).
 Foreign exceptions (requests, urllib3, OSError) are mapped to these by type in `fetch` and `storage`, never
@@ -52,3 +53,7 @@ class UnsafeName(PermanentError, ValueError):
 
 class BadMessage(PermanentError):
     """A task message that does not follow the contract in `tasks.message`."""
+
+
+class Cancelled(DownloadError):
+    """The URL's job was cancelled while it ran: its temp file is removed and it ends as cancelled."""

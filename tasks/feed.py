@@ -45,8 +45,11 @@ def _chunks(items: Iterable[Message], size: int) -> Iterator[list[Message]]:
         yield batch
 
 
-def publish(app: Celery, book: ledger.Ledger, job: str, messages: Iterable[Message], *, mark: bool = True) -> int:
-    """One task per URL, pipelined through kombu's publish batches; each batch then marked queued.
+def publish(app: Celery, book: ledger.Ledger, job: str, messages: Iterable[Message], *, mark: bool = True,
+            queue_name: str = QUEUE) -> int:
+    """One task per URL to `queue_name` (the job's queue: `--queue`), pipelined through kombu's publish batches;
+    each batch then marked queued. A retry goes back to the queue its message came from (Celery's retry keeps
+    the routing key).
 
     Messages are built with `app.amqp.create_task_message` (Celery's message protocol) and handed to kombu's
     `Producer.publish` directly, rather than through `apply_async`/`send_task_message`. Those would make the
@@ -55,7 +58,7 @@ def publish(app: Celery, book: ledger.Ledger, job: str, messages: Iterable[Messa
     for every message (a quarter of the publishing time, measured with cProfile); here it is declared once.
     """
     amqp = app.amqp
-    queue = amqp.queues[amqp.router.route({}, TASK_NAME)["queue"].name]
+    queue = amqp.queues[queue_name]  # declared on demand (task_create_missing_queues)
     sent = 0
     with app.producer_or_acquire() as producer:
         producer.maybe_declare(queue, retry=True)
@@ -79,6 +82,11 @@ def publish(app: Celery, book: ledger.Ledger, job: str, messages: Iterable[Messa
 
 def job_options(book: ledger.Ledger, job: str) -> Options:
     return Options(**(book.meta(job).get("opts") or {}))
+
+
+def job_queue(meta: dict[str, Any]) -> str:
+    """The queue a job's messages go to (`--queue`, kept in its meta), the default one otherwise."""
+    return str(meta.get("queue") or QUEUE)
 
 
 class Reconciler:
@@ -106,8 +114,13 @@ class Reconciler:
 
     def heal(self, job: str, counts: dict[str, int]) -> int:
         lost = self.book.overdue(job, SWEEP_BATCH)
+        if self.book.cancelled(job):  # nothing of a cancelled job is published again: what was lost ends here
+            for index in lost:
+                self.book.transition(job, index, ledger.CANCELLED)
+            return 0
+        queue = job_queue(self.book.meta(job))
         if counts[ledger.QUEUED] and self.broker is not None:
-            lost += self._queued_without_message(job, check_queue=self._queue_empty())
+            lost += self._queued_without_message(job, check_queue=self._queue_empty(queue))
         if not lost:
             return 0
         moved = self.book.requeue(job, sorted(set(lost)))
@@ -117,22 +130,22 @@ class Reconciler:
             entry = self.book.entry(job, index)
             if entry is None:
                 continue
-            url, name, digest = entry
+            url, name, digest, own = entry
             if times > settings.max_redeliveries:
                 record = {"url": redact_url(url), "status": ledger.FAILED, "path": name, "redeliveries": times - 1,
                           "reason": f"its worker was lost {times - 1} times (killed, out of memory?); "
                                     "not tried again (FLEETFETCH_MAX_REDELIVERIES)"}
                 self.book.transition(job, index, ledger.FAILED, record)
                 continue
-            messages.append(Message.of(job, Entry(index, url, name, digest), options,
+            messages.append(Message.of(job, Entry(index, url, name, digest, own), options,
                                        RetryState(redeliveries=times)))
         if messages:
-            publish(self.app, self.book, job, messages, mark=False)
+            publish(self.app, self.book, job, messages, mark=False, queue_name=queue)
             log.warning("Published %d URL(s) of job %s again: their worker or message was lost", len(messages), job)
         return len(messages)
 
-    def _queue_empty(self) -> bool:
-        return self.broker is not None and int(cast(int, self.broker.llen(QUEUE))) == 0
+    def _queue_empty(self, queue: str) -> bool:
+        return self.broker is not None and int(cast(int, self.broker.llen(queue))) == 0
 
     def _held(self) -> dict[str, float]:
         """Task id -> when it was delivered, for every message a worker holds unacknowledged."""

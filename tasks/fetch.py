@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -31,11 +31,13 @@ from urllib3.util import connection as u3conn
 
 from . import guard
 from .errors import CutShort, PermanentError, TransientError
+from .message import is_secret_header
 from .redact import redact_text, redact_url
 from .retry import RETRYABLE_STATUS, parse_retry_after
+from .version import VERSION
 
 CHUNK = 1 << 20
-USER_AGENT = "fleetfetch/0.1 (+https://github.com/fleetfetch/fleetfetch)"
+USER_AGENT = f"fleetfetch/{VERSION} python-requests/{requests.__version__}"
 REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_POOLS = 64
 # urllib3 logs each request line (path and query: signed-URL tokens) at DEBUG; a worker run with
@@ -134,6 +136,15 @@ class PinnedAdapter(HTTPAdapter):
         super().close()
 
 
+class ProxiedAdapter(HTTPAdapter):
+    """Through the job's explicit --proxy: the proxy connects to each destination, so a hop's host is checked by
+    the policy (`pins` records it) but cannot be pinned; the connection to the proxy goes to its checked address."""
+
+    def __init__(self) -> None:
+        super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
+        self.pins: dict[tuple[str, int], str] = {}
+
+
 _local = threading.local()
 
 
@@ -151,6 +162,37 @@ def session() -> tuple[requests.Session, PinnedAdapter]:
     return _local.session, _local.adapter
 
 
+def proxied_session(proxy: str, policy: guard.Policy) -> tuple[requests.Session, ProxiedAdapter]:
+    """A session whose requests go through `proxy` (http://[user:password@]host:port), reused per thread; the
+    proxy's own address must pass the destination policy and is the one connected to."""
+    parts = urlsplit(proxy)
+    port = parts.port or 1080
+    try:
+        address = guard.resolve(parts.hostname or "", port, policy)
+    except guard.Refused as exc:
+        raise PermanentError(f"proxy {parts.hostname}: {exc}") from None
+    except LookupError as exc:
+        raise TransientError(f"proxy {parts.hostname}: {exc}") from None
+    host = f"[{address}]" if ":" in address else address
+    userinfo = parts.netloc.rpartition("@")[0]
+    pinned = parts._replace(netloc=f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}").geturl()
+    cached = getattr(_local, "proxied", None)
+    if cached is not None and cached[0] == pinned:
+        return cached[1], cached[2]
+    if cached is not None:
+        cached[1].close()
+    s = requests.Session()
+    s.trust_env = False
+    s.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    s.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+    s.proxies = {"http": pinned, "https": pinned}
+    adapter = ProxiedAdapter()
+    s.mount("http://", adapter)
+    s.mount("https://", adapter)
+    _local.proxied = (pinned, s, adapter)
+    return s, adapter
+
+
 @dataclass(frozen=True)
 class Limits:
     connect_timeout: float
@@ -164,7 +206,7 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return p.scheme.lower(), (p.hostname or "").lower(), p.port
 
 
-def _pin(adapter: PinnedAdapter, url: str, policy: guard.Policy) -> None:
+def _pin(adapter: PinnedAdapter | ProxiedAdapter, url: str, policy: guard.Policy) -> None:
     """Check one hop (scheme, address) and pin its connection to the checked address."""
     try:
         guard.check_scheme(url)
@@ -187,10 +229,14 @@ def _pin(adapter: PinnedAdapter, url: str, policy: guard.Policy) -> None:
     adapter.pins[(pool_host or host, port)] = address
 
 
-def open_response(url: str, headers: dict[str, str], limits: Limits, deadline: float = math.inf) -> requests.Response:
+def open_response(url: str, headers: dict[str, str], limits: Limits, deadline: float = math.inf,
+                  per_host: Callable[[str], dict[str, str]] | None = None, proxy: str | None = None
+                  ) -> requests.Response:
     """GET `url`, following redirects by hand: every hop is re-checked; credentials stay with their host.
-    Nothing waits past `deadline` (a time.monotonic() value): timeouts shrink to the time left."""
-    s, adapter = session()
+    Nothing waits past `deadline` (a time.monotonic() value): timeouts shrink to the time left.
+    `per_host(hop_url)`: headers for that hop's host only (netrc, cookies), unless the user set the same header.
+    `proxy`: the job's explicit --proxy (never one from the environment)."""
+    s, adapter = session() if proxy is None else proxied_session(proxy, limits.policy)
     adapter.pins.clear()  # only this download's checked hops may connect
     start_origin = _origin(url)
     seen: set[str] = set()
@@ -199,7 +245,10 @@ def open_response(url: str, headers: dict[str, str], limits: Limits, deadline: f
         _pin(adapter, current, limits.policy)
         hop_headers = dict(headers)
         if _origin(current) != start_origin:
-            hop_headers = {k: v for k, v in hop_headers.items() if k.lower() not in ("authorization", "cookie")}
+            hop_headers = {k: v for k, v in hop_headers.items() if not is_secret_header(k)}
+        if per_host is not None:
+            given = {k.lower() for k in hop_headers}
+            hop_headers.update({k: v for k, v in per_host(current).items() if k.lower() not in given})
         seen.add(current)
         response = _send(s, current, hop_headers, limits, deadline)
         if response.status_code not in REDIRECTS or "location" not in response.headers:
@@ -307,7 +356,8 @@ def _limit_next_read(response: requests.Response, seconds: float) -> None:
         sock.settimeout(seconds)
 
 
-def body_chunks(response: requests.Response, read_timeout: float, deadline: float = math.inf) -> Iterator[bytes]:
+def body_chunks(response: requests.Response, read_timeout: float, deadline: float = math.inf,
+                size: int = CHUNK) -> Iterator[bytes]:
     """The raw body (nothing decompressed) in chunks; a cut or stalled connection becomes TransientError.
 
     Each chunk is one socket read (`read1`) whose timeout is the read timeout or the time left, whichever is
@@ -318,7 +368,7 @@ def body_chunks(response: requests.Response, read_timeout: float, deadline: floa
     try:
         while True:
             _limit_next_read(response, min(read_timeout, time_left(deadline)))
-            chunk = raw.read1(CHUNK, decode_content=False)
+            chunk = raw.read1(size, decode_content=False)
             if not chunk:
                 return
             yield chunk

@@ -2,7 +2,7 @@
 
 Keys share the hash tag `{JOB}` (Redis Cluster keeps them on one node):
   ff:{JOB}:meta   hash   job settings + counters n:<state>, bytes, published
-  ff:{JOB}:urls   hash   index -> [url, name, sha256|null]           (what `resume` re-enqueues)
+  ff:{JOB}:urls   hash   index -> [url, name, sha256|null(, the URL's own options)]  (what `resume` re-enqueues)
   ff:{JOB}:state  hash   index -> state
   ff:{JOB}:rec    hash   index -> final record (JSON)
   ff:{JOB}:due    zset   index -> time (ms) by which a worker must be heard of again: the lease of a running URL,
@@ -25,23 +25,37 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .message import is_secret_header
 from .redact import redact_url
 
 QUEUED, STARTED, RETRYING = "queued", "started", "retrying"
-DONE, UNCHANGED, FAILED = "done", "unchanged", "failed"
-FINAL = (DONE, UNCHANGED, FAILED)
+DONE, UNCHANGED, FAILED, CANCELLED = "done", "unchanged", "failed", "cancelled"
+FINAL = (DONE, UNCHANGED, FAILED, CANCELLED)
 STATES = (QUEUED, STARTED, RETRYING, *FINAL)
 JOBS_KEY = "ff:jobs"
 LIVE_KEY = "ff:live"  # set of jobs not finished yet: what the reconciler looks at
 BATCH = 2000
+CANCELLED_AT = "cancelled"  # meta field: when `cancel` stopped the job (absent: not cancelled)
+CREDENTIALS = "credentials"  # meta field: the job's netrc logins and cookies (tasks.credentials), read by workers
+SECRET_HEADERS = "secret_headers"  # meta field: the job's secret headers (JSON pairs), read by the workers
+Row = tuple[int, str, str, str | None, dict[str, Any]]  # index, url, name, sha256, the URL's own options
 
 # KEYS[1] meta, KEYS[2] state, KEYS[3] rec, KEYS[4] due
 # ARGV[1] index, ARGV[2] new state, ARGV[3] final record JSON or '', ARGV[4] bytes to count, ARGV[5] ttl (s),
 # ARGV[6] ms from now by which a worker must be heard of again for this URL (its lease); '' = none (final)
-# Returns the final state the URL already had (then nothing changes), or false.
+# Returns the final state the URL already had (then nothing changes), or false. A URL about to start in a job
+# that was cancelled (meta field `cancelled`) ends cancelled instead, and 'cancelled' is returned: the worker
+# skips it in the same round trip.
 _TRANSITION = """
 local old = redis.call('HGET', KEYS[2], ARGV[1])
-if old == 'done' or old == 'unchanged' or old == 'failed' then return old end
+if old == 'done' or old == 'unchanged' or old == 'failed' or old == 'cancelled' then return old end
+if ARGV[2] == 'started' and redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then
+  redis.call('HSET', KEYS[2], ARGV[1], 'cancelled')
+  if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
+  redis.call('HINCRBY', KEYS[1], 'n:cancelled', 1)
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  return 'cancelled'
+end
 if old ~= ARGV[2] then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
   if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
@@ -81,7 +95,7 @@ local out = {}
 for i = 1, #ARGV do
   local old = redis.call('HGET', KEYS[2], ARGV[i])
   redis.call('ZREM', KEYS[3], ARGV[i])
-  if old ~= 'done' and old ~= 'unchanged' and old ~= 'failed' then
+  if old ~= 'done' and old ~= 'unchanged' and old ~= 'failed' and old ~= 'cancelled' then
     if old ~= 'queued' then
       redis.call('HSET', KEYS[2], ARGV[i], 'queued')
       if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
@@ -94,6 +108,52 @@ end
 local ttl = redis.call('TTL', KEYS[1])
 if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
 return out
+"""
+
+# KEYS[1] meta, KEYS[2] state; ARGV[1] ttl (s), ARGV[2..] indexes just published
+# Each URL without a state becomes queued; returns how many did.
+_MARK_QUEUED = """
+local n = 0
+for i = 2, #ARGV do n = n + redis.call('HSETNX', KEYS[2], ARGV[i], 'queued') end
+redis.call('HINCRBY', KEYS[1], 'n:queued', n)
+redis.call('HINCRBY', KEYS[1], 'published', n)
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+return n
+"""
+
+# KEYS[1] meta, KEYS[2] state, KEYS[3] due; ARGV[1] ttl (s), ARGV[2..] indexes
+# Each URL not started and not final (never published, queued, retrying) becomes cancelled; a URL never published
+# counts as published (published = URLs that have a state). Started ones are left to their worker. Returns the count.
+_CANCEL = """
+local n = 0
+for i = 2, #ARGV do
+  local old = redis.call('HGET', KEYS[2], ARGV[i])
+  if not old or old == 'queued' or old == 'retrying' then
+    redis.call('HSET', KEYS[2], ARGV[i], 'cancelled')
+    if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) else redis.call('HINCRBY', KEYS[1], 'published', 1) end
+    redis.call('HINCRBY', KEYS[1], 'n:cancelled', 1)
+    redis.call('ZREM', KEYS[3], ARGV[i])
+    n = n + 1
+  end
+end
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+return n
+"""
+
+# KEYS[1] meta, KEYS[2] state, KEYS[3] rec; ARGV[1..] indexes
+# Each cancelled URL goes back to "never published" (no state, no record), for `resume`. Returns the count.
+_UNCANCEL = """
+local n = 0
+for i = 1, #ARGV do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == 'cancelled' then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    redis.call('HDEL', KEYS[3], ARGV[i])
+    redis.call('HINCRBY', KEYS[1], 'n:cancelled', -1)
+    redis.call('HINCRBY', KEYS[1], 'published', -1)
+    n = n + 1
+  end
+end
+return n
 """
 
 
@@ -151,11 +211,14 @@ class Ledger:
         self._transition = client.register_script(_TRANSITION)
         self._renew = client.register_script(_RENEW)
         self._requeue = client.register_script(_REQUEUE)
+        self._cancel = client.register_script(_CANCEL)
+        self._mark_queued = client.register_script(_MARK_QUEUED)
+        self._uncancel = client.register_script(_UNCANCEL)
 
     # producer side ---------------------------------------------------------------------------------
-    def create(self, job: str, meta: dict[str, Any], entries: Iterable[tuple[int, str, str, str | None]]) -> int:
-        """Write the job and its URLs (index, url, name, sha256) before anything is published, so `resume`
-        can finish it whatever happens to the producer. Returns the number of URLs."""
+    def create(self, job: str, meta: dict[str, Any], entries: Iterable[Row | tuple[int, str, str, str | None]]) -> int:
+        """Write the job and its URLs (index, url, name, sha256, own options) before anything is published, so
+        `resume` can finish it whatever happens to the producer. Returns the number of URLs."""
         k = JobKeys(job)
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(k.meta, mapping={**{f"n:{s}": 0 for s in STATES}, "bytes": 0, "published": 0,
@@ -165,8 +228,9 @@ class Ledger:
         pipe.sadd(LIVE_KEY, job)
         pipe.zremrangebyscore(JOBS_KEY, 0, time.time() - self.ttl)
         total = 0
-        for total, (i, url, name, digest) in enumerate(entries, 1):
-            pipe.hset(k.urls, str(i), json.dumps([url, name, digest]))
+        for total, (i, url, name, digest, *own) in enumerate(entries, 1):  # own options: optional
+            row = [url, name, digest, own[0]] if own and own[0] else [url, name, digest]
+            pipe.hset(k.urls, str(i), json.dumps(row))
             if total % BATCH == 0:
                 pipe.execute()
         pipe.expire(k.urls, self.ttl)
@@ -175,12 +239,44 @@ class Ledger:
         return total
 
     def mark_queued(self, pipe: Any, job: str, indexes: list[int]) -> None:
-        """Mark URLs queued, in the same transaction (`pipe`) that publishes their tasks."""
+        """Mark URLs queued, in the same transaction (`pipe`) that publishes their tasks; a URL that already has a
+        state (a `cancel` while the job was being enqueued) keeps it."""
         k = JobKeys(job)
-        pipe.hset(k.state, mapping={str(i): QUEUED for i in indexes})
-        pipe.hincrby(k.meta, f"n:{QUEUED}", len(indexes))
-        pipe.hincrby(k.meta, "published", len(indexes))
-        pipe.expire(k.state, self.ttl)
+        self._mark_queued(keys=[k.meta, k.state], args=[self.ttl, *indexes], client=pipe)
+
+    def cancel(self, job: str, total: int) -> int:
+        """Stop a job: flag it (running URLs stop at their next chunk), cancel every URL not started yet and
+        take the job off the live set. Returns the URLs cancelled here."""
+        k = JobKeys(job)
+        self.r.hset(k.meta, CANCELLED_AT, json.dumps(time.time()))
+        n = 0
+        for start in range(0, total, BATCH):
+            n += int(self._cancel(keys=[k.meta, k.state, k.due],
+                                  args=[self.ttl, *range(start, min(total, start + BATCH))]))
+        return n
+
+    def uncancel(self, job: str, total: int) -> int:
+        """Take a cancelled job up again: its cancelled URLs become unpublished (what `resume` sends)."""
+        k = JobKeys(job)
+        n = 0
+        for start in range(0, total, BATCH):
+            n += int(self._uncancel(keys=[k.meta, k.state, k.rec], args=list(range(start, min(total, start + BATCH)))))
+        self.r.hdel(k.meta, CANCELLED_AT)
+        self.r.sadd(LIVE_KEY, job)
+        return n
+
+    def credentials(self, job: str) -> dict[str, Any] | None:
+        """The job's netrc logins and cookies as the producer stored them (JSON), if any."""
+        raw = self.r.hget(JobKeys(job).meta, CREDENTIALS)
+        return json.loads(raw) if raw else None
+
+    def cancelled(self, job: str) -> bool:
+        return bool(self.r.hexists(JobKeys(job).meta, CANCELLED_AT))
+
+    def recent(self, limit: int) -> list[tuple[str, float]]:
+        """(job, creation time) of the newest jobs, newest first."""
+        found = self.r.zrevrange(JOBS_KEY, 0, limit - 1, withscores=True)
+        return [(j.decode(), float(t)) for j, t in cast(list[tuple[bytes, float]], found)]
 
     def meta(self, job: str) -> dict[str, Any]:
         raw = cast(dict[bytes, bytes], self.r.hgetall(JobKeys(job).meta))
@@ -198,7 +294,7 @@ class Ledger:
             raise JobGone(job)
         return {f.removeprefix("n:"): int(v or 0) for f, v in zip(fields, values, strict=True)}
 
-    def unpublished(self, job: str, total: int) -> Iterator[tuple[int, str, str, str | None]]:
+    def unpublished(self, job: str, total: int) -> Iterator[Row]:
         """URLs of the job that have no state yet: never published (for `resume`)."""
         k = JobKeys(job)
         for start in range(0, total, BATCH):
@@ -208,8 +304,7 @@ class Ledger:
             if missing:
                 rows = cast(list[bytes], self.r.hmget(k.urls, [str(i) for i in missing]))
                 for i, raw in zip(missing, rows, strict=True):
-                    url, name, digest = json.loads(raw)
-                    yield i, url, name, digest
+                    yield (i, *_row(raw))
 
     def records(self, job: str, total: int) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
         """(index, final record or None, state) for every URL, in input order, fetched in batches."""
@@ -224,7 +319,7 @@ class Ledger:
             for i, rec, state, url in zip(idx, recs, states, urls, strict=True):
                 record = json.loads(rec) if rec else None
                 if record is None and url:
-                    u, name, _ = json.loads(url)
+                    u, name, *_ = json.loads(url)
                     record = {"url": redact_url(u), "path": name, "status": (state or b"unpublished").decode()}
                 yield int(i), record, state.decode() if state else None
 
@@ -248,10 +343,17 @@ class Ledger:
             self._renew(keys=[JobKeys(job).due], args=[int(seconds * 1000), *indexes], client=pipe)
         pipe.execute()
 
-    def entry(self, job: str, index: int) -> tuple[str, str, str | None] | None:
-        """(url, name, sha256) of one URL of the job, as the producer recorded it."""
+    def entry(self, job: str, index: int) -> tuple[str, str, str | None, dict[str, Any]] | None:
+        """(url, name, sha256, own options) of one URL of the job, as the producer recorded it."""
         raw = self.r.hget(JobKeys(job).urls, str(index))
-        return tuple(json.loads(raw)) if raw else None  # type: ignore[return-value]
+        return _row(raw) if raw else None
+
+    def secret_headers(self, job: str, index: int) -> list[tuple[str, str]]:
+        """The job's and the URL's secret headers (Authorization, Cookie...): kept here, never in a message."""
+        k = JobKeys(job)
+        meta, raw = self.r.hget(k.meta, SECRET_HEADERS), self.r.hget(k.urls, str(index))
+        own = _row(raw)[3].get("headers", []) if raw else []
+        return [(n, v) for n, v in (json.loads(meta) if meta else []) + own if is_secret_header(n)]
 
     # reconciler side -----------------------------------------------------------------------------
     def live(self) -> list[str]:
@@ -303,6 +405,11 @@ class Ledger:
     def record(self, job: str, index: int) -> dict[str, Any] | None:
         raw = self.r.hget(JobKeys(job).rec, str(index))
         return json.loads(raw) if raw else None
+
+
+def _row(raw: bytes | str) -> tuple[str, str, str | None, dict[str, Any]]:
+    url, name, digest, *own = json.loads(raw)
+    return url, name, digest, (own[0] if own else {})
 
 
 _cache: dict[tuple[int, str], Ledger] = {}

@@ -33,6 +33,15 @@ class Options:
     max_attempts: int | None = None
     per_host: int | None = None
     host_rate: float | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # request headers the user added; never secret ones (see below)
+    user_agent: str | None = None  # None: fleetfetch's own (fetch.USER_AGENT)
+    limit_rate: int | None = None  # bytes per second per download; None or 0: unlimited
+    secret_headers: bool = False  # the job or URL has secret headers: the worker reads them from the ledger
+    credentials: bool = False  # the job has netrc logins or cookies: the worker reads them from the ledger
+
+    def __post_init__(self) -> None:
+        # JSON (the message, the job's meta) turns the pairs into lists: keep one shape.
+        object.__setattr__(self, "headers", tuple((str(k), str(v)) for k, v in self.headers))
 
     def resolve(self, settings: Any) -> Options:
         """Every unset option filled from the worker's settings (message first, then the worker)."""
@@ -59,6 +68,8 @@ class RetryState:
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "subdir": (str,), "sha256": (str, type(None)), "force": (bool,), "content_disposition": (bool,),
     "max_size": (int,), "max_attempts": (int,), "per_host": (int,), "host_rate": (int, float),
+    "headers": (list, tuple), "user_agent": (str,), "limit_rate": (int,), "secret_headers": (bool,),
+    "credentials": (bool,),
     "attempt": (int,), "resume": (dict, type(None)), "waited_s": (int, float), "wait_since": (int, float, type(None)),
     "sealed": (bool,), "redeliveries": (int,),
 }
@@ -75,6 +86,32 @@ class Entry:
     url: str
     name: str
     sha256: str | None = None
+    opts: dict[str, Any] = field(default_factory=dict)  # the URL's own options (a list's out=/dir=/header=...)
+
+
+def is_secret_header(name: str) -> bool:
+    """Headers that carry credentials: never in a message, a log or a record, never sent to another host."""
+    n = name.strip().lower()
+    return n in _SECRET_HEADERS or n.endswith(("-token", "-key"))
+
+
+_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
+
+
+def split_headers(headers: list[tuple[str, str]]) -> tuple[tuple[tuple[str, str], ...], list[tuple[str, str]]]:
+    """(headers a message may show, secret headers that stay in the ledger)."""
+    return (tuple(h for h in headers if not is_secret_header(h[0])),
+            [h for h in headers if is_secret_header(h[0])])
+
+
+def url_options(job: Options, own: dict[str, Any]) -> Options:
+    """A URL's options: the job's, with the URL's own sub-directory (inside the job's), headers and User-Agent."""
+    if not own:
+        return job
+    subdir = "/".join(p for p in (job.subdir, own.get("subdir", "")) if p)
+    shown, secret = split_headers([(k, v) for k, v in own.get("headers", ())])
+    return replace(job, subdir=subdir, headers=job.headers + shown, user_agent=own.get("user_agent") or job.user_agent,
+                   secret_headers=job.secret_headers or bool(secret))
 
 
 @dataclass
@@ -112,14 +149,17 @@ class Message:
             if not isinstance(value, _OPTION_TYPES[key]) or (isinstance(value, bool) and bool not in
                                                                _OPTION_TYPES[key]):
                 raise BadMessage(f"the task message has a bad value for {key}: {value!r}")
+        if any(not isinstance(h, list | tuple) or len(h) != 2 or not all(isinstance(x, str) for x in h)
+               for h in opts.get("headers", ())):
+            raise BadMessage("the task message has a bad value for headers: pairs of strings expected")
         return cls(url, name, job, index, Options(**{k: v for k, v in opts.items() if k in _OPTIONS}),
                    RetryState(**{k: v for k, v in opts.items() if k in _STATE}))
 
     @classmethod
     def of(cls, job: str, e: Entry, options: Options, state: RetryState | None = None) -> Message:
-        """The message of a job's URL: the job's options, with the URL's own digest."""
+        """The message of a job's URL: the job's options, with the URL's own digest and options."""
         opts = replace(options, sha256=e.sha256) if e.sha256 else options
-        return cls(e.url, e.name, job, e.index, opts, state or RetryState())
+        return cls(e.url, e.name, job, e.index, url_options(opts, e.opts), state or RetryState())
 
     def display(self) -> tuple[str, str]:
         """argsrepr/kwargsrepr for Flower and logs: the URL without its secrets."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import requests
 
 from . import fetch, storage
+from .credentials import Credentials
 from .errors import CutShort, PermanentError, TransientError
 from .naming import candidates, check_component, disposition_name
 
@@ -31,6 +34,9 @@ class Request:
     max_size: int = 0
     resume: dict[str, str] | None = None  # validators of a kept partial file, set by a failed attempt
     content_disposition: bool = False  # name the file from the server's Content-Disposition (opt-in)
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request (User-Agent, --header)
+    limit_rate: int = 0  # bytes per second of this download; 0: unlimited
+    credentials: Credentials | None = None  # netrc logins, cookies (added per host by fetch) and --proxy
 
 
 @dataclass
@@ -66,13 +72,16 @@ def _range_ok(response: requests.Response, offset: int) -> bool:
     return match is not None and int(match.group(1)) == offset
 
 
-def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, fsync: bool) -> Outcome:
-    """Run one attempt. Raises TransientError (with `.resume` when the partial file is worth keeping)."""
+def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, fsync: bool,
+            on_chunk: Callable[[], None] | None = None) -> Outcome:
+    """Run one attempt. Raises TransientError (with `.resume` when the partial file is worth keeping).
+    `on_chunk` runs after each chunk written (it may raise to stop the download: a cancelled job)."""
     with storage.TargetDir(root, req.subdir) as where:
-        return _attempt(req, where, limits, deadline, fsync)
+        return _attempt(req, where, limits, deadline, fsync, on_chunk)
 
 
-def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadline: float, fsync: bool) -> Outcome:
+def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadline: float, fsync: bool,
+             on_chunk: Callable[[], None] | None) -> Outcome:
     name = check_component(req.name)
     where.check_meta()
     known = None if req.force else storage.load_validators(where, name, req.url)
@@ -85,13 +94,13 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
                 headers["If-None-Match"] = known.etag
             if known.last_modified:
                 headers["If-Modified-Since"] = known.last_modified
-        response = _open(req.url, headers, limits, part, deadline)
+        response = _open(req.url, {**req.headers, **headers}, limits, part, deadline, req.credentials)
         if response.status_code == 304 and known:
             response.close()
             part.discard()
             return Outcome("unchanged", _rel(req, name), known.bytes, known.sha256, 304, response.url,
                            {"etag": known.etag or "", "last_modified": known.last_modified or ""})
-        _stream(response, part, req, limits, deadline)
+        _stream(response, part, req, limits, deadline, on_chunk)
         digest = part.hash.hexdigest()
         if req.sha256 and digest != req.sha256:
             raise PermanentError(f"sha256 mismatch: expected {req.sha256}, got {digest}")
@@ -141,22 +150,24 @@ def _commit(part: storage.PartFile, where: storage.TargetDir, req: Request, resp
 
 
 def _open(url: str, headers: dict[str, str], limits: fetch.Limits, part: storage.PartFile,
-          deadline: float) -> requests.Response:
+          deadline: float, credentials: Credentials | None = None) -> requests.Response:
     """Open the response; a refused or ignored range starts over from zero."""
+    per_host = credentials.headers_for if credentials else None
+    proxy = credentials.proxy if credentials else None
     try:
-        response = fetch.open_response(url, headers, limits, deadline)
+        response = fetch.open_response(url, headers, limits, deadline, per_host, proxy)
     except PermanentError as exc:
         if exc.status != 416 or "Range" not in headers:
             raise
         part.restart()
-        return fetch.open_response(url, _without_range(headers), limits, deadline)
+        return fetch.open_response(url, _without_range(headers), limits, deadline, per_host, proxy)
     if "Range" in headers:
         if response.status_code == 206 and _range_ok(response, part.size):
             return response
         part.restart()  # 200: the server ignored Range or the file changed (If-Range): start over
         if response.status_code == 206:
             response.close()
-            return fetch.open_response(url, _without_range(headers), limits, deadline)
+            return fetch.open_response(url, _without_range(headers), limits, deadline, per_host, proxy)
     return response
 
 
@@ -165,23 +176,44 @@ def _without_range(headers: dict[str, str]) -> dict[str, str]:
 
 
 def _stream(response: requests.Response, part: storage.PartFile, req: Request, limits: fetch.Limits,
-            deadline: float) -> None:
+            deadline: float, on_chunk: Callable[[], None] | None) -> None:
     """Append the body to the part file, enforcing the size limit, the deadline and Content-Length."""
     length = response.headers.get("content-length", "").strip()
     expected = part.size + int(length) if _DECIMAL.fullmatch(length) else None  # not isdigit(): "²" is a digit
     if req.max_size and expected is not None and expected > req.max_size:
         response.close()
         raise PermanentError(f"too large: {expected} bytes is over the limit of {req.max_size} (--max-size)")
+    pace = _Pace(req.limit_rate)
     try:
-        for chunk in fetch.body_chunks(response, limits.read_timeout, deadline):
+        for chunk in fetch.body_chunks(response, limits.read_timeout, deadline, pace.chunk):
             part.write(chunk)
             if req.max_size and part.size > req.max_size:
                 raise PermanentError(f"too large: over the limit of {req.max_size} bytes (--max-size)")
+            if on_chunk is not None:
+                on_chunk()
+            pace.wait(len(chunk), deadline)
     except CutShort:
         if expected is None:
             raise
     if expected is not None and part.size != expected:
         raise TransientError(f"body cut short: {part.size} of {expected} bytes")
+
+
+class _Pace:
+    """--limit-rate: read in small chunks and sleep while ahead of `rate` bytes per second (average since start)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.chunk = min(fetch.CHUNK, max(4096, rate // 10)) if rate > 0 else fetch.CHUNK
+        self.began, self.bytes = time.monotonic(), 0
+
+    def wait(self, n: int, deadline: float) -> None:
+        if self.rate <= 0:
+            return
+        self.bytes += n
+        ahead = self.bytes / self.rate - (time.monotonic() - self.began)
+        if ahead > 0:
+            time.sleep(min(ahead, max(0.0, deadline - time.monotonic())))
 
 
 def _headers_of(response: requests.Response) -> dict[str, Any]:

@@ -46,10 +46,25 @@ def test_options_typed_by_the_user_win_over_the_workers_settings():
     ({"max_size": "big"}, "bad value for max_size"),
     ({"force": 1}, "bad value for force"),
     ({"attempt": True}, "bad value for attempt"),
+    ({"headers": "X-A: 1"}, "bad value for headers"),
+    ({"headers": [["X-A"]]}, "bad value for headers: pairs of strings"),
+    ({"limit_rate": 1.5}, "bad value for limit_rate"),
 ])
 def test_a_message_off_the_contract_fails_loudly(opts, reason):
     with pytest.raises(BadMessage, match=reason):
         Message.decode("http://h.test/a", "a", "job", 0, opts)
+
+
+def test_a_urls_own_options_and_headers_travel_but_never_secret_ones():
+    own = {"subdir": "reports", "user_agent": "Wget/1.21", "headers": [["X-Api-Key", "k"], ["Accept", "text/csv"]]}
+    job = Options(subdir="job", headers=(("X-Trace", "t"),), limit_rate=512000)
+    msg = Message.of("job1", Entry(0, "http://h.test/a.pdf", "a.pdf", None, own), job)
+    args, kwargs = msg.encode()
+    assert json.loads(json.dumps(kwargs["opts"])) == {  # the URL's dir= inside the job's, its headers after
+        "subdir": "job/reports", "headers": [["X-Trace", "t"], ["Accept", "text/csv"]], "user_agent": "Wget/1.21",
+        "limit_rate": 512000, "secret_headers": True}  # X-Api-Key stays in the ledger
+    assert '"k"' not in json.dumps(kwargs)
+    assert Message.decode(*args, **json.loads(json.dumps(kwargs))).options == msg.options
 
 
 def test_a_url_with_secrets_travels_sealed():

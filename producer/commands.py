@@ -1,0 +1,146 @@
+"""The commands on a job: following it, `status`, `jobs`, `results`, `resume` and `cancel`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks import feed, ledger
+from tasks.config import settings
+from tasks.hostlimit import HostLimiter
+from tasks.message import Options
+
+from . import job as jobs
+from . import progress
+from .connect import Connection, connect
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Unreachable, UsageError
+from .local import state_dir
+
+
+def follow(conn: Connection, job_id: str, total: int, started: float, manifest: Path | None, quiet: bool,
+           local: bool) -> int:
+    """Follow a job until every URL is final, then print its summary; the exit code."""
+    try:
+        counts = progress.follow(conn.ledger, job_id, total, quiet=quiet, alive=conn.problem, tick=conn.sweep,
+                                 tick_every=settings.sweep_interval)
+    except KeyboardInterrupt:
+        if local:
+            conn.hurry()
+            print(f"\ninterrupted: the local worker and server stop; the job is kept: fleetfetch resume {job_id} "
+                  f"-d {conn.download_dir}", file=sys.stderr)
+        else:
+            print(f"\ninterrupted: the job goes on; see it with: fleetfetch status {job_id}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ledger.JobGone:
+        raise Unreachable(f"the result backend no longer has job {job_id} (Redis restarted empty?); run the list "
+                          "again: files already downloaded and verified are not fetched again") from None
+    elapsed = time.monotonic() - started
+    fails = jobs.failures(conn.ledger, job_id, total) if counts["failed"] else []
+    if manifest:
+        jobs.manifest_to(manifest, conn.ledger, job_id, total)
+    print(progress.summary(counts, fails, elapsed), flush=True)
+    return exit_for(counts)
+
+
+def exit_for(counts: dict[str, int]) -> int:
+    """0 only when every URL was downloaded (or unchanged): failed or cancelled URLs make it 1."""
+    return EXIT_FAILED if counts["failed"] or counts["cancelled"] else EXIT_OK
+
+
+def status(args: argparse.Namespace) -> int:
+    with _connect_to_job(args, worker=False) as conn:
+        meta = _existing(conn.ledger, args.job)
+        counts = conn.ledger.counts(args.job)
+        total = int(meta.get("total") or 0)
+        if args.json:
+            print(json.dumps(jobs.describe(conn.ledger, args.job, meta)))
+            return exit_for(counts)
+        state = jobs.describe(conn.ledger, args.job, meta)["state"]
+        print(f"job {args.job}: {progress.plural(total, 'URL')}, {state}, input {meta.get('input')}")
+        print("  " + ", ".join(f"{s} {counts[s]}" for s in ledger.STATES) + f", bytes {counts['bytes']}")
+        for host, until in HostLimiter(conn.ledger.r).paused().items():
+            print(f"  host {host} paused until {time.strftime('%H:%M:%S', time.localtime(until))} "
+                  "(it answered 429/503, or server errors in a row)")
+        if counts["published"] < total:
+            print(f"  {progress.plural(total - counts['published'], 'URL')} never enqueued: "
+                  f"fleetfetch resume {args.job}")
+        return exit_for(counts)
+
+
+def results(args: argparse.Namespace) -> int:
+    with _connect_to_job(args, worker=False) as conn:
+        total = int(_existing(conn.ledger, args.job).get("total") or 0)
+        if args.manifest:
+            jobs.manifest_to(args.manifest, conn.ledger, args.job, total)
+        else:
+            jobs.write_manifest(conn.ledger, args.job, total, sys.stdout)
+        return exit_for(conn.ledger.counts(args.job))
+
+
+def resume(args: argparse.Namespace) -> int:
+    with _connect_to_job(args, worker=True) as conn:
+        meta = _existing(conn.ledger, args.job)
+        total = int(meta.get("total") or 0)
+        started = time.monotonic()
+        if meta.get(ledger.CANCELLED_AT) is not None:
+            taken = conn.ledger.uncancel(args.job, total)
+            if not args.quiet:
+                print(f"job {args.job}: cancelled before; taking up its {progress.plural(taken, 'cancelled URL')} "
+                      "again", flush=True)
+        sent = jobs.publish(conn.app, conn.ledger, args.job, jobs.load_entries(conn.ledger, args.job),
+                            Options(**(meta.get("opts") or {})), feed.job_queue(meta))
+        if not args.quiet:
+            print(f"job {args.job}: published {progress.plural(sent, 'URL')} that had no task yet", flush=True)
+        if args.no_wait:
+            return EXIT_OK
+        return follow(conn, args.job, total, started, args.manifest, args.quiet, settings.broker_url is None)
+
+
+def list_jobs(args: argparse.Namespace) -> int:
+    with _connect_to_job(args, worker=False) as conn:
+        found = list(jobs.recent(conn.ledger, args.limit))
+    if args.json:
+        for job in found:
+            print(json.dumps(job))
+        return EXIT_OK
+    if not found:
+        print("no jobs in the result backend")
+    for job in found:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created"] or 0))
+        n = job["counts"]
+        print(f"{job['job']}  {created}  {job['state']:<9}  {n['done'] + n['unchanged']}/{job['total']} downloaded, "
+              f"{n['failed']} failed, {n['cancelled']} cancelled  {job['input']}")
+    return EXIT_OK
+
+
+def cancel(args: argparse.Namespace) -> int:
+    with _connect_to_job(args, worker=False) as conn:
+        total = int(_existing(conn.ledger, args.job).get("total") or 0)
+        n = conn.ledger.cancel(args.job, total)
+        running = conn.ledger.counts(args.job)["started"]
+    print(f"job {args.job}: cancelled {progress.plural(n, 'URL')} not started; {running} running stop at their next "
+          f"chunk (their temp files are removed). Take it up again with: fleetfetch resume {args.job}")
+    return EXIT_OK
+
+
+def _connect_to_job(args: argparse.Namespace, worker: bool) -> contextlib.AbstractContextManager[Connection]:
+    """The cluster's broker, or in local mode the embedded server on the job's download directory."""
+    if settings.broker_url is not None:
+        return connect(False)
+    directory = Path(args.dir) if args.dir else settings.download_dir
+    if not state_dir(directory).is_dir():
+        raise UsageError(f"no local jobs in {directory} (give the job's directory with -d, or set "
+                         "CELERY_BROKER_URL for a cluster's jobs)")
+    return connect(True, directory, quiet=True, worker=worker)
+
+
+def _existing(book: ledger.Ledger, job: str) -> dict[str, Any]:
+    meta = book.meta(job)
+    if not meta:
+        raise UsageError(f"no job {job!r} in the result backend (expired, or another backend?)")
+    return meta
