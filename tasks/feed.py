@@ -188,8 +188,25 @@ def broker_client(url: str) -> redis.Redis | None:
     return ledger.client_for(url) if url.startswith(("redis://", "rediss://", "unix://")) else None
 
 
+def held_by_this_worker() -> dict[str, list[int]]:
+    """{job: [index, ...]} of the messages this worker process holds: reserved, waiting for a countdown, running."""
+    from celery.worker import state
+
+    held: dict[str, list[int]] = {}
+    try:
+        requests = [*state.reserved_requests, *getattr(state, "scheduled_requests", ())]
+    except RuntimeError:  # the consumer added one meanwhile (a WeakSet): the next tick sees them
+        return held
+    for request in requests:
+        kwargs = request.kwargs or {}
+        if kwargs.get("job"):
+            held.setdefault(str(kwargs["job"]), []).append(int(kwargs.get("index") or 0))
+    return held
+
+
 class Sweeper(bootsteps.StartStopStep):
-    """Runs the reconciler every FLEETFETCH_SWEEP_INTERVAL seconds in each worker's main process."""
+    """In each worker's main process: leases for the messages it holds (a URL reserved or waiting for its
+    countdown is as alive as its worker), and the reconciler every FLEETFETCH_SWEEP_INTERVAL seconds."""
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
@@ -202,12 +219,18 @@ class Sweeper(bootsteps.StartStopStep):
         self.stopped.set()
 
     def _loop(self, app: Celery) -> None:
-        reconciler = None
-        while not self.stopped.wait(settings.sweep_interval):
+        reconciler, last_sweep = None, time.monotonic()
+        tick = min(settings.url_lease / 3, settings.sweep_interval)
+        while not self.stopped.wait(tick):
             try:
                 if reconciler is None:
                     book = ledger.Ledger(ledger.client_for(settings.backend), settings.result_expires)
                     reconciler = Reconciler(app, book, broker_client(settings.broker))
-                reconciler.sweep()
+                held = held_by_this_worker()
+                if held:
+                    reconciler.book.hold(held, settings.url_lease)
+                if time.monotonic() - last_sweep >= settings.sweep_interval:
+                    last_sweep = time.monotonic()
+                    reconciler.sweep()
             except Exception as exc:  # noqa: BLE001 - a broker outage must not end the sweeper
                 log.warning("Sweep for lost URLs failed (will try again): %s", exc)

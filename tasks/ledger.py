@@ -87,6 +87,20 @@ return #ARGV - 1
 """
 
 
+# KEYS[1] state, KEYS[2] due; ARGV[1] ms from now, ARGV[2..] indexes. A lease for each URL that is not final,
+# whether it had one or not (a worker holds its message).
+_HOLD = """
+local t = redis.call('TIME')
+local at = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local s = redis.call('HGET', KEYS[1], ARGV[i])
+  if s ~= 'done' and s ~= 'unchanged' and s ~= 'failed' and s ~= 'cancelled' then
+    redis.call('ZADD', KEYS[2], at, ARGV[i])
+  end
+end
+return 0
+"""
+
 # KEYS[1] meta, KEYS[2] state, KEYS[3] due, KEYS[4] redelivered; ARGV[1..] indexes
 # Each URL not final goes back to queued (counters kept), loses its lease and counts one more redelivery.
 # Returns {index, redeliveries, ...} for the URLs moved.
@@ -211,6 +225,7 @@ class Ledger:
         self._transition = client.register_script(_TRANSITION)
         self._renew = client.register_script(_RENEW)
         self._requeue = client.register_script(_REQUEUE)
+        self._hold = client.register_script(_HOLD)
         self._cancel = client.register_script(_CANCEL)
         self._mark_queued = client.register_script(_MARK_QUEUED)
         self._uncancel = client.register_script(_UNCANCEL)
@@ -335,6 +350,14 @@ class Ledger:
         old = self._transition(keys=[k.meta, k.state, k.rec, k.due],
                                args=[str(index), state, payload, nbytes, self.ttl, due])
         return old.decode() if old else None
+
+    def hold(self, held: dict[str, list[int]], seconds: float) -> None:
+        """Leases of `seconds` for URLs whose messages a live worker holds ({job: [index, ...]}), one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for job, indexes in held.items():
+            k = JobKeys(job)
+            self._hold(keys=[k.state, k.due], args=[int(seconds * 1000), *indexes], client=pipe)
+        pipe.execute()
 
     def renew(self, leases: dict[str, list[int]], seconds: float) -> None:
         """Extend the leases of running URLs ({job: [index, ...]}) to `seconds` from now, one round trip."""

@@ -301,7 +301,7 @@ def test_local_mode_server_requires_a_password_that_no_command_line_shows(origin
         assert _ask(port, b"LPUSH fleetfetch x\r\n").startswith(b"-NOAUTH")
         children = psutil.Process(proc.pid).children(recursive=True)
         server = next(c for c in children if "valkey" in c.name() or "redis" in c.name())
-        conf = Path(server.cwd(), "server.conf")  # the server runs in the local cluster's private directory
+        conf = Path(server.cmdline()[1])  # the config file, in the local cluster's private directory
         password = conf.read_text().split()[1]
         assert conf.stat().st_mode & 0o777 == 0o600 and conf.parent.stat().st_mode & 0o777 == 0o700
         assert _ask(port, f"AUTH {password}\r\n".encode()) == b"+OK\r\n"
