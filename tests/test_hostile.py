@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -300,8 +301,10 @@ def test_local_mode_server_requires_a_password_that_no_command_line_shows(origin
         assert _ask(port, b"LRANGE fleetfetch 0 -1\r\n").startswith(b"-NOAUTH")
         assert _ask(port, b"LPUSH fleetfetch x\r\n").startswith(b"-NOAUTH")
         children = psutil.Process(proc.pid).children(recursive=True)
-        server = next(c for c in children if "valkey" in c.name() or "redis" in c.name())
-        conf = Path(server.cmdline()[1])  # the config file, in the local cluster's private directory
+        assert any("valkey" in c.name() or "redis" in c.name() for c in children)
+        # the config file, in the local cluster's private temp directory (the newest one: this run's)
+        conf = max(Path(tempfile.gettempdir()).glob("fleetfetch-local-*/server.conf"),
+                   key=lambda p: p.stat().st_mtime)
         password = conf.read_text().split()[1]
         assert conf.stat().st_mode & 0o777 == 0o600 and conf.parent.stat().st_mode & 0o777 == 0o700
         assert _ask(port, f"AUTH {password}\r\n".encode()) == b"+OK\r\n"
