@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from tasks import ledger
-from tasks.config import settings
+from tasks.config import default_concurrency, settings
 from tasks.hostlimit import HostLimiter
 
 from . import job as jobs
@@ -41,8 +40,9 @@ def _run_parser() -> argparse.ArgumentParser:
                         "sub-directory of the workers' FLEETFETCH_DIR (default: FLEETFETCH_DIR itself)")
     p.add_argument("--manifest", type=Path, help="write JSON Lines, one record per URL, when the job ends")
     p.add_argument("--no-wait", action="store_true", help="enqueue, print the job id and exit 0")
-    p.add_argument("--concurrency", type=int, default=os.cpu_count() or 2,
-                   help="local mode: worker processes (default: %(default)s = cores)")
+    p.add_argument("--concurrency", type=int, default=settings.concurrency or None,
+                   help="local mode: threads (threads pool, default 32) or processes (prefork, default: cores) "
+                        "of the worker (FLEETFETCH_CONCURRENCY)")
     p.add_argument("--pool", default=settings.pool, choices=("prefork", "threads"),
                    help="local mode: Celery pool (default: %(default)s, FLEETFETCH_POOL)")
     p.add_argument("--max-size", type=int, default=settings.max_size,
@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         local = settings.broker_url is None
         download_dir, subdir = _subdir(args.dir, local)
         opts = _task_opts(args, subdir)
-        with connect(local, download_dir, args.concurrency, args.pool, quiet=args.quiet) as conn:
+        concurrency = args.concurrency or default_concurrency(args.pool)
+        with connect(local, download_dir, concurrency, args.pool, quiet=args.quiet) as conn:
             job_id = jobs.new_job_id()
             with urls.Spool() as spool:
                 total = jobs.create(conn.ledger, job_id, spool.recording(urls.entries(path)),
