@@ -88,7 +88,9 @@ def run_measured(argv: list[str], env: dict[str, str], watch: list[int] | None =
     _, err = proc.communicate(timeout=timeout)
     seconds = time.perf_counter() - started
     calls_after, redis_cpu_after = redis_counters(broker)
-    cpu = (_children_cpu() - cpu_before) + (tree_cpu(watch or []) - watch_before) + (redis_cpu_after - redis_cpu_before)
+    split = {"cpu_tool_s": _children_cpu() - cpu_before, "cpu_workers_s": tree_cpu(watch or []) - watch_before,
+             "cpu_redis_s": redis_cpu_after - redis_cpu_before}
     return {"seconds": seconds, "pss": own.stop(), "worker_pss": other.stop(), "rc": proc.returncode,
-            "cpu_s": cpu, "redis_calls": calls_after - calls_before if broker is not None else -1,
+            "cpu_s": sum(split.values()), **split,
+            "redis_calls": calls_after - calls_before if broker is not None else -1,
             "stderr": err.decode(errors="replace")[-500:]}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.measure import run_measured
 from bench.origins import Nginx, PythonOrigin, plain_origin
-from bench.tools import ROOT, Toolbox, env_for
+from bench.tools import CAP_ROWS, ROOT, Toolbox, env_for
 from tests.support.servers import RedisServer
 
 RESULTS = ROOT / "bench" / "results"
@@ -67,7 +67,8 @@ def run_workloads(work: Path, workloads: dict, repeats: int, chosen: Callable[[s
             listing.write_text("".join(f"{origin.base_url}/f{i}.bin\n" for i in range(count)))
             try:
                 for tool, (how, build) in kit.table.items():
-                    if not chosen(tool) or (tool == "process per URL" and count > 1000):
+                    if (not chosen(tool) or (tool == "process per URL" and count > 1000)
+                            or (tool in CAP_ROWS and not remote)):
                         continue
                     rows.append(measure_cell(work, label, tool, how, build, listing, count, size, repeats))
                     print(format_row(rows[-1]), flush=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from tasks.config import Settings
+from tasks.config import Settings, default_concurrency
 from tests.support.servers import RedisServer, Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,16 +35,16 @@ def env_for(**extra: str) -> dict[str, str]:
 
 def default_env(**extra: str) -> dict[str, str]:
     """What a new user has: fleetfetch's own defaults, only loopback allowed."""
-    env = env_for(**extra)
+    env = env_for()
     del env["FLEETFETCH_PER_HOST"]
+    env.update(extra)
     return env
 
 
 def defaults_text() -> str:
     """The default settings, as the row label states them (read from tasks.config, so they stay true)."""
     d = Settings()
-    conc = f"c={d.concurrency}" if d.concurrency else "c=cores"
-    return f"{d.pool} {conc}, per-host {d.per_host}, fsync on"
+    return f"{d.pool} c={d.concurrency or default_concurrency(d.pool)}, per-host {d.per_host}, fsync on"
 
 
 class Cluster:
@@ -78,6 +78,10 @@ class Cluster:
         self.redis.stop()
 
 
+# Rows that only say something where the per-host cap binds: one host with many files that each take a while.
+CAP_ROWS = ("fleetfetch local, defaults but --per-host 0",)
+
+
 class Toolbox:
     """name -> (settings text, build(listing, out) -> argv, env, watched pids, broker client)."""
 
@@ -98,6 +102,10 @@ class Toolbox:
             "fleetfetch 1 worker, defaults": (
                 f"`celery -A tasks worker --loglevel=INFO`, no flags: {defaults_text()}",
                 self._cluster("defaults", 1, README_WORKER, "prefork", 0, tuned=False)),
+            "fleetfetch local, defaults but --per-host 0": (
+                f"`python -m producer LIST --per-host 0`: {defaults_text().replace('per-host 8', 'per-host 0')}",
+                lambda listing, out: ([py, "-m", "producer", str(listing), "-d", str(out), "-q", "--per-host", "0"],
+                                      default_env(), [], None)),
             "fleetfetch local, tuned": (
                 "`--pool threads --concurrency 50 --per-host 0`, no fsync", lambda listing, out: (
                     [py, "-m", "producer", str(listing), "-d", str(out), "-q", "--pool", "threads",
