@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psutil
 import redis
@@ -73,7 +74,7 @@ def _children_cpu() -> float:
 
 
 def run_measured(argv: list[str], env: dict[str, str], watch: list[int] | None = None,
-                 broker: redis.Redis | None = None, timeout: float = 1800) -> dict[str, float]:
+                 broker: redis.Redis | None = None, timeout: float = 1800) -> dict[str, Any]:
     """Run `argv`: seconds; peak PSS of its own tree and of the `watch` trees (e.g. workers); CPU seconds of
     all of them (the tool's tree as reaped children, so a local-mode worker and server count) and of the
     `broker` Redis server; and the commands that server served meanwhile."""
