@@ -41,10 +41,11 @@ def default_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def defaults_text() -> str:
+def defaults_text(per_host: int | None = None) -> str:
     """The default settings, as the row label states them (read from tasks.config, so they stay true)."""
     d = Settings()
-    return f"{d.pool} c={d.concurrency or default_concurrency(d.pool)}, per-host {d.per_host}, fsync on"
+    cap = d.per_host if per_host is None else per_host
+    return f"{d.pool} c={d.concurrency or default_concurrency(d.pool, cap)}, per-host {cap}, fsync on"
 
 
 class Cluster:
@@ -103,7 +104,7 @@ class Toolbox:
                 f"`celery -A tasks worker --loglevel=INFO`, no flags: {defaults_text()}",
                 self._cluster("defaults", 1, README_WORKER, "prefork", 0, tuned=False)),
             "fleetfetch local, defaults but --per-host 0": (
-                f"`python -m producer LIST --per-host 0`: {defaults_text().replace('per-host 8', 'per-host 0')}",
+                f"`python -m producer LIST --per-host 0`: {defaults_text(per_host=0)}",
                 lambda listing, out: ([py, "-m", "producer", str(listing), "-d", str(out), "-q", "--per-host", "0"],
                                       default_env(), [], None)),
             "fleetfetch local, tuned": (

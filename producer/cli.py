@@ -41,8 +41,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, help="write JSON Lines, one record per URL, when the job ends")
     p.add_argument("--no-wait", action="store_true", help="enqueue, print the job id and exit 0")
     p.add_argument("--concurrency", type=int, default=settings.concurrency or None,
-                   help="local mode: threads (threads pool, default 32) or processes (prefork, default: cores) "
-                        "of the worker (FLEETFETCH_CONCURRENCY)")
+                   help="local mode: the worker's threads (default: --per-host, 32 if that is 0) or prefork "
+                        "processes (default: cores) (FLEETFETCH_CONCURRENCY)")
     p.add_argument("--pool", default=settings.pool, choices=("prefork", "threads"),
                    help="local mode: Celery pool (default: %(default)s, FLEETFETCH_POOL)")
     p.add_argument("--max-size", type=int, default=settings.max_size,
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         local = settings.broker_url is None
         download_dir, subdir = _subdir(args.dir, local)
         opts = _task_opts(args, subdir)
-        concurrency = args.concurrency or default_concurrency(args.pool)
+        concurrency = args.concurrency or default_concurrency(args.pool, args.per_host)
         with connect(local, download_dir, concurrency, args.pool, quiet=args.quiet) as conn:
             job_id = jobs.new_job_id()
             with urls.Spool() as spool:

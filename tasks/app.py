@@ -92,6 +92,6 @@ app.conf.update(
     # On SIGTERM, running downloads get this long to finish before being given back to the queue.
     worker_soft_shutdown_timeout=settings.soft_shutdown_timeout,
     worker_pool=_pool,
-    worker_concurrency=settings.concurrency or default_concurrency(_pool),
+    worker_concurrency=settings.concurrency or default_concurrency(_pool, settings.per_host),
     worker_redirect_stdouts=False,
 )

@@ -1,8 +1,9 @@
-"""The default configuration: a worker started with no flags is a threads pool of 32, `-P prefork` still means
+"""The default configuration: a worker started with no flags is a threads pool of 8, `-P prefork` still means
 prefork, task events flow only once someone (Flower) asks for them, and no STARTED result is stored."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -13,7 +14,7 @@ import pytest
 from celery import Celery
 
 from tasks.app import pool_on_command_line
-from tasks.config import THREADS_CONCURRENCY, default_concurrency
+from tasks.config import THREADS_CONCURRENCY, Settings, default_concurrency
 from tests.conftest import ROOT, Cluster, job_id_of, write_list
 from tests.support.servers import RedisServer, Worker
 
@@ -32,9 +33,11 @@ def test_pool_named_on_the_command_line_is_found(argv, pool):
     assert pool_on_command_line(argv) == pool
 
 
-def test_default_concurrency_is_many_threads_or_one_process_per_core():
-    assert default_concurrency("threads") == THREADS_CONCURRENCY
-    assert default_concurrency("prefork") >= 1
+def test_default_threads_match_the_per_host_cap_and_prefork_is_one_process_per_core():
+    assert default_concurrency("threads", 8) == 8
+    assert default_concurrency("threads", 0) == THREADS_CONCURRENCY  # no cap: as many as pay off
+    assert default_concurrency("threads", 1000) == THREADS_CONCURRENCY
+    assert default_concurrency("prefork", 8) == (os.cpu_count() or 2)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def test_worker_without_flags_runs_the_threads_pool_and_p_prefork_still_forks(ow
     stats = _client(own).control.inspect(timeout=5).stats() or {}
     assert len(stats) == 1, stats
     pool = next(iter(stats.values()))["pool"]
-    assert "thread" in pool["implementation"] and pool["max-concurrency"] == THREADS_CONCURRENCY
+    assert "thread" in pool["implementation"] and pool["max-concurrency"] == Settings().per_host == 8
     assert default_worker.children() == []  # one process: no pool children
 
     with Worker(own.env, name="forked", concurrency=2, pool="prefork", log=tmp_path / "p.log", cwd=ROOT) as forked:
