@@ -38,6 +38,7 @@ def _freeze_before_fork(**_: object) -> None:
     gc.collect()
     gc.freeze()
 
+
 _redis_sockets = {
     "socket_timeout": 30,  # a dead broker connection is noticed instead of hanging a worker
     "socket_connect_timeout": 10,
@@ -84,7 +85,7 @@ app.conf.update(
     # result would cost one more SETEX + PUBLISH per URL.
     task_track_started=False,
     # Task events (received/started/succeeded: a PUBLISH and its JSON each) only while someone watches:
-    # Flower sends `enable_events` to every worker every 5 s (its --enable-events, on by default), and
+    # Flower sends `enable_events` to every worker every 5 s (its enable_events option, on by default), and
     # `celery -A tasks control enable_events` or `worker -E` turn them on too.
     worker_send_task_events=False,
     task_send_sent_event=False,
