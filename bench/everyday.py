@@ -73,7 +73,7 @@ def main() -> int:
         for name, bodies in (("5 x 200 kB (example-sized)", forms), ("1000 x 16 KiB", small)):
             job = work / f"local-{len(bodies)}"
             job.mkdir()
-            rows.append((name, "local mode, 2 processes", *run_job(origin, bodies, local, job, job / "downloads")))
+            rows.append((name, "local mode, no options", *run_job(origin, bodies, local, job, job / "downloads")))
 
         redis = RedisServer(work / "redis", appendonly=False).start()
         out = work / "cluster-out"

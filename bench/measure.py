@@ -1,14 +1,17 @@
-"""Wall time and peak memory (PSS: shared pages counted once) of a process tree."""
+"""Wall time, peak memory (PSS: shared pages counted once), CPU time and Redis commands of a measured run."""
 
 from __future__ import annotations
 
 import contextlib
+import resource
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psutil
+import redis
 
 
 def tree_pss(roots: list[int]) -> int:
@@ -21,6 +24,29 @@ def tree_pss(roots: list[int]) -> int:
                 with contextlib.suppress(psutil.Error):
                     total += p.memory_full_info().pss
     return total
+
+
+def tree_cpu(roots: list[int]) -> float:
+    """CPU seconds (user + system) used so far by the processes `roots`, their descendants and reaped children."""
+    total = 0.0
+    for pid in roots:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def redis_counters(client: redis.Redis | None) -> tuple[int, float]:
+    """(commands served so far, CPU seconds used so far) of a Redis server; INFO itself is not counted."""
+    if client is None:
+        return 0, 0.0
+    stats = client.info("commandstats")
+    calls = sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+    cpu = client.info("cpu")
+    return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 class PeakSampler(threading.Thread):
@@ -42,9 +68,18 @@ class PeakSampler(threading.Thread):
         return self.peak
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_measured(argv: list[str], env: dict[str, str], watch: list[int] | None = None,
-                 timeout: float = 1800) -> dict[str, float]:
-    """Run `argv`; seconds, the peak PSS of its own tree, and of the `watch` trees (e.g. workers)."""
+                 broker: redis.Redis | None = None, timeout: float = 1800) -> dict[str, Any]:
+    """Run `argv`: seconds; peak PSS of its own tree and of the `watch` trees (e.g. workers); CPU seconds of
+    all of them (the tool's tree as reaped children, so a local-mode worker and server count) and of the
+    `broker` Redis server; and the commands that server served meanwhile."""
+    cpu_before, watch_before = _children_cpu(), tree_cpu(watch or [])
+    calls_before, redis_cpu_before = redis_counters(broker)
     started = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     own = PeakSampler(lambda: [proc.pid])
@@ -53,5 +88,10 @@ def run_measured(argv: list[str], env: dict[str, str], watch: list[int] | None =
     other.start()
     _, err = proc.communicate(timeout=timeout)
     seconds = time.perf_counter() - started
+    calls_after, redis_cpu_after = redis_counters(broker)
+    split = {"cpu_tool_s": _children_cpu() - cpu_before, "cpu_workers_s": tree_cpu(watch or []) - watch_before,
+             "cpu_redis_s": redis_cpu_after - redis_cpu_before}
     return {"seconds": seconds, "pss": own.stop(), "worker_pss": other.stop(), "rc": proc.returncode,
+            "cpu_s": sum(split.values()), **split,
+            "redis_calls": calls_after - calls_before if broker is not None else -1,
             "stderr": err.decode(errors="replace")[-500:]}

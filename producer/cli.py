@@ -15,7 +15,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from tasks import ledger
-from tasks.config import QUEUE, settings
+from tasks.config import QUEUE, default_concurrency, settings
 from tasks.errors import UnsafeName
 from tasks.fetch import USER_AGENT
 from tasks.message import Options, split_headers
@@ -174,6 +174,14 @@ def _options(args: argparse.Namespace, subdir: str) -> tuple[Options, list[tuple
     return options, secret
 
 
+def _local_size(args: argparse.Namespace) -> int | None:
+    """The local worker's size: --concurrency, or the pool's default for the --per-host typed here; None leaves
+    it to the worker (FLEETFETCH_CONCURRENCY, else its own default)."""
+    if args.concurrency or args.per_host is None:
+        return args.concurrency
+    return default_concurrency(args.pool, args.per_host)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.pool not in POOLS:
         raise UsageError(f"pool {args.pool!r} (--pool or FLEETFETCH_POOL): local mode runs one of {', '.join(POOLS)}")
@@ -187,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         options = replace(options, credentials=bool(logins))
         queue = _queue(args.queue, local)
         with urls.read(path, label, args.force_directories) as spool, \
-                connect(local, download_dir, args.concurrency, args.pool, quiet=args.quiet) as conn:
+                connect(local, download_dir, _local_size(args), args.pool, quiet=args.quiet) as conn:
             job_id = jobs.new_job_id()
             total = jobs.create(conn.ledger, job_id, spool.replay(),
                                 {"input": label, "opts": options.changed(), "created": time.time(),

@@ -120,8 +120,9 @@ class Workers:
     def __init__(self, cluster: Cluster, logs: Path) -> None:
         self.cluster, self.logs, self.all = cluster, logs, list[Worker]()
 
-    def start(self, name: str, concurrency: int = 2) -> Worker:
-        w = Worker(self.cluster.env, name=name, concurrency=concurrency, log=self.logs / f"{name}.log", cwd=ROOT)
+    def start(self, name: str, concurrency: int | None = 2, pool: str | None = "prefork") -> Worker:
+        w = Worker(self.cluster.env, name=name, concurrency=concurrency, pool=pool, log=self.logs / f"{name}.log",
+                   cwd=ROOT)
         self.all.append(w)
         return w.start()
 

@@ -33,6 +33,10 @@ def flower(cluster, worker, tmp_path) -> Iterator[str]:
                 requests.get(f"{base}/healthcheck", timeout=2)
                 break
             time.sleep(0.2)
+        # Workers send task events only while watched: Flower turns them on (every 5 s, the first time 5 s
+        # after it starts). Tasks that run before then are not in Flower.
+        while "enabled by remote" not in worker.log_text() and time.monotonic() < deadline + 15:
+            time.sleep(0.2)
         yield base
     finally:
         proc.terminate()

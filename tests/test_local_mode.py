@@ -50,7 +50,8 @@ def test_local_mode_downloads_everything_and_leaves_no_processes(origin, tmp_pat
     for path, body in bodies.items():
         origin.add(path, body)
     listing = write_list(tmp_path / "urls.txt", [origin.url(p) for p in bodies])
-    result, watch = run_local([str(listing), "--manifest", "m.jsonl", "--concurrency", "2"], tmp_path)
+    result, watch = run_local([str(listing), "--manifest", "m.jsonl", "--pool", "prefork", "--concurrency", "2"],
+                              tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "local mode: embedded server" in result.stdout and "summary: 5 downloaded" in result.stdout
     for path, body in bodies.items():

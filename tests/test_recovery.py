@@ -173,8 +173,9 @@ def test_a_backend_that_comes_back_empty_stops_the_producer_with_what_to_do(chao
 
 @pytest.mark.timeout(420)
 def test_every_fault_heals_with_all_shipped_settings(tmp_path, origin):
-    """One job, every fault, nothing shortened: a worker host lost, the queue deleted, a pool child killed while
-    Redis is down. Only what reaching a loopback origin needs is set (FLEETFETCH_ALLOW_NETWORKS)."""
+    """One job, every fault, nothing shortened: a worker host lost (started with no flags, as the README says),
+    the queue deleted, a pool child of a prefork worker killed while Redis is down. Only what reaching a loopback
+    origin needs is set (FLEETFETCH_ALLOW_NETWORKS)."""
     with RedisServer(tmp_path / "redis") as server:
         cluster = Cluster(server, tmp_path / "downloads")
         keep = ("FLEETFETCH_ALLOW_NETWORKS", "FLEETFETCH_DIR")
@@ -182,8 +183,8 @@ def test_every_fault_heals_with_all_shipped_settings(tmp_path, origin):
         crew = Workers(cluster, tmp_path)
         try:
             bodies = serve(origin, 40, size=150_000, rate=150_000)  # 1 s each
-            doomed = crew.start("doomed", concurrency=2)
-            steady = crew.start("steady", concurrency=2)
+            doomed = crew.start("doomed", concurrency=None, pool=None)  # as the README starts it: threads
+            steady = crew.start("steady", concurrency=2, pool="prefork")  # a pool process to kill below
             job = enqueue(cluster, tmp_path, origin, bodies, "all")
             wait_for_requests(origin, 4)
             faulted = time.monotonic()

@@ -101,12 +101,14 @@ class RedisServer:
 class Worker:
     """A real `celery -A tasks worker` in its own process group, logging to `log`."""
 
-    def __init__(self, env: dict[str, str], *, name: str, concurrency: int = 2, pool: str = "prefork",
+    def __init__(self, env: dict[str, str], *, name: str, concurrency: int | None = 2, pool: str | None = "prefork",
                  cwd: Path | None = None, extra_args: Sequence[str] = (), log: Path) -> None:
+        """concurrency=None, pool=None: the worker as the README starts it, with the shipped defaults."""
         self.env = dict(env, PYTHONUNBUFFERED="1")
-        self.argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", f"{name}@%h", "-c",
-                     str(concurrency), "-P", pool, "--loglevel=INFO", "--without-gossip", "--without-mingle",
-                     *extra_args]
+        size = ["-c", str(concurrency)] if concurrency is not None else []
+        kind = ["-P", pool] if pool is not None else []
+        self.argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", f"{name}@%h", *size, *kind,
+                     "--loglevel=INFO", "--without-gossip", "--without-mingle", *extra_args]
         self.cwd = cwd
         self.log = Path(log)
         self.proc: subprocess.Popen | None = None

@@ -1,0 +1,145 @@
+"""The tools the bench compares, each with the settings it runs with (stated in every row of the table).
+
+fleetfetch runs in two configurations:
+* defaults: what a new user gets. `python -m producer LIST` with no options (local mode), or workers started as
+  the README's cluster section says (`celery -A tasks worker --loglevel=INFO`, no flags, no FLEETFETCH_*
+  variables). The only variable set is FLEETFETCH_ALLOW_NETWORKS=127.0.0.0/8: the origins are on loopback,
+  which workers refuse by default.
+* tuned: the pool, concurrency, per-host cap and fsync chosen for speed, as before.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from tasks.config import Settings, default_concurrency
+from tests.support.servers import RedisServer, Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+Build = Callable[[Path, Path], tuple[list[str], dict, list[int], "redis.Redis | None"]]
+README_WORKER = ["-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO"]  # the README's cluster section
+
+
+def env_for(**extra: str) -> dict[str, str]:
+    """The tuned environment: loopback allowed, no per-host cap (every workload comes from one host)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "FLEETFETCH_"))}
+    env.update(PYTHONPATH=str(ROOT), FLEETFETCH_ALLOW_NETWORKS="127.0.0.0/8", FLEETFETCH_PER_HOST="0", **extra)
+    return env
+
+
+def default_env(**extra: str) -> dict[str, str]:
+    """What a new user has: fleetfetch's own defaults, only loopback allowed."""
+    env = env_for()
+    del env["FLEETFETCH_PER_HOST"]
+    env.update(extra)
+    return env
+
+
+def defaults_text(per_host: int | None = None) -> str:
+    """The default settings, as the row label states them (read from tasks.config, so they stay true)."""
+    d = Settings()
+    cap = d.per_host if per_host is None else per_host
+    return f"{d.pool} c={d.concurrency or default_concurrency(d.pool, cap)}, per-host {cap}, fsync on"
+
+
+class Cluster:
+    """The benchmark's own Redis (no persistence: speed) and N `celery worker` processes."""
+
+    def __init__(self, work: Path, key: str, workers: int, argv: list[str] | None, pool: str, concurrency: int,
+                 tuned: bool) -> None:
+        self.redis = RedisServer(work / f"redis-{key}", appendonly=False).start()
+        make_env = env_for if tuned else default_env
+        extra = {"FLEETFETCH_NO_FSYNC": "1"} if tuned else {}
+        self.env = make_env(CELERY_BROKER_URL=self.redis.url(0), CELERY_RESULT_BACKEND=self.redis.url(1),
+                            FLEETFETCH_DIR=str(work / "cluster-out"), **extra)
+        self.workers: list[Worker] = []
+        try:
+            for i in range(workers):
+                w = Worker(self.env, name=f"b{i}-{key}", concurrency=concurrency, pool=pool,
+                           log=work / f"w{i}-{key}.log")
+                if argv is not None:
+                    w.argv = [sys.executable, *argv]
+                self.workers.append(w.start())
+        except BaseException:
+            self.stop()
+            raise
+
+    def pids(self) -> list[int]:
+        return [w.pid for w in self.workers]
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.redis.stop()
+
+
+# Rows that only say something where the per-host cap binds: one host with many files that each take a while.
+CAP_ROWS = ("fleetfetch local, defaults but --per-host 0",)
+
+
+class Toolbox:
+    """name -> (settings text, build(listing, out) -> argv, env, watched pids, broker client)."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.clusters: dict[str, Cluster] = {}
+        py = sys.executable
+        self.table: dict[str, tuple[str, Build]] = {
+            "curl --parallel 50": ("50 transfers at once", self._curl),
+            "aria2c -j16": ("16 downloads at once", lambda listing, out: (
+                ["aria2c", "-i", str(listing), "-d", str(out), "-j", "16", "-q", "--allow-overwrite=true",
+                 "--auto-file-renaming=false", "--file-allocation=none"], env_for(), [], None)),
+            "process per URL": ("one process per URL, body in memory", lambda listing, out: (
+                [py, str(ROOT / "bench" / "per_process.py"), str(listing), str(out)], env_for(), [], None)),
+            "fleetfetch local, defaults": (
+                f"`python -m producer LIST`, no options: {defaults_text()}", lambda listing, out: (
+                    [py, "-m", "producer", str(listing), "-d", str(out), "-q"], default_env(), [], None)),
+            "fleetfetch 1 worker, defaults": (
+                f"`celery -A tasks worker --loglevel=INFO`, no flags: {defaults_text()}",
+                self._cluster("defaults", 1, README_WORKER, "prefork", 0, tuned=False)),
+            "fleetfetch local, defaults but --per-host 0": (
+                f"`python -m producer LIST --per-host 0`: {defaults_text(per_host=0)}",
+                lambda listing, out: ([py, "-m", "producer", str(listing), "-d", str(out), "-q", "--per-host", "0"],
+                                      default_env(), [], None)),
+            "fleetfetch local, tuned": (
+                "`--pool threads --concurrency 50 --per-host 0`, no fsync", lambda listing, out: (
+                    [py, "-m", "producer", str(listing), "-d", str(out), "-q", "--pool", "threads",
+                     "--concurrency", "50", "--per-host", "0"], env_for(FLEETFETCH_NO_FSYNC="1"), [], None)),
+            "fleetfetch 1 worker prefork c=2": ("`-P prefork -c 2`, per-host 0, no fsync",
+                                                self._cluster("prefork2", 1, None, "prefork", 2, tuned=True)),
+            "fleetfetch 1 worker threads c=50": ("`-P threads -c 50`, per-host 0, no fsync",
+                                                 self._cluster("threads50", 1, None, "threads", 50, tuned=True)),
+            "fleetfetch 2 workers threads c=50": ("2 × `-P threads -c 50`, per-host 0, no fsync",
+                                                  self._cluster("2threads50", 2, None, "threads", 50, tuned=True)),
+        }
+        if not shutil.which("aria2c"):
+            print("note: aria2c not installed (apt-get install aria2): column skipped")
+            self.table.pop("aria2c -j16")
+
+    def _curl(self, listing: Path, out: Path) -> tuple[list[str], dict, list[int], None]:
+        cfg = out.parent / (out.name + ".curl")
+        cfg.write_text("".join(f'url = "{u}"\noutput = "{out / u.rsplit("/", 1)[1]}"\n'
+                               for u in listing.read_text().split()))
+        return ["curl", "--parallel", "--parallel-immediate", "--parallel-max", "50", "-sS", "-K",
+                str(cfg)], env_for(), [], None
+
+    def _cluster(self, key: str, workers: int, argv: list[str] | None, pool: str, c: int, *, tuned: bool) -> Build:
+        def build(listing: Path, out: Path) -> tuple[list[str], dict, list[int], redis.Redis]:
+            if key not in self.clusters:
+                self.clusters[key] = Cluster(self.work, key, workers, argv, pool, c, tuned)
+            cl = self.clusters[key]
+            sub = out.relative_to(self.work / "cluster-out")
+            return ([sys.executable, "-m", "producer", str(listing), "-d", str(sub), "-q"], cl.env, cl.pids(),
+                    cl.redis.client(0))
+        return build
+
+    def stop(self) -> None:
+        for cl in self.clusters.values():
+            cl.stop()
+        self.clusters.clear()

@@ -1,0 +1,163 @@
+"""The default configuration: a worker started with no flags is a threads pool of 8, `-P prefork` still means
+prefork, task events flow only once someone (Flower) asks for them, and no STARTED result is stored."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from tasks.app import pool_on_command_line
+from tasks.config import THREADS_CONCURRENCY, Settings, default_concurrency
+from tests.conftest import ROOT, Cluster, job_id_of, write_list
+from tests.support.servers import RedisServer, Worker
+
+README_WORKER = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO"]
+
+
+@pytest.mark.parametrize(("argv", "pool"), [
+    (["celery", "-A", "tasks", "worker"], None),
+    (["celery", "-A", "tasks", "worker", "-P", "prefork", "-c", "2"], "prefork"),
+    (["celery", "-A", "tasks", "worker", "--pool", "threads"], "threads"),
+    (["celery", "-A", "tasks", "worker", "--pool=solo"], "solo"),
+    (["celery", "-A", "tasks", "worker", "-Pprefork"], "prefork"),
+    (["celery", "-A", "tasks", "worker", "-P"], None),
+])
+def test_pool_named_on_the_command_line_is_found(argv, pool):
+    assert pool_on_command_line(argv) == pool
+
+
+def test_default_threads_match_the_per_host_cap_and_prefork_is_one_process_per_core():
+    assert default_concurrency("threads", 8) == 8
+    assert default_concurrency("threads", 0) == THREADS_CONCURRENCY  # no cap: as many as pay off
+    assert default_concurrency("threads", 1000) == THREADS_CONCURRENCY
+    assert default_concurrency("prefork", 8) == (os.cpu_count() or 2)
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A Redis of this module's own: its workers are the only consumers and events go to no other test."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-defaults")).start()
+    try:
+        yield Cluster(server, tmp_path_factory.mktemp("downloads-defaults"))
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def default_worker(own: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """`celery -A tasks worker --loglevel=INFO` exactly as the README's cluster section starts it."""
+    w = Worker(own.env, name="unused", log=tmp_path_factory.mktemp("logs") / "w.log", cwd=ROOT)
+    w.argv = list(README_WORKER)
+    w.start()
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def _client(own: Cluster) -> Celery:
+    return Celery(broker=own.env["CELERY_BROKER_URL"], backend=own.env["CELERY_RESULT_BACKEND"])
+
+
+def test_worker_without_flags_runs_the_threads_pool_and_p_prefork_still_forks(own, default_worker, tmp_path):
+    stats = _client(own).control.inspect(timeout=5).stats() or {}
+    assert len(stats) == 1, stats
+    pool = next(iter(stats.values()))["pool"]
+    assert "thread" in pool["implementation"] and pool["max-concurrency"] == Settings().per_host == 8
+    assert default_worker.children() == []  # one process: no pool children
+
+    with Worker(own.env, name="forked", concurrency=2, pool="prefork", log=tmp_path / "p.log", cwd=ROOT) as forked:
+        deadline = time.monotonic() + 10
+        while len(forked.children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(forked.children()) == 2  # Celery would have taken the configured threads pool over -P prefork
+
+
+class EventLog(threading.Thread):
+    """Every Celery event the workers publish on the broker, by type, as a monitor such as Flower sees them."""
+
+    def __init__(self, broker: str) -> None:
+        super().__init__(daemon=True)
+        self.app = Celery(broker=broker)
+        self.events: list[dict] = []
+        self.receiver = None
+
+    def run(self) -> None:
+        with self.app.connection_for_read() as conn:
+            self.receiver = self.app.events.Receiver(conn, handlers={"*": self.events.append})
+            self.receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def stop(self) -> None:
+        if self.receiver is not None:
+            self.receiver.should_stop = True
+        self.join(10)
+
+    def task_events(self, job: str) -> set[str]:
+        return {e["type"] for e in list(self.events) if e["type"].startswith("task-")
+                and str(e.get("uuid", "")).startswith(job)}
+
+    def wait_for(self, predicate, timeout: float = 15) -> bool:
+        deadline = time.monotonic() + timeout
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return predicate()
+
+
+def _run_job(own: Cluster, origin, tmp_path: Path, name: str) -> str:
+    lines = []
+    for i in range(3):
+        origin.add(f"/{name}/{i}.bin", bytes([i]) * 1000)
+        lines.append(origin.url(f"/{name}/{i}.bin"))
+    result = own.producer(str(write_list(tmp_path / f"{name}.txt", lines)), "-d", name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return job_id_of(result.stdout)
+
+
+def test_task_events_flow_only_after_enable_events_as_flower_sends_it(own, default_worker, origin, tmp_path):
+    log = EventLog(own.env["CELERY_BROKER_URL"])
+    log.start()
+    try:
+        # Worker heartbeats still flow (Flower's worker list needs them): they also show the receiver listens.
+        assert log.wait_for(lambda: any(e["type"] == "worker-heartbeat" for e in list(log.events)))
+        quiet = _run_job(own, origin, tmp_path, "quiet")
+        time.sleep(1)  # what a worker sends is buffered briefly
+        assert log.task_events(quiet) == set()
+
+        # Flower (enable_events, on by default) sends exactly this to every worker every 5 s.
+        replies = _client(own).control.enable_events(reply=True, timeout=5)
+        assert replies and all("ok" in next(iter(r.values())) for r in replies)
+        watched = _run_job(own, origin, tmp_path, "watched")
+        assert log.wait_for(lambda: {"task-received", "task-started", "task-succeeded"} <= log.task_events(watched))
+    finally:
+        _client(own).control.disable_events(reply=True, timeout=5)
+        log.stop()
+
+
+def test_a_running_download_is_started_in_the_ledger_and_has_no_celery_result_yet(own, default_worker, origin,
+                                                                                tmp_path):
+    origin.add("/slow.bin", b"s" * 5000, delay=3)
+    result = own.producer(str(write_list(tmp_path / "slow.txt", [origin.url("/slow.bin")])), "-d", "slow",
+                          "--no-wait")
+    assert result.returncode == 0, result.stderr
+    job = job_id_of(result.stdout)
+    backend = own.backend()
+    state_key = f"ff:{{{job}}}:state"
+
+    deadline = time.monotonic() + 15
+    while backend.hget(state_key, "0") != b"started" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert backend.hget(state_key, "0") == b"started"
+    assert backend.get(f"celery-task-meta-{job}-0") is None  # no STARTED result: the ledger already says it
+
+    deadline = time.monotonic() + 15
+    while backend.get(f"celery-task-meta-{job}-0") is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert backend.hget(state_key, "0") == b"done"
+    assert b'"SUCCESS"' in (backend.get(f"celery-task-meta-{job}-0") or b"")  # the final result is still kept
