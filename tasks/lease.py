@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from . import hostlimit, ledger
 
 log = logging.getLogger("fleetfetch")
+_STARTING = threading.Lock()
 
 
 @dataclass
@@ -49,10 +50,11 @@ class Renewer:
                 self._held.pop(id(token), None)
 
     def _start(self) -> None:
-        if self._pid != os.getpid():  # first use in this (possibly forked) process
-            self._pid = os.getpid()
-            self._held, self._lock = {}, threading.Lock()
-            threading.Thread(target=self._loop, name="fleetfetch-leases", daemon=True).start()
+        with _STARTING:  # threads of one pool may get here at once
+            if self._pid != os.getpid():  # first use in this (possibly forked) process
+                self._pid = os.getpid()
+                self._held, self._lock = {}, threading.Lock()
+                threading.Thread(target=self._loop, name="fleetfetch-leases", daemon=True).start()
 
     def _loop(self) -> None:
         stop = threading.Event()
