@@ -447,3 +447,14 @@ def test_systemd_units_install_from_the_checkout_not_an_unpublished_name():
     text = (ROOT / "deploy" / "systemd" / "fleetfetch-worker.service").read_text()
     assert "pip install fleetfetch" not in text
     assert "requirements.lock" in text and "--no-deps" in text
+
+
+def test_every_shipped_flower_lists_each_tasks_url_and_result():
+    """Flower's default task list shows only names and ids: every shipped Flower adds the (redacted) arguments
+    and the result or failure reason, as tests/test_flower.py runs it."""
+    from tests.test_flower import TASKS_COLUMNS
+
+    for path in ("docker-compose.yml", "deploy/k8s/flower.yaml", "deploy/systemd/fleetfetch-flower.service",
+                 "README.md"):
+        text = (ROOT / path).read_text()
+        assert TASKS_COLUMNS in text, path

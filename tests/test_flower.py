@@ -15,6 +15,9 @@ from tests.conftest import ROOT, job_id_of, write_list
 from tests.support.servers import free_port
 
 AUTH = ("admin", "flower-test-pw")
+# As the shipped configurations start Flower (compose, k8s, systemd, README): each task's redacted URL and its
+# result or failure reason in the task list (Flower's default shows only names and ids).
+TASKS_COLUMNS = "--tasks_columns=name,uuid,state,args,result,received,runtime,worker"
 
 
 @pytest.fixture
@@ -23,7 +26,7 @@ def flower(cluster, worker, tmp_path) -> Iterator[str]:
     env = dict(cluster.env, FLOWER_BASIC_AUTH=":".join(AUTH))
     log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "flower", "--address=127.0.0.1",
-                             f"--port={port}"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             f"--port={port}", TASKS_COLUMNS], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -69,6 +72,9 @@ def test_flower_requires_credentials_and_shows_workers_and_redacted_failures(clu
     assert failed["state"] == "FAILURE" and "404" in failed["exception"]
     assert "token=****" in failed["exception"]
     assert "flowersecret123" not in str(tasks)
+
+    page = requests.get(f"{flower}/tasks", auth=AUTH, timeout=5).text
+    assert '<th data-column="args">' in page and '<th data-column="result">' in page
 
     workers = requests.get(f"{flower}/api/workers?refresh=1", auth=AUTH, timeout=20).json()
     assert any(name.startswith("w1@") for name in workers)

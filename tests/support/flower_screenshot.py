@@ -21,6 +21,7 @@ import requests
 from tests.conftest import ROOT, Cluster, write_list
 from tests.support.origin import Origin
 from tests.support.servers import RedisServer, Worker, free_port
+from tests.test_flower import TASKS_COLUMNS
 
 PAGES = {"flower-workers.png": "/workers", "flower-tasks.png": "/tasks"}
 
@@ -58,8 +59,8 @@ def main(out_dir: str = "docs") -> int:
             for w in workers:
                 w.start()
             flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "flower", "--address=127.0.0.1",
-                                       f"--port={port}"], env=cluster.env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True)
+                                       f"--port={port}", TASKS_COLUMNS], env=cluster.env, cwd=ROOT,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             base = f"http://127.0.0.1:{port}"
             _wait_for(base)
             cluster.producer(str(urls), "--no-wait", "-q")
