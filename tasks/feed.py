@@ -65,19 +65,37 @@ def publish(app: Celery, book: ledger.Ledger, job: str, messages: Iterable[Messa
         for batch in _chunks(messages, PUBLISH_BATCH):
             with producer.batch(max_size=PUBLISH_BATCH):
                 for m in batch:
-                    args, kwargs = m.encode()
-                    argsrepr, kwargsrepr = m.display()
-                    headers, properties, body, _ = amqp.create_task_message(
-                        f"{job}-{m.index}", TASK_NAME, args, kwargs, argsrepr=argsrepr, kwargsrepr=kwargsrepr,
-                        ignore_result=False)
-                    producer.publish(body, exchange="", routing_key=queue.name, headers=headers, serializer="json",
-                                     declare=[], retry=False, **properties)
+                    headers, body = wire(app, job, m)
+                    producer.publish(body, exchange="", routing_key=queue.name, headers=headers,
+                                     content_type="application/json", content_encoding="utf-8", declare=[],
+                                     retry=False)
             if mark:
                 pipe = book.r.pipeline(transaction=True)
                 book.mark_queued(pipe, job, [m.index for m in batch])
                 pipe.execute()
             sent += len(batch)
     return sent
+
+
+def wire(app: Celery, job: str, m: Message) -> tuple[dict[str, Any], str]:
+    """(headers, JSON body) of a task message as it is stored in the broker: Celery's message protocol (v2)
+    without the headers whose value is the one a worker assumes when the header is absent (eta, expires, group,
+    retries 0, time limits, root_id = id...) and without argsrepr/kwargsrepr (the worker shows the args: they carry
+    the URL without secrets; `display_of`); compact JSON, no correlation id or reply-to (no reply is awaited).
+    A message of 1,174 bytes in Redis becomes ~560 (bench/memory.py)."""
+    task_id = f"{job}-{m.index}"
+    args, kwargs = m.encode()
+    headers, _properties, (args, kwargs, _embed), _ = app.amqp.create_task_message(
+        task_id, TASK_NAME, args, kwargs, argsrepr="", kwargsrepr="", ignore_result=True)
+    kept = {k: v for k, v in headers.items() if k not in _ASSUMED or v != _ASSUMED[k]}
+    kept.pop("root_id" if headers.get("root_id") == task_id else "", None)
+    return kept, json.dumps([args, kwargs, {}], separators=(",", ":"), ensure_ascii=False)
+
+
+# Protocol v2 headers and the value a worker assumes when they are absent (celery.worker.request.Request: .get()).
+_ASSUMED: dict[str, Any] = {"shadow": None, "eta": None, "expires": None, "group": None, "group_index": None,
+                            "retries": 0, "timelimit": [None, None], "parent_id": None, "argsrepr": "",
+                            "kwargsrepr": "", "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {}}
 
 
 def job_options(book: ledger.Ledger, job: str) -> Options:

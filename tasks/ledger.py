@@ -4,7 +4,7 @@ Keys share the hash tag `{JOB}` (Redis Cluster keeps them on one node):
   ff:{JOB}:meta   hash   job settings + counters n:<state>, bytes, published
   ff:{JOB}:urls   hash   index -> [url, name, sha256|null(, the URL's own options)]  (what `resume` re-enqueues)
   ff:{JOB}:state  hash   index -> state
-  ff:{JOB}:rec    hash   index -> final record (JSON)
+  ff:{JOB}:rec    hash   index -> final record (JSON), compact: no field the ledger already knows (`compact`)
   ff:{JOB}:due    zset   index -> time (ms) by which a worker must be heard of again: the lease of a running URL,
                          the countdown of a retrying one (+ the lease); a final state removes it
   ff:jobs         zset   job id -> creation time
@@ -332,10 +332,14 @@ class Ledger:
             pipe.hmget(k.urls, idx)
             recs, states, urls = pipe.execute()
             for i, rec, state, url in zip(idx, recs, states, urls, strict=True):
-                record = json.loads(rec) if rec else None
-                if record is None and url:
+                status = (state or b"unpublished").decode()
+                if rec:
+                    record = expand(json.loads(rec), json.loads(url)[0] if url else "", status)
+                elif url:
                     u, name, *_ = json.loads(url)
-                    record = {"url": redact_url(u), "path": name, "status": (state or b"unpublished").decode()}
+                    record = {"url": redact_url(u), "path": name, "status": status}
+                else:
+                    record = None
                 yield int(i), record, state.decode() if state else None
 
     # task side -------------------------------------------------------------------------------------
@@ -344,7 +348,7 @@ class Ledger:
         """Move one URL to `state`; a non-final state holds a lease of `lease` seconds (see `renew`), a final
         state ends it. Returns the final state the URL already had (then nothing changed), or None."""
         k = JobKeys(job)
-        payload = json.dumps(record, separators=(",", ":")) if record is not None else ""
+        payload = json.dumps(compact(record, state), separators=(",", ":")) if record is not None else ""
         nbytes = int(record.get("bytes") or 0) if record and state == DONE else 0
         due = "" if state in FINAL or lease is None else str(int(lease * 1000))
         old = self._transition(keys=[k.meta, k.state, k.rec, k.due],
@@ -426,8 +430,36 @@ class Ledger:
         return dict(zip(out[::2], out[1::2], strict=True))
 
     def record(self, job: str, index: int) -> dict[str, Any] | None:
-        raw = self.r.hget(JobKeys(job).rec, str(index))
-        return json.loads(raw) if raw else None
+        k = JobKeys(job)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(k.rec, str(index))
+        pipe.hget(k.urls, str(index))
+        pipe.hget(k.state, str(index))
+        raw, url, state = pipe.execute()
+        if not raw:
+            return None
+        return expand(json.loads(raw), json.loads(url)[0] if url else "", (state or b"").decode())
+
+
+def compact(record: dict[str, Any], state: str) -> dict[str, Any]:
+    """The record as stored: without what the ledger knows already (the URL is in `urls`, the status in `state`,
+    a final URL equal to the URL) and without empty fields. One record per URL: at 10^7 URLs each byte is 10 MB."""
+    url = record.get("url")
+    return {k: v for k, v in record.items() if v is not None and not (
+        (k == "url") or (k == "status" and v == state) or (k == "final_url" and v == url)
+        or (k, v) in _USUAL)}
+
+
+def expand(stored: dict[str, Any], url: str, state: str) -> dict[str, Any]:
+    """The record as `compact` stored it, whole again: URL (redacted), status, and the final URL of a download."""
+    shown = redact_url(url)
+    record: dict[str, Any] = {"url": shown, "status": state, "attempts": 1}
+    if "sha256" in stored:  # a download's record
+        record.update(final_url=shown, http_status=200)
+    return record | stored
+
+
+_USUAL = {("attempts", 1), ("http_status", 200)}  # left out of a stored record, put back by `expand`
 
 
 def _row(raw: bytes | str) -> tuple[str, str, str | None, dict[str, Any]]:
