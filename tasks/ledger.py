@@ -38,17 +38,21 @@ BATCH = 2000
 CANCELLED_AT = "cancelled"  # meta field: when `cancel` stopped the job (absent: not cancelled)
 CREDENTIALS = "credentials"  # meta field: the job's netrc logins and cookies (tasks.credentials), read by workers
 SECRET_HEADERS = "secret_headers"  # meta field: the job's secret headers (JSON pairs), read by the workers
+FED = "fed"  # meta field: URLs below this index have been offered to the broker (feed.Feeder); absent: all were
 Row = tuple[int, str, str, str | None, dict[str, Any]]  # index, url, name, sha256, the URL's own options
 
 # KEYS[1] meta, KEYS[2] state, KEYS[3] rec, KEYS[4] due
 # ARGV[1] index, ARGV[2] new state, ARGV[3] final record JSON or '', ARGV[4] bytes to count, ARGV[5] ttl (s),
 # ARGV[6] ms from now by which a worker must be heard of again for this URL (its lease); '' = none (final)
+# A URL without a state yet counts as published (`published` = URLs that have a state): its message was taken
+# before the publisher marked it queued (mark_queued then leaves it).
 # Returns the final state the URL already had (then nothing changes), or false. A URL about to start in a job
 # that was cancelled (meta field `cancelled`) ends cancelled instead, and 'cancelled' is returned: the worker
 # skips it in the same round trip.
 _TRANSITION = """
 local old = redis.call('HGET', KEYS[2], ARGV[1])
 if old == 'done' or old == 'unchanged' or old == 'failed' or old == 'cancelled' then return old end
+if not old then redis.call('HINCRBY', KEYS[1], 'published', 1) end
 if ARGV[2] == 'started' and redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then
   redis.call('HSET', KEYS[2], ARGV[1], 'cancelled')
   if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
@@ -285,6 +289,14 @@ class Ledger:
         raw = self.r.hget(JobKeys(job).meta, CREDENTIALS)
         return json.loads(raw) if raw else None
 
+    def feeding(self, job: str) -> tuple[int, int] | None:
+        """(URLs offered to the broker so far, total) of a job fed through a window; None for one published whole."""
+        fed, total = self.r.hmget(JobKeys(job).meta, [FED, "total"])
+        return None if fed is None else (int(fed), int(total or 0))
+
+    def fed(self, job: str, upto: int) -> None:
+        self.r.hset(JobKeys(job).meta, FED, upto)
+
     def cancelled(self, job: str) -> bool:
         return bool(self.r.hexists(JobKeys(job).meta, CANCELLED_AT))
 
@@ -298,7 +310,7 @@ class Ledger:
         out: dict[str, Any] = {}
         for key, value in raw.items():
             k, v = key.decode(), value.decode()
-            out[k] = int(v) if k.startswith("n:") or k in ("bytes", "published") else json.loads(v)
+            out[k] = int(v) if k.startswith("n:") or k in ("bytes", "published", FED) else json.loads(v)
         return out
 
     def counts(self, job: str) -> dict[str, int]:
@@ -309,11 +321,11 @@ class Ledger:
             raise JobGone(job)
         return {f.removeprefix("n:"): int(v or 0) for f, v in zip(fields, values, strict=True)}
 
-    def unpublished(self, job: str, total: int) -> Iterator[Row]:
-        """URLs of the job that have no state yet: never published (for `resume`)."""
+    def unpublished(self, job: str, stop: int, start: int = 0) -> Iterator[Row]:
+        """URLs of the job from `start` to `stop` that have no state yet: never published (`resume`, the feeder)."""
         k = JobKeys(job)
-        for start in range(0, total, BATCH):
-            idx = list(range(start, min(total, start + BATCH)))
+        for first in range(start, stop, BATCH):
+            idx = list(range(first, min(stop, first + BATCH)))
             states = self.r.hmget(k.state, [str(i) for i in idx])
             missing = [i for i, s in zip(idx, states, strict=True) if s is None]
             if missing:
