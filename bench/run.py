@@ -22,6 +22,7 @@ from pathlib import Path
 from bench.measure import run_measured
 from bench.origins import Nginx, PythonOrigin, plain_origin
 from bench.tools import CAP_ROWS, ROOT, Toolbox, env_for
+from tasks.config import Settings
 from tests.support.servers import RedisServer
 
 RESULTS = ROOT / "bench" / "results"
@@ -121,8 +122,9 @@ def enqueue_benchmark(work: Path, count: int) -> dict:
         env = env_for(CELERY_BROKER_URL=redis.url(0), CELERY_RESULT_BACKEND=redis.url(1))
         res = run_measured([sys.executable, "-m", "producer", str(listing), "--no-wait", "-q"], env)
         queued = redis.client(0).llen("fleetfetch")
+        published = min(count, Settings().window)  # the rest waits in the ledger for the workers to publish it
         return {"urls": count, "seconds": res["seconds"], "urls_per_s": count / res["seconds"],
-                "producer_pss_mb": res["pss"] / 1e6, "queued": queued, "ok": queued == count}
+                "producer_pss_mb": res["pss"] / 1e6, "queued": queued, "ok": queued == published}
     finally:
         redis.stop()
 

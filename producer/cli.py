@@ -198,14 +198,14 @@ def run(args: argparse.Namespace) -> int:
                 connect(local, download_dir, _local_size(args), args.pool, quiet=args.quiet) as conn:
             job_id = jobs.new_job_id()
             total = jobs.create(conn.ledger, job_id, spool.replay(),
-                                {"input": label, "opts": options.changed(), "created": time.time(),
+                                {"input": label, "opts": options.changed(), "created": time.time(), ledger.FED: 0,
                                  ledger.SECRET_HEADERS: secret, "queue": queue,
                                  **({ledger.CREDENTIALS: logins.to_json()} if logins else {})})
             if not args.quiet:
                 print(f"job {job_id}: {progress.plural(total, 'URL')}", flush=True)
             started = time.monotonic()
             try:
-                jobs.publish(conn.app, conn.ledger, job_id, spool.replay(), options, queue)
+                conn.feed(job_id)  # the first FLEETFETCH_WINDOW URLs; the rest as their messages drain
             except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
                 raise Unreachable(f"lost the broker while enqueuing job {job_id} ({exc}); once it is back, "
                                   f"run: fleetfetch resume {job_id}") from None

@@ -27,7 +27,7 @@ def follow(conn: Connection, job_id: str, total: int, started: float, manifest: 
     """Follow a job until every URL is final, then print its summary; the exit code."""
     try:
         counts = progress.follow(conn.ledger, job_id, total, quiet=quiet, alive=conn.problem, tick=conn.sweep,
-                                 tick_every=settings.sweep_interval)
+                                 tick_every=settings.sweep_interval, feed=lambda: conn.feed(job_id))
     except KeyboardInterrupt:
         if local:
             conn.hurry()
@@ -66,9 +66,13 @@ def status(args: argparse.Namespace) -> int:
         for host, until in HostLimiter(conn.ledger.r).paused().items():
             print(f"  host {host} paused until {time.strftime('%H:%M:%S', time.localtime(until))} "
                   "(it answered 429/503, or server errors in a row)")
-        if counts["published"] < total:
-            print(f"  {progress.plural(total - counts['published'], 'URL')} never enqueued: "
-                  f"fleetfetch resume {args.job}")
+        fed = total if meta.get(ledger.FED) is None else int(meta[ledger.FED])  # absent: published whole
+        if fed < total and meta.get(ledger.CANCELLED_AT) is None:
+            print(f"  {progress.plural(total - fed, 'URL')} wait in the ledger for room in the broker "
+                  f"(FLEETFETCH_WINDOW {settings.window}): the workers publish them")
+        never = total - counts["published"] - (total - fed if meta.get(ledger.CANCELLED_AT) is None else 0)
+        if never > 0:
+            print(f"  {progress.plural(never, 'URL')} never enqueued: fleetfetch resume {args.job}")
         return exit_for(counts)
 
 
@@ -92,8 +96,11 @@ def resume(args: argparse.Namespace) -> int:
             if not args.quiet:
                 print(f"job {args.job}: cancelled before; taking up its {progress.plural(taken, 'cancelled URL')} "
                       "again", flush=True)
-        sent = jobs.publish(conn.app, conn.ledger, args.job, jobs.load_entries(conn.ledger, args.job),
-                            Options(**(meta.get("opts") or {})), feed.job_queue(meta))
+        if meta.get(ledger.FED) is not None:  # fed through a window: offered again from the first URL
+            sent = conn.feed(args.job, wait=feed.FEED_LOCK_MS / 1000 + 1, again=True)
+        else:
+            sent = jobs.publish(conn.app, conn.ledger, args.job, jobs.load_entries(conn.ledger, args.job),
+                                Options(**(meta.get("opts") or {})), feed.job_queue(meta))
         if not args.quiet:
             print(f"job {args.job}: published {progress.plural(sent, 'URL')} that had no task yet", flush=True)
         if args.no_wait:

@@ -36,6 +36,11 @@ class Connection:
         """Publish again the URLs of live jobs that lost their worker or message (the workers do it too)."""
         return feed.Reconciler(self.app, self.ledger, feed.broker_client(self.broker)).sweep()
 
+    def feed(self, job: str, wait: float = 0.0, again: bool = False) -> int:
+        """Top up the job's window of messages in the broker (FLEETFETCH_WINDOW; the workers do it too); `wait`:
+        how long to wait for another feeder of the job (one killed while holding the lock: FEED_LOCK_MS)."""
+        return feed.Feeder(self.app, self.ledger, settings.window).feed(job, wait, again)
+
 
 def _one_line(problem: Callable[[], str | None]) -> Callable[[], str | None]:
     """A local worker's death as one line: the first line and the last line of its log that says anything."""

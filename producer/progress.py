@@ -40,10 +40,12 @@ def plural(n: int, noun: str) -> str:
 
 
 def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Callable[[], str | None],
-           tick: Callable[[], object] = lambda: None, tick_every: float = 15.0) -> dict:
+           tick: Callable[[], object] = lambda: None, tick_every: float = 15.0,
+           feed: Callable[[], object] = lambda: None, feed_every: float = 1.0) -> dict:
     """Poll the job's counters (one round-trip each) until every URL has its final record; `tick` (the
-    reconciler) runs every `tick_every` seconds meanwhile. ledger.JobGone if the backend lost the job."""
-    started = last_tick = time.monotonic()
+    reconciler) runs every `tick_every` seconds meanwhile, `feed` (the job's window) every `feed_every`.
+    ledger.JobGone if the backend lost the job."""
+    started = last_tick = last_feed = time.monotonic()
     err = sys.stdout
     tty = err.isatty() and not quiet
     last_plain, last_change, last_done = started, started, -1
@@ -63,6 +65,9 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
             problem = alive()
             if problem:
                 raise LocalFailure(problem)
+            if now - last_feed >= feed_every:
+                last_feed = now
+                _tick_quietly(feed)
             if now - last_tick >= tick_every:
                 last_tick = now
                 _tick_quietly(tick)

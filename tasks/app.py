@@ -84,6 +84,13 @@ app.conf.update(
     task_time_limit=settings.time_limit,
     task_soft_time_limit=settings.soft_time_limit,
     result_expires=settings.result_expires,  # results do not fill Redis (celery #7801)
+    # No SUCCESS result: the ledger keeps each URL's one final record (`results`, `status`), so a Celery result
+    # per URL would double what a job costs in Redis (~690 bytes per URL, more than the record itself: 10^7 URLs
+    # = 7 GB for nothing). Failures are still stored (Flower, `AsyncResult(...).result` give the one-line reason;
+    # they are few). Chosen over a short result_expires: the memory peak would still hold every result of the
+    # last expiry period, and a job of 10^7 URLs outlasts any useful expiry.
+    task_ignore_result=True,
+    task_store_errors_even_if_ignored=True,
     # No STARTED result: the ledger records "started", and a watching Flower gets task-started events; the
     # result would cost one more SETEX + PUBLISH per URL.
     task_track_started=False,

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from billiard.process import current_process
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.worker.request import Request
 
 from . import fetch, hostlimit, ledger, transfer
 from .app import app
@@ -24,7 +25,7 @@ from .credentials import Credentials
 from .errors import BadMessage, Busy, Cancelled, DownloadError, TransientError
 from .guard import Policy
 from .lease import Renewer
-from .message import Message, Options
+from .message import Message, Options, display_of
 from .redact import redact_text, redact_url
 from .retry import THROTTLE_STATUS, countdown, host_pause
 
@@ -109,7 +110,18 @@ class Call:
         return rec
 
 
-@app.task(bind=True, name=TASK_NAME, max_retries=None)
+class ShownRequest(Request):
+    """A task request that shows its args where the message left argsrepr/kwargsrepr out (`feed.wire`): Flower,
+    task events and `celery inspect` see the URL without its secrets, the job and the index."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.argsrepr or not self.kwargsrepr:
+            shown: tuple[str, str] = display_of(self.args, self.kwargs)
+            self._argsrepr, self._kwargsrepr = shown
+
+
+@app.task(bind=True, name=TASK_NAME, max_retries=None, Request=ShownRequest)
 def download(self: Any, url: str, name: str, job: str | None = None, index: int = 0,
              opts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Download `url` into FLEETFETCH_DIR/[subdir/]name and return its record."""

@@ -33,6 +33,7 @@ from .redact import redact_url
 log = logging.getLogger("fleetfetch")
 
 PUBLISH_BATCH = 1000
+FEED_TICK = 1.0  # how often each worker looks whether a job's window has room (a few reads per live job)
 SWEEP_BATCH = 500  # URLs republished per job per sweep at most: a sweep stays short
 LOCK_KEY = "ff:sweep:lock"
 UNACKED_KEY = "unacked"  # kombu's Redis transport: delivered, not yet acknowledged messages
@@ -65,19 +66,93 @@ def publish(app: Celery, book: ledger.Ledger, job: str, messages: Iterable[Messa
         for batch in _chunks(messages, PUBLISH_BATCH):
             with producer.batch(max_size=PUBLISH_BATCH):
                 for m in batch:
-                    args, kwargs = m.encode()
-                    argsrepr, kwargsrepr = m.display()
-                    headers, properties, body, _ = amqp.create_task_message(
-                        f"{job}-{m.index}", TASK_NAME, args, kwargs, argsrepr=argsrepr, kwargsrepr=kwargsrepr,
-                        ignore_result=False)
-                    producer.publish(body, exchange="", routing_key=queue.name, headers=headers, serializer="json",
-                                     declare=[], retry=False, **properties)
+                    headers, body = wire(app, job, m)
+                    producer.publish(body, exchange="", routing_key=queue.name, headers=headers,
+                                     content_type="application/json", content_encoding="utf-8", declare=[],
+                                     retry=False)
             if mark:
                 pipe = book.r.pipeline(transaction=True)
                 book.mark_queued(pipe, job, [m.index for m in batch])
                 pipe.execute()
             sent += len(batch)
     return sent
+
+
+def wire(app: Celery, job: str, m: Message) -> tuple[dict[str, Any], str]:
+    """(headers, JSON body) of a task message as it is stored in the broker: Celery's message protocol (v2)
+    without the headers whose value is the one a worker assumes when the header is absent (eta, expires, group,
+    retries 0, time limits, root_id = id...) and without argsrepr/kwargsrepr (the worker shows the args: they carry
+    the URL without secrets; `display_of`); compact JSON, no correlation id or reply-to (no reply is awaited).
+    A message of 1,174 bytes in Redis becomes 590 (bench/memory.py)."""
+    task_id = f"{job}-{m.index}"
+    args, kwargs = m.encode()
+    headers, _properties, (args, kwargs, _embed), _ = app.amqp.create_task_message(
+        task_id, TASK_NAME, args, kwargs, argsrepr="", kwargsrepr="", ignore_result=True)
+    kept = {k: v for k, v in headers.items() if k not in _ASSUMED or v != _ASSUMED[k]}
+    kept.pop("root_id" if headers.get("root_id") == task_id else "", None)
+    return kept, json.dumps([args, kwargs, {}], separators=(",", ":"), ensure_ascii=False)
+
+
+# Protocol v2 headers and the value a worker assumes when they are absent (celery.worker.request.Request: .get()).
+_ASSUMED: dict[str, Any] = {"shadow": None, "eta": None, "expires": None, "group": None, "group_index": None,
+                            "retries": 0, "timelimit": [None, None], "parent_id": None, "argsrepr": "",
+                            "kwargsrepr": "", "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {}}
+
+
+class Feeder:
+    """Keeps at most `window` (FLEETFETCH_WINDOW) messages of a job in the broker: the job's URLs wait in the
+    ledger (`urls`, by index) and are published in index order as the messages before them end. The producer
+    publishes the first window; then whoever calls `feed` (every worker's Sweeper each second, a following
+    producer) tops it up, one at a time per job (a Redis lock), so a job enqueued with --no-wait ends with
+    workers alone. In the broker means published and not final: a URL retrying or running counts too."""
+
+    def __init__(self, app: Celery, book: ledger.Ledger, window: int) -> None:
+        self.app, self.book, self.window = app, book, window
+
+    def feed_live(self) -> int:
+        return sum(self.feed(job) for job in self.book.live())
+
+    def feed(self, job: str, wait: float = 0.0, again: bool = False) -> int:
+        """Publish the job's next URLs while it has fewer than `window` messages out; returns how many. With
+        `wait`, waits that long for a feeder of the job that holds the lock (`resume` after a killed producer);
+        `again`: offer every URL without a state once more, from the first (`resume`)."""
+        progress = self.book.feeding(job)
+        if progress is None or (progress[0] >= progress[1] and not again):
+            return 0  # published whole (a job of an older producer), or every URL offered already
+        lock, token, deadline = f"ff:{{{job}}}:feeding", uuid.uuid4().hex, time.monotonic() + wait
+        while not self.book.r.set(lock, token, nx=True, px=FEED_LOCK_MS):
+            if time.monotonic() >= deadline:
+                return 0  # another worker (or the producer) feeds this job now
+            time.sleep(0.2)
+        try:
+            if again:
+                self.book.fed(job, 0)
+            return self._top_up(job, lock)
+        finally:
+            self.book.r.eval(_UNLOCK, 1, lock, token)
+
+    def _top_up(self, job: str, lock: str) -> int:
+        meta = self.book.meta(job)
+        fed, total = int(meta.get(ledger.FED) or 0), int(meta.get("total") or 0)
+        if meta.get(ledger.CANCELLED_AT) is not None:
+            return 0
+        counts = self.book.counts(job)
+        room = self.window - (counts["published"] - sum(counts[s] for s in ledger.FINAL))
+        options, queue, sent = job_options(self.book, job), job_queue(meta), 0
+        while room > 0 and fed < total:
+            upto = min(total, fed + min(room, PUBLISH_BATCH))
+            batch = [Message.of(job, Entry(*row), options) for row in self.book.unpublished(job, upto, start=fed)]
+            if batch:
+                publish(self.app, self.book, job, batch, queue_name=queue)
+            self.book.fed(job, upto)
+            self.book.r.pexpire(lock, FEED_LOCK_MS)  # held while batches go out; a killed feeder's runs out soon
+            fed, room, sent = upto, room - len(batch), sent + len(batch)
+        return sent
+
+
+FEED_LOCK_MS = 10_000  # a feeder that died holding the lock delays the job's feeding this long at most
+# KEYS[1] lock; ARGV[1] token. Deletes the lock only if it is still ours (it may have expired and been taken).
+_UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 def job_options(book: ledger.Ledger, job: str) -> Options:
@@ -102,11 +177,14 @@ class Reconciler:
             return 0  # another worker (or the producer) sweeps now
         healed = 0
         for job in self.book.live():
-            counts = self.book.counts(job)
-            total = int(self.book.meta(job).get("total") or 0)
-            if total == 0:
+            meta = self.book.meta(job)
+            if not meta:
                 self.book.finished(job)  # expired: nothing to heal
-            elif sum(counts[s] for s in ledger.FINAL) >= total:
+                continue
+            if "total" not in meta:
+                continue  # being created: its URLs are still being written (the feeder waits for them too)
+            counts, total = self.book.counts(job), int(meta.get("total") or 0)
+            if sum(counts[s] for s in ledger.FINAL) >= total:
                 self.book.finished(job)
             else:
                 healed += self.heal(job, counts)
@@ -205,8 +283,9 @@ def held_by_this_worker() -> dict[str, list[int]]:
 
 
 class Sweeper(bootsteps.StartStopStep):
-    """In each worker's main process: leases for the messages it holds (a URL reserved or waiting for its
-    countdown is as alive as its worker), and the reconciler every FLEETFETCH_SWEEP_INTERVAL seconds."""
+    """In each worker's main process: the feeder every second (jobs' windows topped up), leases for the messages
+    it holds (a URL reserved or waiting for its countdown is as alive as its worker), and the reconciler every
+    FLEETFETCH_SWEEP_INTERVAL seconds."""
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
@@ -219,18 +298,25 @@ class Sweeper(bootsteps.StartStopStep):
         self.stopped.set()
 
     def _loop(self, app: Celery) -> None:
-        reconciler, last_sweep = None, time.monotonic()
-        tick = min(settings.url_lease / 3, settings.sweep_interval)
-        while not self.stopped.wait(tick):
+        reconciler, feeder, last_sweep, last_hold = None, None, time.monotonic(), 0.0
+        hold_every = min(settings.url_lease / 3, settings.sweep_interval)
+        while not self.stopped.wait(min(FEED_TICK, hold_every)):
             try:
-                if reconciler is None:
+                if reconciler is None or feeder is None:
                     book = ledger.Ledger(ledger.client_for(settings.backend), settings.result_expires)
                     reconciler = Reconciler(app, book, broker_client(settings.broker))
+                    feeder = Feeder(app, book, settings.window)
                 held = held_by_this_worker()
-                if held:
+                if held and time.monotonic() - last_hold >= hold_every:
+                    last_hold = time.monotonic()
                     reconciler.book.hold(held, settings.url_lease)
                 if time.monotonic() - last_sweep >= settings.sweep_interval:
                     last_sweep = time.monotonic()
                     reconciler.sweep()
             except Exception as exc:  # noqa: BLE001 - a broker outage must not end the sweeper
                 log.warning("Sweep for lost URLs failed (will try again): %s", exc)
+            try:
+                if feeder is not None:
+                    feeder.feed_live()
+            except Exception as exc:  # noqa: BLE001 - nor the feeder: leases and sweeps go on without it
+                log.warning("Feeding jobs' windows failed (will try again): %s", exc)

@@ -4,7 +4,7 @@ Keys share the hash tag `{JOB}` (Redis Cluster keeps them on one node):
   ff:{JOB}:meta   hash   job settings + counters n:<state>, bytes, published
   ff:{JOB}:urls   hash   index -> [url, name, sha256|null(, the URL's own options)]  (what `resume` re-enqueues)
   ff:{JOB}:state  hash   index -> state
-  ff:{JOB}:rec    hash   index -> final record (JSON)
+  ff:{JOB}:rec    hash   index -> final record (JSON), compact: no field the ledger already knows (`compact`)
   ff:{JOB}:due    zset   index -> time (ms) by which a worker must be heard of again: the lease of a running URL,
                          the countdown of a retrying one (+ the lease); a final state removes it
   ff:jobs         zset   job id -> creation time
@@ -38,17 +38,21 @@ BATCH = 2000
 CANCELLED_AT = "cancelled"  # meta field: when `cancel` stopped the job (absent: not cancelled)
 CREDENTIALS = "credentials"  # meta field: the job's netrc logins and cookies (tasks.credentials), read by workers
 SECRET_HEADERS = "secret_headers"  # meta field: the job's secret headers (JSON pairs), read by the workers
+FED = "fed"  # meta field: URLs below this index have been offered to the broker (feed.Feeder); absent: all were
 Row = tuple[int, str, str, str | None, dict[str, Any]]  # index, url, name, sha256, the URL's own options
 
 # KEYS[1] meta, KEYS[2] state, KEYS[3] rec, KEYS[4] due
 # ARGV[1] index, ARGV[2] new state, ARGV[3] final record JSON or '', ARGV[4] bytes to count, ARGV[5] ttl (s),
 # ARGV[6] ms from now by which a worker must be heard of again for this URL (its lease); '' = none (final)
+# A URL without a state yet counts as published (`published` = URLs that have a state): its message was taken
+# before the publisher marked it queued (mark_queued then leaves it).
 # Returns the final state the URL already had (then nothing changes), or false. A URL about to start in a job
 # that was cancelled (meta field `cancelled`) ends cancelled instead, and 'cancelled' is returned: the worker
 # skips it in the same round trip.
 _TRANSITION = """
 local old = redis.call('HGET', KEYS[2], ARGV[1])
 if old == 'done' or old == 'unchanged' or old == 'failed' or old == 'cancelled' then return old end
+if not old then redis.call('HINCRBY', KEYS[1], 'published', 1) end
 if ARGV[2] == 'started' and redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then
   redis.call('HSET', KEYS[2], ARGV[1], 'cancelled')
   if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
@@ -285,6 +289,14 @@ class Ledger:
         raw = self.r.hget(JobKeys(job).meta, CREDENTIALS)
         return json.loads(raw) if raw else None
 
+    def feeding(self, job: str) -> tuple[int, int] | None:
+        """(URLs offered to the broker so far, total) of a job fed through a window; None for one published whole."""
+        fed, total = self.r.hmget(JobKeys(job).meta, [FED, "total"])
+        return None if fed is None else (int(fed), int(total or 0))
+
+    def fed(self, job: str, upto: int) -> None:
+        self.r.hset(JobKeys(job).meta, FED, upto)
+
     def cancelled(self, job: str) -> bool:
         return bool(self.r.hexists(JobKeys(job).meta, CANCELLED_AT))
 
@@ -298,7 +310,7 @@ class Ledger:
         out: dict[str, Any] = {}
         for key, value in raw.items():
             k, v = key.decode(), value.decode()
-            out[k] = int(v) if k.startswith("n:") or k in ("bytes", "published") else json.loads(v)
+            out[k] = int(v) if k.startswith("n:") or k in ("bytes", "published", FED) else json.loads(v)
         return out
 
     def counts(self, job: str) -> dict[str, int]:
@@ -309,11 +321,11 @@ class Ledger:
             raise JobGone(job)
         return {f.removeprefix("n:"): int(v or 0) for f, v in zip(fields, values, strict=True)}
 
-    def unpublished(self, job: str, total: int) -> Iterator[Row]:
-        """URLs of the job that have no state yet: never published (for `resume`)."""
+    def unpublished(self, job: str, stop: int, start: int = 0) -> Iterator[Row]:
+        """URLs of the job from `start` to `stop` that have no state yet: never published (`resume`, the feeder)."""
         k = JobKeys(job)
-        for start in range(0, total, BATCH):
-            idx = list(range(start, min(total, start + BATCH)))
+        for first in range(start, stop, BATCH):
+            idx = list(range(first, min(stop, first + BATCH)))
             states = self.r.hmget(k.state, [str(i) for i in idx])
             missing = [i for i, s in zip(idx, states, strict=True) if s is None]
             if missing:
@@ -332,10 +344,14 @@ class Ledger:
             pipe.hmget(k.urls, idx)
             recs, states, urls = pipe.execute()
             for i, rec, state, url in zip(idx, recs, states, urls, strict=True):
-                record = json.loads(rec) if rec else None
-                if record is None and url:
+                status = (state or b"unpublished").decode()
+                if rec:
+                    record = expand(json.loads(rec), json.loads(url)[0] if url else "", status)
+                elif url:
                     u, name, *_ = json.loads(url)
-                    record = {"url": redact_url(u), "path": name, "status": (state or b"unpublished").decode()}
+                    record = {"url": redact_url(u), "path": name, "status": status}
+                else:
+                    record = None
                 yield int(i), record, state.decode() if state else None
 
     # task side -------------------------------------------------------------------------------------
@@ -344,7 +360,7 @@ class Ledger:
         """Move one URL to `state`; a non-final state holds a lease of `lease` seconds (see `renew`), a final
         state ends it. Returns the final state the URL already had (then nothing changed), or None."""
         k = JobKeys(job)
-        payload = json.dumps(record, separators=(",", ":")) if record is not None else ""
+        payload = json.dumps(compact(record, state), separators=(",", ":")) if record is not None else ""
         nbytes = int(record.get("bytes") or 0) if record and state == DONE else 0
         due = "" if state in FINAL or lease is None else str(int(lease * 1000))
         old = self._transition(keys=[k.meta, k.state, k.rec, k.due],
@@ -426,8 +442,36 @@ class Ledger:
         return dict(zip(out[::2], out[1::2], strict=True))
 
     def record(self, job: str, index: int) -> dict[str, Any] | None:
-        raw = self.r.hget(JobKeys(job).rec, str(index))
-        return json.loads(raw) if raw else None
+        k = JobKeys(job)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(k.rec, str(index))
+        pipe.hget(k.urls, str(index))
+        pipe.hget(k.state, str(index))
+        raw, url, state = pipe.execute()
+        if not raw:
+            return None
+        return expand(json.loads(raw), json.loads(url)[0] if url else "", (state or b"").decode())
+
+
+def compact(record: dict[str, Any], state: str) -> dict[str, Any]:
+    """The record as stored: without what the ledger knows already (the URL is in `urls`, the status in `state`,
+    a final URL equal to the URL) and without empty fields. One record per URL: at 10^7 URLs each byte is 10 MB."""
+    url = record.get("url")
+    return {k: v for k, v in record.items() if v is not None and not (
+        (k == "url") or (k == "status" and v == state) or (k == "final_url" and v == url)
+        or (k, v) in _USUAL)}
+
+
+def expand(stored: dict[str, Any], url: str, state: str) -> dict[str, Any]:
+    """The record as `compact` stored it, whole again: URL (redacted), status, and the final URL of a download."""
+    shown = redact_url(url)
+    record: dict[str, Any] = {"url": shown, "status": state, "attempts": 1}
+    if "sha256" in stored:  # a download's record
+        record.update(final_url=shown, http_status=200)
+    return record | stored
+
+
+_USUAL = {("attempts", 1), ("http_status", 200)}  # left out of a stored record, put back by `expand`
 
 
 def _row(raw: bytes | str) -> tuple[str, str, str | None, dict[str, Any]]:

@@ -1,10 +1,11 @@
 """The task message: what travels from the producer to a worker, declared once.
 
-A message is `download(url, name, job=JOB, index=I, opts={...})`:
+A message is `download(url, name, job=JOB, index=I[, opts={...}])`:
   args    (url, name)   the URL, or its redacted form when it carries secrets (`sealed`: the worker reads the
                         real URL from the job's ledger, so `celery inspect` and Flower never see a password)
   kwargs  job, index    the URL's place in the job ledger
-          opts          only the options the user set (Options) and the retry state (RetryState), flat
+          opts          only the options the user set (Options) and the retry state (RetryState), flat; left out
+                        when there is none (most messages)
 Options left unset are decided by the worker's own settings (FLEETFETCH_*), in `Options.resolve`: a value typed
 by the user always wins over the worker's environment. An undeclared key fails the message loudly (BadMessage)
 instead of being ignored: a producer newer than its workers is told so.
@@ -135,7 +136,7 @@ class Message:
         state = replace(self.state, sealed=shown != self.url)
         defaults = RetryState()
         opts = self.options.changed() | {k: v for k, v in asdict(state).items() if v != getattr(defaults, k)}
-        return (shown, self.name), {"job": self.job, "index": self.index, "opts": opts}
+        return (shown, self.name), {"job": self.job, "index": self.index, **({"opts": opts} if opts else {})}
 
     @classmethod
     def decode(cls, url: str, name: str, job: str | None, index: int, opts: dict[str, Any] | None) -> Message:
@@ -163,4 +164,13 @@ class Message:
 
     def display(self) -> tuple[str, str]:
         """argsrepr/kwargsrepr for Flower and logs: the URL without its secrets."""
-        return repr((redact_url(self.url), self.name)), repr({"job": self.job, "index": self.index})
+        return display_of(self.encode()[0], {"job": self.job, "index": self.index})
+
+
+def display_of(args: Any, kwargs: Any) -> tuple[str, str]:
+    """argsrepr/kwargsrepr of a message's args and kwargs: the URL without its secrets, the job and index (never
+    options: headers the user added are not for every log). Published messages carry neither (a second copy of
+    the URL in each); the worker builds them from the args for Flower, events and `celery inspect`."""
+    url, name = (list(args) + ["", ""])[:2] if isinstance(args, list | tuple) else ("", "")
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    return repr((redact_url(str(url)), name)), repr({"job": kwargs.get("job"), "index": kwargs.get("index")})

@@ -72,7 +72,9 @@ def test_failures_end_as_failed_records_with_reasons_and_exit_1(cluster, worker,
     failed = AsyncResult(f"{job}-1", app=app)
     assert failed.state == "FAILURE"
     assert f"{origin.url('/missing.pdf')}: 404" in str(failed.result)
-    assert AsyncResult(f"{job}-0", app=app).state == "SUCCESS"
+    # A success leaves no Celery result (the ledger's record is the one kept): no second copy per URL in Redis.
+    assert AsyncResult(f"{job}-0", app=app).state == "PENDING"
+    assert cluster.backend().get(f"celery-task-meta-{job}-0") is None
 
 
 def test_status_and_results_work_after_the_producer_exits(cluster, worker, origin, tmp_path):

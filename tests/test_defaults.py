@@ -3,6 +3,7 @@ prefork, task events flow only once someone (Flower) asks for them, and no START
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -140,8 +141,8 @@ def test_task_events_flow_only_after_enable_events_as_flower_sends_it(own, defau
         log.stop()
 
 
-def test_a_running_download_is_started_in_the_ledger_and_has_no_celery_result_yet(own, default_worker, origin,
-                                                                                tmp_path):
+def test_a_download_is_started_in_the_ledger_and_has_no_celery_result_before_or_after(own, default_worker, origin,
+                                                                                    tmp_path):
     origin.add("/slow.bin", b"s" * 5000, delay=3)
     result = own.producer(str(write_list(tmp_path / "slow.txt", [origin.url("/slow.bin")])), "-d", "slow",
                           "--no-wait")
@@ -157,7 +158,8 @@ def test_a_running_download_is_started_in_the_ledger_and_has_no_celery_result_ye
     assert backend.get(f"celery-task-meta-{job}-0") is None  # no STARTED result: the ledger already says it
 
     deadline = time.monotonic() + 15
-    while backend.get(f"celery-task-meta-{job}-0") is None and time.monotonic() < deadline:
+    while backend.hget(state_key, "0") != b"done" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert backend.hget(state_key, "0") == b"done"
-    assert b'"SUCCESS"' in (backend.get(f"celery-task-meta-{job}-0") or b"")  # the final result is still kept
+    assert backend.get(f"celery-task-meta-{job}-0") is None  # nor a SUCCESS one: the ledger's record is kept
+    assert json.loads(backend.hget(f"ff:{{{job}}}:rec", "0"))["bytes"] == 5000

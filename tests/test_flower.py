@@ -71,6 +71,9 @@ def test_flower_requires_credentials_and_shows_workers_and_redacted_failures(clu
     failed = tasks[f"{job}-1"]
     assert failed["state"] == "FAILURE" and "404" in failed["exception"]
     assert "token=****" in failed["exception"]
+    # Messages carry no argsrepr (a second copy of the URL): the worker shows the args, secrets already out.
+    assert origin.url("/fine.txt") in tasks[f"{job}-0"]["args"] and "'index': 0" in tasks[f"{job}-0"]["kwargs"]
+    assert "token=****" in failed["args"]
     assert "flowersecret123" not in str(tasks)
 
     page = requests.get(f"{flower}/tasks", auth=AUTH, timeout=5).text

@@ -1,0 +1,73 @@
+"""A job larger than the broker's window: at most FLEETFETCH_WINDOW messages of it in Redis at once, the rest
+waits in the ledger, and workers alone (the producer gone) publish it as the window drains."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from tests.conftest import job_id_of, write_list
+
+URLS, WINDOW, THREADS = 20_000, 1000, 16
+
+
+class BrokerWatch(threading.Thread):
+    """The most messages of the job seen in the queue, and in the queue or delivered and not yet acknowledged."""
+
+    def __init__(self, broker) -> None:
+        super().__init__(daemon=True)
+        self.broker, self.queue, self.held, self.stopped = broker, 0, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            pipe = self.broker.pipeline(transaction=False)
+            pipe.llen("fleetfetch")
+            pipe.hlen("unacked")
+            queue, unacked = pipe.execute()
+            self.queue, self.held = max(self.queue, queue), max(self.held, queue + unacked)
+            time.sleep(0.02)
+
+    def stop(self) -> tuple[int, int]:
+        self.stopped.set()
+        self.join()
+        return self.queue, self.held
+
+
+def test_a_job_larger_than_the_window_completes_with_workers_alone_and_the_broker_stays_bounded(chaos, workers,
+                                                                                                tmp_path):
+    chaos.env.update(FLEETFETCH_WINDOW=str(WINDOW), FLEETFETCH_MAX_ATTEMPTS="1")
+    listing = write_list(tmp_path / "urls.txt", [f"http://127.0.0.1:9/part-{i}.bin" for i in range(URLS)])
+    queued = chaos.producer(str(listing), "-d", "window", "--no-wait")  # the producer is gone after this
+    assert queued.returncode == 0, queued.stdout + queued.stderr
+    job = job_id_of(queued.stdout)
+    broker, backend = chaos.broker(), chaos.backend()
+    assert broker.llen("fleetfetch") == WINDOW  # the first window; the rest waits in the ledger
+    assert backend.hlen(f"ff:{{{job}}}:urls") == URLS and backend.hlen(f"ff:{{{job}}}:state") == WINDOW
+    waiting = chaos.producer("status", job)
+    assert f"{URLS - WINDOW} URLs wait in the ledger" in waiting.stdout and "never enqueued" not in waiting.stdout
+
+    watch = BrokerWatch(broker)
+    watch.start()
+    workers.start("w1", concurrency=8, pool="threads")
+    workers.start("w2", concurrency=8, pool="threads")
+    deadline = time.monotonic() + 600
+    while int(backend.hget(f"ff:{{{job}}}:meta", "n:failed") or 0) < URLS and time.monotonic() < deadline:
+        time.sleep(0.5)
+    queue, held = watch.stop()
+    assert 0 < queue <= WINDOW
+    # A URL is final in the ledger just before its message is acknowledged (acks_late): at most one such message
+    # per thread (2 workers x 8) can be counted with a full window.
+    assert held <= WINDOW + THREADS
+
+    status = chaos.producer("status", job)
+    assert status.returncode == 1  # every URL failed (connection refused), each exactly once
+    assert f"failed {URLS}" in status.stdout and "done 0" in status.stdout and "queued 0" in status.stdout
+    assert "wait in the ledger" not in status.stdout and "never enqueued" not in status.stdout
+    records = [json.loads(line) for line in chaos.producer("results", job).stdout.splitlines()]
+    assert [r["index"] for r in records] == list(range(URLS))
+    assert all(r["status"] == "failed" and "connection refused" in r["reason"] for r in records)
+    assert records[7]["url"] == "http://127.0.0.1:9/part-7.bin" and records[7]["attempts"] == 1
+    resumed = chaos.producer("resume", job, "--no-wait")
+    assert resumed.returncode == 0 and "published 0 URLs" in resumed.stdout
+    assert broker.llen("fleetfetch") == 0
