@@ -16,10 +16,8 @@ from kombu.exceptions import OperationalError
 
 from tasks import ledger
 from tasks.config import QUEUE, default_concurrency, settings
-from tasks.errors import UnsafeName
 from tasks.fetch import USER_AGENT
 from tasks.message import Options, split_headers
-from tasks.naming import check_component
 from tasks.version import VERSION
 
 from . import commands, credentials, progress, urls
@@ -126,16 +124,10 @@ def _subdir(value: str | None, local: bool) -> tuple[Path, str]:
         return Path(value) if value else settings.download_dir, ""
     if not value:
         return settings.download_dir, ""
-    p = Path(value)
-    if p.is_absolute() or ".." in p.parts:
-        raise UsageError(f"--dir {value!r}: in cluster mode it must be a relative sub-directory of FLEETFETCH_DIR")
-    for part in p.parts:
-        try:
-            check_component(part)
-        except UnsafeName:
-            raise UsageError(f"--dir {value!r}: {part!r} is not a name the workers accept (no hidden, reserved or "
-                             "special-character names); choose another sub-directory") from None
-    return settings.download_dir, p.as_posix()
+    try:  # cluster mode: a sub-directory of the workers' FLEETFETCH_DIR, checked as the workers check names
+        return settings.download_dir, urls.check_subdir(value, "--dir ")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _queue(name: str | None, local: bool) -> str:

@@ -44,16 +44,16 @@ def parse_header(text: str) -> tuple[str, str]:
     return name, value
 
 
-def _subdir(value: str) -> str:
-    """dir=: a relative sub-directory whose every component the workers accept."""
+def check_subdir(value: str, label: str = "dir=") -> str:
+    """A relative sub-directory whose every component the workers accept; ValueError naming `label` otherwise."""
     p = Path(value)
     if p.is_absolute() or ".." in p.parts or not p.parts:
-        raise ValueError(f"dir={value!r}: give a relative sub-directory of the download directory (no /, no ..)")
+        raise ValueError(f"{label}{value!r}: give a relative sub-directory of the download directory (no /, no ..)")
     for part in p.parts:
         try:
             check_component(part)
         except UnsafeName:
-            raise ValueError(f"dir={value!r}: {part!r} is not a name the workers accept (no hidden, reserved or "
+            raise ValueError(f"{label}{value!r}: {part!r} is not a name the workers accept (no hidden, reserved or "
                              "special-character names)") from None
     return p.as_posix()
 
@@ -77,7 +77,7 @@ def parse_option(own: dict[str, Any], line: str) -> None:
     if key == "out":
         own["name"] = _out(value)
     elif key == "dir":
-        own["subdir"] = _subdir(value)
+        own["subdir"] = check_subdir(value)
     elif key == "header":
         own.setdefault("headers", []).append(list(parse_header(value)))
     elif key == "user-agent":
