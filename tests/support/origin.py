@@ -65,7 +65,31 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 1024  # listen() backlog: must be set before the server binds (default 5)
 
 
-class Origin:
+class Served:
+    """A threaded HTTP server of a test, served from a daemon thread; `with` stops it whatever happens."""
+
+    _server: ThreadingHTTPServer | None = None
+    port: int = 0
+
+    def _serve(self, server: ThreadingHTTPServer) -> None:
+        self._server = server
+        self.port = server.server_address[1]
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Origin(Served):
     """`with Origin().start() as o: o.add("/f", b"...")`; `o.requests` lists what clients sent."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -97,23 +121,8 @@ class Origin:
     # lifecycle -------------------------------------------------------------------------------------
     def start(self) -> Origin:
         handler = type("Handler", (_Handler,), {"origin": self})
-        server = _Server((self.host, self.port), handler)
-        self._server = server
-        self.port = server.server_address[1]
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self._serve(_Server((self.host, self.port), handler))
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> Origin:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def base_url(self) -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
-import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
+
+from tests.support.origin import Served
 
 HOP_BY_HOP = {"proxy-authorization", "proxy-connection", "connection", "keep-alive"}
 
@@ -20,7 +21,7 @@ class Asked:
     headers: dict[str, str]
 
 
-class Proxy:
+class Proxy(Served):
     """`with Proxy().start() as p:` -- p.url; p.asked lists the requests it received (with Proxy-Authorization)."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
@@ -34,23 +35,10 @@ class Proxy:
 
     def start(self) -> Proxy:
         handler = type("Handler", (_Handler,), {"proxy": self})
-        self._server = ThreadingHTTPServer((self.host, 0), handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        server = ThreadingHTTPServer((self.host, 0), handler)
+        server.daemon_threads = True
+        self._serve(server)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> Proxy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class _Handler(BaseHTTPRequestHandler):
