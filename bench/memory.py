@@ -25,6 +25,7 @@ from typing import Any
 import redis
 
 from bench.tools import ROOT, env_for
+from tasks import ledger
 from tests.support.servers import RedisServer, Worker, free_port
 
 RESULTS = ROOT / "bench" / "results"
@@ -86,7 +87,7 @@ def used(client: redis.Redis) -> int:
 def key_sizes(broker: redis.Redis, backend: redis.Redis, job: str) -> dict[str, int]:
     """MEMORY USAGE of the job's keys and the queue (sampled: SAMPLES 0 reads every element)."""
     out = {"queue": int(broker.memory_usage("fleetfetch", samples=0) or 0)}
-    for part in ("meta", "urls", "state", "rec", "due"):
+    for part in ("meta", "urls", "state", "rec", "names", "due"):
         out[part] = int(backend.memory_usage(f"ff:{{{job}}}:{part}", samples=0) or 0)
     return out
 
@@ -138,7 +139,7 @@ def measure(work: Path, urls: int, run: bool, workers: int, concurrency: int) ->
             n_results, results_size = results_bytes(backend)
             out["finished"] = {"used_bytes_per_url": (used(broker) - before) / urls, "keys": key_sizes(
                 broker, backend, job), "celery_results": n_results, "celery_results_bytes": results_size,
-                "record": json.loads(backend.hget(f"ff:{{{job}}}:rec", "0") or b"null")}
+                "record": ledger.Ledger(backend, 3600).record(job, 0)}
         peak = sampler.stop()
         out["peak_bytes_per_url"] = (peak - before) / urls
         out["used_memory_peak_bytes_per_url"] = (int(broker.info("memory")["used_memory_peak"]) - before) / urls

@@ -83,7 +83,7 @@ class Call:
     def mark(self, state: str, record: dict[str, Any] | None = None, lease: float | None = None) -> str | None:
         """Move the URL to `state` in the ledger; returns the final state it already had, if any."""
         m = self.msg
-        return _ledger().transition(m.job, m.index, state, record, lease) if m.job else None
+        return _ledger().transition(m.job, m.index, state, record, lease, m.name) if m.job else None
 
     def requeue(self, wait: float) -> NoReturn:
         """Send this task back to the queue, to run again in `wait` seconds (the process is freed)."""

@@ -2,22 +2,29 @@
 
 Keys share the hash tag `{JOB}` (Redis Cluster keeps them on one node):
   ff:{JOB}:meta   hash   job settings + counters n:<state>, bytes, published
-  ff:{JOB}:urls   hash   index -> [url, name, sha256|null(, the URL's own options)]  (what `resume` re-enqueues)
-  ff:{JOB}:state  hash   index -> state
-  ff:{JOB}:rec    hash   index -> final record (JSON), compact: no field the ledger already knows (`compact`)
+  ff:{JOB}:urls   hash   block (index // BLOCK) -> zlib of the block's rows, one JSON line each:
+                         [url, name, sha256|null(, the URL's own options)]  (written once; what `resume` re-enqueues)
+  ff:{JOB}:state  string one byte per URL, at its index: q s r d u f c (queued ... cancelled), NUL = no state yet
+  ff:{JOB}:rec    hash   index -> final record, compact (`compact`): a download's packed (`pack`), others JSON
+  ff:{JOB}:names  hash   worker names and content types of packed records <-> their small numbers
   ff:{JOB}:due    zset   index -> time (ms) by which a worker must be heard of again: the lease of a running URL,
                          the countdown of a retrying one (+ the lease); a final state removes it
   ff:jobs         zset   job id -> creation time
 State changes run as one Lua script, so counters always match the states and a URL gets at most one
-final record, however many times its task is delivered.
+final record, however many times its task is delivered. A done URL costs about 100 bytes of Redis: its state
+byte, its share of a compressed block of URLs and a record of 49 bytes plus the hash's own entry.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
+import struct
 import time
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -35,35 +42,51 @@ STATES = (QUEUED, STARTED, RETRYING, *FINAL)
 JOBS_KEY = "ff:jobs"
 LIVE_KEY = "ff:live"  # set of jobs not finished yet: what the reconciler looks at
 BATCH = 2000
+BLOCK = 1000  # URLs per compressed block of `urls` (BATCH is a multiple: a batch reads whole blocks)
 CANCELLED_AT = "cancelled"  # meta field: when `cancel` stopped the job (absent: not cancelled)
 CREDENTIALS = "credentials"  # meta field: the job's netrc logins and cookies (tasks.credentials), read by workers
 SECRET_HEADERS = "secret_headers"  # meta field: the job's secret headers (JSON pairs), read by the workers
 FED = "fed"  # meta field: URLs below this index have been offered to the broker (feed.Feeder); absent: all were
 Row = tuple[int, str, str, str | None, dict[str, Any]]  # index, url, name, sha256, the URL's own options
 
+# Every script starts with this: the state byte of a URL (`code_at` is nil for a URL without a state).
+_STATES = """
+local NAME = {q='queued', s='started', r='retrying', d='done', u='unchanged', f='failed', c='cancelled'}
+local CODE = {queued='q', started='s', retrying='r', done='d', unchanged='u', failed='f', cancelled='c'}
+local FINAL = {d=true, u=true, f=true, c=true}
+local function code_at(key, i)
+  local b = redis.call('GETRANGE', key, i, i)
+  if NAME[b] then return b end
+  return nil
+end
+local function count(meta, code, n) redis.call('HINCRBY', meta, 'n:' .. NAME[code], n) end
+"""
+
 # KEYS[1] meta, KEYS[2] state, KEYS[3] rec, KEYS[4] due
-# ARGV[1] index, ARGV[2] new state, ARGV[3] final record JSON or '', ARGV[4] bytes to count, ARGV[5] ttl (s),
+# ARGV[1] index, ARGV[2] new state, ARGV[3] final record ('' = none), ARGV[4] bytes to count, ARGV[5] ttl (s),
 # ARGV[6] ms from now by which a worker must be heard of again for this URL (its lease); '' = none (final)
 # A URL without a state yet counts as published (`published` = URLs that have a state): its message was taken
 # before the publisher marked it queued (mark_queued then leaves it).
 # Returns the final state the URL already had (then nothing changes), or false. A URL about to start in a job
 # that was cancelled (meta field `cancelled`) ends cancelled instead, and 'cancelled' is returned: the worker
 # skips it in the same round trip.
-_TRANSITION = """
-local old = redis.call('HGET', KEYS[2], ARGV[1])
-if old == 'done' or old == 'unchanged' or old == 'failed' or old == 'cancelled' then return old end
+_TRANSITION = _STATES + """
+local i = tonumber(ARGV[1])
+local old = code_at(KEYS[2], i)
+if old and FINAL[old] then return NAME[old] end
 if not old then redis.call('HINCRBY', KEYS[1], 'published', 1) end
-if ARGV[2] == 'started' and redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then
-  redis.call('HSET', KEYS[2], ARGV[1], 'cancelled')
-  if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
-  redis.call('HINCRBY', KEYS[1], 'n:cancelled', 1)
+local new = CODE[ARGV[2]]
+if new == 's' and redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then
+  redis.call('SETRANGE', KEYS[2], i, 'c')
+  if old then count(KEYS[1], old, -1) end
+  count(KEYS[1], 'c', 1)
   redis.call('ZREM', KEYS[4], ARGV[1])
   return 'cancelled'
 end
-if old ~= ARGV[2] then
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-  if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
-  redis.call('HINCRBY', KEYS[1], 'n:' .. ARGV[2], 1)
+if old ~= new then
+  redis.call('SETRANGE', KEYS[2], i, new)
+  if old then count(KEYS[1], old, -1) end
+  count(KEYS[1], new, 1)
 end
 if ARGV[6] == '' then
   redis.call('ZREM', KEYS[4], ARGV[1])
@@ -81,6 +104,17 @@ end
 return false
 """
 
+# KEYS[1] names; ARGV[1] 'w:<worker>' or 'c:<content type>', ARGV[2] the value, ARGV[3] ttl (s)
+# The small number of a worker name or content type in this job (given once, kept: `pack` stores numbers).
+_INTERN = """
+local c = redis.call('HGET', KEYS[1], ARGV[1])
+if c then return tonumber(c) end
+c = redis.call('HINCRBY', KEYS[1], '#', 1)
+redis.call('HSET', KEYS[1], ARGV[1], c, '#' .. c, ARGV[2])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return c
+"""
+
 # KEYS[1] due; ARGV[1] ms from now, ARGV[2..] indexes. Extends the leases that still exist (XX): a URL that
 # reached its final state meanwhile is not given a lease again.
 _RENEW = """
@@ -93,14 +127,12 @@ return #ARGV - 1
 
 # KEYS[1] state, KEYS[2] due; ARGV[1] ms from now, ARGV[2..] indexes. A lease for each URL that is not final,
 # whether it had one or not (a worker holds its message).
-_HOLD = """
+_HOLD = _STATES + """
 local t = redis.call('TIME')
 local at = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
 for i = 2, #ARGV do
-  local s = redis.call('HGET', KEYS[1], ARGV[i])
-  if s ~= 'done' and s ~= 'unchanged' and s ~= 'failed' and s ~= 'cancelled' then
-    redis.call('ZADD', KEYS[2], at, ARGV[i])
-  end
+  local s = code_at(KEYS[1], tonumber(ARGV[i]))
+  if not (s and FINAL[s]) then redis.call('ZADD', KEYS[2], at, ARGV[i]) end
 end
 return 0
 """
@@ -108,16 +140,16 @@ return 0
 # KEYS[1] meta, KEYS[2] state, KEYS[3] due, KEYS[4] redelivered; ARGV[1..] indexes
 # Each URL not final goes back to queued (counters kept), loses its lease and counts one more redelivery.
 # Returns {index, redeliveries, ...} for the URLs moved.
-_REQUEUE = """
+_REQUEUE = _STATES + """
 local out = {}
 for i = 1, #ARGV do
-  local old = redis.call('HGET', KEYS[2], ARGV[i])
+  local old = code_at(KEYS[2], tonumber(ARGV[i]))
   redis.call('ZREM', KEYS[3], ARGV[i])
-  if old ~= 'done' and old ~= 'unchanged' and old ~= 'failed' and old ~= 'cancelled' then
-    if old ~= 'queued' then
-      redis.call('HSET', KEYS[2], ARGV[i], 'queued')
-      if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) end
-      redis.call('HINCRBY', KEYS[1], 'n:queued', 1)
+  if not (old and FINAL[old]) then
+    if old ~= 'q' then
+      redis.call('SETRANGE', KEYS[2], tonumber(ARGV[i]), 'q')
+      if old then count(KEYS[1], old, -1) end
+      count(KEYS[1], 'q', 1)
     end
     table.insert(out, tonumber(ARGV[i]))
     table.insert(out, redis.call('HINCRBY', KEYS[4], ARGV[i], 1))
@@ -130,9 +162,15 @@ return out
 
 # KEYS[1] meta, KEYS[2] state; ARGV[1] ttl (s), ARGV[2..] indexes just published
 # Each URL without a state becomes queued; returns how many did.
-_MARK_QUEUED = """
+_MARK_QUEUED = _STATES + """
 local n = 0
-for i = 2, #ARGV do n = n + redis.call('HSETNX', KEYS[2], ARGV[i], 'queued') end
+for i = 2, #ARGV do
+  local at = tonumber(ARGV[i])
+  if not code_at(KEYS[2], at) then
+    redis.call('SETRANGE', KEYS[2], at, 'q')
+    n = n + 1
+  end
+end
 redis.call('HINCRBY', KEYS[1], 'n:queued', n)
 redis.call('HINCRBY', KEYS[1], 'published', n)
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
@@ -142,14 +180,15 @@ return n
 # KEYS[1] meta, KEYS[2] state, KEYS[3] due; ARGV[1] ttl (s), ARGV[2..] indexes
 # Each URL not started and not final (never published, queued, retrying) becomes cancelled; a URL never published
 # counts as published (published = URLs that have a state). Started ones are left to their worker. Returns the count.
-_CANCEL = """
+_CANCEL = _STATES + """
 local n = 0
 for i = 2, #ARGV do
-  local old = redis.call('HGET', KEYS[2], ARGV[i])
-  if not old or old == 'queued' or old == 'retrying' then
-    redis.call('HSET', KEYS[2], ARGV[i], 'cancelled')
-    if old then redis.call('HINCRBY', KEYS[1], 'n:' .. old, -1) else redis.call('HINCRBY', KEYS[1], 'published', 1) end
-    redis.call('HINCRBY', KEYS[1], 'n:cancelled', 1)
+  local at = tonumber(ARGV[i])
+  local old = code_at(KEYS[2], at)
+  if not old or old == 'q' or old == 'r' then
+    redis.call('SETRANGE', KEYS[2], at, 'c')
+    if old then count(KEYS[1], old, -1) else redis.call('HINCRBY', KEYS[1], 'published', 1) end
+    count(KEYS[1], 'c', 1)
     redis.call('ZREM', KEYS[3], ARGV[i])
     n = n + 1
   end
@@ -160,19 +199,21 @@ return n
 
 # KEYS[1] meta, KEYS[2] state, KEYS[3] rec; ARGV[1..] indexes
 # Each cancelled URL goes back to "never published" (no state, no record), for `resume`. Returns the count.
-_UNCANCEL = """
+_UNCANCEL = _STATES + """
 local n = 0
 for i = 1, #ARGV do
-  if redis.call('HGET', KEYS[2], ARGV[i]) == 'cancelled' then
-    redis.call('HDEL', KEYS[2], ARGV[i])
+  local at = tonumber(ARGV[i])
+  if code_at(KEYS[2], at) == 'c' then
+    redis.call('SETRANGE', KEYS[2], at, string.char(0))
     redis.call('HDEL', KEYS[3], ARGV[i])
-    redis.call('HINCRBY', KEYS[1], 'n:cancelled', -1)
+    count(KEYS[1], 'c', -1)
     redis.call('HINCRBY', KEYS[1], 'published', -1)
     n = n + 1
   end
 end
 return n
 """
+_NAMES = {b"q": QUEUED, b"s": STARTED, b"r": RETRYING, b"d": DONE, b"u": UNCHANGED, b"f": FAILED, b"c": CANCELLED}
 
 
 class JobGone(LookupError):
@@ -205,6 +246,11 @@ class JobKeys:
         return self._key("rec")
 
     @property
+    def names(self) -> str:
+        """hash 'w:<worker>' / 'c:<content type>' -> number, '#<number>' -> the name (packed records use numbers)."""
+        return self._key("names")
+
+    @property
     def due(self) -> str:
         """zset index -> server time (ms) by which a worker must be heard of again for a non-final URL."""
         return self._key("due")
@@ -233,6 +279,9 @@ class Ledger:
         self._cancel = client.register_script(_CANCEL)
         self._mark_queued = client.register_script(_MARK_QUEUED)
         self._uncancel = client.register_script(_UNCANCEL)
+        self._intern = client.register_script(_INTERN)
+        self._numbers: dict[tuple[str, str], int] = {}  # (job, 'w:<worker>' ...) -> its number in the job
+        self._block: tuple[tuple[str, int], list[bytes]] | None = None  # the block of URLs read last (`entry`)
 
     # producer side ---------------------------------------------------------------------------------
     def create(self, job: str, meta: dict[str, Any], entries: Iterable[Row | tuple[int, str, str, str | None]]) -> int:
@@ -246,12 +295,19 @@ class Ledger:
         pipe.zadd(JOBS_KEY, {job: time.time()})
         pipe.sadd(LIVE_KEY, job)
         pipe.zremrangebyscore(JOBS_KEY, 0, time.time() - self.ttl)
-        total = 0
+        total, rows = 0, list[bytes]()
         for total, (i, url, name, digest, *own) in enumerate(entries, 1):  # own options: optional
+            if i != total - 1:
+                raise ValueError(f"URL index {i} out of order: the ledger stores URLs in blocks by index")
             row = [url, name, digest, own[0]] if own and own[0] else [url, name, digest]
-            pipe.hset(k.urls, str(i), json.dumps(row))
-            if total % BATCH == 0:
-                pipe.execute()
+            rows.append(json.dumps(row, separators=(",", ":")).encode())
+            if len(rows) == BLOCK:
+                pipe.hset(k.urls, str(i // BLOCK), zlib.compress(b"\n".join(rows)))
+                rows.clear()
+                if total % (BLOCK * 20) == 0:
+                    pipe.execute()
+        if rows:
+            pipe.hset(k.urls, str((total - 1) // BLOCK), zlib.compress(b"\n".join(rows)))
         pipe.expire(k.urls, self.ttl)
         pipe.hset(k.meta, "total", json.dumps(total))
         pipe.execute()
@@ -321,46 +377,62 @@ class Ledger:
             raise JobGone(job)
         return {f.removeprefix("n:"): int(v or 0) for f, v in zip(fields, values, strict=True)}
 
+    def states(self, job: str, start: int, stop: int) -> list[str | None]:
+        """The state of each URL from `start` to `stop` (None: no state yet), from one read of the state bytes."""
+        raw = cast(bytes, self.r.getrange(JobKeys(job).state, start, stop - 1)) if stop > start else b""
+        return [_NAMES.get(raw[j:j + 1]) for j in range(stop - start)]
+
+    def state(self, job: str, index: int) -> str | None:
+        return self.states(job, index, index + 1)[0]
+
+    def _rows(self, job: str, start: int, stop: int) -> list[bytes | None]:
+        """The stored rows (JSON) of URLs `start` to `stop`, from the blocks that hold them."""
+        blocks = list(range(start // BLOCK, (stop - 1) // BLOCK + 1)) if stop > start else []
+        raw = cast(list[bytes | None], self.r.hmget(JobKeys(job).urls, [str(b) for b in blocks])) if blocks else []
+        rows: list[bytes | None] = []
+        for b, packed in zip(blocks, raw, strict=True):
+            lines = zlib.decompress(packed).split(b"\n") if packed else []
+            rows.extend(lines + [None] * (BLOCK - len(lines)) if b < blocks[-1] else lines)
+        offset = start - blocks[0] * BLOCK if blocks else 0
+        found = rows[offset:offset + stop - start]
+        return found + [None] * (stop - start - len(found))
+
     def unpublished(self, job: str, stop: int, start: int = 0) -> Iterator[Row]:
         """URLs of the job from `start` to `stop` that have no state yet: never published (`resume`, the feeder)."""
-        k = JobKeys(job)
         for first in range(start, stop, BATCH):
-            idx = list(range(first, min(stop, first + BATCH)))
-            states = self.r.hmget(k.state, [str(i) for i in idx])
-            missing = [i for i, s in zip(idx, states, strict=True) if s is None]
-            if missing:
-                rows = cast(list[bytes], self.r.hmget(k.urls, [str(i) for i in missing]))
-                for i, raw in zip(missing, rows, strict=True):
-                    yield (i, *_row(raw))
+            last = min(stop, first + BATCH)
+            states = self.states(job, first, last)
+            if any(s is None for s in states):
+                for i, s, raw in zip(range(first, last), states, self._rows(job, first, last), strict=True):
+                    if s is None and raw:
+                        yield (i, *_row(raw))
 
     def records(self, job: str, total: int) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
         """(index, final record or None, state) for every URL, in input order, fetched in batches."""
         k = JobKeys(job)
+        names = self._names(job)
         for start in range(0, total, BATCH):
-            idx = [str(i) for i in range(start, min(total, start + BATCH))]
-            pipe = self.r.pipeline(transaction=False)
-            pipe.hmget(k.rec, idx)
-            pipe.hmget(k.state, idx)
-            pipe.hmget(k.urls, idx)
-            recs, states, urls = pipe.execute()
-            for i, rec, state, url in zip(idx, recs, states, urls, strict=True):
-                status = (state or b"unpublished").decode()
+            stop = min(total, start + BATCH)
+            recs = cast(list[bytes | None], self.r.hmget(k.rec, [str(i) for i in range(start, stop)]))
+            states, rows = self.states(job, start, stop), self._rows(job, start, stop)
+            for i, rec, state, row in zip(range(start, stop), recs, states, rows, strict=True):
+                url, name = _row(row)[:2] if row else ("", "")
                 if rec:
-                    record = expand(json.loads(rec), json.loads(url)[0] if url else "", status)
-                elif url:
-                    u, name, *_ = json.loads(url)
-                    record = {"url": redact_url(u), "path": name, "status": status}
+                    record = expand(unpack(rec, names), url, state or "", name)
+                elif row:
+                    record = {"url": redact_url(url), "path": name, "status": state or "unpublished"}
                 else:
                     record = None
-                yield int(i), record, state.decode() if state else None
+                yield i, record, state
 
     # task side -------------------------------------------------------------------------------------
     def transition(self, job: str, index: int, state: str, record: dict[str, Any] | None = None,
-                   lease: float | None = None) -> str | None:
+                   lease: float | None = None, name: str | None = None) -> str | None:
         """Move one URL to `state`; a non-final state holds a lease of `lease` seconds (see `renew`), a final
-        state ends it. Returns the final state the URL already had (then nothing changed), or None."""
+        state ends it. `name`: the URL's file name in the ledger (a record's path equal to it is not stored).
+        Returns the final state the URL already had (then nothing changed), or None."""
         k = JobKeys(job)
-        payload = json.dumps(compact(record, state), separators=(",", ":")) if record is not None else ""
+        payload = b"" if record is None else pack(compact(record, state, name), functools.partial(self._number, job))
         nbytes = int(record.get("bytes") or 0) if record and state == DONE else 0
         due = "" if state in FINAL or lease is None else str(int(lease * 1000))
         old = self._transition(keys=[k.meta, k.state, k.rec, k.due],
@@ -382,16 +454,35 @@ class Ledger:
             self._renew(keys=[JobKeys(job).due], args=[int(seconds * 1000), *indexes], client=pipe)
         pipe.execute()
 
+    def _number(self, job: str, kind: str, value: str) -> int:
+        """The number of a worker name ('w') or content type ('c') in the job, asked of Redis once per process."""
+        key = (job, f"{kind}:{value}")
+        if key not in self._numbers:
+            if len(self._numbers) > 10_000:
+                self._numbers.clear()
+            self._numbers[key] = int(self._intern(keys=[JobKeys(job).names], args=[key[1], value, self.ttl]))
+        return self._numbers[key]
+
+    def _names(self, job: str) -> dict[int, str]:
+        raw = cast(dict[bytes, bytes], self.r.hgetall(JobKeys(job).names))
+        return {int(k[1:]): v.decode() for k, v in raw.items() if k.startswith(b"#") and len(k) > 1}
+
     def entry(self, job: str, index: int) -> tuple[str, str, str | None, dict[str, Any]] | None:
-        """(url, name, sha256, own options) of one URL of the job, as the producer recorded it."""
-        raw = self.r.hget(JobKeys(job).urls, str(index))
-        return _row(raw) if raw else None
+        """(url, name, sha256, own options) of one URL of the job, as the producer recorded it. Workers read
+        a URL's entry only for its secrets; the last block read is kept (URLs run about in order)."""
+        where = (job, index // BLOCK)
+        cached = self._block
+        if cached is None or cached[0] != where:
+            packed = cast(bytes | None, self.r.hget(JobKeys(job).urls, str(where[1])))
+            cached = (where, zlib.decompress(packed).split(b"\n") if packed else [])
+            self._block = cached
+        rows = cached[1]
+        return _row(rows[index % BLOCK]) if index % BLOCK < len(rows) else None
 
     def secret_headers(self, job: str, index: int) -> list[tuple[str, str]]:
         """The job's and the URL's secret headers (Authorization, Cookie...): kept here, never in a message."""
-        k = JobKeys(job)
-        meta, raw = self.r.hget(k.meta, SECRET_HEADERS), self.r.hget(k.urls, str(index))
-        own = _row(raw)[3].get("headers", []) if raw else []
+        meta, found = self.r.hget(JobKeys(job).meta, SECRET_HEADERS), self.entry(job, index)
+        own = found[3].get("headers", []) if found else []
         return [(n, v) for n, v in (json.loads(meta) if meta else []) + own if is_secret_header(n)]
 
     # reconciler side -----------------------------------------------------------------------------
@@ -408,21 +499,25 @@ class Ledger:
         return [int(i) for i in cast(list[bytes], found)]
 
     def queued(self, job: str, limit: int) -> list[int]:
-        """Up to `limit` URLs in state queued (a scan: used only when the queue is empty)."""
+        """Up to `limit` URLs in state queued (a scan of the state bytes: used only when the queue is empty)."""
         found: list[int] = []
-        for index, state in self.r.hscan_iter(JobKeys(job).state, count=1000):
-            if state == QUEUED.encode():
-                found.append(int(index))
-                if len(found) >= limit:
-                    break
-        return found
+        key, chunk, start = JobKeys(job).state, 1 << 20, 0
+        while len(found) < limit:
+            raw = cast(bytes, self.r.getrange(key, start, start + chunk - 1))
+            found.extend(start + m.start() for m in re.finditer(b"q", raw))
+            if len(raw) < chunk:
+                break
+            start += chunk
+        return found[:limit]
 
     def in_state(self, job: str, indexes: list[int], state: str) -> list[int]:
         """Those of `indexes` whose URL is in `state` now."""
         if not indexes:
             return []
-        states = self.r.hmget(JobKeys(job).state, [str(i) for i in indexes])
-        return [i for i, s in zip(indexes, states, strict=True) if s == state.encode()]
+        pipe = self.r.pipeline(transaction=False)
+        for i in indexes:
+            pipe.getrange(JobKeys(job).state, i, i)
+        return [i for i, s in zip(indexes, pipe.execute(), strict=True) if _NAMES.get(s) == state]
 
     def without_lease(self, job: str, indexes: list[int]) -> set[int]:
         """Those of `indexes` that hold no lease (nothing is running, retrying or waiting for them)."""
@@ -442,36 +537,75 @@ class Ledger:
         return dict(zip(out[::2], out[1::2], strict=True))
 
     def record(self, job: str, index: int) -> dict[str, Any] | None:
-        k = JobKeys(job)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hget(k.rec, str(index))
-        pipe.hget(k.urls, str(index))
-        pipe.hget(k.state, str(index))
-        raw, url, state = pipe.execute()
+        raw = cast(bytes | None, self.r.hget(JobKeys(job).rec, str(index)))
         if not raw:
             return None
-        return expand(json.loads(raw), json.loads(url)[0] if url else "", (state or b"").decode())
+        row = self._rows(job, index, index + 1)[0]
+        url, name = _row(row)[:2] if row else ("", "")
+        return expand(unpack(raw, self._names(job)), url, self.state(job, index) or "", name)
 
 
-def compact(record: dict[str, Any], state: str) -> dict[str, Any]:
+def compact(record: dict[str, Any], state: str, name: str | None = None) -> dict[str, Any]:
     """The record as stored: without what the ledger knows already (the URL is in `urls`, the status in `state`,
-    a final URL equal to the URL) and without empty fields. One record per URL: at 10^7 URLs each byte is 10 MB."""
+    a final URL equal to the URL, a path equal to the URL's name) and without empty fields. One record per URL:
+    at 10^7 URLs each byte is 10 MB."""
     url = record.get("url")
     return {k: v for k, v in record.items() if v is not None and not (
         (k == "url") or (k == "status" and v == state) or (k == "final_url" and v == url)
-        or (k, v) in _USUAL)}
+        or (k == "path" and v == name) or (k, v) in _USUAL)}
 
 
-def expand(stored: dict[str, Any], url: str, state: str) -> dict[str, Any]:
-    """The record as `compact` stored it, whole again: URL (redacted), status, and the final URL of a download."""
+def expand(stored: dict[str, Any], url: str, state: str, name: str = "") -> dict[str, Any]:
+    """The record as `compact` stored it, whole again: URL (redacted), status, and the final URL and path of a
+    download."""
     shown = redact_url(url)
     record: dict[str, Any] = {"url": shown, "status": state, "attempts": 1}
     if "sha256" in stored:  # a download's record
-        record.update(final_url=shown, http_status=200)
+        record.update(final_url=shown, http_status=200, path=name)
     return record | stored
 
 
 _USUAL = {("attempts", 1), ("http_status", 200)}  # left out of a stored record, put back by `expand`
+
+# A download's record packed: a marker (JSON never starts with it), the numbers of its worker and content type
+# (0: none) in the job's `names`, elapsed ms (NO_MS: none), bytes and the SHA-256 itself; any other field follows
+# as JSON. 49 bytes where the JSON was ~200.
+PACKED = struct.Struct(">cHHIQ32s")
+MARK, NO_MS = b"\x01", 0xFFFFFFFF
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def pack(stored: dict[str, Any], number: Callable[[str, str], int]) -> bytes:
+    """A compact record as stored: packed when it is a download's (`number(kind, value)` numbers names), JSON
+    otherwise."""
+    sha, size, worker = stored.get("sha256"), stored.get("bytes"), stored.get("worker")
+    ms = round(stored["elapsed_s"] * 1000) if isinstance(stored.get("elapsed_s"), int | float) else NO_MS
+    if (not isinstance(sha, str) or not _HEX64.fullmatch(sha) or not isinstance(size, int) or not 0 <= size < 2**64
+            or not isinstance(worker, str) or not 0 <= ms <= NO_MS):
+        return json.dumps(stored, separators=(",", ":")).encode()
+    ctype = stored.get("content_type")
+    w, c = number("w", worker), number("c", ctype) if isinstance(ctype, str) else 0
+    if w > 0xFFFF or c > 0xFFFF:  # more names in one job than the numbers hold: JSON then
+        return json.dumps(stored, separators=(",", ":")).encode()
+    rest = {k: v for k, v in stored.items() if k not in ("sha256", "bytes", "worker", "elapsed_s")
+            and not (k == "content_type" and c)}
+    tail = json.dumps(rest, separators=(",", ":")).encode() if rest else b""
+    return PACKED.pack(MARK, w, c, ms, size, bytes.fromhex(sha)) + tail
+
+
+def unpack(raw: bytes, names: dict[int, str]) -> dict[str, Any]:
+    """A stored record (`pack`) as a dict; `names`: the job's numbered names."""
+    if raw[:1] != MARK:
+        return cast(dict[str, Any], json.loads(raw))
+    _, w, c, ms, size, sha = PACKED.unpack_from(raw)
+    out: dict[str, Any] = {"worker": names.get(w, "?"), "bytes": size, "sha256": sha.hex()}
+    if ms != NO_MS:
+        out["elapsed_s"] = ms / 1000
+    if c:
+        out["content_type"] = names.get(c, "?")
+    if len(raw) > PACKED.size:
+        out.update(json.loads(raw[PACKED.size:]))
+    return out
 
 
 def _row(raw: bytes | str) -> tuple[str, str, str | None, dict[str, Any]]:

@@ -3,7 +3,6 @@ prefork, task events flow only once someone (Flower) asks for them, and no START
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from tasks import ledger
 from tasks.app import pool_on_command_line
 from tasks.config import THREADS_CONCURRENCY, Settings, default_concurrency
 from tests.conftest import ROOT, Cluster, job_id_of, write_list
@@ -149,17 +149,17 @@ def test_a_download_is_started_in_the_ledger_and_has_no_celery_result_before_or_
     assert result.returncode == 0, result.stderr
     job = job_id_of(result.stdout)
     backend = own.backend()
-    state_key = f"ff:{{{job}}}:state"
+    book = ledger.Ledger(backend, 3600)
 
     deadline = time.monotonic() + 15
-    while backend.hget(state_key, "0") != b"started" and time.monotonic() < deadline:
+    while book.state(job, 0) != ledger.STARTED and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert backend.hget(state_key, "0") == b"started"
+    assert book.state(job, 0) == ledger.STARTED
     assert backend.get(f"celery-task-meta-{job}-0") is None  # no STARTED result: the ledger already says it
 
     deadline = time.monotonic() + 15
-    while backend.hget(state_key, "0") != b"done" and time.monotonic() < deadline:
+    while book.state(job, 0) != ledger.DONE and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert backend.hget(state_key, "0") == b"done"
+    assert book.state(job, 0) == ledger.DONE
     assert backend.get(f"celery-task-meta-{job}-0") is None  # nor a SUCCESS one: the ledger's record is kept
-    assert json.loads(backend.hget(f"ff:{{{job}}}:rec", "0"))["bytes"] == 5000
+    assert (book.record(job, 0) or {})["bytes"] == 5000

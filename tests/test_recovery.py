@@ -145,7 +145,7 @@ def test_a_url_whose_worker_keeps_dying_fails_after_max_redeliveries(redis_serve
         book.r.delete(feed.LOCK_KEY)
         healed = reconciler.heal(job, book.counts(job))
         if n <= 5:
-            assert healed == 1 and book.r.hget(ledger.JobKeys(job).state, "0") == b"queued"
+            assert healed == 1 and book.state(job, 0) == ledger.QUEUED
     assert healed == 0
     record = book.record(job, 0)
     assert record is not None and record["status"] == "failed" and "lost 5 times" in record["reason"]

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+from tasks import ledger
 from tests.conftest import job_id_of, write_list
 
 URLS, WINDOW, THREADS = 20_000, 1000, 16
@@ -43,7 +44,9 @@ def test_a_job_larger_than_the_window_completes_with_workers_alone_and_the_broke
     job = job_id_of(queued.stdout)
     broker, backend = chaos.broker(), chaos.backend()
     assert broker.llen("fleetfetch") == WINDOW  # the first window; the rest waits in the ledger
-    assert backend.hlen(f"ff:{{{job}}}:urls") == URLS and backend.hlen(f"ff:{{{job}}}:state") == WINDOW
+    book = ledger.Ledger(backend, 3600)
+    states = book.states(job, 0, URLS)
+    assert states == [ledger.QUEUED] * WINDOW + [None] * (URLS - WINDOW)
     waiting = chaos.producer("status", job)
     assert f"{URLS - WINDOW} URLs wait in the ledger" in waiting.stdout and "never enqueued" not in waiting.stdout
 

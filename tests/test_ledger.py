@@ -1,0 +1,91 @@
+"""The ledger's compact storage against a real Redis: state bytes, compressed blocks of URLs, packed records."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from tasks import ledger
+
+SHA = hashlib.sha256(b"x").hexdigest()
+
+
+def _done(i: int, worker: str = "celery@w1", **extra: object) -> dict[str, object]:
+    return {"url": f"http://127.0.0.1:9/d/f{i}.bin", "status": "done", "attempts": 1, "elapsed_s": 0.125,
+            "worker": worker, "final_url": f"http://127.0.0.1:9/d/f{i}.bin", "path": f"f{i}.bin", "bytes": 10 * i,
+            "sha256": SHA, "http_status": 200, "content_type": "application/pdf", **extra}
+
+
+def test_a_download_record_is_packed_and_comes_back_whole():
+    numbers = {"w:celery@w1": 1, "c:application/pdf": 2}
+    stored = ledger.compact(_done(7), ledger.DONE, "f7.bin")
+    raw = ledger.pack(stored, lambda kind, value: numbers[f"{kind}:{value}"])
+    assert len(raw) == ledger.PACKED.size == 49
+    back = ledger.expand(ledger.unpack(raw, {1: "celery@w1", 2: "application/pdf"}), "http://127.0.0.1:9/d/f7.bin",
+                         ledger.DONE, "f7.bin")
+    assert back == _done(7)
+    with_more = ledger.compact(_done(7, etag='"abc"', path="sub/f7.bin"), ledger.DONE, "f7.bin")
+    raw = ledger.pack(with_more, lambda kind, value: numbers[f"{kind}:{value}"])
+    assert raw[:1] == ledger.MARK and len(raw) > 49  # what the packing has no place for follows as JSON
+    back = ledger.unpack(raw, {1: "celery@w1", 2: "application/pdf"})
+    assert back["etag"] == '"abc"' and back["path"] == "sub/f7.bin" and back["sha256"] == SHA
+
+
+def test_a_failure_record_stays_json():
+    failure = {"url": "http://127.0.0.1:9/x", "status": "failed", "attempts": 3, "reason": "HTTP 404",
+               "worker": "celery@w1", "elapsed_s": 0.5}
+    stored = ledger.compact(failure, ledger.FAILED)
+    raw = ledger.pack(stored, lambda kind, value: 1)
+    assert raw.startswith(b"{") and ledger.unpack(raw, {}) == stored
+
+
+def test_states_blocks_and_records_hold_across_block_boundaries(redis_server):
+    book = ledger.Ledger(redis_server.client(1), 3600)
+    job = f"blocks-{time.time_ns()}"
+    total = ledger.BLOCK * 2 + 500
+    rows = [(i, f"http://127.0.0.1:9/d/f{i}.bin", f"f{i}.bin", None, {"subdir": "s"} if i == 1500 else {})
+            for i in range(total)]
+    assert book.create(job, {"opts": {}}, rows) == total
+    assert book.entry(job, 1500) == ("http://127.0.0.1:9/d/f1500.bin", "f1500.bin", None, {"subdir": "s"})
+    assert book.entry(job, total - 1)[0] == f"http://127.0.0.1:9/d/f{total - 1}.bin"
+    assert book.entry(job, total) is None
+    published = list(range(0, total, 3))
+    pipe = book.r.pipeline(transaction=True)
+    book.mark_queued(pipe, job, published)
+    pipe.execute()
+    assert [i for i, *_ in book.unpublished(job, total)] == [i for i in range(total) if i % 3]
+    book.transition(job, 999, ledger.STARTED, lease=60)
+    book.transition(job, 999, ledger.DONE, _done(999), name="f999.bin")
+    book.transition(job, 1000, ledger.FAILED, {"url": "u", "status": "failed", "reason": "HTTP 404"}, name="f1000.bin")
+    assert book.transition(job, 999, ledger.STARTED, lease=60) == ledger.DONE  # a final state stays
+    assert book.states(job, 998, 1002) == [None, ledger.DONE, ledger.FAILED, None]
+    assert book.queued(job, 5) == [0, 3, 6, 9, 12] and book.in_state(job, [0, 999, 1000], ledger.QUEUED) == [0]
+    counts = book.counts(job)
+    assert counts["done"] == 1 and counts["failed"] == 1 and counts["queued"] == len(published) - 1
+    records = {i: (r, s) for i, r, s in book.records(job, total)}
+    assert len(records) == total
+    assert records[999] == (_done(999), ledger.DONE) and book.record(job, 999) == _done(999)
+    assert records[1000][0]["reason"] == "HTTP 404" and records[1000][1] == ledger.FAILED
+    assert records[1][0] == {"url": "http://127.0.0.1:9/d/f1.bin", "path": "f1.bin", "status": "unpublished"}
+    assert book.cancel(job, total) == total - 2  # all but the final two
+    assert book.state(job, 0) == ledger.CANCELLED and book.uncancel(job, total) == total - 2
+    assert [i for i, *_ in book.unpublished(job, total)] == [i for i in range(total) if i not in (999, 1000)]
+
+
+def test_a_finished_url_costs_about_a_hundred_bytes(redis_server):
+    """The ledger's share of a job's Redis (issue 18: <= 300 B/URL at the peak, queue included): states, URLs and
+    records of 20 000 done downloads, measured with MEMORY USAGE."""
+    book = ledger.Ledger(redis_server.client(1), 3600)
+    job = f"size-{time.time_ns()}"
+    total = 20_000
+    url = "http://files.example.test:8080/datasets/2026/part-{:07d}.bin"
+    book.create(job, {"opts": {}}, [(i, url.format(i), f"part-{i:07d}.bin", None) for i in range(total)])
+    for i in range(total):
+        record = _done(i) | {"url": url.format(i), "final_url": url.format(i), "path": f"part-{i:07d}.bin",
+                             "sha256": hashlib.sha256(str(i).encode()).hexdigest()}
+        book.transition(job, i, ledger.DONE, record, name=f"part-{i:07d}.bin")
+    k = ledger.JobKeys(job)
+    size = {part: int(book.r.memory_usage(getattr(k, part), samples=0) or 0) for part in ("urls", "state", "rec")}
+    assert size["state"] <= total * 2 and size["urls"] < total * 20, size  # a string grows by doubling
+    assert sum(size.values()) / total < 130, size
+    assert book.record(job, 12345)["sha256"] == hashlib.sha256(b"12345").hexdigest()
