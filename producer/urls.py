@@ -7,6 +7,7 @@ Nothing is enqueued unless every line is good; the bad ones are all reported (up
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -22,6 +23,7 @@ from tasks.message import Entry
 from tasks.naming import NameAllocator, check_component, sanitize
 
 from .errors import UsageError
+from .seen import Seen
 
 MAX_URL = 8192
 MAX_REPORTED = 20
@@ -195,7 +197,7 @@ class _Filler:
         self.spool, self.bad = spool, list[str]()
         self.force_directories = force_directories
         self.names: dict[str, NameAllocator] = {}  # one per directory: names are unique where they land
-        self.seen: set[str] = set()
+        self.seen = Seen()  # URLs and names so far, in bounded memory
         self.url: str | None = None
         self.own: dict[str, Any] = {}
 
@@ -206,14 +208,20 @@ class _Filler:
     def finish(self) -> None:
         url, own = self.url, self.own
         self.url, self.own = None, {}
-        if url is None or self.bad or url in self.seen:
+        if url is None or self.bad or not self.seen.claim(f"u\0{url}"):
             return
-        self.seen.add(url)
         name, digest = own.pop("name", None), own.pop("sha256", None)
         if self.force_directories:
             own["subdir"] = "/".join(p for p in (own.get("subdir", ""), url_directories(url)) if p)
-        names = self.names.setdefault(own.get("subdir", ""), NameAllocator())
+        subdir = own.get("subdir", "")
+        if subdir not in self.names:
+            self.names[subdir] = NameAllocator(functools.partial(self._claim_name, subdir))
+        names = self.names[subdir]
         self.spool.add(Entry(self.spool.count, url, names.allocate(url, name), digest, own))
+
+
+    def _claim_name(self, subdir: str, key: str) -> bool:
+        return self.seen.claim(f"n\0{subdir}\0{key}")
 
 
 def url_directories(url: str) -> str:
@@ -227,7 +235,7 @@ def _fill(spool: Spool, path: Path, label: str, force_directories: bool = False)
     """One pass over the file: good lines into the spool (while there is no bad one), bad lines returned."""
     state, url_line = _Filler(spool, force_directories), False
     try:
-        with open(path, encoding="utf-8") as fh:
+        with state.seen, open(path, encoding="utf-8") as fh:
             for number, line, indented in _lines(fh):
                 try:
                     if indented and url_line:

@@ -6,7 +6,7 @@ import hashlib
 import itertools
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import unquote, urlsplit
 
 from .errors import UnsafeName
@@ -98,15 +98,21 @@ def collision_key(name: str) -> str:
 class NameAllocator:
     """Gives each distinct URL of a job a distinct name; the first URL keeps the plain name."""
 
-    def __init__(self) -> None:
+    def __init__(self, claim: Callable[[str], bool] | None = None) -> None:
+        """`claim(key)`: True if no name with this collision key was given yet (and now it is); by default a set."""
         self._taken: set[str] = set()
+        self._claim = claim or self._claim_in_set
+
+    def _claim_in_set(self, key: str) -> bool:
+        if key in self._taken:
+            return False
+        self._taken.add(key)
+        return True
 
     def allocate(self, url: str, preferred: str | None = None) -> str:
         """The first of the URL's candidate names that no earlier URL of the job holds (under case folding)."""
         for name in candidates(sanitize(preferred) if preferred else name_for(url), url):
-            key = collision_key(name)
-            if key not in self._taken:
-                self._taken.add(key)
+            if self._claim(collision_key(name)):
                 return name
         raise AssertionError("unreachable: candidates() never ends")
 

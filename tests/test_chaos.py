@@ -145,8 +145,9 @@ def test_producer_killed_while_enqueuing_then_resume_publishes_the_rest(chaos, t
     resumed = chaos.producer("resume", job, "--no-wait", timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     queued = chaos.broker().llen(QUEUE)
-    status = chaos.producer("status", job).stdout
-    assert f"queued {n}" in status and "never enqueued" not in status
+    shown = chaos.producer("status", job)
+    status = shown.stdout
+    assert f"queued {n}" in status, shown.stderr and "never enqueued" not in status
     # Every URL has a task; only the one batch in flight at the kill may have been published twice.
     assert n <= queued <= n + 1000
     chaos.broker().delete(QUEUE)

@@ -128,3 +128,35 @@ def test_force_directories_keeps_host_and_path(cluster, worker, origin, tmp_path
     assert (host / "a" / "f.txt").read_bytes() == b"a"
     assert (host / "sub_dir" / "f.txt").read_bytes() == b"colon"  # same name, another directory: kept
     assert (cluster.downloads / "mirror" / "extra" / host.name / "top.txt").read_bytes() == b"top"
+
+
+def test_a_long_list_is_checked_the_same_once_its_urls_move_to_disk(tmp_path, monkeypatch):
+    """Past seen.IN_MEMORY keys the producer keeps URLs and names on disk: same names, same duplicates dropped."""
+    from producer import seen, urls
+
+    lines = []
+    for i in range(3000):
+        lines.append(f"http://127.0.0.1:9/a/{i % 1200}/report.pdf")  # 1800 repeats of earlier URLs
+        if i % 7 == 0:
+            lines += [f"http://127.0.0.1:9/b/{i}/Report.PDF", "  dir=sub"]  # the same name under case folding
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(lines) + "\n")
+
+    def entries() -> list[tuple[int, str, str, str | None, dict]]:
+        with urls.read(listing, "urls.txt") as spool:
+            return [(e.index, e.url, e.name, e.sha256, e.opts) for e in spool.replay()]
+
+    in_memory = entries()
+    monkeypatch.setattr(seen, "IN_MEMORY", 100)  # ~3 300 keys: on disk after the first 100
+    spilled = entries()
+    assert spilled == in_memory and len(in_memory) == 1200 + 429
+    assert len({(e[4].get("subdir"), e[2].casefold()) for e in in_memory}) == len(in_memory)  # names distinct
+
+
+def test_seen_claims_each_key_once_in_memory_and_on_disk():
+    from producer.seen import Seen
+
+    with Seen(in_memory=50) as s:
+        assert all(s.claim(f"k{i}") for i in range(200)) and s.on_disk
+        assert not any(s.claim(f"k{i}") for i in range(200))
+        assert s.claim("k200")
