@@ -232,6 +232,42 @@ class Validators:
         return (st.st_ino, st.st_size, st.st_mtime_ns) == (self.inode, self.bytes, self.mtime_ns)
 
 
+XATTR = "user.fleetfetch"  # the validators, on the file itself (as curl --xattr and wget2 keep the URL)
+_NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOSPC, errno.E2BIG}
+
+
+def label(fd: int, v: Validators) -> bool:
+    """Write the validators onto the file (its temp file, before the rename: they land together), stamped with
+    its inode and mtime now (an extended attribute changes neither). False where the file system has no user
+    extended attributes: the caller keeps a sidecar instead."""
+    v.stamp(os.fstat(fd))
+    try:
+        os.setxattr(fd, XATTR, json.dumps(asdict(v), separators=(",", ":")).encode())
+    except OSError as exc:
+        if exc.errno in _NO_XATTR:
+            return False
+        raise PermanentError(f"cannot label the file: {exc.strerror}") from None
+    return True
+
+
+def _read_label(where: TargetDir, name: str) -> Validators | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=where.fd)
+    except OSError:
+        return None
+    try:
+        return Validators(**json.loads(os.getxattr(fd, XATTR)))
+    except (OSError, ValueError, TypeError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_validators(where: TargetDir, name: str) -> Validators | None:
+    """The file's own label, else the sidecar of a file system without extended attributes (or an older run)."""
+    return _read_label(where, name) or _read_sidecar(where, name)
+
+
 def _read_sidecar(where: TargetDir, name: str) -> Validators | None:
     try:
         meta = where.meta(create=False)
@@ -258,7 +294,7 @@ def _stat(where: TargetDir, name: str) -> os.stat_result | None:
 def load_validators(where: TargetDir, name: str, url: str) -> Validators | None:
     """Validators for a present file of the same URL whose content still matches; None otherwise.
     A file whose inode, size and mtime are those recorded is trusted unread; else it is hashed again."""
-    found = _read_sidecar(where, name)
+    found = _read_validators(where, name)
     st = _stat(where, name)
     if found is None or st is None or found.url != url_key(url) or st.st_size != found.bytes:
         return None
@@ -269,12 +305,13 @@ def load_validators(where: TargetDir, name: str, url: str) -> Validators | None:
 
 def owns(where: TargetDir, name: str, url: str) -> bool:
     """True if `name` is this URL's own file from an earlier download, untouched since."""
-    found = _read_sidecar(where, name)
+    found = _read_validators(where, name)
     st = _stat(where, name)
     return found is not None and st is not None and found.url == url_key(url) and found.matches(st)
 
 
 def save_validators(where: TargetDir, name: str, v: Validators) -> None:
+    """The sidecar `.fleetfetch/NAME.json`: where the file system takes no extended attributes (`label`)."""
     meta = where.meta(create=True)
     tmp = f".{name}.json.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:

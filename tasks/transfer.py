@@ -105,11 +105,13 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
         if req.sha256 and digest != req.sha256:
             raise PermanentError(f"sha256 mismatch: expected {req.sha256}, got {digest}")
         size = part.size
-        name, st = _commit(part, where, req, response, fsync)
         found = _validators_of(response)
         validators = storage.Validators(storage.url_key(req.url), size, digest, found.get("etag"),
                                         found.get("last_modified"))
-        storage.save_validators(where, name, validators.stamp(st))
+        labelled = storage.label(part.fd, validators)
+        name, st = _commit(part, where, req, response, fsync)
+        if not labelled:
+            storage.save_validators(where, name, validators.stamp(st))
         return Outcome("done", _rel(req, name), size, digest, response.status_code, response.url,
                        _headers_of(response))
     except TransientError as exc:

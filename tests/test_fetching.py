@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
 from pathlib import Path
 
+import pytest
+
+from tasks import storage
 from tasks.naming import with_hash
-from tests.conftest import read_manifest, write_list
+from tests.conftest import ROOT, Cluster, read_manifest, write_list
+from tests.support.servers import Worker
 
 
 def sha(data: bytes) -> str:
@@ -121,6 +127,9 @@ def test_rerun_sends_conditional_headers_and_keeps_unchanged_files(cluster, work
     assert first.returncode == 0
     target = cluster.downloads / "rerun" / "doc.pdf"
     mtime = target.stat().st_mtime_ns
+    label = json.loads(os.getxattr(target, storage.XATTR))  # the validators travel on the file itself
+    assert label["etag"] == '"e1"' and label["sha256"] == sha(b"version 1") and label["mtime_ns"] == mtime
+    assert not (cluster.downloads / ".fleetfetch" / "rerun" / "doc.pdf.json").exists()  # no sidecar file
     second, records = run(cluster, tmp_path, lines, "-d", "rerun")
     assert second.returncode == 0 and "1 unchanged" in second.stdout
     assert records[0]["status"] == "unchanged" and records[0]["sha256"] == sha(b"version 1")
@@ -171,3 +180,25 @@ def test_content_disposition_names_are_opt_in_sanitised_and_never_overwrite(clus
     assert not list(cluster.downloads.parent.rglob("escape.txt"))[1:]  # only the one inside the job directory
     plain, records = run(cluster, tmp_path, [origin.url("/dl?id=1")], "-d", "cd-off")
     assert Path(records[0]["path"]).name == "dl"  # without the option the URL decides
+
+
+@pytest.mark.root
+def test_without_extended_attributes_the_validators_go_to_a_sidecar(redis_server, origin, tmp_path):
+    """ramfs takes no user.* attributes: the worker keeps a sidecar under .fleetfetch/, and a re-run still sends
+    a conditional request and keeps the unchanged file."""
+    mount = tmp_path / "ramfs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mount)], check=True)
+    try:
+        plain = Cluster(redis_server, mount / "dl")
+        origin.add("/plain.pdf", b"on ramfs", etag='"r1"')
+        with Worker(plain.env, name="ramfs", concurrency=1, log=tmp_path / "w.log", cwd=ROOT).start():
+            first, _ = run(plain, tmp_path, [origin.url("/plain.pdf")], "-d", "r")
+            second, records = run(plain, tmp_path, [origin.url("/plain.pdf")], "-d", "r")
+        assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+        sidecar = mount / "dl" / ".fleetfetch" / "r" / "plain.pdf.json"
+        assert json.loads(sidecar.read_text())["etag"] == '"r1"'
+        assert records[0]["status"] == "unchanged"
+        assert origin.requests_for("/plain.pdf")[-1].headers["If-None-Match"] == '"r1"'
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tasks import storage
 from tasks.naming import with_hash
 from tests.conftest import ROOT, Cluster, base_env, job_id_of, read_manifest, write_list
 from tests.support.servers import RedisServer, Worker
@@ -130,8 +131,8 @@ def test_a_password_with_any_punctuation_is_never_shown(hostile, origin, tmp_pat
     assert "DownloadFailed" in worker.log_text()  # the failure was logged, without the chained original
 
 
-def test_sidecars_in_the_download_directory_keep_no_secret(hostile, origin, tmp_path):
-    """The validator sidecars live in a directory other users may read: they keep a digest of the URL."""
+def test_file_labels_keep_no_secret(hostile, origin, tmp_path):
+    """The validators travel on the file (an extended attribute other users may read): a digest of the URL."""
     cluster, _ = hostile
     origin.add("/signed.bin", b"signed", etag='"s1"')
     host = origin.base_url.removeprefix("http://")
@@ -140,8 +141,8 @@ def test_sidecars_in_the_download_directory_keep_no_secret(hostile, origin, tmp_
     assert result.returncode == 0, result.stdout
     again, records = run(cluster, tmp_path, [url], "-d", "signed")
     assert records[0]["status"] == "unchanged"  # the digest still recognises the URL
-    sidecars = list((cluster.downloads / ".fleetfetch" / "signed").iterdir())
-    assert sidecars and all("sig0123secret" not in p.read_text() and "pW-" not in p.read_text() for p in sidecars)
+    label = os.getxattr(cluster.downloads / records[0]["path"], storage.XATTR).decode()
+    assert '"url":"sha256:' in label and "sig0123secret" not in label and "pW-" not in label
 
 
 # --- writes outside the download directory -----------------------------------------------------------------
