@@ -199,6 +199,7 @@ class Limits:
     read_timeout: float
     max_redirects: int
     policy: guard.Policy
+    ca_bundle: str | None = None  # FLEETFETCH_CA_BUNDLE: the CAs https hops are verified against; None = certifi's
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -283,7 +284,9 @@ def _send(s: requests.Session, url: str, headers: dict[str, str], limits: Limits
     left = time_left(deadline)
     timeout = (min(limits.connect_timeout, left), min(limits.read_timeout, left))
     try:
-        response = s.get(url, headers=headers, stream=True, allow_redirects=False, timeout=timeout)
+        # Both adapters take `verify` from here: the pinned pools and the proxy's CONNECT tunnels alike.
+        response = s.get(url, headers=headers, stream=True, allow_redirects=False, timeout=timeout,
+                         verify=limits.ca_bundle or True)
     except requests.exceptions.ConnectTimeout:
         time_left(deadline)
         raise TransientError(f"connect timed out after {limits.connect_timeout:g} s") from None
