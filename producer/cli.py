@@ -73,7 +73,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="cookies from this Netscape cookies.txt, sent only to matching domains and paths")
     p.add_argument("--proxy", default=None, metavar="URL",
                    help="send every request through this HTTP proxy, http://[user:password@]host:port (never taken "
-                        "from the environment; its address must pass the workers' destination policy)")
+                        "from the environment; its address must pass the workers' destination policy); https URLs "
+                        "go through a CONNECT tunnel, TLS end to end")
     p.add_argument("--limit-rate", type=_size, default=None, metavar="RATE",
                    help="bytes per second per download, e.g. 500K or 2M (default: unlimited)")
     p.add_argument("--queue", default=None, metavar="NAME",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import ssl
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -84,6 +85,20 @@ def _check_resolve(value: str) -> None:
                          "e.g. files.example:443:192.0.2.7")
 
 
+def _check_ca_bundle(path: str) -> None:
+    """A readable PEM file holding at least one certificate (loaded once here, so a typo stops the worker at start
+    instead of failing every https URL)."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+        return
+    except ssl.SSLError:  # an OSError too: check it first
+        problem = "holds no PEM certificate"
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror or exc})"
+    raise BadSetting(f"error: FLEETFETCH_CA_BUNDLE={path!r} {problem}; give a PEM file of the CA certificates "
+                     "trusted for https (unset: certifi's bundle)")
+
+
 def validate(s: Settings) -> None:
     """Refuse settings that cannot work, naming the variable and what to write instead."""
     for name, low in _AT_LEAST.items():
@@ -98,6 +113,8 @@ def validate(s: Settings) -> None:
         _check_network(network)
     for entry in s.resolve:
         _check_resolve(entry)
+    if s.ca_bundle is not None:
+        _check_ca_bundle(s.ca_bundle)
 
 
 @dataclass(frozen=True)
@@ -139,6 +156,9 @@ class Settings:
     allow_private: bool = False
     allow_networks: tuple[str, ...] = ()
     resolve: tuple[str, ...] = field(default=())
+    # The CA certificates https destinations are verified against; None = certifi's bundle. The environment's
+    # REQUESTS_CA_BUNDLE is not read (sessions ignore the environment: its proxies would bypass the pinning).
+    ca_bundle: str | None = None
 
     @property
     def soft_time_limit(self) -> float:
@@ -191,7 +211,7 @@ _VARIABLES = {f: "CELERY_" + f.upper() for f in ("broker_url", "result_backend")
         "soft_shutdown_timeout", "restore_interval", "url_lease", "sweep_interval", "window", "max_redeliveries",
         "result_expires", "max_size", "max_redirects",
         "max_attempts", "backoff_base", "backoff_cap", "max_retry_after", "per_host", "host_lease",
-        "host_errors", "host_rate", "no_fsync", "allow_private", "allow_networks", "resolve")
+        "host_errors", "host_rate", "no_fsync", "allow_private", "allow_networks", "resolve", "ca_bundle")
 } | {"download_dir": "FLEETFETCH_DIR"}
 
 

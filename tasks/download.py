@@ -40,7 +40,8 @@ class DownloadFailed(Exception):
 @cache
 def _limits() -> fetch.Limits:
     policy = Policy.from_settings(settings.allow_private, settings.allow_networks, settings.resolve)
-    return fetch.Limits(settings.connect_timeout, settings.read_timeout, settings.max_redirects, policy)
+    return fetch.Limits(settings.connect_timeout, settings.read_timeout, settings.max_redirects, policy,
+                        settings.ca_bundle)
 
 
 def _ledger() -> ledger.Ledger:

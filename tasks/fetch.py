@@ -12,6 +12,7 @@ import http.cookiejar
 import logging
 import math
 import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -54,6 +55,11 @@ _ERRNO_REASONS = {
     errno.ENETUNREACH: "network unreachable",
     errno.ETIMEDOUT: "connection timed out",
 }
+
+
+# OpenSSL verify codes of a certificate whose issuer is not among the trusted CAs (X509_V_ERR_...): 18 self-signed
+# leaf, 19 self-signed CA in the chain, 20 unable to get local issuer.
+_UNKNOWN_ISSUER = {18, 19, 20}
 
 
 class _PinnedMixin:
@@ -138,7 +144,9 @@ class PinnedAdapter(HTTPAdapter):
 
 class ProxiedAdapter(HTTPAdapter):
     """Through the job's explicit --proxy: the proxy connects to each destination, so a hop's host is checked by
-    the policy (`pins` records it) but cannot be pinned; the connection to the proxy goes to its checked address."""
+    the policy (`pins` records it) but cannot be pinned; the connection to the proxy goes to its checked address.
+    An https hop is a CONNECT tunnel (urllib3's): TLS runs end to end inside it, with SNI and the certificate
+    check on the URL's name, so the proxy relays ciphertext only (tests/test_https.py)."""
 
     def __init__(self) -> None:
         super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
@@ -199,6 +207,7 @@ class Limits:
     read_timeout: float
     max_redirects: int
     policy: guard.Policy
+    ca_bundle: str | None = None  # FLEETFETCH_CA_BUNDLE: the CAs https hops are verified against; None = certifi's
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -283,7 +292,9 @@ def _send(s: requests.Session, url: str, headers: dict[str, str], limits: Limits
     left = time_left(deadline)
     timeout = (min(limits.connect_timeout, left), min(limits.read_timeout, left))
     try:
-        response = s.get(url, headers=headers, stream=True, allow_redirects=False, timeout=timeout)
+        # Both adapters take `verify` from here: the pinned pools and the proxy's CONNECT tunnels alike.
+        response = s.get(url, headers=headers, stream=True, allow_redirects=False, timeout=timeout,
+                         verify=limits.ca_bundle or True)
     except requests.exceptions.ConnectTimeout:
         time_left(deadline)
         raise TransientError(f"connect timed out after {limits.connect_timeout:g} s") from None
@@ -291,7 +302,7 @@ def _send(s: requests.Session, url: str, headers: dict[str, str], limits: Limits
         time_left(deadline)
         raise TransientError(f"read timed out after {limits.read_timeout:g} s") from None
     except requests.exceptions.SSLError as exc:
-        raise PermanentError(f"TLS error: {redact_text(_root_cause(exc))}") from None
+        raise PermanentError(_tls_reason(exc, limits.ca_bundle)) from None
     except requests.exceptions.ConnectionError as exc:
         raise TransientError(_connection_reason(exc)) from None
     except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, ValueError) as exc:
@@ -323,6 +334,19 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 def _root_cause(exc: BaseException) -> str:
     last = list(_causes(exc))[-1]
     return str(last) or type(last).__name__
+
+
+def _tls_reason(exc: BaseException, ca_bundle: str | None) -> str:
+    """One line for a failed TLS handshake; a refused certificate says why (OpenSSL's verify message) and, when
+    its issuer is unknown, which CAs were trusted."""
+    for e in _causes(exc):
+        if isinstance(e, ssl.SSLCertVerificationError) and e.verify_message:
+            reason = f"TLS error: certificate verify failed: {e.verify_message.rstrip('.')}"
+            if e.verify_code in _UNKNOWN_ISSUER:
+                reason += (" (not issued by a CA in FLEETFETCH_CA_BUNDLE)" if ca_bundle else
+                           " (not issued by a CA in certifi's bundle; FLEETFETCH_CA_BUNDLE sets the trusted CAs)")
+            return redact_text(reason)
+    return f"TLS error: {redact_text(_root_cause(exc))}"
 
 
 def _known_reason(exc: BaseException) -> str | None:

@@ -267,6 +267,7 @@ def test_a_dripping_server_cannot_hold_a_thread_past_the_time_limit(origin, tmp_
     ("FLEETFETCH_RESOLVE", "files.test:https:127.0.0.1", "error: FLEETFETCH_RESOLVE: 'files.test:https:127.0.0.1'"),
     ("FLEETFETCH_MAX_ATTEMPTS", "0", "error: FLEETFETCH_MAX_ATTEMPTS=0 must be at least 1"),
     ("FLEETFETCH_NO_FSYNC", "maybe", "error: FLEETFETCH_NO_FSYNC='maybe' is not a yes/no value"),
+    ("FLEETFETCH_CA_BUNDLE", "/nonexistent/ca.pem", "error: FLEETFETCH_CA_BUNDLE='/nonexistent/ca.pem' cannot be read"),
 ])
 def test_bad_settings_stop_producer_and_worker_at_start_with_one_line(cluster, origin, tmp_path, variable, value,
                                                                       message):

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import redis
 
 from tests.conftest import ROOT, Cluster, write_list
+from tests.support.certs import make_ca_and_server_cert
 from tests.support.servers import RedisServer, Worker
 from tests.support.tls_proxy import TLSProxy
-
-
-def make_ca_and_server_cert(d: Path) -> None:
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=fleetfetch-test-ca")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1")
-    (d / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "srv.crt",
-        "-days", "2", "-extfile", "ext")
 
 
 def rediss(port: int, db: int, ca: Path) -> str:
@@ -29,10 +17,10 @@ def rediss(port: int, db: int, ca: Path) -> str:
 
 
 def test_broker_and_backend_over_tls(tmp_path, origin):
-    make_ca_and_server_cert(tmp_path)
+    certs = make_ca_and_server_cert(tmp_path)
     plain_server = RedisServer(tmp_path / "redis").start()
-    proxy = TLSProxy(plain_server.port, tmp_path / "srv.crt", tmp_path / "srv.key")
-    ca = tmp_path / "ca.crt"
+    proxy = TLSProxy(plain_server.port, certs.cert, certs.key)
+    ca = certs.ca
     try:
         assert redis.Redis.from_url(rediss(proxy.port, 0, ca)).ping()
         cluster = Cluster(None, tmp_path / "dl", (rediss(proxy.port, 0, ca), rediss(proxy.port, 1, ca)))
@@ -47,9 +35,8 @@ def test_broker_and_backend_over_tls(tmp_path, origin):
         plain = cluster.env | {"CELERY_BROKER_URL": f"redis://127.0.0.1:{proxy.port}/0"}
         refused = cluster.producer(str(tmp_path / "urls.txt"), env=plain)
         assert refused.returncode == 3  # a plain-text client cannot talk to the TLS port
-        (tmp_path / "other-ca").mkdir()
-        make_ca_and_server_cert(tmp_path / "other-ca")
-        untrusted = cluster.env | {"CELERY_BROKER_URL": rediss(proxy.port, 0, tmp_path / "other-ca" / "ca.crt")}
+        other = make_ca_and_server_cert(tmp_path / "other-ca")
+        untrusted = cluster.env | {"CELERY_BROKER_URL": rediss(proxy.port, 0, other.ca)}
         mitm = cluster.producer(str(tmp_path / "urls.txt"), env=untrusted)
         assert mitm.returncode == 3  # a certificate from another CA is refused
     finally:

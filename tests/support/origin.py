@@ -1,9 +1,12 @@
-"""A fault-injecting threaded HTTP origin on loopback that records every request it receives."""
+"""A fault-injecting threaded HTTP(S) origin on loopback that records every request it receives (and, over TLS,
+every handshake: the server name the client asked for and the address it connected to)."""
 
 from __future__ import annotations
 
 import contextlib
 import email.utils
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +24,16 @@ class Record:
     path: str
     headers: dict[str, str]
     client: str
+
+
+@dataclass
+class Handshake:
+    """One TLS handshake: the SNI server name the client sent, the local address it reached, how it ended."""
+
+    server_name: str | None
+    address: str  # the origin's own address the connection came to
+    client: tuple[str, int]
+    error: str | None = None  # None: completed
 
 
 @dataclass
@@ -63,6 +76,15 @@ class _Headers(dict):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # listen() backlog: must be set before the server binds (default 5)
+    tls: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Over TLS, the handshake happens in the connection's own thread (see _Handler.handle), not here in
+        the accepting one, where a slow or failing client would hold up every other connection."""
+        sock, client = super().get_request()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, client
 
 
 class Served:
@@ -90,10 +112,14 @@ class Served:
 
 
 class Origin(Served):
-    """`with Origin().start() as o: o.add("/f", b"...")`; `o.requests` lists what clients sent."""
+    """`with Origin().start() as o: o.add("/f", b"...")`; `o.requests` lists what clients sent.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    `tls`: serve https with this server context (tests.support.certs); `o.handshakes` then lists each handshake."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.host, self.port = host, port
+        self.tls = tls
+        self.handshakes: list[Handshake] = []
         self.resources: dict[str, Resource] = {}
         self.failures: dict[str, list[tuple[int, dict[str, str]]]] = {}
         self.redirects: dict[str, tuple[str, int]] = {}
@@ -121,15 +147,20 @@ class Origin(Served):
     # lifecycle -------------------------------------------------------------------------------------
     def start(self) -> Origin:
         handler = type("Handler", (_Handler,), {"origin": self})
-        self._serve(_Server((self.host, self.port), handler))
+        server = _Server((self.host, self.port), handler)
+        if self.tls is not None:
+            self.tls.sni_callback = _note_server_name
+            server.tls = self.tls
+        self._serve(server)
         return self
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
-    def url(self, path: str) -> str:
-        return self.base_url + path
+    def url(self, path: str, host: str | None = None) -> str:
+        """The URL of `path`; with `host`, under that name (which workers map here with FLEETFETCH_RESOLVE)."""
+        return f"{'https' if self.tls else 'http'}://{host or self.host}:{self.port}{path}"
 
     def requests_for(self, path: str) -> list[Record]:
         with self._lock:
@@ -146,6 +177,10 @@ class Origin(Served):
             self.requests.append(record)
             self.current += 1
             self.max_concurrent = max(self.max_concurrent, self.current)
+
+    def _handshake(self, record: Handshake) -> None:
+        with self._lock:
+            self.handshakes.append(record)
 
     def _leave(self) -> None:
         with self._lock:
@@ -165,6 +200,14 @@ class Origin(Served):
             return True
 
 
+_sni = threading.local()  # the server name of the handshake running in this thread
+
+
+def _note_server_name(conn: Any, server_name: str | None, ctx: ssl.SSLContext) -> None:
+    """sni_callback: runs inside do_handshake, in the connection's thread."""
+    _sni.name = server_name
+
+
 class _Handler(BaseHTTPRequestHandler):
     origin: Origin
     protocol_version = "HTTP/1.1"
@@ -175,7 +218,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle(self) -> None:
         with contextlib.suppress(ConnectionError, TimeoutError):
+            if isinstance(self.connection, ssl.SSLSocket) and not self._tls_handshake(self.connection):
+                return
             super().handle()
+
+    def _tls_handshake(self, conn: ssl.SSLSocket) -> bool:
+        """Complete the handshake in this thread and record it; False if the client gave up (e.g. on our cert)."""
+        _sni.name = None
+        error = None
+        try:
+            conn.do_handshake()
+        except OSError as exc:  # ssl.SSLError included: the client's alert, or a connection dropped mid-way
+            error = str(exc) or type(exc).__name__
+        self.origin._handshake(Handshake(_sni.name, conn.getsockname()[0], self.client_address, error))
+        return error is None
 
     def do_HEAD(self) -> None:
         self._serve(head=True)
