@@ -31,6 +31,7 @@ from .retry import THROTTLE_STATUS, countdown, host_pause
 
 log = logging.getLogger("fleetfetch")
 CANCEL_CHECK_S = 0.5  # how often a running download looks whether its job was cancelled
+IN_THREAD_WAIT_S = 5.0  # a pool thread waits this long in all for its host's slot before requeueing its task
 
 
 class DownloadFailed(Exception):
@@ -152,20 +153,32 @@ def download(self: Any, url: str, name: str, job: str | None = None, index: int 
 
 
 def _take_slot(call: Call) -> hostlimit.Lease | None:
-    """A cluster-wide slot for the URL's host, or back to the queue until its turn is due."""
+    """A cluster-wide slot for the URL's host. A pool thread waits for it in place while its turn is near
+    (IN_THREAD_WAIT_S in all); otherwise, and in a pool process, the task goes back to the queue until its turn
+    is due: a process waiting would hold a whole download's worth of memory, and a requeue costs a round of
+    Celery's retry handling, more than the download of a small file."""
     per_host, rate = int(call.opts.per_host or 0), float(call.opts.host_rate or 0)
     if per_host <= 0 and rate <= 0:
         return None
-    slot, wait = _limiter().acquire(call.host, per_host, rate, waiter=call.task.request.id or "")
     state = call.msg.state
-    if slot is None:
+    in_thread = threading.current_thread() is not threading.main_thread() and current_process().name == "MainProcess"
+    waited = 0.0
+    while True:
+        slot, wait = _limiter().acquire(call.host, per_host, rate, waiter=call.task.request.id or "")
+        if slot is not None:
+            break
         if state.wait_since is None:
             state.wait_since = time.time()
-        call.mark(ledger.QUEUED, lease=wait + settings.url_lease)  # held back on purpose: a lease covers the wait
-        call.requeue(wait)
+        if not in_thread or waited + wait > IN_THREAD_WAIT_S:
+            call.mark(ledger.QUEUED, lease=wait + settings.url_lease)  # held back on purpose: a lease covers it
+            call.requeue(wait)
+        time.sleep(wait)  # the message stays with this worker, whose sweeper keeps the URL's lease
+        waited += wait
     if state.wait_since is not None:
         state.waited_s = round(state.waited_s + time.time() - state.wait_since, 3)
         state.wait_since = None
+    if waited:
+        call.started = time.monotonic()  # the time limit and elapsed_s are the download's; the wait is waited_s
     return slot
 
 

@@ -192,7 +192,7 @@ def test_without_extended_attributes_the_validators_go_to_a_sidecar(redis_server
     try:
         plain = Cluster(redis_server, mount / "dl")
         origin.add("/plain.pdf", b"on ramfs", etag='"r1"')
-        with Worker(plain.env, name="ramfs", concurrency=1, log=tmp_path / "w.log", cwd=ROOT).start():
+        with Worker(plain.env, name="ramfs", concurrency=1, log=tmp_path / "w.log", cwd=ROOT):
             first, _ = run(plain, tmp_path, [origin.url("/plain.pdf")], "-d", "r")
             second, records = run(plain, tmp_path, [origin.url("/plain.pdf")], "-d", "r")
         assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr

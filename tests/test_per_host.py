@@ -18,7 +18,7 @@ LEASE_S = 3
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, list[Worker]]]:
-    """Own Redis and two workers (4 processes each) that may reach 127.0.0.1 and 127.0.0.2."""
+    """Own Redis and two workers (the default threads pool, 4 threads each) that may reach 127.0.0.1 and 127.0.0.2."""
     base = tmp_path_factory.mktemp("perhost")
     server = RedisServer(base / "redis").start()
     cluster = Cluster(server, base / "downloads")
@@ -28,7 +28,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, li
     workers: list[Worker] = []
     try:
         for n in (1, 2):
-            workers.append(Worker(cluster.env, name=f"h{n}", concurrency=4, log=base / f"w{n}.log", cwd=ROOT).start())
+            workers.append(Worker(cluster.env, name=f"h{n}", concurrency=4, pool=None, log=base / f"w{n}.log",
+                                  cwd=ROOT).start())
         yield cluster, workers
     finally:
         for w in workers:
@@ -80,6 +81,40 @@ def test_per_host_limit_holds_cluster_wide_and_hosts_progress_in_parallel(pair, 
         print(f"\nno limit: {2 * n} downloads in {base_s:.1f} s, {base_ops:.1f} Redis commands per download; "
               f"per-host 2: {elapsed:.1f} s, {per_download:.1f} commands per download")
         assert per_download < 3 * base_ops  # no busy loop hammering Redis while waiting for slots
+
+
+def test_a_pool_thread_waits_for_its_hosts_slot_in_place(pair, tmp_path):
+    """8 threads (2 workers x 4, the default threads pool) and one slot: a thread whose turn is near waits in
+    place, so no task goes back to the queue (a requeue is a publish: the queue sees only the job's own 8)."""
+    cluster, _ = pair
+    with Origin("127.0.0.1").start() as a:
+        for i in range(8):
+            a.add(f"/turn{i}", b"t" * 1000, delay=0.2)
+        lines = [a.url(f"/turn{i}") for i in range(8)]
+        pushes = cluster.broker().info("commandstats").get("cmdstat_lpush", {}).get("calls", 0)
+        manifest = tmp_path / "m.jsonl"
+        result = cluster.producer(str(write_list(tmp_path / "turns.txt", lines)), "-d", "turns", "--per-host", "1",
+                                  "--manifest", str(manifest), timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert a.max_concurrent == 1 and len(a.requests) == 8
+        assert cluster.broker().info("commandstats")["cmdstat_lpush"]["calls"] - pushes == 8
+        waited = [r.get("waited_s", 0) for r in read_manifest(manifest)]
+        assert sum(1 for w in waited if w > 0) >= 6 and max(waited) < 5
+
+
+def test_a_pool_process_sends_its_task_back_to_the_queue_until_its_turn(tmp_path):
+    """prefork: a process does not sit waiting for a slot; its task is requeued with a countdown."""
+    with RedisServer(tmp_path / "redis") as server, Origin("127.0.0.1").start() as a:
+        cluster = Cluster(server, tmp_path / "dl")
+        cluster.env.update(FLEETFETCH_ALLOW_NETWORKS="127.0.0.1/32")
+        for i in range(4):
+            a.add(f"/p{i}", b"p" * 1000, delay=0.3)
+        with Worker(cluster.env, name="pf", concurrency=2, pool="prefork", log=tmp_path / "w.log", cwd=ROOT):
+            result = cluster.producer(str(write_list(tmp_path / "p.txt", [a.url(f"/p{i}") for i in range(4)])),
+                                      "--per-host", "1", timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert a.max_concurrent == 1 and len(a.requests) == 4
+        assert server.client(0).info("commandstats")["cmdstat_lpush"]["calls"] > 4  # requeued at least once
 
 
 def test_a_slow_host_never_gets_more_connections_than_its_limit(pair, tmp_path):
@@ -176,7 +211,8 @@ def test_slots_of_a_killed_worker_come_back(pair, tmp_path):
         workers[0].kill()  # it may hold one or both slots; its leases expire after LEASE_S
         # A replacement comes up (as an orchestrator would restart it); the dead worker's URLs come back when their
         # leases run out (the reconciler), its host slots when theirs do.
-        workers[0] = Worker(cluster.env, name="h1b", concurrency=4, log=tmp_path / "w1b.log", cwd=ROOT).start()
+        workers[0] = Worker(cluster.env, name="h1b", concurrency=4, pool=None, log=tmp_path / "w1b.log",
+                            cwd=ROOT).start()
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, out + err
         assert a.max_concurrent <= 2
