@@ -13,7 +13,7 @@ import pytest
 from tasks import storage
 from tasks.naming import with_hash
 from tests.conftest import ROOT, Cluster, read_manifest, write_list
-from tests.support.servers import Worker
+from tests.support.servers import RedisServer, Worker
 
 
 def sha(data: bytes) -> str:
@@ -183,18 +183,19 @@ def test_content_disposition_names_are_opt_in_sanitised_and_never_overwrite(clus
 
 
 @pytest.mark.root
-def test_without_extended_attributes_the_validators_go_to_a_sidecar(redis_server, origin, tmp_path):
+def test_without_extended_attributes_the_validators_go_to_a_sidecar(origin, tmp_path):
     """ramfs takes no user.* attributes: the worker keeps a sidecar under .fleetfetch/, and a re-run still sends
     a conditional request and keeps the unchanged file."""
     mount = tmp_path / "ramfs"
     mount.mkdir()
     subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mount)], check=True)
     try:
-        plain = Cluster(redis_server, mount / "dl")
-        origin.add("/plain.pdf", b"on ramfs", etag='"r1"')
-        with Worker(plain.env, name="ramfs", concurrency=1, log=tmp_path / "w.log", cwd=ROOT):
-            first, _ = run(plain, tmp_path, [origin.url("/plain.pdf")], "-d", "r")
-            second, records = run(plain, tmp_path, [origin.url("/plain.pdf")], "-d", "r")
+        with RedisServer(tmp_path / "redis") as server:  # its own: the module's worker must not take these URLs
+            plain = Cluster(server, mount / "dl")
+            origin.add("/plain.pdf", b"on ramfs", etag='"r1"')
+            with Worker(plain.env, name="ramfs", concurrency=1, log=tmp_path / "w.log", cwd=ROOT):
+                first, _ = run(plain, tmp_path, [origin.url("/plain.pdf")], "-d", "r")
+                second, records = run(plain, tmp_path, [origin.url("/plain.pdf")], "-d", "r")
         assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
         sidecar = mount / "dl" / ".fleetfetch" / "r" / "plain.pdf.json"
         assert json.loads(sidecar.read_text())["etag"] == '"r1"'
