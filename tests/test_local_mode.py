@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -59,6 +60,23 @@ def test_local_mode_downloads_everything_and_leaves_no_processes(origin, tmp_pat
     records = read_manifest(tmp_path / "m.jsonl")
     assert [r["sha256"] for r in records] == [hashlib.sha256(b).hexdigest() for b in bodies.values()]
     assert len(watch.pids) >= 3  # the server, the worker and at least one pool process were started
+    assert watch.survivors() == []
+
+
+def test_local_mode_runs_one_threads_worker_per_core_sharing_the_default_size(origin, tmp_path):
+    """The threads pool runs Python on one core per process: local mode starts one worker per core (up to 4) and
+    splits the default size (the per-host cap, 8) between them; every worker takes a share of the list."""
+    for i in range(60):
+        origin.add(f"/c{i}.bin", bytes([i]) * 2000, delay=0.05)
+    listing = write_list(tmp_path / "urls.txt", [origin.url(f"/c{i}.bin") for i in range(60)])
+    result, watch = run_local([str(listing), "--manifest", "m.jsonl"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cores = min(os.cpu_count() or 1, 4)
+    shown = f"{cores} threads workers (8 downloads at once)" if cores > 1 else "a threads worker (8 downloads"
+    assert shown in result.stdout
+    records = read_manifest(tmp_path / "m.jsonl")
+    assert len(records) == 60 and {r["status"] for r in records} == {"done"}
+    assert len({r["worker"] for r in records}) == cores
     assert watch.survivors() == []
 
 
