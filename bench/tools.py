@@ -18,6 +18,7 @@ from pathlib import Path
 
 import redis
 
+from producer.local import worker_sizes
 from tasks.config import Settings, default_concurrency
 from tests.support.servers import RedisServer, Worker
 
@@ -41,11 +42,15 @@ def default_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def defaults_text(per_host: int | None = None) -> str:
-    """The default settings, as the row label states them (read from tasks.config, so they stay true)."""
+def defaults_text(per_host: int | None = None, local: bool = False) -> str:
+    """The default settings, as the row label states them (read from tasks.config and local mode, so they stay
+    true); `local`: local mode's workers (one threads worker per core)."""
     d = Settings()
     cap = d.per_host if per_host is None else per_host
-    return f"{d.pool} c={d.concurrency or default_concurrency(d.pool, cap)}, per-host {cap}, fsync on"
+    total = d.concurrency or default_concurrency(d.pool, cap)
+    sizes = worker_sizes(d.pool, total, os.cpu_count() or 1) if local else [total]
+    workers = f"{len(sizes)} × " if len(sizes) > 1 else ""
+    return f"{workers}{d.pool} c={'+'.join(map(str, sizes))}, per-host {cap}, fsync on"
 
 
 class Cluster:
@@ -98,13 +103,16 @@ class Toolbox:
             "process per URL": ("one process per URL, body in memory", lambda listing, out: (
                 [py, str(ROOT / "bench" / "per_process.py"), str(listing), str(out)], env_for(), [], None)),
             "fleetfetch local, defaults": (
-                f"`python -m producer LIST`, no options: {defaults_text()}", lambda listing, out: (
+                f"`python -m producer LIST`, no options: {defaults_text(local=True)}", lambda listing, out: (
                     [py, "-m", "producer", str(listing), "-d", str(out), "-q"], default_env(), [], None)),
             "fleetfetch 1 worker, defaults": (
                 f"`celery -A tasks worker --loglevel=INFO`, no flags: {defaults_text()}",
                 self._cluster("defaults", 1, README_WORKER, "prefork", 0, tuned=False)),
+            "fleetfetch 2 workers, defaults": (
+                f"2 × `celery -A tasks worker --loglevel=INFO` (one per core, README), no flags: {defaults_text()}",
+                self._cluster("defaults2", 2, README_WORKER, "prefork", 0, tuned=False)),
             "fleetfetch local, defaults but --per-host 0": (
-                f"`python -m producer LIST --per-host 0`: {defaults_text(per_host=0)}",
+                f"`python -m producer LIST --per-host 0`: {defaults_text(per_host=0, local=True)}",
                 lambda listing, out: ([py, "-m", "producer", str(listing), "-d", str(out), "-q", "--per-host", "0"],
                                       default_env(), [], None)),
             "fleetfetch local, tuned": (

@@ -80,6 +80,15 @@ def state_dir(download_dir: Path) -> Path:
     return download_dir.resolve() / STATE_DIR
 
 
+def worker_sizes(pool: str, total: int, cores: int) -> list[int]:
+    """The size of each local worker process. The threads pool runs Python on one core per process, so it gets
+    one process per core (up to MAX_PROCESSES) sharing the `total`; another pool, one worker of that size."""
+    if pool != "threads":
+        return [total]
+    n = max(1, min(cores, MAX_PROCESSES, total))
+    return [total // n + (1 if i < total % n else 0) for i in range(n)]
+
+
 class LocalCluster:
     """`with LocalCluster(dir, concurrency) as c:` gives c.broker / c.backend URLs with a worker consuming.
 
@@ -177,13 +186,8 @@ class LocalCluster:
 
     @property
     def sizes(self) -> list[int]:
-        """Threads of each local worker process. The threads pool runs Python on one core per process, so it
-        gets one process per core (up to MAX_PROCESSES), sharing the job's concurrency; another pool, one worker."""
-        total = self.concurrency or settings.concurrency or default_concurrency(self.pool, settings.per_host)
-        if self.pool != "threads":
-            return [total]
-        n = max(1, min(os.cpu_count() or 1, MAX_PROCESSES, total))
-        return [total // n + (1 if i < total % n else 0) for i in range(n)]
+        return worker_sizes(self.pool, self.concurrency or settings.concurrency
+                            or default_concurrency(self.pool, settings.per_host), os.cpu_count() or 1)
 
     def _start_worker(self) -> None:
         env = dict(os.environ, CELERY_BROKER_URL=self.broker, CELERY_RESULT_BACKEND=self.backend,

@@ -152,3 +152,11 @@ def test_a_local_job_outlives_its_command_ctrl_c_then_status_results_and_resume(
         if path in finished_before:
             assert len(origin.requests_for(path)) == 1, path  # done before Ctrl-C: not fetched again
     assert not list(out_dir.glob(".*.part"))
+
+
+def test_worker_sizes_split_the_threads_across_cores():
+    from producer.local import worker_sizes
+
+    assert worker_sizes("threads", 8, 2) == [4, 4] and worker_sizes("threads", 9, 2) == [5, 4]
+    assert worker_sizes("threads", 8, 16) == [2, 2, 2, 2]  # at most MAX_PROCESSES
+    assert worker_sizes("threads", 1, 4) == [1] and worker_sizes("prefork", 2, 8) == [2]
