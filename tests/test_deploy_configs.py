@@ -203,7 +203,7 @@ def test_network_policy_keeps_workers_off_metadata_and_internal_ranges(docs):
 
 
 def test_systemd_units_stop_gracefully_and_are_sandboxed():
-    for unit in ("fleetfetch-worker.service", "fleetfetch-flower.service"):
+    for unit in ("fleetfetch-worker@.service", "fleetfetch-flower.service"):
         parser = configparser.ConfigParser(strict=False, interpolation=None)
         parser.optionxform = str  # type: ignore[assignment,method-assign]
         parser.read(ROOT / "deploy" / "systemd" / unit)
@@ -214,6 +214,7 @@ def test_systemd_units_stop_gracefully_and_are_sandboxed():
         if unit.startswith("fleetfetch-worker"):
             assert int(service["TimeoutStopSec"]) > SOFT_SHUTDOWN_S
             assert "ReadWritePaths" in service
+            assert service["ExecStart"].endswith("-n worker%i@%H")  # one instance per core, each its own name
 
 
 # --- Probes: alive means the process beats; neither probe starts Python or depends on `celery inspect` ---
@@ -444,7 +445,7 @@ def test_image_installs_the_lock_and_runs_tini_as_pid_1():
 
 
 def test_systemd_units_install_from_the_checkout_not_an_unpublished_name():
-    text = (ROOT / "deploy" / "systemd" / "fleetfetch-worker.service").read_text()
+    text = (ROOT / "deploy" / "systemd" / "fleetfetch-worker@.service").read_text()
     assert "pip install fleetfetch" not in text
     assert "requirements.lock" in text and "--no-deps" in text
 
