@@ -24,7 +24,7 @@ from tests.support.servers import RedisServer, Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 Build = Callable[[Path, Path], tuple[list[str], dict, list[int], "redis.Redis | None"]]
-README_WORKER = ["-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO"]  # the README's cluster section
+README_WORKER = ["-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO"]  # the README's cluster section (+ -n)
 
 
 def env_for(**extra: str) -> dict[str, str]:
@@ -69,7 +69,7 @@ class Cluster:
                 w = Worker(self.env, name=f"b{i}-{key}", concurrency=concurrency, pool=pool,
                            log=work / f"w{i}-{key}.log")
                 if argv is not None:
-                    w.argv = [sys.executable, *argv]
+                    w.argv = [sys.executable, *argv, "-n", f"w{i + 1}-{key}@%h"]  # README: -n w1@%h ...
                 self.workers.append(w.start())
         except BaseException:
             self.stop()
