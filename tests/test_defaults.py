@@ -143,7 +143,7 @@ def test_task_events_flow_only_after_enable_events_as_flower_sends_it(own, defau
 
 def test_a_download_is_started_in_the_ledger_and_has_no_celery_result_before_or_after(own, default_worker, origin,
                                                                                     tmp_path):
-    origin.add("/slow.bin", b"s" * 5000, delay=3)
+    origin.add("/slow.bin", b"s" * 5000, delay=2)  # below the tests' read timeout (3 s): one attempt
     result = own.producer(str(write_list(tmp_path / "slow.txt", [origin.url("/slow.bin")])), "-d", "slow",
                           "--no-wait")
     assert result.returncode == 0, result.stderr
