@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                     if path.is_file():
                         os.utime(path)
             seconds, read, out = timed(job, env, ROOT)
-            summary = next((line for line in out.splitlines() if "unchanged" in line or "done" in line), "")
+            summary = next((line for line in out.splitlines() if line.startswith("summary:")), "")
             rows.append((f"fleetfetch local, defaults: {label}", seconds, read, summary.strip()))
         if shutil.which("aria2c"):
             aria = ["aria2c", "-q", "-j16", "-i", str(listing), "-d", str(work / "aria2"), "--conditional-get=true",
