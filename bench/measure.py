@@ -7,35 +7,37 @@ import resource
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
 import redis
 
 
-def tree_pss(roots: list[int]) -> int:
-    """Sum of PSS over the processes `roots` and all their descendants."""
-    total = 0
+def _tree(roots: list[int]) -> Iterator[psutil.Process]:
+    """The processes `roots` and all their descendants that still exist."""
     for pid in roots:
         with contextlib.suppress(psutil.Error):
             root = psutil.Process(pid)
-            for p in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    total += p.memory_full_info().pss
+            yield from [root, *root.children(recursive=True)]
+
+
+def tree_pss(roots: list[int]) -> int:
+    """Sum of PSS over the processes `roots` and all their descendants."""
+    total = 0
+    for p in _tree(roots):
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_full_info().pss
     return total
 
 
 def tree_cpu(roots: list[int]) -> float:
     """CPU seconds (user + system) used so far by the processes `roots`, their descendants and reaped children."""
     total = 0.0
-    for pid in roots:
+    for p in _tree(roots):
         with contextlib.suppress(psutil.Error):
-            root = psutil.Process(pid)
-            for p in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    t = p.cpu_times()
-                    total += t.user + t.system + t.children_user + t.children_system
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
     return total
 
 

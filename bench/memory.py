@@ -24,41 +24,14 @@ from typing import Any
 
 import redis
 
+from bench.origins import Nginx
 from bench.tools import ROOT, env_for
 from tasks import ledger
-from tests.support.servers import RedisServer, Worker, free_port
+from tests.support.servers import RedisServer, Worker
 
 RESULTS = ROOT / "bench" / "results"
-NGINX = """daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  keepalive_requests 100000;
-  client_body_temp_path {prefix}/tmp;
-  server {{ listen 127.0.0.1:{port}; location / {{ default_type application/octet-stream;
-                                                   return 200 "0123456789abcdef"; }} }}
-}}
-"""
-
-
-class AnyPathOrigin:
-    """nginx answering every path with the same 16 bytes: a million URLs without a million files."""
-
-    def __init__(self, prefix: Path) -> None:
-        self.port = free_port()
-        (prefix / "tmp").mkdir(parents=True, exist_ok=True)
-        (prefix / "nginx.conf").write_text(NGINX.format(prefix=prefix, port=self.port))
-        self.proc = subprocess.Popen(["nginx", "-c", str(prefix / "nginx.conf"), "-p", str(prefix)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
-        self.base_url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+# Every path answers the same 16 bytes: a million URLs without a million files.
+ANY_PATH = 'location / { default_type application/octet-stream; return 200 "0123456789abcdef"; }'
 
 
 class Sampler(threading.Thread):
@@ -103,7 +76,7 @@ def results_bytes(backend: redis.Redis) -> tuple[int, int]:
 
 def measure(work: Path, urls: int, run: bool, workers: int, concurrency: int) -> dict[str, Any]:
     server = RedisServer(work / "redis", appendonly=False).start()
-    origin = AnyPathOrigin(work / "nginx")
+    origin = Nginx(None, work / "nginx", site=ANY_PATH)
     procs: list[Worker] = []
     try:
         broker, backend = server.client(0), server.client(1)

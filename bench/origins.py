@@ -22,18 +22,20 @@ http {{
   sendfile on;
   keepalive_requests 100000;
   client_body_temp_path {prefix}/tmp;
-  server {{ listen 127.0.0.1:{port}; root {root}; }}
+  server {{ listen 127.0.0.1:{port}; {site} }}
 }}
 """
 
 
 class Nginx:
-    def __init__(self, root: Path, prefix: Path) -> None:
+    """nginx on 127.0.0.1 serving the files under `root`, or `site` (the inside of its server block) instead."""
+
+    def __init__(self, root: Path | None, prefix: Path, site: str | None = None) -> None:
         self.port = free_port()
         prefix.mkdir(parents=True, exist_ok=True)
         (prefix / "tmp").mkdir(exist_ok=True)
         conf = prefix / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(prefix=prefix, port=self.port, root=root))
+        conf.write_text(NGINX_CONF.format(prefix=prefix, port=self.port, site=site or f"root {root};"))
         self.proc = subprocess.Popen([shutil.which("nginx") or "nginx", "-c", str(conf), "-p", str(prefix)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

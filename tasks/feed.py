@@ -136,7 +136,7 @@ class Feeder:
         fed, total = int(meta.get(ledger.FED) or 0), int(meta.get("total") or 0)
         if meta.get(ledger.CANCELLED_AT) is not None:
             return 0
-        counts = self.book.counts(job)
+        counts = ledger.counts_in(meta)  # read with the meta above: one round trip per job and tick
         room = self.window - (counts["published"] - sum(counts[s] for s in ledger.FINAL))
         options, queue, sent = job_options(self.book, job), job_queue(meta), 0
         while room > 0 and fed < total:
@@ -183,7 +183,7 @@ class Reconciler:
                 continue
             if "total" not in meta:
                 continue  # being created: its URLs are still being written (the feeder waits for them too)
-            counts, total = self.book.counts(job), int(meta.get("total") or 0)
+            counts, total = ledger.counts_in(meta), int(meta.get("total") or 0)
             if sum(counts[s] for s in ledger.FINAL) >= total:
                 self.book.finished(job)
             else:

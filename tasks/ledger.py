@@ -371,11 +371,10 @@ class Ledger:
 
     def counts(self, job: str) -> dict[str, int]:
         """All counters in one round-trip, however large the job; JobGone if the job is not there."""
-        fields = [f"n:{s}" for s in STATES] + ["bytes", "published"]
-        values = self.r.hmget(JobKeys(job).meta, fields)
+        values = self.r.hmget(JobKeys(job).meta, COUNTERS)
         if all(v is None for v in values):
             raise JobGone(job)
-        return {f.removeprefix("n:"): int(v or 0) for f, v in zip(fields, values, strict=True)}
+        return counts_in(dict(zip(COUNTERS, values, strict=True)))
 
     def states(self, job: str, start: int, stop: int) -> list[str | None]:
         """The state of each URL from `start` to `stop` (None: no state yet), from one read of the state bytes."""
@@ -391,7 +390,7 @@ class Ledger:
         raw = cast(list[bytes | None], self.r.hmget(JobKeys(job).urls, [str(b) for b in blocks])) if blocks else []
         rows: list[bytes | None] = []
         for b, packed in zip(blocks, raw, strict=True):
-            lines = zlib.decompress(packed).split(b"\n") if packed else []
+            lines = _block_rows(packed)
             rows.extend(lines + [None] * (BLOCK - len(lines)) if b < blocks[-1] else lines)
         offset = start - blocks[0] * BLOCK if blocks else 0
         found = rows[offset:offset + stop - start]
@@ -474,7 +473,7 @@ class Ledger:
         cached = self._block
         if cached is None or cached[0] != where:
             packed = cast(bytes | None, self.r.hget(JobKeys(job).urls, str(where[1])))
-            cached = (where, zlib.decompress(packed).split(b"\n") if packed else [])
+            cached = (where, _block_rows(packed))
             self._block = cached
         rows = cached[1]
         return _row(rows[index % BLOCK]) if index % BLOCK < len(rows) else None
@@ -545,6 +544,14 @@ class Ledger:
         return expand(unpack(raw, self._names(job)), url, self.state(job, index) or "", name)
 
 
+COUNTERS = [f"n:{s}" for s in STATES] + ["bytes", "published"]  # meta fields kept by the Lua scripts
+
+
+def counts_in(meta: dict[str, Any]) -> dict[str, int]:
+    """The counters of a job from its meta fields (`meta` or `counts`): state -> URLs, bytes, published."""
+    return {f.removeprefix("n:"): int(meta.get(f) or 0) for f in COUNTERS}
+
+
 def compact(record: dict[str, Any], state: str, name: str | None = None) -> dict[str, Any]:
     """The record as stored: without what the ledger knows already (the URL is in `urls`, the status in `state`,
     a final URL equal to the URL, a path equal to the URL's name) and without empty fields. One record per URL:
@@ -606,6 +613,11 @@ def unpack(raw: bytes, names: dict[int, str]) -> dict[str, Any]:
     if len(raw) > PACKED.size:
         out.update(json.loads(raw[PACKED.size:]))
     return out
+
+
+def _block_rows(packed: bytes | None) -> list[bytes]:
+    """The stored rows (JSON lines) of one block of `urls`; none for a block that is not there."""
+    return zlib.decompress(packed).split(b"\n") if packed else []
 
 
 def _row(raw: bytes | str) -> tuple[str, str, str | None, dict[str, Any]]:
