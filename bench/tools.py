@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from producer.local import worker_sizes
+from producer.local import default_size, worker_sizes
 from tasks.config import Settings, default_concurrency
 from tests.support.servers import RedisServer, Worker
 
@@ -47,8 +47,9 @@ def defaults_text(per_host: int | None = None, local: bool = False) -> str:
     true); `local`: local mode's workers (one threads worker per core)."""
     d = Settings()
     cap = d.per_host if per_host is None else per_host
-    total = d.concurrency or default_concurrency(d.pool, cap)
-    sizes = worker_sizes(d.pool, total, os.cpu_count() or 1) if local else [total]
+    cores = os.cpu_count() or 1
+    total = d.concurrency or (default_size(d.pool, cap, cores) if local else default_concurrency(d.pool, cap))
+    sizes = worker_sizes(d.pool, total, cores) if local else [total]
     workers = f"{len(sizes)} × " if len(sizes) > 1 else ""
     return f"{workers}{d.pool} c={'+'.join(map(str, sizes))}, per-host {cap}, fsync on"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -15,7 +16,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from tasks import ledger
-from tasks.config import QUEUE, default_concurrency, settings
+from tasks.config import QUEUE, settings
 from tasks.fetch import USER_AGENT
 from tasks.message import Options, split_headers
 from tasks.version import VERSION
@@ -24,6 +25,7 @@ from . import commands, credentials, progress, urls
 from . import job as jobs
 from .connect import connect
 from .errors import EXIT_INTERRUPTED, EXIT_OK, CliError, Unreachable, UsageError
+from .local import default_size
 from .units import parse_size
 
 POOLS = ("prefork", "threads")
@@ -172,7 +174,7 @@ def _local_size(args: argparse.Namespace) -> int | None:
     it to the worker (FLEETFETCH_CONCURRENCY, else its own default)."""
     if args.concurrency or args.per_host is None:
         return args.concurrency
-    return default_concurrency(args.pool, args.per_host)
+    return default_size(args.pool, args.per_host, os.cpu_count() or 1)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -80,6 +80,12 @@ def state_dir(download_dir: Path) -> Path:
     return download_dir.resolve() / STATE_DIR
 
 
+def default_size(pool: str, per_host: int, cores: int) -> int:
+    """Local mode's downloads at once when --concurrency and FLEETFETCH_CONCURRENCY leave it open: a threads
+    worker's default per process (`worker_sizes`), no more in all than the per-host ceiling."""
+    return default_concurrency(pool, per_host, min(cores, MAX_PROCESSES))
+
+
 def worker_sizes(pool: str, total: int, cores: int) -> list[int]:
     """The size of each local worker process. The threads pool runs Python on one core per process, so it gets
     one process per core (up to MAX_PROCESSES) sharing the `total`; another pool, one worker of that size."""
@@ -186,8 +192,9 @@ class LocalCluster:
 
     @property
     def sizes(self) -> list[int]:
+        cores = os.cpu_count() or 1
         return worker_sizes(self.pool, self.concurrency or settings.concurrency
-                            or default_concurrency(self.pool, settings.per_host), os.cpu_count() or 1)
+                            or default_size(self.pool, settings.per_host, cores), cores)
 
     def _start_worker(self) -> None:
         env = dict(os.environ, CELERY_BROKER_URL=self.broker, CELERY_RESULT_BACKEND=self.backend,

@@ -148,7 +148,9 @@ class Settings:
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
     max_retry_after: float = 300.0
-    per_host: int = 8  # politeness: browsers open 6 connections per host, aria2c 1 per server (README)
+    # The most downloads in flight per host, cluster-wide (curl --parallel's default, all to one host): a host's
+    # window starts at hostlimit.START (8; browsers open 6) and grows only while the host keeps up (README).
+    per_host: int = 50
     host_lease: int = 60
     host_errors: int = 5  # 5xx in a row from one host that pause it; 0 = never
     host_rate: float = 0.0
@@ -195,14 +197,15 @@ class Settings:
         return settings
 
 
-def default_concurrency(pool: str, per_host: int) -> int:
-    """A worker's size when FLEETFETCH_CONCURRENCY and -c leave it open. Prefork processes cost memory each: one
-    per core. Threads wait on the network cheaply, but no more of them than the per-host cap: on a one-host list
-    the others would only wait for a slot (when they requeued their tasks instead of waiting in place: one host,
-    1000 x 64 KiB remote-like, 8 threads 16.8 s and 7.8 ms CPU per URL, 32 threads 24.1 s and 18 ms)."""
+def default_concurrency(pool: str, per_host: int, processes: int = 1) -> int:
+    """The size of a worker (or of `processes` threads workers together) when FLEETFETCH_CONCURRENCY and -c leave
+    it open. Prefork processes cost memory each: one per core. Threads wait on the network cheaply: up to
+    THREADS_CONCURRENCY per process, but no more in all than the per-host ceiling, as many as a one-host list can
+    use (the threads past a host's window wait for a slot in place)."""
     if pool != "threads":
         return os.cpu_count() or 2
-    return per_host if 0 < per_host < THREADS_CONCURRENCY else THREADS_CONCURRENCY
+    most = THREADS_CONCURRENCY * processes
+    return min(per_host, most) if per_host > 0 else most
 
 
 _VARIABLES = {f: "CELERY_" + f.upper() for f in ("broker_url", "result_backend")} | {

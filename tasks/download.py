@@ -251,7 +251,11 @@ def _headers(call: Call) -> dict[str, str]:
 
 
 def _pause_host(exc: DownloadError, host: str, attempt: int) -> None:
-    """Apply the retry policy's host pause for this answer, for every worker."""
+    """The host showed stress: halve its window, and apply the retry policy's host pause for this answer, for
+    every worker."""
+    window = _limiter().halve(host)
+    if window is not None:
+        log.info("Host %s: %d downloads at once from now on (%s)", host, window, redact_text(exc.reason))
     streak = 0
     if exc.status is not None and exc.status >= 500 and exc.status not in THROTTLE_STATUS and settings.host_errors:
         streak = _limiter().server_error(host)

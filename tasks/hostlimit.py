@@ -1,13 +1,22 @@
-"""Cluster-wide politeness per host, in Redis: a leased semaphore, an optional token bucket, and pauses.
+"""Cluster-wide politeness per host, in Redis: an adaptive leased semaphore, an optional token bucket, and pauses.
 
   ff:host:<host>:slots   zset   lease id -> lease expiry (ms); an expired lease frees its slot by itself
   ff:host:<host>:bucket  hash   tokens, ts (ms)                    (only with a rate)
   ff:host:<host>:pause   string set with PX until the host may be contacted again
   ff:host:<host>:wait    zset   task id -> first time it found no slot (its place in line)
-  ff:host:<host>:stats   hash   avg_ms: moving average of how long a download holds a slot
+  ff:host:<host>:stats   hash   avg_ms: moving average of how long a download holds a slot;
+                                window, ok, halved, cut_at: the host's adaptive window (below);
+                                kept for an hour after the host's last download
   ff:host:<host>:errors  string server errors (5xx) from the host in a row, any worker; a success resets it
   ff:paused              zset   host -> paused-until (ms), for `status`
 Every decision is one Lua script run, using the server's clock, so all workers on all machines agree.
+
+The adaptive window: the per-host limit (`--per-host`, FLEETFETCH_PER_HOST) is a ceiling. A host starts with a
+window of START slots; each time it has served a window's worth of downloads while (nearly) all the window's
+slots were in use, the window grows: it doubles until the host first showed stress, then grows by one (TCP's
+slow start and congestion avoidance, over connections). A sign of stress from the host (a 429/503 or other
+retryable status, a timeout, a reset or cut-short body) halves it, at most once per the host's average download
+time (the downloads already in flight when it was halved do not halve it again), never below one.
 """
 
 from __future__ import annotations
@@ -25,13 +34,16 @@ from .config import settings
 # A killed worker's slot comes back after at most this long; live downloads renew their lease.
 LEASE_S = settings.host_lease
 MAX_WAIT_S = 8.0  # longest a task waits before asking for a slot again
+START = 8  # a host's first window: browsers open 6 connections per host
 PAUSED_KEY = "ff:paused"
 
 # All times in ms on the server's clock (TIME), so workers on every machine agree.
 
 # KEYS[1] slots, KEYS[2] bucket, KEYS[3] pause, KEYS[4] wait, KEYS[5] stats
-# ARGV[1] per-host limit (0 = none), ARGV[2] lease ms, ARGV[3] lease id, ARGV[4] rate/s (0 = none), ARGV[5] waiter id
-# Returns {1, 0} with a slot; {0, ms} paused or out of tokens for ms; {0, -1, place in line, avg download ms} full.
+# ARGV[1] per-host ceiling (0 = none), ARGV[2] lease ms, ARGV[3] lease id, ARGV[4] rate/s (0 = none),
+# ARGV[5] waiter id, ARGV[6] the first window
+# Returns {1, 0} with a slot; {0, ms} paused or out of tokens for ms;
+# {0, -1, place in line, avg download ms, window} all of the window's slots in use.
 _ACQUIRE = """
 local now_t = redis.call('TIME')
 local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
@@ -39,12 +51,15 @@ local paused = redis.call('PTTL', KEYS[3])
 if paused > 0 then return {0, paused} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local limit, lease, rate = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
-if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 600000)
-  redis.call('ZADD', KEYS[4], 'NX', now, ARGV[5])
-  redis.call('PEXPIRE', KEYS[4], 600000)
-  local avg = tonumber(redis.call('HGET', KEYS[5], 'avg_ms')) or 1000
-  return {0, -1, redis.call('ZRANK', KEYS[4], ARGV[5]), math.floor(avg)}
+if limit > 0 then
+  local window = math.min(limit, tonumber(redis.call('HGET', KEYS[5], 'window')) or tonumber(ARGV[6]))
+  if redis.call('ZCARD', KEYS[1]) >= window then
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 600000)
+    redis.call('ZADD', KEYS[4], 'NX', now, ARGV[5])
+    redis.call('PEXPIRE', KEYS[4], 600000)
+    local avg = tonumber(redis.call('HGET', KEYS[5], 'avg_ms')) or 1000
+    return {0, -1, redis.call('ZRANK', KEYS[4], ARGV[5]), math.floor(avg), window}
+  end
 end
 if rate > 0 then
   local b = redis.call('HMGET', KEYS[2], 'tokens', 'ts')
@@ -62,15 +77,42 @@ return {1, 0}
 """
 
 # KEYS[1] slots, KEYS[2] stats, KEYS[3] errors
-# ARGV[1] lease id, ARGV[2] ms the slot was held, ARGV[3] '1' if the host served the download (ends its error streak)
+# ARGV[1] lease id, ARGV[2] ms the slot was held, ARGV[3] '1' if the host served the download (ends its error
+# streak), ARGV[4] per-host ceiling (0 = none), ARGV[5] the first window. Returns the host's window.
 _RELEASE = """
+local used = redis.call('ZCARD', KEYS[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
-if ARGV[3] == '1' then redis.call('DEL', KEYS[3]) end
-local avg = tonumber(redis.call('HGET', KEYS[2], 'avg_ms'))
-local ms = tonumber(ARGV[2])
+local s = redis.call('HMGET', KEYS[2], 'avg_ms', 'window', 'ok', 'halved')
+local avg, ms = tonumber(s[1]), tonumber(ARGV[2])
 redis.call('HSET', KEYS[2], 'avg_ms', avg and (avg * 0.8 + ms * 0.2) or ms)
 redis.call('PEXPIRE', KEYS[2], 3600000)
-return 0
+local limit = tonumber(ARGV[4])
+local window = tonumber(s[2]) or tonumber(ARGV[5])
+if ARGV[3] ~= '1' then return window end
+redis.call('DEL', KEYS[3])
+-- no ceiling, at the ceiling, or the window not (nearly) full: the host proved nothing about a larger one
+if limit <= 0 or window >= limit or used * 4 < window * 3 then return window end
+local ok = (tonumber(s[3]) or 0) + 1
+if ok >= window then
+  window = math.min(limit, s[4] and window + 1 or window * 2)
+  ok = 0
+end
+redis.call('HSET', KEYS[2], 'window', window, 'ok', ok)
+return window
+"""
+
+# KEYS[1] stats; ARGV[1] the first window. Halves the host's window unless it was halved less than one average
+# download ago (what was in flight then does not count twice). Returns {window, 1 if it was halved now}.
+_HALVE = """
+local now_t = redis.call('TIME')
+local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
+local s = redis.call('HMGET', KEYS[1], 'window', 'cut_at', 'avg_ms')
+local window = tonumber(s[1]) or tonumber(ARGV[1])
+if s[2] and now - tonumber(s[2]) < (tonumber(s[3]) or 1000) then return {window, 0} end
+window = math.max(1, math.floor(window / 2))
+redis.call('HSET', KEYS[1], 'window', window, 'ok', 0, 'halved', 1, 'cut_at', now)
+redis.call('PEXPIRE', KEYS[1], 3600000)
+return {window, 1}
 """
 
 # KEYS[1] pause, KEYS[2] the paused-hosts index; ARGV[1] ms, ARGV[2] host. A longer pause in place is kept.
@@ -112,6 +154,7 @@ class HostKeys:
 class Lease:
     host: str
     id: str
+    limit: int = 0  # the ceiling it was taken under
     since: float = field(default_factory=time.monotonic)
 
 
@@ -124,6 +167,7 @@ class HostLimiter:
         self._pause = client.register_script(_PAUSE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._halve = client.register_script(_HALVE)
 
     def acquire(self, host: str, limit: int, rate: float = 0.0, waiter: str = "") -> tuple[Lease | None, float]:
         """A lease, or None and the seconds after which asking again is worth it.
@@ -133,23 +177,35 @@ class HostLimiter:
         lease_id = uuid.uuid4().hex
         k = HostKeys(host)
         reply = self._acquire(keys=[k.slots, k.bucket, k.pause, k.wait, k.stats],
-                              args=[limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id])
+                              args=[limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id, START])
         if reply[0]:
-            return Lease(host, lease_id), 0.0
+            return Lease(host, lease_id, limit), 0.0
         if reply[1] < 0:
-            place, avg_ms = int(reply[2]), int(reply[3])
-            turn = 1.25 * avg_ms / 1000 * (place + 1) / max(1, limit)  # a little late beats a wasted re-check
+            place, avg_ms, window = int(reply[2]), int(reply[3]), int(reply[4])
+            turn = 1.25 * avg_ms / 1000 * (place + 1) / max(1, window)  # a little late beats a wasted re-check
             return None, min(MAX_WAIT_S, max(0.1, turn)) * random.uniform(0.9, 1.3)
         return None, reply[1] / 1000 + random.uniform(0, 0.25)
 
     def renew(self, lease: Lease) -> None:
         self._renew(keys=[HostKeys(lease.host).slots], args=[LEASE_S * 1000, lease.id])
 
-    def release(self, lease: Lease, answered: bool = False) -> None:
-        """Give the slot back; `answered`: the host served the download, so its server errors in a row end."""
+    def release(self, lease: Lease, answered: bool = False) -> int:
+        """Give the slot back; `answered`: the host served the download, so its server errors in a row end and
+        its window may grow. Returns the host's window."""
         k = HostKeys(lease.host)
-        self._release(keys=[k.slots, k.stats, k.errors],
-                      args=[lease.id, int((time.monotonic() - lease.since) * 1000), int(answered)])
+        return int(self._release(keys=[k.slots, k.stats, k.errors],
+                                 args=[lease.id, int((time.monotonic() - lease.since) * 1000), int(answered),
+                                       lease.limit, START]))
+
+    def halve(self, host: str) -> int | None:
+        """The host showed stress (a throttling answer, a timeout, a reset): halve its window. Returns the new
+        window, or None when it was halved less than one average download ago and stays as it is."""
+        window, halved = self._halve(keys=[HostKeys(host).stats], args=[START])
+        return int(window) if halved else None
+
+    def window(self, host: str) -> int:
+        """The host's window now (START for a host with no download in the last hour), before any ceiling."""
+        return int(self.r.hget(HostKeys(host).stats, "window") or START)
 
     def pause(self, host: str, seconds: float) -> None:
         """No worker contacts `host` for `seconds` (a longer pause already in place is kept)."""

@@ -1,5 +1,6 @@
-"""The default configuration: a worker started with no flags is a threads pool of 8, `-P prefork` still means
-prefork, task events flow only once someone (Flower) asks for them, and no STARTED result is stored."""
+"""The default configuration: a worker started with no flags is a threads pool of 32, `-P prefork` still means
+prefork, a host gets 8 connections at first and more while it keeps up, task events flow only once someone
+(Flower) asks for them, and no STARTED result is stored."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from celery import Celery
 from tasks import ledger
 from tasks.app import pool_on_command_line
 from tasks.config import THREADS_CONCURRENCY, Settings, default_concurrency
+from tasks.hostlimit import HostKeys
 from tests.conftest import ROOT, Cluster, job_id_of, write_list
 from tests.support.servers import RedisServer, Worker
 
@@ -38,6 +40,8 @@ def test_default_threads_match_the_per_host_cap_and_prefork_is_one_process_per_c
     assert default_concurrency("threads", 8) == 8
     assert default_concurrency("threads", 0) == THREADS_CONCURRENCY  # no cap: as many as pay off
     assert default_concurrency("threads", 1000) == THREADS_CONCURRENCY
+    assert default_concurrency("threads", 50, processes=2) == 50  # local mode: 25 + 25, the per-host ceiling
+    assert default_concurrency("threads", 0, processes=2) == 2 * THREADS_CONCURRENCY
     assert default_concurrency("prefork", 8) == (os.cpu_count() or 2)
 
 
@@ -71,7 +75,8 @@ def test_worker_without_flags_runs_the_threads_pool_and_p_prefork_still_forks(ow
     stats = _client(own).control.inspect(timeout=5).stats() or {}
     assert len(stats) == 1, stats
     pool = next(iter(stats.values()))["pool"]
-    assert "thread" in pool["implementation"] and pool["max-concurrency"] == Settings().per_host == 8
+    assert "thread" in pool["implementation"] and pool["max-concurrency"] == THREADS_CONCURRENCY == 32
+    assert Settings().per_host == 50
     assert default_worker.children() == []  # one process: no pool children
 
     with Worker(own.env, name="forked", concurrency=2, pool="prefork", log=tmp_path / "p.log", cwd=ROOT) as forked:
@@ -163,3 +168,22 @@ def test_a_download_is_started_in_the_ledger_and_has_no_celery_result_before_or_
     assert book.state(job, 0) == ledger.DONE
     assert backend.get(f"celery-task-meta-{job}-0") is None  # nor a SUCCESS one: the ledger's record is kept
     assert (book.record(job, 0) or {})["bytes"] == 5000
+
+
+def test_a_host_gets_8_connections_at_first_and_more_while_it_keeps_up(own, default_worker, origin, tmp_path):
+    """All per-host defaults (ceiling 50, first window 8) and a worker with no flags (32 threads): the first 8
+    downloads run 8 at once at most; once the host served a full window the window doubles, up to the worker's
+    32 threads. A fixed cap of 8 would keep max_concurrent at 8; no cap would open 32 at once from the start."""
+    own.backend().delete(HostKeys("127.0.0.1").stats)  # a window of this host from an earlier test starts over
+    n = 150
+    for i in range(n):
+        origin.add(f"/window/{i}.bin", bytes([i % 256]) * 2000, delay=0.3)
+    lines = [origin.url(f"/window/{i}.bin") for i in range(n)]
+    result = own.producer(str(write_list(tmp_path / "window.txt", lines)), "-d", "window", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    levels = [r.concurrent for r in origin.requests]
+    assert len(levels) == n
+    # requests 1-8 open the window; 9-15 replace the first 7 served; the 8th served one doubles the window
+    assert max(levels[:15]) <= 8
+    assert 16 < origin.max_concurrent <= THREADS_CONCURRENCY
+    assert len(list((own.downloads / "window").glob("*.bin"))) == n

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tasks.hostlimit import HostKeys, HostLimiter
+from tasks.hostlimit import START, HostKeys, HostLimiter
 from tasks.retry import host_pause
 from tests.conftest import FAST_HEAL, ROOT, Cluster, read_manifest, write_list
 from tests.support.origin import Origin
@@ -139,6 +139,8 @@ def test_retry_after_pauses_the_host_for_every_worker(pair, tmp_path):
             a.add(f"/a{i}", b"a", delay=0.05)
             b.add(f"/b{i}", b"b", delay=0.05)
         a.fail("/a0", [(429, {"Retry-After": "2"})])
+        limiter = HostLimiter(cluster.backend())
+        limiter.r.delete(HostKeys("127.0.0.1").stats, HostKeys("127.0.0.2").stats)
         lines = [a.url("/a0")] + [x for i in range(1, 30) for x in (a.url(f"/a{i}"), b.url(f"/b{i}"))]
         result = cluster.producer(str(write_list(tmp_path / "urls.txt", lines)), "-d", "pause", "--per-host", "4",
                                   timeout=120)
@@ -149,6 +151,8 @@ def test_retry_after_pauses_the_host_for_every_worker(pair, tmp_path):
         assert during == []
         assert any(throttled < r.time < throttled + 1.9 for r in b.requests)  # the other host kept going
         assert len(a.requests) == 31  # 30 URLs, one of them twice
+        # the 429 also halved host a's window (8 -> 4) for every worker; host b's was never cut
+        assert limiter.window("127.0.0.1") == START // 2 and limiter.window("127.0.0.2") == START
 
 
 def test_server_errors_in_a_row_pause_the_host_for_every_worker(pair, tmp_path):
@@ -184,6 +188,62 @@ def test_server_error_streak_is_counted_cluster_wide_and_ended_by_a_success(redi
     assert lease is not None
     limiter.release(lease, answered=True)  # the host served a download: the streak is over
     assert limiter.server_error(host) == 1
+
+
+def _cycle(limiter: HostLimiter, host: str, held: list, ceiling: int, times: int) -> int:
+    """Serve `times` downloads with the window full: each release answered, then its slot taken again."""
+    window = 0
+    for _ in range(times):
+        window = limiter.release(held.pop(0), answered=True)
+        lease, _ = limiter.acquire(host, ceiling)
+        if lease is not None:
+            held.append(lease)
+    return window
+
+
+def _fill(limiter: HostLimiter, host: str, held: list, ceiling: int) -> int:
+    """Take slots until the host's window is full; returns how many are held."""
+    while (lease := limiter.acquire(host, ceiling)[0]) is not None:
+        held.append(lease)
+    return len(held)
+
+
+def test_a_hosts_window_doubles_while_it_keeps_up_then_halves_on_stress(redis_server):
+    """The adaptive window's rules, run by its Lua scripts on a real Redis (the server's clock and state)."""
+    limiter = HostLimiter(redis_server.client(1))
+    host, ceiling = "window.test", 50
+    held: list = []
+    assert _fill(limiter, host, held, ceiling) == START == 8
+    assert _cycle(limiter, host, held, ceiling, 7) == 8  # 7 served: not yet a window's worth
+    assert _cycle(limiter, host, held, ceiling, 1) == 16  # the 8th doubles it
+    assert _fill(limiter, host, held, ceiling) == 16
+    assert _cycle(limiter, host, held, ceiling, 16) == 32
+    assert _fill(limiter, host, held, ceiling) == 32
+    assert _cycle(limiter, host, held, ceiling, 32) == ceiling  # 64, but never past the ceiling
+    assert _fill(limiter, host, held, ceiling) == ceiling
+    assert limiter.acquire(host, 4)[0] is None  # a job with a lower ceiling gets no more than its own
+    # stress halves it, once per average download time (set long here: the downloads above took no time)
+    limiter.r.hset(HostKeys(host).stats, "avg_ms", 60_000)
+    assert limiter.halve(host) == 25
+    assert limiter.halve(host) is None  # what was in flight when it was halved does not halve it again
+    # after stress it grows by one per window served, not by doubling
+    for lease in held[25:]:
+        limiter.release(lease, answered=False)
+    del held[25:]
+    assert _fill(limiter, host, held, ceiling) == 25
+    assert _cycle(limiter, host, held, ceiling, 25) == 26
+    # a window not in use proves nothing: one download at a time never grows it
+    while held:
+        limiter.release(held.pop(), answered=False)
+    for _ in range(60):
+        lease, _ = limiter.acquire(host, ceiling)
+        assert limiter.release(lease, answered=True) == 26
+    # downloads that failed do not count
+    assert _fill(limiter, host, held, ceiling) == 26
+    for _ in range(30):
+        limiter.release(held.pop(0), answered=False)
+        held.append(limiter.acquire(host, ceiling)[0])
+    assert limiter.window(host) == 26
 
 
 def test_host_pause_policy():

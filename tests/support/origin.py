@@ -24,6 +24,7 @@ class Record:
     path: str
     headers: dict[str, str]
     client: str
+    concurrent: int = 0  # requests in progress at the origin as this one began, itself included
 
 
 @dataclass
@@ -176,6 +177,7 @@ class Origin(Served):
         with self._lock:
             self.requests.append(record)
             self.current += 1
+            record.concurrent = self.current
             self.max_concurrent = max(self.max_concurrent, self.current)
 
     def _handshake(self, record: Handshake) -> None:
