@@ -56,7 +56,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help=f"attempts per URL for transient failures (default: FLEETFETCH_MAX_ATTEMPTS, "
                         f"{settings.max_attempts})")
     p.add_argument("--per-host", type=int, default=None,
-                   help=f"downloads in flight per host across the whole cluster, 0 = no limit "
+                   help=f"most downloads in flight per host across the whole cluster (a host starts with 8 and "
+                        f"gets more while it keeps up), 0 = no limit "
                         f"(default: FLEETFETCH_PER_HOST, {settings.per_host})")
     p.add_argument("--host-rate", type=float, default=None,
                    help=f"requests per second per host across the cluster, 0 = no limit "

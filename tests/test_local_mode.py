@@ -65,14 +65,16 @@ def test_local_mode_downloads_everything_and_leaves_no_processes(origin, tmp_pat
 
 def test_local_mode_runs_one_threads_worker_per_core_sharing_the_default_size(origin, tmp_path):
     """The threads pool runs Python on one core per process: local mode starts one worker per core (up to 4) and
-    splits the default size (the per-host cap, 8) between them; every worker takes a share of the list."""
+    splits the default size (32 per worker, at most the per-host ceiling: 50 on 2 cores) between them; every
+    worker takes a share of the list."""
     for i in range(60):
         origin.add(f"/c{i}.bin", bytes([i]) * 2000, delay=0.05)
     listing = write_list(tmp_path / "urls.txt", [origin.url(f"/c{i}.bin") for i in range(60)])
     result, watch = run_local([str(listing), "--manifest", "m.jsonl"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     cores = min(os.cpu_count() or 1, 4)
-    shown = f"{cores} threads workers (8 downloads at once)" if cores > 1 else "a threads worker (8 downloads"
+    size = min(32 * cores, 50)
+    shown = f"{cores} threads workers ({size} downloads at once)" if cores > 1 else f"a threads worker ({size} downloads"
     assert shown in result.stdout
     records = read_manifest(tmp_path / "m.jsonl")
     assert len(records) == 60 and {r["status"] for r in records} == {"done"}

@@ -70,6 +70,6 @@ def test_settings_from_environment_with_typed_defaults():
     assert s.no_fsync is True and s.allow_networks == ("127.0.0.1/32", "127.0.1.0/24")
     assert s.backend == "redis://:pw@h:6379/1"  # defaults to the broker's Redis, db 1
     default = Settings.from_env({})
-    assert default.visibility_timeout == 7200 and default.per_host == 8 and default.broker_url is None
+    assert default.visibility_timeout == 7200 and default.per_host == 50 and default.broker_url is None
     with pytest.raises(SystemExit, match="FLEETFETCH_PER_HOST='x' is not a whole number"):
         Settings.from_env({"FLEETFETCH_PER_HOST": "x"})
