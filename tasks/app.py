@@ -8,10 +8,13 @@ from collections.abc import Sequence
 
 from celery import Celery, signals
 
-from . import heartbeat
+from . import heartbeat, transport
 from .config import QUEUE, default_concurrency, settings
 from .feed import Sweeper
 
+# redis:// and rediss:// brokers get kombu's Redis transport with one reused synchronous client per channel instead
+# of a new redis.Redis per QoS command (tasks/transport.py says why the aliases and not `broker_transport`).
+transport.install()
 app = Celery("fleetfetch", include=["tasks.download"])
 heartbeat.install(app)  # health files for probes that start no Python (deploy/README.md)
 

@@ -45,10 +45,16 @@ def _descend(fd: int, parts: list[str], create: bool, shown: str) -> int:
     symlink and never creating anything before the components above it are checked."""
     for part in parts:
         try:
-            if create:
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                # Created only when missing (a present one costs no failed mkdir per task), then opened the same
+                # way; a directory someone else makes meanwhile is checked like any other.
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, dir_fd=fd)
-            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise PermanentError(f"refused: {shown!r} leads outside the download directory (symlink?)") from None
@@ -71,12 +77,17 @@ class TargetDir:
         self.root = root
         self.parts = [check_component(p) for p in Path(subdir).parts] if subdir else []
         self.path = root.joinpath(*self.parts)
-        root.mkdir(parents=True, exist_ok=True)  # the root itself is the operator's choice (may be a link)
-        self.fd = _descend(self._open_root(), self.parts, True, subdir)
+        self.fd = _descend(self._open_root(create=True), self.parts, True, subdir)
 
-    def _open_root(self) -> int:
+    def _open_root(self, create: bool = False) -> int:
         try:
-            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                self.root.mkdir(parents=True, exist_ok=True)  # the root itself is the operator's choice (may be a link)
+                return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise PermanentError(describe_os_error(exc, self.root / "x")) from None
 
@@ -294,9 +305,11 @@ def _stat(where: TargetDir, name: str) -> os.stat_result | None:
 def load_validators(where: TargetDir, name: str, url: str) -> Validators | None:
     """Validators for a present file of the same URL whose content still matches; None otherwise.
     A file whose inode, size and mtime are those recorded is trusted unread; else it is hashed again."""
-    found = _read_validators(where, name)
     st = _stat(where, name)
-    if found is None or st is None or found.url != url_key(url) or st.st_size != found.bytes:
+    if st is None:  # nothing there (a new download): no label or sidecar to read
+        return None
+    found = _read_validators(where, name)
+    if found is None or found.url != url_key(url) or st.st_size != found.bytes:
         return None
     if found.matches(st):
         return found

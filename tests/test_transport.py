@@ -1,0 +1,95 @@
+"""The broker transport (tasks/transport.py): redis:// and rediss:// URLs get kombu's Redis transport with one reused
+synchronous client per channel, parsed exactly as before; deliveries are still acknowledged (kombu's `unacked`
+bookkeeping goes through that client) by a threads worker whose threads share it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kombu import Connection
+from kombu.transport import pyamqp
+from kombu.transport import redis as kombu_redis
+
+from tasks import transport
+from tasks.app import app
+from tests.conftest import ROOT, Cluster, read_manifest, write_list
+from tests.support.servers import RedisServer, Worker
+
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's keys: delivered, not yet acknowledged
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    with RedisServer(tmp_path / "redis", appendonly=False) as s:
+        yield s
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:pw@127.0.0.1:6390/3",
+    "rediss://user:pw@127.0.0.1:6391/2?ssl_cert_reqs=required&ssl_ca_certs=/tmp/ca.pem",
+])
+def test_redis_urls_get_the_subclass_and_parse_as_before(url):
+    assert app.conf.broker_url  # tasks.app is imported: the aliases are installed
+    conn = Connection(url)
+    assert conn.get_transport_cls() is transport.Transport
+    assert issubclass(transport.Transport, kombu_redis.Transport)
+    assert transport.Transport.Channel is transport.Channel
+    # What the URL says, as kombu's own transport reads it (the scheme stays the transport's name: rediss keeps TLS).
+    scheme = url.split("://")[0]
+    assert conn.transport_cls == scheme and conn.as_uri(include_password=True) == url.split("?")[0]
+    assert (conn.hostname, conn.port, conn.password, conn.virtual_host) == (
+        "127.0.0.1", 6390 if scheme == "redis" else 6391, "pw", "3" if scheme == "redis" else "2")
+    if scheme == "rediss":
+        assert conn.ssl == {"ssl_cert_reqs": 2, "ssl_ca_certs": "/tmp/ca.pem"}  # ssl.CERT_REQUIRED
+
+
+def test_other_brokers_keep_kombus_transports():
+    assert Connection("amqp://guest:guest@127.0.0.1:5672//").get_transport_cls() is pyamqp.Transport
+    assert Connection("sentinel://127.0.0.1:26379").get_transport_cls() is kombu_redis.SentinelTransport
+
+
+def test_a_channel_reuses_one_client_per_pool_and_acks_still_clear_unacked(server):
+    with Connection(server.url(0), transport_options={"visibility_timeout": 3600}) as conn:
+        channel = conn.default_channel
+        assert isinstance(channel, transport.Channel)
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second and first.connection_pool is channel.pool
+        assert channel.client is not first and channel.client.connection_pool is channel.async_pool  # BRPOP's own
+
+        queue = conn.SimpleQueue("ff-transport-test")
+        queue.put({"n": 1})
+        message = queue.get(timeout=5)
+        broker = server.client(0)
+        assert broker.hlen(UNACKED) == 1 and broker.zcard(UNACKED_INDEX) == 1  # delivered, not acknowledged
+        message.ack()
+        assert broker.hlen(UNACKED) == 0 and broker.zcard(UNACKED_INDEX) == 0
+
+        old_pool = channel.pool
+        channel._disconnect_pools()  # what kombu does after a fork or when it drops a broken connection
+        with channel.conn_or_acquire() as fresh:
+            assert fresh is not first and fresh.connection_pool is channel.pool is not old_pool
+            assert fresh.ping()
+        queue.close()
+
+
+def test_a_threads_worker_acknowledges_every_url_through_the_shared_client(server, tmp_path, origin):
+    cluster = Cluster(server, tmp_path / "downloads")
+    urls = []
+    for i in range(40):
+        origin.add(f"/t{i}.bin", bytes([i]) * 2000)
+        urls.append(origin.url(f"/t{i}.bin"))
+    with Worker(cluster.env, name="shared", concurrency=8, pool="threads", log=tmp_path / "w.log", cwd=ROOT):
+        manifest = tmp_path / "m.jsonl"
+        result = cluster.producer(str(write_list(tmp_path / "urls.txt", urls)), "-d", "t", "--manifest",
+                                  str(manifest), timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert [r["status"] for r in read_manifest(manifest)] == ["done"] * 40
+        broker = cluster.broker()
+        assert broker.hlen(UNACKED) == 0 and broker.zcard(UNACKED_INDEX) == 0  # every delivery acknowledged
+        # The worker's connections to the broker's db: BRPOP, control, and a pool its 8 threads share.
+        mine = broker.client_id()
+        on_broker = [c for c in broker.client_list() if c["db"] == "0" and int(c["id"]) != mine]
+        assert len(on_broker) <= 8 + 4, on_broker
+    for i in range(40):
+        assert (cluster.downloads / "t" / f"t{i}.bin").read_bytes() == bytes([i]) * 2000
