@@ -74,7 +74,8 @@ def test_local_mode_runs_one_threads_worker_per_core_sharing_the_default_size(or
     assert result.returncode == 0, result.stdout + result.stderr
     cores = min(os.cpu_count() or 1, 4)
     size = min(32 * cores, 50)
-    shown = f"{cores} threads workers ({size} downloads at once)" if cores > 1 else f"a threads worker ({size} downloads"
+    workers = f"{cores} threads workers" if cores > 1 else "a threads worker"
+    shown = f"{workers} ({size} downloads at once)"
     assert shown in result.stdout
     records = read_manifest(tmp_path / "m.jsonl")
     assert len(records) == 60 and {r["status"] for r in records} == {"done"}

@@ -214,6 +214,7 @@ class _Handler(BaseHTTPRequestHandler):
     origin: Origin
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # as nginx's tcp_nodelay: no 40 ms stall between headers and a small body
+    _in_flight = False
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence
         pass
@@ -245,12 +246,21 @@ class _Handler(BaseHTTPRequestHandler):
         o = self.origin
         o._enter(Record(time.monotonic(), self.command, self.path, _Headers(self.headers.items()),
                         self.client_address[0]))
+        self._in_flight = True
         try:
             self._respond(head)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
-            o._leave()
+            self._last_write()
+
+    def _last_write(self) -> None:
+        """The response's last bytes are about to go out: the request stops counting as in flight now. Counted
+        after them, a client that got them could already have sent its next request (on another connection)
+        and be counted twice: max_concurrent would exceed what the client really had in flight."""
+        if self._in_flight:
+            self._in_flight = False
+            self.origin._leave()
 
     def _lookup(self) -> tuple[str, Resource | None]:
         """Exact path with query first, then the path alone, then equal after percent-decoding (clients
@@ -298,6 +308,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         else:
             self.send_header("Content-Length", str(end - start))
+        if head or end == start:
+            self._last_write()
         self.end_headers()
         if not head:
             self._body(key, res, res.body[start:end])
@@ -310,6 +322,8 @@ class _Handler(BaseHTTPRequestHandler):
         piece = max(1024, int(res.rate / 20)) if res.rate else CHUNK  # paced: ~20 writes a second
         for i in range(0, len(data), piece):
             chunk = data[i : i + piece]
+            if i + piece >= len(data) and not res.no_length:
+                self._last_write()
             self.wfile.write(chunk)
             sent += len(chunk)
             if res.stall and i == 0:
@@ -366,5 +380,6 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in headers.items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(payload)))
+        self._last_write()  # the short answer goes out in two small writes, back to back
         self.end_headers()
         self.wfile.write(payload)
