@@ -85,7 +85,7 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
     name = check_component(req.name)
     where.check_meta()
     known = None if req.force else storage.load_validators(where, name, req.url)
-    part = storage.PartFile(where, name)
+    part = storage.PartFile(where, name, durable=fsync)
     response: requests.Response | None = None
     try:
         headers = _resume_headers(part, req.resume)

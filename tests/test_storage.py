@@ -120,3 +120,23 @@ def test_sidecars_never_follow_a_planted_link(tmp_path):
         storage.save_validators(where, "f", storage.Validators(storage.url_key("http://h/f"), 1, "0" * 64))
     assert outside.read_text() == "{}" and not (root / ".fleetfetch" / "f.json").is_symlink()
     assert Path(root / ".fleetfetch" / "f.json").read_text().startswith('{"url": "sha256:')
+
+
+def test_a_durable_part_file_hands_its_pages_to_the_disk_on_the_way_and_commits_whole(tmp_path):
+    """fsync on: every FLUSH_EVERY bytes the written pages start their writeback (posix_fadvise DONTNEED) while
+    the body still arrives; the file and its hash are whole whether a chunk ends on the step or not."""
+    import hashlib
+
+    chunks = [os.urandom(1 << 20) for _ in range(3)]
+    body = b"".join(chunks[i % 3] for i in range(40)) + b"tail"
+    with storage.TargetDir(tmp_path, "") as where:
+        part = storage.PartFile(where, "big.bin", durable=True)
+        for i in range(40):
+            part.write(chunks[i % 3])
+            assert part._flushed == (part.size // storage.FLUSH_EVERY) * storage.FLUSH_EVERY
+        part.write(b"tail")
+        digest = part.hash.hexdigest()
+        part.commit(fsync=True)
+    assert (tmp_path / "big.bin").read_bytes() == body
+    assert digest == hashlib.sha256(body).hexdigest()
+    assert not (tmp_path / ".big.bin.part").exists()
