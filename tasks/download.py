@@ -32,6 +32,7 @@ from .retry import THROTTLE_STATUS, countdown, host_pause
 log = logging.getLogger("fleetfetch")
 CANCEL_CHECK_S = 0.5  # how often a running download looks whether its job was cancelled
 IN_THREAD_WAIT_S = 5.0  # a pool thread waits this long in all for its host's slot before requeueing its task
+RECHECK_S = 0.5  # a waiting pool thread asks for a slot again at least this often
 
 
 class DownloadFailed(Exception):
@@ -153,10 +154,10 @@ def download(self: Any, url: str, name: str, job: str | None = None, index: int 
 
 
 def _take_slot(call: Call) -> hostlimit.Lease | None:
-    """A cluster-wide slot for the URL's host. A pool thread waits for it in place while its turn is near
-    (IN_THREAD_WAIT_S in all); otherwise, and in a pool process, the task goes back to the queue until its turn
-    is due: a process waiting would hold a whole download's worth of memory, and a requeue costs a round of
-    Celery's retry handling, more than the download of a small file."""
+    """A cluster-wide slot for the URL's host. A pool thread waits for it in place (IN_THREAD_WAIT_S in all),
+    then, and at once in a pool process, the task goes back to the queue until its turn is due: a process
+    waiting would hold a whole download's worth of memory, and a requeue costs a round of Celery's retry
+    handling, more than the download of a small file, and comes back only when its countdown is over."""
     per_host, rate = int(call.opts.per_host or 0), float(call.opts.host_rate or 0)
     if per_host <= 0 and rate <= 0:
         return None
@@ -169,11 +170,14 @@ def _take_slot(call: Call) -> hostlimit.Lease | None:
             break
         if state.wait_since is None:
             state.wait_since = time.time()
-        if not in_thread or waited + wait > IN_THREAD_WAIT_S:
+        if not in_thread or waited >= IN_THREAD_WAIT_S:
             call.mark(ledger.QUEUED, lease=wait + settings.url_lease)  # held back on purpose: a lease covers it
             call.requeue(wait)
-        time.sleep(wait)  # the message stays with this worker, whose sweeper keeps the URL's lease
-        waited += wait
+        # The turn is an estimate from the host's window now, which may grow meanwhile (and is unknown at the
+        # start of a job): look again at least every RECHECK_S rather than requeue on a guess.
+        nap = min(wait, RECHECK_S, IN_THREAD_WAIT_S - waited)
+        time.sleep(nap)  # the message stays with this worker, whose sweeper keeps the URL's lease
+        waited += nap
     if state.wait_since is not None:
         state.waited_s = round(state.waited_s + time.time() - state.wait_since, 3)
         state.wait_since = None
