@@ -78,6 +78,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         server.stop()
 
 
+@pytest.fixture(autouse=True)
+def _hosts_start_afresh(request: pytest.FixtureRequest) -> None:
+    """A test on the session's Redis starts with no per-host state: every origin is 127.0.0.1, and a window halved
+    by one test's 503s or timeouts (or grown by another's full windows) would change the next test's concurrency
+    for an hour. (Module-scoped Redis servers are shared by a module's tests on purpose.)"""
+    if "redis_server" in request.fixturenames:
+        backend = request.getfixturevalue("redis_server").client(1)
+        stale = list(backend.scan_iter("ff:host:*")) + ["ff:paused"]
+        backend.delete(*stale)
+
+
 @pytest.fixture(scope="session")
 def cluster(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
     return Cluster(redis_server, tmp_path_factory.mktemp("downloads"))

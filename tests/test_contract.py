@@ -87,14 +87,14 @@ def own(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def test_per_host_typed_by_the_user_reaches_workers_with_another_default(own, tmp_path):
-    """`--per-host 8` equals the producer's default, but the workers run FLEETFETCH_PER_HOST=1: 8 must win."""
+    """`--per-host 50` equals the producer's default, but the workers run FLEETFETCH_PER_HOST=1: 50 must win."""
     with Origin("127.0.0.1").start() as origin, \
             Worker(dict(own.env, FLEETFETCH_PER_HOST="1"), name="strict", concurrency=4, log=tmp_path / "w.log",
                    cwd=ROOT) as _:
         for i in range(8):
             origin.add(f"/s{i}", b"x" * 30_000, delay=0.4)
         result = own.producer(str(write_list(tmp_path / "urls.txt", [origin.url(f"/s{i}") for i in range(8)])),
-                              "--per-host", "8")
+                              "--per-host", str(Settings().per_host))
         assert result.returncode == 0, result.stdout + result.stderr
         assert origin.max_concurrent >= 2  # with the worker's 1, downloads would have run one at a time
 
