@@ -48,4 +48,3 @@ class Sha256:
             self._queue.put(None)
             self._thread.join()
         self._queue = self._thread = None
-        self._inline = 0  # updates after close (none are made) would hash inline, in order

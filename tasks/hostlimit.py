@@ -37,22 +37,29 @@ MAX_WAIT_S = 8.0  # longest a task waits before asking for a slot again
 START = 8  # a host's first window: browsers open 6 connections per host
 PAUSED_KEY = "ff:paused"
 
-# All times in ms on the server's clock (TIME), so workers on every machine agree.
+# Every script starts with this: times in ms on the server's clock (TIME), so workers on every machine agree, and
+# the window of a host not seen within the last hour.
+_PRELUDE = f"""
+local START = {START}
+local function now_ms()
+  local t = redis.call('TIME')
+  return t[1] * 1000 + math.floor(t[2] / 1000)
+end
+"""
 
 # KEYS[1] slots, KEYS[2] bucket, KEYS[3] pause, KEYS[4] wait, KEYS[5] stats
 # ARGV[1] per-host ceiling (0 = none), ARGV[2] lease ms, ARGV[3] lease id, ARGV[4] rate/s (0 = none),
-# ARGV[5] waiter id, ARGV[6] the first window
+# ARGV[5] waiter id
 # Returns {1, 0} with a slot; {0, ms} paused or out of tokens for ms;
 # {0, -1, place in line, avg download ms, window} all of the window's slots in use.
-_ACQUIRE = """
-local now_t = redis.call('TIME')
-local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
+_ACQUIRE = _PRELUDE + """
+local now = now_ms()
 local paused = redis.call('PTTL', KEYS[3])
 if paused > 0 then return {0, paused} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local limit, lease, rate = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
 if limit > 0 then
-  local window = math.min(limit, tonumber(redis.call('HGET', KEYS[5], 'window')) or tonumber(ARGV[6]))
+  local window = math.min(limit, tonumber(redis.call('HGET', KEYS[5], 'window')) or START)
   if redis.call('ZCARD', KEYS[1]) >= window then
     redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 600000)
     redis.call('ZADD', KEYS[4], 'NX', now, ARGV[5])
@@ -78,8 +85,8 @@ return {1, 0}
 
 # KEYS[1] slots, KEYS[2] stats, KEYS[3] errors
 # ARGV[1] lease id, ARGV[2] ms the slot was held, ARGV[3] '1' if the host served the download (ends its error
-# streak), ARGV[4] per-host ceiling (0 = none), ARGV[5] the first window. Returns the host's window.
-_RELEASE = """
+# streak), ARGV[4] per-host ceiling (0 = none). Returns the host's window.
+_RELEASE = _PRELUDE + """
 local used = redis.call('ZCARD', KEYS[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
 local s = redis.call('HMGET', KEYS[2], 'avg_ms', 'window', 'ok', 'halved')
@@ -87,7 +94,7 @@ local avg, ms = tonumber(s[1]), tonumber(ARGV[2])
 redis.call('HSET', KEYS[2], 'avg_ms', avg and (avg * 0.8 + ms * 0.2) or ms)
 redis.call('PEXPIRE', KEYS[2], 3600000)
 local limit = tonumber(ARGV[4])
-local window = tonumber(s[2]) or tonumber(ARGV[5])
+local window = tonumber(s[2]) or START
 if ARGV[3] ~= '1' then return window end
 redis.call('DEL', KEYS[3])
 -- no ceiling, at the ceiling, or the window not (nearly) full: the host proved nothing about a larger one
@@ -101,13 +108,12 @@ redis.call('HSET', KEYS[2], 'window', window, 'ok', ok)
 return window
 """
 
-# KEYS[1] stats; ARGV[1] the first window. Halves the host's window unless it was halved less than one average
+# KEYS[1] stats. Halves the host's window unless it was halved less than one average
 # download ago (what was in flight then does not count twice). Returns {window, 1 if it was halved now}.
-_HALVE = """
-local now_t = redis.call('TIME')
-local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
+_HALVE = _PRELUDE + """
+local now = now_ms()
 local s = redis.call('HMGET', KEYS[1], 'window', 'cut_at', 'avg_ms')
-local window = tonumber(s[1]) or tonumber(ARGV[1])
+local window = tonumber(s[1]) or START
 if s[2] and now - tonumber(s[2]) < (tonumber(s[3]) or 1000) then return {window, 0} end
 window = math.max(1, math.floor(window / 2))
 redis.call('HSET', KEYS[1], 'window', window, 'ok', 0, 'halved', 1, 'cut_at', now)
@@ -116,20 +122,18 @@ return {window, 1}
 """
 
 # KEYS[1] pause, KEYS[2] the paused-hosts index; ARGV[1] ms, ARGV[2] host. A longer pause in place is kept.
-_PAUSE = """
+_PAUSE = _PRELUDE + """
 local ms = tonumber(ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ms then
   redis.call('SET', KEYS[1], '1', 'PX', ms)
-  local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[2], t[1] * 1000 + math.floor(t[2] / 1000) + ms, ARGV[2])
+  redis.call('ZADD', KEYS[2], now_ms() + ms, ARGV[2])
 end
 return ms
 """
 
 # KEYS[1] slots; ARGV[1] lease ms, ARGV[2] lease id. Extends a lease that still exists (XX), never re-creates one.
-_RENEW = """
-local t = redis.call('TIME')
-return redis.call('ZADD', KEYS[1], 'XX', t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1]), ARGV[2])
+_RENEW = _PRELUDE + """
+return redis.call('ZADD', KEYS[1], 'XX', now_ms() + tonumber(ARGV[1]), ARGV[2])
 """
 
 
@@ -177,7 +181,7 @@ class HostLimiter:
         lease_id = uuid.uuid4().hex
         k = HostKeys(host)
         reply = self._acquire(keys=[k.slots, k.bucket, k.pause, k.wait, k.stats],
-                              args=[limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id, START])
+                              args=[limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id])
         if reply[0]:
             return Lease(host, lease_id, limit), 0.0
         if reply[1] < 0:
@@ -195,12 +199,12 @@ class HostLimiter:
         k = HostKeys(lease.host)
         return int(self._release(keys=[k.slots, k.stats, k.errors],
                                  args=[lease.id, int((time.monotonic() - lease.since) * 1000), int(answered),
-                                       lease.limit, START]))
+                                       lease.limit]))
 
     def halve(self, host: str) -> int | None:
         """The host showed stress (a throttling answer, a timeout, a reset): halve its window. Returns the new
         window, or None when it was halved less than one average download ago and stays as it is."""
-        window, halved = self._halve(keys=[HostKeys(host).stats], args=[START])
+        window, halved = self._halve(keys=[HostKeys(host).stats])
         return int(window) if halved else None
 
     def window(self, host: str) -> int:

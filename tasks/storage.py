@@ -138,7 +138,6 @@ class PartFile:
 
     def __init__(self, where: TargetDir, name: str, durable: bool = False) -> None:
         self.durable = durable
-        self._flushed = 0
         self.dir_fd = where.fd
         self.name = name
         self.part = f".{name}{PART_SUFFIX}"
@@ -152,8 +151,7 @@ class PartFile:
         except BlockingIOError:
             os.close(self.fd)
             raise Busy(f"another attempt is writing {name} right now") from None
-        self.hash = Sha256()
-        self.size = 0
+        self.hash, self.size, self._flushed = Sha256(), 0, 0
 
     def identity(self) -> str:
         """`inode:size:mtime_ns` of the temp file, recorded when an attempt keeps it for the next one to resume
@@ -168,8 +166,7 @@ class PartFile:
             self.restart()
             return 0
         os.lseek(self.fd, 0, os.SEEK_SET)
-        self.hash.close()
-        self.hash, self.size = Sha256(), 0
+        self._reset()
         while chunk := os.read(self.fd, _READ_CHUNK):
             self.hash.update(chunk)
             self.size += len(chunk)
@@ -178,9 +175,12 @@ class PartFile:
     def restart(self) -> None:
         os.ftruncate(self.fd, 0)
         os.lseek(self.fd, 0, os.SEEK_SET)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Nothing written yet: a fresh hash (the old one's thread ended), no size, nothing handed to the disk."""
         self.hash.close()
-        self.hash, self.size = Sha256(), 0
-        self._flushed = 0
+        self.hash, self.size, self._flushed = Sha256(), 0, 0
 
     def write(self, chunk: bytes) -> None:
         try:
