@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -47,17 +46,19 @@ def _limits() -> fetch.Limits:
 
 
 def _ledger() -> ledger.Ledger:
-    """This process's ledger; its Redis client is the one backend connection the limiter shares too."""
-    return ledger.for_url(settings.backend, settings.result_expires)
+    """This thread's ledger (a connection of its own); its Redis client serves the thread's limiter too."""
+    return ledger.for_thread(settings.backend, settings.result_expires)
 
 
-@cache
-def _limiter_for(pid: int) -> hostlimit.HostLimiter:
-    return hostlimit.HostLimiter(_ledger().r)
+_mine = threading.local()
 
 
 def _limiter() -> hostlimit.HostLimiter:
-    return _limiter_for(os.getpid())  # a forked pool child gets its own
+    book = _ledger()
+    limiter: hostlimit.HostLimiter | None = getattr(_mine, "limiter", None)
+    if limiter is None or limiter.r is not book.r:
+        limiter = _mine.limiter = hostlimit.HostLimiter(book.r)
+    return limiter
 
 
 leases = Renewer(_ledger, _limiter, settings.url_lease, min(settings.url_lease, hostlimit.LEASE_S) / 3)

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -626,14 +627,18 @@ def _row(raw: bytes | str) -> tuple[str, str, str | None, dict[str, Any]]:
 
 
 _cache: dict[tuple[int, str], Ledger] = {}
+_own = threading.local()  # this thread's ledgers (`for_thread`)
 
 
-def client_for(url: str, attempts: int = 12) -> redis.Redis:
+def client_for(url: str, attempts: int = 12, own_connection: bool = False) -> redis.Redis:
     """A Redis client that rides out a restart of the server: about a minute of retries with backoff.
-    Ledger writes are idempotent (the transition script ignores a repeated state), so replaying is safe."""
+    Ledger writes are idempotent (the transition script ignores a repeated state), so replaying is safe.
+    `own_connection`: the client keeps one connection for itself (connected now) instead of taking one from its
+    pool for each command; it must then serve one thread only."""
     retry = Retry(ExponentialBackoff(cap=10, base=0.2), attempts)
     return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30,
-                                retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+                                retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+                                single_connection_client=own_connection)
 
 
 def for_url(url: str, ttl: int) -> Ledger:
@@ -642,3 +647,15 @@ def for_url(url: str, ttl: int) -> Ledger:
     if key not in _cache:
         _cache[key] = Ledger(client_for(url), ttl)
     return _cache[key]
+
+
+def for_thread(url: str, ttl: int) -> Ledger:
+    """This thread's ledger, on a Redis connection of its own: what a download task uses. A pooled client checks
+    each connection it hands out for unread data (two ioctl and a recv, each letting go of the GIL) and gives it
+    back after every command; a task sends four scripts per URL from one thread, and a pool of 32 threads grows
+    to 32 connections either way. Keyed by process too: a forked child inherits its parent's thread-locals."""
+    key = (os.getpid(), url)
+    mine: dict[tuple[int, str], Ledger] = _own.__dict__.setdefault("ledgers", {})
+    if key not in mine:
+        mine[key] = Ledger(client_for(url, own_connection=True), ttl)
+    return mine[key]
