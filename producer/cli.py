@@ -3,30 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-import redis
-from kombu.exceptions import OperationalError
-
-from tasks import ledger
 from tasks.config import QUEUE, settings
-from tasks.fetch import USER_AGENT
 from tasks.message import Options, split_headers
-from tasks.version import VERSION
+from tasks.version import USER_AGENT, VERSION
 
-from . import commands, credentials, progress, urls
-from . import job as jobs
-from .connect import connect
+from . import credentials, urls
+from . import local as local_mode
 from .errors import EXIT_INTERRUPTED, EXIT_OK, CliError, Unreachable, UsageError
-from .local import default_size
 from .units import parse_size
+
+# Only what parsing and reading the list need is imported here. Celery, kombu, redis and requests (~0.5 s) load
+# inside the commands: a local job starts its server and workers first, and they boot while the rest loads.
 
 POOLS = ("prefork", "threads")
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
@@ -175,7 +172,21 @@ def _local_size(args: argparse.Namespace) -> int | None:
     it to the worker (FLEETFETCH_CONCURRENCY, else its own default)."""
     if args.concurrency or args.per_host is None:
         return args.concurrency
-    return default_size(args.pool, args.per_host, os.cpu_count() or 1)
+    return local_mode.default_size(args.pool, args.per_host, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _local_cluster(local: bool, download_dir: Path,
+                   args: argparse.Namespace) -> Iterator[local_mode.LocalCluster | None]:
+    """Local mode's server and workers for a run, started before the rest of the producer is imported."""
+    if not local:
+        yield None
+        return
+    cluster = local_mode.start(download_dir, _local_size(args), args.pool)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -191,37 +202,57 @@ def run(args: argparse.Namespace) -> int:
         options = replace(options, credentials=bool(logins))
         queue = _queue(args.queue, local)
         with urls.read(path, label, args.force_directories) as spool, \
-                connect(local, download_dir, _local_size(args), args.pool, quiet=args.quiet) as conn:
-            job_id = jobs.new_job_id()
-            total = jobs.create(conn.ledger, job_id, spool.replay(),
-                                {"input": label, "opts": options.changed(), "created": time.time(), ledger.FED: 0,
-                                 ledger.SECRET_HEADERS: secret, "queue": queue,
-                                 **({ledger.CREDENTIALS: logins.to_json()} if logins else {})})
-            if not args.quiet:
-                print(f"job {job_id}: {progress.plural(total, 'URL')}", flush=True)
-            started = time.monotonic()
-            try:
-                conn.feed(job_id)  # the first FLEETFETCH_WINDOW URLs; the rest as their messages drain
-            except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
-                raise Unreachable(f"lost the broker while enqueuing job {job_id} ({exc}); once it is back, "
-                                  f"run: fleetfetch resume {job_id}") from None
-            if args.no_wait and not local:
-                print(job_id)
-                return EXIT_OK
-            return commands.follow(conn, job_id, total, started, args.manifest, args.quiet, local)
+                _local_cluster(local, download_dir, args) as started:
+            import redis
+            from kombu.exceptions import OperationalError
+
+            from tasks import ledger
+
+            from . import commands, progress
+            from . import job as jobs
+            from .connect import connect
+
+            with connect(local, download_dir, quiet=args.quiet, started=started) as conn:
+                job_id = jobs.new_job_id()
+                total = jobs.create(conn.ledger, job_id, spool.replay(),
+                                    {"input": label, "opts": options.changed(), "created": time.time(),
+                                     ledger.FED: 0, ledger.SECRET_HEADERS: secret, "queue": queue,
+                                     **({ledger.CREDENTIALS: logins.to_json()} if logins else {})})
+                if not args.quiet:
+                    print(f"job {job_id}: {progress.plural(total, 'URL')}", flush=True)
+                started_at = time.monotonic()
+                try:
+                    conn.feed(job_id)  # the first FLEETFETCH_WINDOW URLs; the rest as their messages drain
+                except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+                    raise Unreachable(f"lost the broker while enqueuing job {job_id} ({exc}); once it is back, "
+                                      f"run: fleetfetch resume {job_id}") from None
+                if args.no_wait and not local:
+                    print(job_id)
+                    return EXIT_OK
+                return commands.follow(conn, job_id, total, started_at, args.manifest, args.quiet, local)
     finally:
         if temporary:
             path.unlink(missing_ok=True)
 
 
+def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    """A command of producer.commands, imported when it runs."""
+    def handler(args: argparse.Namespace) -> int:
+        from . import commands
+
+        return int(getattr(commands, name)(args))
+    return handler
+
+
 # Each command once: name -> (handler, arguments, one-line help).
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
     "run": (run, _add_run, "run a job: download every URL of the list (the default command)"),
-    "status": (commands.status, _add_status, "counts of a job (queued/started/done/failed/cancelled...)"),
-    "jobs": (commands.list_jobs, _add_jobs, "recent jobs, newest first, with their counts and state"),
-    "cancel": (commands.cancel, _add_job, "cancel a job: URLs not started end as cancelled, running ones stop"),
-    "results": (commands.results, _add_results, "one JSON record per URL, in input order"),
-    "resume": (commands.resume, _add_resume, "publish the URLs of JOB never enqueued (or cancelled), then follow it"),
+    "status": (_command("status"), _add_status, "counts of a job (queued/started/done/failed/cancelled...)"),
+    "jobs": (_command("list_jobs"), _add_jobs, "recent jobs, newest first, with their counts and state"),
+    "cancel": (_command("cancel"), _add_job, "cancel a job: URLs not started end as cancelled, running ones stop"),
+    "results": (_command("results"), _add_results, "one JSON record per URL, in input order"),
+    "resume": (_command("resume"), _add_resume,
+               "publish the URLs of JOB never enqueued (or cancelled), then follow it"),
 }
 
 

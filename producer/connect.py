@@ -16,8 +16,8 @@ from tasks.app import app
 from tasks.config import settings
 from tasks.redact import mask_password
 
-from .errors import LocalFailure, Unreachable
-from .local import LocalCluster
+from . import local as local_mode
+from .errors import Unreachable
 
 HINT = ("start Redis there (e.g. `redis-server`), fix the URL, or unset CELERY_BROKER_URL to run in local mode "
         "with an embedded server")
@@ -40,17 +40,6 @@ class Connection:
         """Top up the job's window of messages in the broker (FLEETFETCH_WINDOW; the workers do it too); `wait`:
         how long to wait for another feeder of the job (one killed while holding the lock: FEED_LOCK_MS)."""
         return feed.Feeder(self.app, self.ledger, settings.window).feed(job, wait, again)
-
-
-def _one_line(problem: Callable[[], str | None]) -> Callable[[], str | None]:
-    """A local worker's death as one line: the first line and the last line of its log that says anything."""
-    def check() -> str | None:
-        text = problem()
-        if not text:
-            return None
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
-    return check
 
 
 def check_redis(url: str, role: str) -> redis.Redis:
@@ -88,21 +77,19 @@ def _configure(broker: str, backend: str) -> None:
 
 @contextlib.contextmanager
 def connect(local: bool, download_dir: Path | None = None, concurrency: int | None = None, pool: str | None = None,
-            quiet: bool = False, worker: bool = True) -> Iterator[Connection]:
+            quiet: bool = False, worker: bool = True,
+            started: local_mode.LocalCluster | None = None) -> Iterator[Connection]:
     """Yield a checked connection; in local mode the embedded server (on the download directory's state) and,
-    with `worker`, a local worker live inside the block."""
+    with `worker`, a local worker live inside the block. `started`: a local cluster the caller started already
+    (`local.start`), and stops."""
     if not local:
         check_broker(settings.broker)
         client = check_redis(settings.backend, "result backend")
         _configure(settings.broker, settings.backend)
         yield Connection(app, ledger.Ledger(client, settings.result_expires), settings.broker)
         return
-    try:
-        cluster = LocalCluster(download_dir or settings.download_dir, concurrency, pool or settings.pool,
-                               worker).__enter__()
-    except RuntimeError as exc:
-        text = str(exc)
-        raise LocalFailure(f"local mode could not start: {_one_line(lambda: text)()}") from None
+    cluster = started or local_mode.start(download_dir or settings.download_dir, concurrency, pool or settings.pool,
+                                          worker)
     try:
         if not quiet and worker:
             sizes = cluster.sizes
@@ -112,6 +99,7 @@ def connect(local: bool, download_dir: Path | None = None, concurrency: int | No
         _configure(cluster.broker, cluster.backend)
         client = check_redis(cluster.backend, "result backend")
         yield Connection(app, ledger.Ledger(client, settings.result_expires), cluster.broker,
-                         _one_line(cluster.problem), cluster.hurry, cluster.download_dir)
+                         local_mode.one_line(cluster.problem), cluster.hurry, cluster.download_dir)
     finally:
-        cluster.close()
+        if started is None:
+            cluster.close()

@@ -21,12 +21,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-import redis
-from kombu import Connection as KombuConnection
+from typing import TYPE_CHECKING
 
 from tasks.config import QUEUE, default_concurrency, settings
+
+from .errors import LocalFailure
+
+if TYPE_CHECKING:
+    import redis
+
+# redis and kombu are imported where used: `start` spawns the server and the workers before the producer has
+# imported them (with Celery, ~0.5 s), so the workers boot meanwhile.
 
 _PR_SET_PDEATHSIG = 1
 
@@ -159,6 +166,8 @@ class LocalCluster:
     def _restore_unacked(self) -> None:
         """Messages the previous local worker held when it was stopped (Ctrl-C, a crash) go back to the queue
         now: nobody else can hold them (the state is locked), so waiting for the visibility timeout is pointless."""
+        from kombu import Connection as KombuConnection
+
         options = {"visibility_timeout": 0}
         with KombuConnection(self.broker, transport_options=options, connect_timeout=5) as conn:
             if self.client().hlen(UNACKED_KEY):
@@ -176,9 +185,13 @@ class LocalCluster:
         return self._spawn(argv, "server.log")
 
     def client(self) -> redis.Redis:
+        import redis
+
         return redis.Redis("127.0.0.1", self.port, password=self.password, socket_connect_timeout=1, socket_timeout=5)
 
     def _wait_for(self, proc: subprocess.Popen) -> None:
+        import redis
+
         client = self.client()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -226,6 +239,8 @@ class LocalCluster:
     def idle(self, wait: float = IDLE_WAIT_S) -> bool:
         """True once no task waits in the queue and none is delivered but unacknowledged (running, or held
         for a retry countdown), checked for up to `wait` seconds: the last acknowledgement trails the record."""
+        import redis
+
         deadline = time.monotonic() + wait
         try:
             client = self.client()
@@ -255,3 +270,24 @@ class LocalCluster:
         if self.lock_fd >= 0:
             os.close(self.lock_fd)  # releases the lock
             self.lock_fd = -1
+
+
+def start(download_dir: Path, concurrency: int | None, pool: str, worker: bool = True) -> LocalCluster:
+    """Local mode's server and (with `worker`) workers, started; the caller closes the cluster. LocalFailure
+    (exit 4) in one line if they cannot start."""
+    try:
+        return LocalCluster(download_dir, concurrency, pool, worker).__enter__()
+    except RuntimeError as exc:
+        text = str(exc)
+        raise LocalFailure(f"local mode could not start: {one_line(lambda: text)()}") from None
+
+
+def one_line(problem: Callable[[], str | None]) -> Callable[[], str | None]:
+    """A local worker's death as one line: the first line and the last line of its log that says anything."""
+    def check() -> str | None:
+        text = problem()
+        if not text:
+            return None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+    return check

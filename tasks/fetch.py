@@ -35,10 +35,9 @@ from .errors import CutShort, PermanentError, TransientError
 from .message import is_secret_header
 from .redact import redact_text, redact_url
 from .retry import RETRYABLE_STATUS, parse_retry_after
-from .version import VERSION
+from .version import USER_AGENT
 
 CHUNK = 1 << 20
-USER_AGENT = f"fleetfetch/{VERSION} python-requests/{requests.__version__}"
 REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_POOLS = 64
 # urllib3 logs each request line (path and query: signed-URL tokens) at DEBUG; a worker run with
