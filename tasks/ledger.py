@@ -178,12 +178,16 @@ redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
 return n
 """
 
-# KEYS[1] meta, KEYS[2] state, KEYS[3] due; ARGV[1] ttl (s), ARGV[2..] indexes
-# Each URL not started and not final (never published, queued, retrying) becomes cancelled; a URL never published
-# counts as published (published = URLs that have a state). Started ones are left to their worker. Returns the count.
+# KEYS[1] meta, KEYS[2] state, KEYS[3] due; ARGV[1] ttl (s), ARGV[2] when the job was cancelled ('' = flagged
+# already), ARGV[3..] indexes
+# Flags the job (a URL about to start then ends cancelled instead, a running one stops at its next chunk) in the same
+# step as each URL not started and not final (never published, queued, retrying) becomes cancelled: none starts in
+# between. A URL never published counts as published (published = URLs that have a state). Started ones are left to
+# their worker. Returns the count.
 _CANCEL = _STATES + """
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'cancelled', ARGV[2]) end
 local n = 0
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local at = tonumber(ARGV[i])
   local old = code_at(KEYS[2], at)
   if not old or old == 'q' or old == 'r' then
@@ -324,11 +328,11 @@ class Ledger:
         """Stop a job: flag it (running URLs stop at their next chunk), cancel every URL not started yet and
         take the job off the live set. Returns the URLs cancelled here."""
         k = JobKeys(job)
-        self.r.hset(k.meta, CANCELLED_AT, json.dumps(time.time()))
         n = 0
-        for start in range(0, total, BATCH):
+        for start in range(0, max(total, 1), BATCH):  # the flag with the first batch (also of a job with no URL)
+            flag = json.dumps(time.time()) if start == 0 else ""
             n += int(self._cancel(keys=[k.meta, k.state, k.due],
-                                  args=[self.ttl, *range(start, min(total, start + BATCH))]))
+                                  args=[self.ttl, flag, *range(start, min(total, start + BATCH))]))
         return n
 
     def uncancel(self, job: str, total: int) -> int:

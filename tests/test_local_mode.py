@@ -99,7 +99,8 @@ def test_ctrl_c_in_local_mode_stops_server_and_worker(origin, tmp_path):
     origin.add("/slow.bin", body, rate=20_000)
     listing = write_list(tmp_path / "urls.txt", [origin.url("/slow.bin")])
     proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "--concurrency", "1"], cwd=tmp_path,
-                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # inherited: ignored
     watch = Spawned(proc)
     deadline = time.monotonic() + 30
     while not origin.requests_for("/slow.bin") and time.monotonic() < deadline:
