@@ -26,7 +26,7 @@ import psutil
 from bench.measure import redis_counters, run_measured, tree_cpu
 from bench.origins import plain_origin
 from bench.run import make_files, verify
-from bench.tools import default_env
+from bench.tools import README_WORKER, default_env
 from tasks.app import app
 from tests.support.servers import RedisServer, Worker
 
@@ -62,7 +62,7 @@ def _downloads(redis: RedisServer, env: dict[str, str], work: Path, count: int) 
     listing = work / "urls.txt"
     listing.write_text("".join(f"{origin.base_url}/f{i}.bin\n" for i in range(count)))
     worker = Worker(env, name="fetch", log=work / "fetch.log", concurrency=None, pool=None)
-    worker.argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO"]
+    worker.argv = [sys.executable, *README_WORKER]
     try:
         with worker:
             cpu0, (cmds0, _) = tree_cpu([worker.pid]), redis_counters(redis.client(0))

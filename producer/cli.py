@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
             from . import job as jobs
             from .connect import connect
 
-            with connect(local, download_dir, quiet=args.quiet, started=started) as conn:
+            with connect(local, quiet=args.quiet, started=started) as conn:
                 job_id = jobs.new_job_id()
                 total = jobs.create(conn.ledger, job_id, spool.replay(),
                                     {"input": label, "opts": options.changed(), "created": time.time(),

@@ -76,8 +76,7 @@ def _configure(broker: str, backend: str) -> None:
 
 
 @contextlib.contextmanager
-def connect(local: bool, download_dir: Path | None = None, concurrency: int | None = None, pool: str | None = None,
-            quiet: bool = False, worker: bool = True,
+def connect(local: bool, download_dir: Path | None = None, quiet: bool = False, worker: bool = True,
             started: local_mode.LocalCluster | None = None) -> Iterator[Connection]:
     """Yield a checked connection; in local mode the embedded server (on the download directory's state) and,
     with `worker`, a local worker live inside the block. `started`: a local cluster the caller started already
@@ -88,8 +87,7 @@ def connect(local: bool, download_dir: Path | None = None, concurrency: int | No
         _configure(settings.broker, settings.backend)
         yield Connection(app, ledger.Ledger(client, settings.result_expires), settings.broker)
         return
-    cluster = started or local_mode.start(download_dir or settings.download_dir, concurrency, pool or settings.pool,
-                                          worker)
+    cluster = started or local_mode.start(download_dir or settings.download_dir, None, settings.pool, worker)
     try:
         if not quiet and worker:
             sizes = cluster.sizes

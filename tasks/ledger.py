@@ -630,7 +630,6 @@ def _row(raw: bytes | str) -> tuple[str, str, str | None, dict[str, Any]]:
     return url, name, digest, (own[0] if own else {})
 
 
-_cache: dict[tuple[int, str], Ledger] = {}
 _own = threading.local()  # this thread's ledgers (`for_thread`)
 
 
@@ -643,14 +642,6 @@ def client_for(url: str, attempts: int = 12, own_connection: bool = False) -> re
     return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30,
                                 retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
                                 single_connection_client=own_connection)
-
-
-def for_url(url: str, ttl: int) -> Ledger:
-    """A per-process ledger client (a forked pool child must not share its parent's sockets)."""
-    key = (os.getpid(), url)
-    if key not in _cache:
-        _cache[key] = Ledger(client_for(url), ttl)
-    return _cache[key]
 
 
 def for_thread(url: str, ttl: int) -> Ledger:
