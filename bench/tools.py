@@ -51,7 +51,8 @@ def defaults_text(per_host: int | None = None, local: bool = False) -> str:
     total = d.concurrency or (default_size(d.pool, cap, cores) if local else default_concurrency(d.pool, cap))
     sizes = worker_sizes(d.pool, total, cores) if local else [total]
     workers = f"{len(sizes)} × " if len(sizes) > 1 else ""
-    return f"{workers}{d.pool} c={'+'.join(map(str, sizes))}, per-host {cap}, fsync on"
+    fewer = f" (fewer workers for fewer URLs: 1 × c={total} for a 1-URL list)" if local and len(sizes) > 1 else ""
+    return f"{workers}{d.pool} c={'+'.join(map(str, sizes))}{fewer}, per-host {cap}, fsync on"
 
 
 class Cluster:

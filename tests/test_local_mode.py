@@ -22,13 +22,17 @@ class Spawned:
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
         self.pids: set[int] = set()
+        self.argvs: dict[int, list[str]] = {}  # pid -> command line
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
         while self.proc.poll() is None:
             with contextlib.suppress(psutil.Error):
-                self.pids.update(c.pid for c in psutil.Process(self.proc.pid).children(recursive=True))
+                for child in psutil.Process(self.proc.pid).children(recursive=True):
+                    self.pids.add(child.pid)
+                    with contextlib.suppress(psutil.Error):
+                        self.argvs[child.pid] = child.cmdline()  # the last seen: after exec, not the fork's
             time.sleep(0.05)
 
     def survivors(self) -> list[int]:
@@ -80,6 +84,20 @@ def test_local_mode_runs_one_threads_worker_per_core_sharing_the_default_size(or
     records = read_manifest(tmp_path / "m.jsonl")
     assert len(records) == 60 and {r["status"] for r in records} == {"done"}
     assert len({r["worker"] for r in records}) == cores
+    assert watch.survivors() == []
+
+
+def test_a_one_url_list_boots_one_worker_without_celerys_command_line(origin, tmp_path):
+    """A 1-URL job cannot use a second worker: local mode starts one, so the job does not wait for another to
+    boot on a busy core; and starts it as `python -m tasks.worker` (Celery's Worker without its command line)."""
+    origin.add("/one.bin", b"1" * 5000)
+    listing = write_list(tmp_path / "urls.txt", [origin.url("/one.bin")])
+    result, watch = run_local([str(listing), "--manifest", "m.jsonl"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "a threads worker (50 downloads at once)" in result.stdout
+    workers = [argv for argv in watch.argvs.values() if argv[1:3] == ["-m", "tasks.worker"]]
+    assert len(workers) == 1 and not any("celery" in arg for argv in watch.argvs.values() for arg in argv[:3])
+    assert [r["status"] for r in read_manifest(tmp_path / "m.jsonl")] == ["done"]
     assert watch.survivors() == []
 
 
@@ -164,3 +182,12 @@ def test_worker_sizes_split_the_threads_across_cores():
     assert worker_sizes("threads", 8, 2) == [4, 4] and worker_sizes("threads", 9, 2) == [5, 4]
     assert worker_sizes("threads", 8, 16) == [2, 2, 2, 2]  # at most MAX_PROCESSES
     assert worker_sizes("threads", 1, 4) == [1] and worker_sizes("prefork", 2, 8) == [2]
+    assert worker_sizes("threads", 50, 2, urls=1) == [50]  # no more processes than URLs
+    assert worker_sizes("threads", 50, 4, urls=3) == [17, 17, 16] and worker_sizes("threads", 50, 2, urls=0) == [25, 25]
+
+
+def test_a_job_is_polled_at_a_twentieth_of_its_age_up_to_a_tenth_of_a_second():
+    """A 1-URL job ends ~0.5 s after it starts: it is seen ended within ~25 ms, not up to 100 ms later."""
+    from producer.progress import poll_wait
+
+    assert poll_wait(0.0) == 0.005 and poll_wait(0.5) == 0.025 and poll_wait(2.0) == 0.1 and poll_wait(3600) == 0.1
