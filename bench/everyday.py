@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench.run import env_for
+from bench.tools import compile_project
 from tests.support.origin import Origin
 from tests.support.servers import RedisServer, Worker
 
@@ -57,6 +58,7 @@ def run_job(origin: Origin, bodies: dict[str, bytes], env: dict[str, str], work:
 
 
 def main() -> int:
+    compile_project()
     work = Path(tempfile.mkdtemp(prefix="fleetfetch-everyday-"))
     origin = Origin("127.0.0.1").start()
     redis = workers = None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.measure import run_measured
 from bench.origins import Nginx, PythonOrigin, plain_origin
-from bench.tools import CAP_ROWS, ROOT, Toolbox, env_for
+from bench.tools import CAP_ROWS, ROOT, Toolbox, compile_project, env_for
 from tasks.config import Settings
 from tests.support.servers import RedisServer
 
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "comma-separated); the other rows are kept from the last run")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up of servers and workers
+    compile_project()
     quick = not args.full
     workloads, repeats = (QUICK, 1) if quick else (FULL, 3)
     repeats = args.repeats or repeats
