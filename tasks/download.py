@@ -180,7 +180,7 @@ def _take_slot(call: Call) -> hostlimit.Lease | None:
         # The turn is an estimate from the host's window now, which may grow meanwhile (and is unknown at the
         # start of a job): look again at least every RECHECK_S rather than requeue on a guess.
         nap = min(wait, RECHECK_S, IN_THREAD_WAIT_S - waited)
-        time.sleep(nap)  # the message stays with this worker, whose sweeper keeps the URL's lease
+        _limiter().wait(call.host, nap)  # the message stays with this worker, whose sweeper keeps its lease
         waited += nap
     if state.wait_since is not None:
         state.waited_s = round(state.waited_s + time.time() - state.wait_since, 3)

@@ -4,6 +4,7 @@
   ff:host:<host>:bucket  hash   tokens, ts (ms)                    (only with a rate)
   ff:host:<host>:pause   string set with PX until the host may be contacted again
   ff:host:<host>:wait    zset   task id -> first time it found no slot (its place in line)
+  ff:host:<host>:free    list   a token per slot given back (or added by a grown window) while tasks wait
   ff:host:<host>:stats   hash   avg_ms: moving average of how long a download holds a slot;
                                 window, ok, halved, cut_at: the host's adaptive window (below);
                                 kept for an hour after the host's last download
@@ -17,6 +18,10 @@ slots were in use, the window grows: it doubles until the host first showed stre
 slow start and congestion avoidance, over connections). A sign of stress from the host (a 429/503 or other
 retryable status, a timeout, a reset or cut-short body) halves it, at most once per the host's average download
 time (the downloads already in flight when it was halved do not halve it again), never below one.
+
+A pool thread that finds no free slot waits (BLPOP on `free`) until a slot is given back or the window grows,
+on any worker of any machine, or until its estimated turn for a re-check: a slot does not stay idle while the
+threads waiting for it sleep out a guess. Tokens are only a wake-up: the woken task still asks for the slot.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ redis.call('ZREM', KEYS[4], ARGV[5])
 return {1, 0}
 """
 
-# KEYS[1] slots, KEYS[2] stats, KEYS[3] errors
+# KEYS[1] slots, KEYS[2] stats, KEYS[3] errors, KEYS[4] wait, KEYS[5] free
 # ARGV[1] lease id, ARGV[2] ms the slot was held, ARGV[3] '1' if the host served the download (ends its error
 # streak), ARGV[4] per-host ceiling (0 = none). Returns the host's window.
 _RELEASE = _PRELUDE + """
@@ -95,16 +100,26 @@ redis.call('HSET', KEYS[2], 'avg_ms', avg and (avg * 0.8 + ms * 0.2) or ms)
 redis.call('PEXPIRE', KEYS[2], 3600000)
 local limit = tonumber(ARGV[4])
 local window = tonumber(s[2]) or START
-if ARGV[3] ~= '1' then return window end
-redis.call('DEL', KEYS[3])
--- no ceiling, at the ceiling, or the window not (nearly) full: the host proved nothing about a larger one
-if limit <= 0 or window >= limit or used * 4 < window * 3 then return window end
-local ok = (tonumber(s[3]) or 0) + 1
-if ok >= window then
-  window = math.min(limit, s[4] and window + 1 or window * 2)
-  ok = 0
+local freed = 1
+if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[3])
+  -- a ceiling not reached, the window (nearly) full: the host may prove a larger one (else it proved nothing)
+  if limit > 0 and window < limit and used * 4 >= window * 3 then
+    local ok = (tonumber(s[3]) or 0) + 1
+    if ok >= window then
+      local grown = math.min(limit, s[4] and window + 1 or window * 2)
+      freed, window, ok = 1 + grown - window, grown, 0
+    end
+    redis.call('HSET', KEYS[2], 'window', window, 'ok', ok)
+  end
 end
-redis.call('HSET', KEYS[2], 'window', window, 'ok', ok)
+-- wake as many waiters as slots came free, never more tokens than there are waiters
+local waiting = redis.call('ZCARD', KEYS[4])
+if waiting > 0 then
+  for _ = 1, math.min(freed, waiting) do redis.call('RPUSH', KEYS[5], 1) end
+  redis.call('LTRIM', KEYS[5], -waiting, -1)
+  redis.call('PEXPIRE', KEYS[5], 60000)
+end
 return window
 """
 
@@ -152,6 +167,7 @@ class HostKeys:
     wait = property(lambda self: self._key("wait"))
     stats = property(lambda self: self._key("stats"))
     errors = property(lambda self: self._key("errors"))
+    free = property(lambda self: self._key("free"))
 
 
 @dataclass
@@ -197,9 +213,14 @@ class HostLimiter:
         """Give the slot back; `answered`: the host served the download, so its server errors in a row end and
         its window may grow. Returns the host's window."""
         k = HostKeys(lease.host)
-        return int(self._release(keys=[k.slots, k.stats, k.errors],
+        return int(self._release(keys=[k.slots, k.stats, k.errors, k.wait, k.free],
                                  args=[lease.id, int((time.monotonic() - lease.since) * 1000), int(answered),
                                        lease.limit]))
+
+    def wait(self, host: str, seconds: float) -> None:
+        """Wait up to `seconds` (a waiter's next re-check) for a slot of `host` to come free anywhere: a
+        release or a grown window wakes one waiter per free slot. Then ask for it (`acquire`)."""
+        self.r.blpop([HostKeys(host).free], timeout=max(0.01, seconds))
 
     def halve(self, host: str) -> int | None:
         """The host showed stress (a throttling answer, a timeout, a reset): halve its window. Returns the new

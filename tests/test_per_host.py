@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -244,6 +245,38 @@ def test_a_hosts_window_doubles_while_it_keeps_up_then_halves_on_stress(redis_se
         limiter.release(held.pop(0), answered=False)
         held.append(limiter.acquire(host, ceiling)[0])
     assert limiter.window(host) == 26
+
+
+def test_a_slot_given_back_wakes_a_waiter_of_another_worker_at_once(redis_server):
+    """Tasks waiting for a host's slot are woken by a release on any worker (one token per slot freed, one per
+    slot a grown window adds, never more than there are waiters), not left asleep until their next re-check."""
+    mine, theirs = HostLimiter(redis_server.client(1)), HostLimiter(redis_server.client(1))  # two connections
+    host, ceiling = "wake.test", 50
+    held: list = []
+    free, line = HostKeys(host).free, HostKeys(host).wait
+    assert _fill(mine, host, held, ceiling) == START
+    mine.r.delete(line)  # _fill's last try got in line: out of it
+    mine.release(held.pop(0), answered=True)
+    assert mine.r.llen(free) == 0  # nobody waits: no token
+    assert _fill(mine, host, held, ceiling) == START
+    mine.r.delete(line)
+    for waiter in ("w1", "w2", "w3"):
+        assert theirs.acquire(host, ceiling, waiter=waiter)[0] is None  # in line
+    returned = threading.Event()
+    waiting = threading.Thread(target=lambda: (theirs.wait(host, 60), returned.set()))
+    waiting.start()
+    time.sleep(0.3)
+    assert not returned.is_set()  # nothing freed: it waits
+    mine.release(held.pop(0), answered=False)  # one slot back: one waiter woken
+    waiting.join(20)
+    assert returned.is_set() and mine.r.llen(free) == 0  # woken by the token, which it took
+    lease, _ = theirs.acquire(host, ceiling, waiter="w1")
+    assert lease is not None  # and the slot is there for it
+    held.append(lease)
+    _cycle(mine, host, held, ceiling, START - 1)  # answered releases, the window full: the 8th of them doubles it
+    assert mine.window(host) == 2 * START
+    assert mine.r.llen(free) == 2  # 7 tokens for slots retaken at once, 9 for the doubling: trimmed to 2 waiters
+    mine.r.delete(free)
 
 
 def test_host_pause_policy():
