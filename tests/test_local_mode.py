@@ -12,6 +12,7 @@ import threading
 import time
 
 import psutil
+import pytest
 
 from tests.conftest import ROOT, base_env, job_id_of, read_manifest, write_list
 
@@ -191,3 +192,20 @@ def test_a_job_is_polled_at_a_twentieth_of_its_age_up_to_a_tenth_of_a_second():
     from producer.progress import poll_wait
 
     assert poll_wait(0.0) == 0.005 and poll_wait(0.5) == 0.025 and poll_wait(2.0) == 0.1 and poll_wait(3600) == 0.1
+
+
+def test_wait_exit_returns_when_the_process_exits_and_times_out_while_it_runs():
+    from producer.local import wait_exit
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            wait_exit(proc, 0.2)
+        assert proc.poll() is None  # still running: nothing was done to it
+        proc.terminate()
+        wait_exit(proc, 30)
+        assert proc.returncode == -signal.SIGTERM  # reaped
+        wait_exit(proc, 1)  # already reaped: returns at once
+    finally:
+        proc.kill()
+        proc.wait()
