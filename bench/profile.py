@@ -3,6 +3,7 @@
     python -m bench.profile remote                                   # worker with no flags, default settings
     python -m bench.profile small -- -P prefork -c 2 FLEETFETCH_PER_HOST=0
     python -m bench.profile remote --py-spy /tmp/prof.txt            # also py-spy record --gil (pip install py-spy)
+    python -m bench.profile remote --perf /tmp/perf.data             # also perf record: where the CPU goes, kernel too
 
 Workloads: `remote` (1000 x 64 KiB, 50 ms to first byte, 1 MB/s per connection) and `small` (2000 x 16 KiB).
 Prints seconds, worker PSS, CPU ms per URL (producer, worker user/system, Redis) and Redis commands per URL by
@@ -52,10 +53,31 @@ def categorise(raw: Path) -> list[tuple[str, float]]:
     return [(name, n / total) for name, n in counts.most_common()] if total else []
 
 
+# Where a worker's CPU goes by perf's samples (the kernel included): the first matching frame of each stack.
+PERF_CATEGORIES = [("kernel: futex (threads waking each other: mostly the GIL changing hands)", ("__x64_sys_futex",)),
+                   ("kernel: fsync", ("__x64_sys_fsync",)),
+                   ("kernel: other system calls and interrupts", ("[kernel.kallsyms]",)),
+                   ("Python (user space)", ("",))]
+
+
+def perf_shares(data: Path) -> list[tuple[str, float]]:
+    """Shares of perf's samples (`perf script` of `data`) per PERF_CATEGORIES."""
+    text = subprocess.run(["perf", "script", "-i", str(data)], capture_output=True, text=True, check=True).stdout
+    counts: collections.Counter[str] = collections.Counter()
+    for sample in text.split("\n\n"):
+        frames = sample.strip().splitlines()[1:]
+        if frames:
+            stack = "\n".join(frames)
+            counts[next(c for c, keys in PERF_CATEGORIES if any(k in stack for k in keys))] += 1
+    total = sum(counts.values())
+    return [(name, counts[name] / total) for name, _ in PERF_CATEGORIES] if total else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
     parser.add_argument("workload", choices=sorted(WORKLOADS))
     parser.add_argument("--py-spy", type=Path, help="write py-spy's raw --gil samples of the worker here")
+    parser.add_argument("--perf", type=Path, help="write `perf record -g` samples of the worker here (Linux perf)")
     argv = sys.argv[1:] if argv is None else argv
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser.epilog = "after --: worker flags (-P prefork -c 2) and VAR=value settings (FLEETFETCH_PER_HOST=0)"
@@ -75,13 +97,17 @@ def main(argv: list[str] | None = None) -> int:
                       FLEETFETCH_DIR=str(work / "out"), **settings)
     worker = Worker(env, name="profile", log=work / "worker.log")
     worker.argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO", *flags]
-    spy = None
+    samplers: list[subprocess.Popen] = []
     try:
         worker.start()
         if args.py_spy:
-            spy = subprocess.Popen(["py-spy", "record", "-p", str(worker.pid), "--subprocesses", "--gil", "-r", "200",
-                                    "-f", "raw", "-o", str(args.py_spy), "--nonblocking"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            samplers.append(subprocess.Popen(["py-spy", "record", "-p", str(worker.pid), "--subprocesses", "--gil",
+                                              "-r", "200", "-f", "raw", "-o", str(args.py_spy), "--nonblocking"],
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if args.perf:
+            samplers.append(subprocess.Popen(["perf", "record", "-g", "-p", str(worker.pid), "-o", str(args.perf)],
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if samplers:
             time.sleep(1)
         before = psutil.Process(worker.pid).cpu_times()
         stats_before = redis.client(0).info("commandstats")
@@ -92,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         stats = redis.client(0).info("commandstats")
         ok = res["rc"] == 0 and verify(work / "out" / "job", count, size)
     finally:
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(30)
+        for sampler in samplers:
+            sampler.send_signal(signal.SIGINT)
+            sampler.wait(60)
         worker.stop()
         redis.stop()
         origin.stop()
@@ -114,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.py_spy and args.py_spy.exists():
         print("worker holding the GIL (py-spy --gil):")
         for name, share in categorise(args.py_spy):
+            print(f"  {share * 100:5.1f}%  {name}")
+    if args.perf and args.perf.exists():
+        print("worker CPU by perf's samples (kernel included):")
+        for name, share in perf_shares(args.perf):
             print(f"  {share * 100:5.1f}%  {name}")
     return 0 if ok else 1
 

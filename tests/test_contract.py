@@ -193,7 +193,7 @@ def test_a_local_worker_that_dies_is_one_line_and_exit_4(tmp_path):
             deadline = time.monotonic() + 30
             while not origin.requests and time.monotonic() < deadline:
                 time.sleep(0.05)
-            workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "celery" in _cmdline(p)]
+            workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "tasks.worker" in _cmdline(p)]
             assert workers, "no local worker found"
             for p in workers:
                 p.kill()
