@@ -62,7 +62,9 @@ def defaults_text(per_host: int | None = None, local: bool = False) -> str:
     total = d.concurrency or (default_size(d.pool, cap, cores) if local else default_concurrency(d.pool, cap))
     sizes = worker_sizes(d.pool, total, cores) if local else [total]
     workers = f"{len(sizes)} × " if len(sizes) > 1 else ""
-    fewer = f" (fewer workers for fewer URLs: 1 × c={total} for a 1-URL list)" if local and len(sizes) > 1 else ""
+    one = worker_sizes(d.pool, total, cores, urls=1) if local else sizes  # local mode: no more workers than URLs
+    fewer = f" (fewer workers for fewer URLs: {len(one)} × c={'+'.join(map(str, one))} for a 1-URL list)"
+    fewer = fewer if one != sizes else ""
     return f"{workers}{d.pool} c={'+'.join(map(str, sizes))}{fewer}, per-host {cap}, fsync on"
 
 

@@ -167,25 +167,27 @@ def _take_slot(call: Call) -> hostlimit.Lease | None:
         return None
     state = call.msg.state
     in_thread = threading.current_thread() is not threading.main_thread() and current_process().name == "MainProcess"
-    waited = 0.0
+    limiter = _limiter()
+    began: float | None = None  # when this delivery first found no slot
     while True:
-        slot, wait = _limiter().acquire(call.host, per_host, rate, waiter=call.task.request.id or "")
+        slot, wait = limiter.acquire(call.host, per_host, rate, waiter=call.task.request.id or "")
         if slot is not None:
             break
         if state.wait_since is None:
             state.wait_since = time.time()
+        began = time.monotonic() if began is None else began
+        waited = time.monotonic() - began  # the time waited, not the naps asked for: a release may end one early
         if not in_thread or waited >= IN_THREAD_WAIT_S:
             call.mark(ledger.QUEUED, lease=wait + settings.url_lease)  # held back on purpose: a lease covers it
             call.requeue(wait)
         # The turn is an estimate from the host's window now, which may grow meanwhile (and is unknown at the
         # start of a job): look again at least every RECHECK_S rather than requeue on a guess.
-        nap = min(wait, RECHECK_S, IN_THREAD_WAIT_S - waited)
-        _limiter().wait(call.host, nap)  # the message stays with this worker, whose sweeper keeps its lease
-        waited += nap
+        limiter.wait(call.host, min(wait, RECHECK_S, IN_THREAD_WAIT_S - waited))  # the message stays with this
+        # worker, whose sweeper keeps its lease; a slot given back anywhere ends the wait early
     if state.wait_since is not None:
         state.waited_s = round(state.waited_s + time.time() - state.wait_since, 3)
         state.wait_since = None
-    if waited:
+    if began is not None:
         call.started = time.monotonic()  # the time limit and elapsed_s are the download's; the wait is waited_s
     return slot
 
