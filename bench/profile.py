@@ -5,7 +5,8 @@
     python -m bench.profile remote --py-spy /tmp/prof.txt            # also py-spy record --gil (pip install py-spy)
     python -m bench.profile remote --perf /tmp/perf.data             # also perf record: where the CPU goes, kernel too
 
-Workloads: `remote` (1000 x 64 KiB, 50 ms to first byte, 1 MB/s per connection) and `small` (2000 x 16 KiB).
+Workloads: `remote` (1000 x 64 KiB, 50 ms to first byte, 1 MB/s per connection), `small` (2000 x 16 KiB) and
+`big` (1 x 1 GiB).
 Prints seconds, worker PSS, CPU ms per URL (producer, worker user/system, Redis) and Redis commands per URL by
 command (INFO commandstats; commands run inside Lua scripts count too).
 """
@@ -30,7 +31,7 @@ from bench.run import REMOTE_DELAY, REMOTE_RATE, make_files, verify
 from bench.tools import default_env
 from tests.support.servers import RedisServer, Worker
 
-WORKLOADS = {"remote": (1000, 64 << 10, True), "small": (2000, 16 << 10, False)}
+WORKLOADS = {"remote": (1000, 64 << 10, True), "small": (2000, 16 << 10, False), "big": (1, 1 << 30, False)}
 # Where a worker holds the GIL, by the first of these frames found in a sample's stack.
 CATEGORIES = [("Celery consumer: receive, QoS, ack (main thread)", ("asynloop",)),
               ("Celery result: store SUCCESS (GET + SETEX + PUBLISH)", ("Backend.store_result",)),

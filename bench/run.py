@@ -88,6 +88,7 @@ def measure_cell(work: Path, label: str, tool: str, how: str, build: Callable, l
         out = work / "cluster-out" / f"{abs(hash((label, tool)))}-{r}"
         out.mkdir(parents=True)
         argv, env, watch, broker = build(listing, out)
+        os.sync()  # what earlier runs left for the disk is written first: no run pays for another's writeback
         res = run_measured(argv, env, watch, broker)
         res["ok"] = res["rc"] == 0 and verify(out, count, size)
         runs.append(res)

@@ -1,5 +1,5 @@
 """`python -m producer URLS_FILE`."""
 
-from .cli import main
+from .cli import entry
 
-raise SystemExit(main())
+entry()

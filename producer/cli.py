@@ -280,6 +280,20 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     return p, commands
 
 
+def entry() -> NoReturn:
+    """The command's entry point (`python -m producer`, `fleetfetch`): `main`, then exit at once. Python's own
+    shutdown would then collect garbage and tear down the ~600 modules a run imports (Celery, kombu, redis), ~50 ms
+    after the summary is out, freeing memory the process gives back by ending anyway. Local mode has stopped its
+    server and workers by then, and the producer leaves no thread with work to finish."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # output to a closed pipe: the status Python's own exit gives then
+        code = code or 120
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     top, commands = parsers()
