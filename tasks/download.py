@@ -79,6 +79,7 @@ class Call:
     secrets: list[tuple[str, str]] = field(default_factory=list)  # secret headers, read from the ledger
     credentials: Credentials | None = None  # netrc logins and cookies, read from the ledger
     started: float = field(default_factory=time.monotonic)
+    slot: hostlimit.Lease | None = None  # the host slot held, until given back
 
     @property
     def host(self) -> str:
@@ -88,6 +89,18 @@ class Call:
         """Move the URL to `state` in the ledger; returns the final state it already had, if any."""
         m = self.msg
         return _ledger().transition(m.job, m.index, state, record, lease, m.name) if m.job else None
+
+    def finish(self, state: str, record: dict[str, Any]) -> None:
+        """The download is over: its final state in the ledger and its host slot given back (the host answered),
+        in one round trip."""
+        m, slot = self.msg, self.slot
+        if slot is not None and m.job:
+            _ledger().transition(m.job, m.index, state, record, None, m.name, then=_limiter().release_call(slot, True))
+        else:
+            self.mark(state, record)
+            if slot is not None:
+                _limiter().release(slot, True)
+        self.slot = None
 
     def requeue(self, wait: float) -> NoReturn:
         """Send this task back to the queue, to run again in `wait` seconds (the process is freed)."""
@@ -145,16 +158,16 @@ def download(self: Any, url: str, name: str, job: str | None = None, index: int 
         call = Call(self, Message(url, name, job, index), Options())
         return _fail(call, exc.reason)
     call = Call(self, msg, msg.options.resolve(settings), secrets, logins)
-    slot = _take_slot(call)
+    call.slot = _take_slot(call)
     answered = False
     try:
-        with leases.hold(msg.job, msg.index, slot):
-            record = _run(call, slot is not None)
+        with leases.hold(msg.job, msg.index, call.slot):
+            record = _run(call, call.slot is not None)
         answered = True
         return record
     finally:
-        if slot is not None:
-            _limiter().release(slot, answered)
+        if call.slot is not None:  # not given back with the final state
+            _limiter().release(call.slot, answered)
 
 
 def _take_slot(call: Call) -> hostlimit.Lease | None:
@@ -226,7 +239,7 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
         log.error("internal error on %s\n%s", redact_url(m.url), redact_text(traceback.format_exc()))
         return _fail(call, f"internal error: {type(exc).__name__}: {exc}")
     record = call.record(outcome)
-    call.mark(outcome.status, record)
+    call.finish(outcome.status, record)
     log.info("Finished %s: %s, %d bytes in %.2f s", m.name, outcome.status, outcome.bytes, record["elapsed_s"])
     return record
 

@@ -30,9 +30,10 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import redis
+from redis.commands.core import Script
 
 from .config import settings
 
@@ -93,7 +94,9 @@ return {1, 0}
 # streak), ARGV[4] per-host ceiling (0 = none). Returns the host's window.
 _RELEASE = _PRELUDE + """
 local used = redis.call('ZCARD', KEYS[1])
-redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then  -- given back already (a call sent again), or lapsed
+  return tonumber(redis.call('HGET', KEYS[2], 'window')) or START
+end
 local s = redis.call('HMGET', KEYS[2], 'avg_ms', 'window', 'ok', 'halved')
 local avg, ms = tonumber(s[1]), tonumber(ARGV[2])
 redis.call('HSET', KEYS[2], 'avg_ms', avg and (avg * 0.8 + ms * 0.2) or ms)
@@ -211,11 +214,15 @@ class HostLimiter:
 
     def release(self, lease: Lease, answered: bool = False) -> int:
         """Give the slot back; `answered`: the host served the download, so its server errors in a row end and
-        its window may grow. Returns the host's window."""
+        its window may grow. Returns the host's window. Idempotent: a slot given back (or lapsed) counts once."""
+        script, keys, args = self.release_call(lease, answered)
+        return int(script(keys=keys, args=args))
+
+    def release_call(self, lease: Lease, answered: bool = False) -> tuple[Script, list[Any], list[Any]]:
+        """`release` as a script call, to be sent with another (`ledger.together`)."""
         k = HostKeys(lease.host)
-        return int(self._release(keys=[k.slots, k.stats, k.errors, k.wait, k.free],
-                                 args=[lease.id, int((time.monotonic() - lease.since) * 1000), int(answered),
-                                       lease.limit]))
+        return (self._release, [k.slots, k.stats, k.errors, k.wait, k.free],
+                [lease.id, int((time.monotonic() - lease.since) * 1000), int(answered), lease.limit])
 
     def wait(self, host: str, seconds: float) -> None:
         """Wait up to `seconds` (a waiter's next re-check) for a slot of `host` to come free anywhere: a

@@ -279,6 +279,21 @@ def test_a_slot_given_back_wakes_a_waiter_of_another_worker_at_once(redis_server
     mine.r.delete(free)
 
 
+def test_a_slot_given_back_twice_counts_once(redis_server):
+    """A release sent again (its reply lost with a broken connection, then sent again by the client's retries or
+    by `ledger.together`) frees no second slot and counts no second download towards the window."""
+    limiter = HostLimiter(redis_server.client(1))
+    host, ceiling = "twice.test", 50
+    held: list = []
+    assert _fill(limiter, host, held, ceiling) == START
+    limiter.r.delete(HostKeys(host).wait)
+    lease = held.pop(0)
+    assert limiter.release(lease, answered=True) == START
+    assert limiter.release(lease, answered=True) == START
+    assert limiter.r.hget(HostKeys(host).stats, "ok") == b"1"  # one download served, not two
+    assert limiter.r.zcard(HostKeys(host).slots) == START - 1
+
+
 def test_host_pause_policy():
     policy = {"threshold": 3, "base": 0.5, "cap": 1.5, "max_wait": 10}
     # other 5xx: nothing until the threshold, then base, doubling, capped
