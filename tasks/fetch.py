@@ -372,10 +372,11 @@ def _is_cut_short(exc: BaseException) -> bool:
 
 
 def _limit_next_read(response: requests.Response, seconds: float) -> None:
-    """Make the next socket read wait at most `seconds` (the read timeout, or less near the deadline)."""
+    """Make the next socket read wait at most `seconds` (the read timeout, or less near the deadline). Only a
+    change is made: `settimeout` lets go of the GIL (an ioctl), and far from the deadline it is the same each read."""
     connection = getattr(response.raw, "connection", None)
     sock = getattr(connection, "sock", None)
-    if sock is not None:
+    if sock is not None and sock.gettimeout() != seconds:
         sock.settimeout(seconds)
 
 

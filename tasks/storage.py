@@ -72,6 +72,9 @@ def _descend(fd: int, parts: list[str], create: bool, shown: str) -> int:
     return fd
 
 
+_META_CHECKED: set[tuple[str, tuple[str, ...]]] = set()  # (root, subdir parts) whose metadata directory was checked
+
+
 class TargetDir:
     """`with TargetDir(root, subdir) as d:` the directory one task writes into, opened once as `d.fd`."""
 
@@ -94,8 +97,16 @@ class TargetDir:
             raise PermanentError(describe_os_error(exc, self.root / "x")) from None
 
     def check_meta(self) -> None:
-        """Refuse (before any request) a metadata directory that is a planted link or not ours."""
-        os.close(self.meta(create=True))
+        """Refuse (before any request) a metadata directory that is a planted link or not ours. Once per
+        directory per process: this is the early refusal; what keeps a link planted later from being followed is
+        that every use of the directory (`meta`) descends to it checking again (and on a file system with
+        extended attributes nothing is written there at all). Per URL, the check cost 8 system calls."""
+        key = (str(self.root), tuple(self.parts))
+        if key not in _META_CHECKED:
+            os.close(self.meta(create=True))
+            if len(_META_CHECKED) >= 10_000:
+                _META_CHECKED.clear()
+            _META_CHECKED.add(key)
 
     def meta(self, create: bool) -> int:
         """A descriptor of `.fleetfetch/<subdir>` (the caller closes it); FileNotFoundError if absent."""
@@ -108,8 +119,10 @@ class TargetDir:
         os.close(self.fd)
 
 
-def _open_own_file(dir_fd: int, name: str) -> int:
-    """Open (or create) `name` for writing, only if it is a regular file of ours with no other link.
+def _open_own_file(dir_fd: int, name: str, shown: str) -> tuple[int, int]:
+    """Open (or create) `name` for writing, only if it is a regular file of ours with no other link, and lock
+    it; returns its descriptor and its length once locked (what an attempt that held the lock left in it).
+    Busy if another attempt holds the lock.
 
     A planted file (a hard link to a file elsewhere, a file of another user, a FIFO) is unlinked, which
     removes only its name here, and a fresh file is created in its place with O_EXCL.
@@ -117,10 +130,18 @@ def _open_own_file(dir_fd: int, name: str) -> int:
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(3):
         fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            locked = False
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid():
-            return fd
-        os.close(fd)
+            if not locked:
+                os.close(fd)
+                raise Busy(f"another attempt is writing {shown} right now")
+            return fd, st.st_size
+        os.close(fd)  # a planted file is replaced, locked or not
         with contextlib.suppress(FileNotFoundError):
             if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == st.st_ino:
                 os.unlink(name, dir_fd=dir_fd)
@@ -143,15 +164,11 @@ class PartFile:
         self.part = f".{name}{PART_SUFFIX}"
         self.shown = where.path / name
         try:
-            self.fd = _open_own_file(self.dir_fd, self.part)
+            self.fd, length = _open_own_file(self.dir_fd, self.part, name)
         except OSError as exc:
             raise PermanentError(describe_os_error(exc, where.path / self.part)) from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise Busy(f"another attempt is writing {name} right now") from None
         self.hash, self.size, self._flushed = Sha256(), 0, 0
+        self._left = length > 0  # bytes an earlier attempt left in the file, not (yet) kept
 
     def identity(self) -> str:
         """`inode:size:mtime_ns` of the temp file, recorded when an attempt keeps it for the next one to resume
@@ -173,8 +190,10 @@ class PartFile:
         return self.size
 
     def restart(self) -> None:
-        os.ftruncate(self.fd, 0)
-        os.lseek(self.fd, 0, os.SEEK_SET)
+        if self._left or self.size:  # a new, empty file needs neither call
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            self._left = False
         self._reset()
 
     def _reset(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
 import threading
@@ -120,6 +121,26 @@ def test_sidecars_never_follow_a_planted_link(tmp_path):
         storage.save_validators(where, "f", storage.Validators(storage.url_key("http://h/f"), 1, "0" * 64))
     assert outside.read_text() == "{}" and not (root / ".fleetfetch" / "f.json").is_symlink()
     assert Path(root / ".fleetfetch" / "f.json").read_text().startswith('{"url": "sha256:')
+
+
+def test_the_metadata_directory_is_checked_once_and_a_link_planted_later_is_still_never_followed(tmp_path):
+    """The early check of `.fleetfetch/<subdir>` runs once per directory per process (it cost 8 system calls per
+    URL); what keeps every write inside the download directory is the checked descent at each use."""
+    outside, root, url = tmp_path / "outside", tmp_path / "dl", "http://h/f"
+    outside.mkdir()
+    with storage.TargetDir(root, "sub") as where:
+        where.check_meta()
+    shutil.rmtree(root / ".fleetfetch" / "sub")
+    (root / ".fleetfetch" / "sub").symlink_to(outside, target_is_directory=True)
+    with storage.TargetDir(root, "sub") as where:
+        where.check_meta()  # checked already in this process: not looked at again
+        with pytest.raises(PermanentError, match="leads outside the download directory"):
+            storage.save_validators(where, "f", storage.Validators(storage.url_key(url), 1, "0" * 64))
+    assert list(outside.iterdir()) == []
+    with storage.TargetDir(root, "other") as where:
+        (root / ".fleetfetch" / "other").symlink_to(outside, target_is_directory=True)
+        with pytest.raises(PermanentError, match="leads outside the download directory"):
+            where.check_meta()  # a directory not checked yet is refused before anything is asked of the server
 
 
 def test_a_durable_part_file_hands_its_pages_to_the_disk_on_the_way_and_commits_whole(tmp_path):
