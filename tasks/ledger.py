@@ -34,6 +34,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
+from .connection import KernelTimeoutConnection
 from .message import is_secret_header
 from .redact import redact_url
 
@@ -674,15 +675,19 @@ def together(client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
     return replies
 
 
-def client_for(url: str, attempts: int = 12, own_connection: bool = False) -> redis.Redis:
+def client_for(url: str, attempts: int = 12, own_connection: bool = False, timeout: float = 30) -> redis.Redis:
     """A Redis client that rides out a restart of the server: about a minute of retries with backoff.
     Ledger writes are idempotent (the transition script ignores a repeated state), so replaying is safe.
     `own_connection`: the client keeps one connection for itself (connected now) instead of taking one from its
-    pool for each command; it must then serve one thread only."""
+    pool for each command; it must then serve one thread only. `timeout`: how long a read or a write may wait
+    for the server before the call fails (and is retried)."""
     retry = Retry(ExponentialBackoff(cap=10, base=0.2), attempts)
-    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30,
+    # A thread's own connection waits for Redis without polling first (tasks/connection.py).
+    plain = own_connection and url.startswith("redis://")
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=5, health_check_interval=30,
                                 retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-                                single_connection_client=own_connection)
+                                single_connection_client=own_connection,
+                                **({"connection_class": KernelTimeoutConnection} if plain else {}))
 
 
 def for_thread(url: str, ttl: int) -> Ledger:

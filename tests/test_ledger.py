@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import socket
+import struct
 import time
 
 import pytest
@@ -131,5 +135,29 @@ def test_a_final_state_and_its_host_slot_go_back_in_one_round_trip(tmp_path):
             ledger.together(book.r, [(failing, [], []), limiter.release_call(limiter.acquire(host, 4)[0])])
         assert watch.zcard(HostKeys(host).slots) == 0  # the call after the error ran
         assert book.r.ping() and book.states(job, 0, 3) == [ledger.DONE] * 3  # the connection is in step
+    finally:
+        server.stop()
+
+
+def test_a_threads_own_connection_waits_without_polling_and_still_times_out(tmp_path):
+    """A task thread's ledger connection is blocking in Python (no poll before each read and write: two fewer
+    hand-offs of the GIL per round trip) with its timeout in the kernel, so a stalled server still fails the call
+    after the timeout instead of hanging the thread."""
+    server = RedisServer(tmp_path / "redis", appendonly=False).start()
+    try:
+        client = ledger.client_for(server.url(1), attempts=1, own_connection=True, timeout=1)
+        assert client.ping()
+        sock = client.connection._sock
+        assert sock.gettimeout() is None
+        assert struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)) == (1, 0)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+                client.ping()
+            assert time.monotonic() - began < 10  # two tries of a second each, and the backoff between them
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert client.ping()  # and it reconnects once the server answers again
     finally:
         server.stop()

@@ -4,6 +4,8 @@ bookkeeping goes through that client) by a threads worker whose threads share it
 
 from __future__ import annotations
 
+import socket
+import struct
 from pathlib import Path
 
 import pytest
@@ -50,12 +52,22 @@ def test_other_brokers_keep_kombus_transports():
 
 
 def test_a_channel_reuses_one_client_per_pool_and_acks_still_clear_unacked(server):
-    with Connection(server.url(0), transport_options={"visibility_timeout": 3600}) as conn:
+    with Connection(server.url(0), transport_options={"visibility_timeout": 3600, "socket_timeout": 30}) as conn:
         channel = conn.default_channel
         assert isinstance(channel, transport.Channel)
         with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
             assert first is second and first.connection_pool is channel.pool
         assert channel.client is not first and channel.client.connection_pool is channel.async_pool  # BRPOP's own
+        # Both wait for the broker without a poll before each read and write, their timeout in the kernel.
+        for client in (first, channel.client):
+            connection = client.connection_pool.get_connection()
+            try:
+                connection.connect()
+                assert connection.kernel_timeout == 30 and connection._sock.gettimeout() is None
+                assert struct.unpack("ll", connection._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16)) == (
+                    30, 0)
+            finally:
+                client.connection_pool.release(connection)
 
         queue = conn.SimpleQueue("ff-transport-test")
         queue.put({"n": 1})
