@@ -18,7 +18,7 @@ import json
 import os
 import secrets
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .digest import Sha256
@@ -288,7 +288,7 @@ def label(fd: int, v: Validators) -> bool:
     extended attributes: the caller keeps a sidecar instead."""
     v.stamp(os.fstat(fd))
     try:
-        os.setxattr(fd, XATTR, json.dumps(asdict(v), separators=(",", ":")).encode())
+        os.setxattr(fd, XATTR, json.dumps(vars(v), separators=(",", ":")).encode())
     except OSError as exc:
         if exc.errno in _NO_XATTR:
             return False
@@ -365,7 +365,7 @@ def save_validators(where: TargetDir, name: str, v: Validators) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=meta)
         with open(fd, "w", encoding="utf-8") as fh:
-            json.dump(asdict(v), fh)
+            json.dump(vars(v), fh)
         os.replace(tmp, f"{name}.json", src_dir_fd=meta, dst_dir_fd=meta)
     except OSError as exc:
         with contextlib.suppress(OSError):
