@@ -73,6 +73,7 @@ def run_workloads(work: Path, workloads: dict, repeats: int, chosen: Callable[[s
                         continue
                     rows.append(measure_cell(work, label, tool, how, build, listing, count, size, repeats))
                     print(format_row(rows[-1]), flush=True)
+                    kit.stop()  # a row's workers (and their Redis) do not sit idle beside the rows after it
             finally:
                 origin.stop()
                 shutil.rmtree(files, ignore_errors=True)
