@@ -22,7 +22,8 @@ import redis
 
 class KernelTimeoutConnection(redis.Connection):
     def __init__(self, *, socket_timeout: float | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("socket_connect_timeout", socket_timeout)
+        if kwargs.get("socket_connect_timeout") is None:  # redis-py's default: the socket timeout
+            kwargs["socket_connect_timeout"] = socket_timeout
         super().__init__(socket_timeout=None, **kwargs)
         self.kernel_timeout = socket_timeout
 
@@ -34,4 +35,3 @@ class KernelTimeoutConnection(redis.Connection):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, wait)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, wait)
         return sock
-

@@ -17,6 +17,7 @@ byte, its share of a compressed block of URLs and a record of 49 bytes plus the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -643,8 +644,8 @@ ScriptCall = tuple[Script, list[Any], list[Any]]  # a registered script, its key
 def together(client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
     """The replies of `calls`, sent in one round trip: their EVALSHAs written at once on the client's own
     connection (`client_for(..., own_connection=True)`), then read in order. A download ends with two scripts,
-    its final state in the ledger and its host slot given back; sent one after the other, each costs a write, a
-    poll and a read (each letting go of the GIL) and a wait for the answer. (A redis-py pipeline would ask
+    its final state in the ledger and its host slot given back; sent one after the other, each costs a write and
+    a read (each letting go of the GIL) and a wait for the answer. (A redis-py pipeline would ask
     SCRIPT EXISTS first, a round trip of its own, and take a second connection from the pool.) A call the
     server could not run because it lacks the script (it restarted) or that got no reply (the connection
     broke) is sent again alone, through the Script and the client's retries: the scripts must be idempotent."""
@@ -652,7 +653,7 @@ def together(client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
     missing = list(range(len(calls)))
     conn = client.connection
     if conn is not None:  # else a pooled client: one call at a time
-        with client.single_connection_lock:
+        with getattr(client, "single_connection_lock", contextlib.nullcontext()):  # redis-py >= 5.1 has it
             try:
                 conn.send_packed_command(conn.pack_commands(
                     [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls]))
