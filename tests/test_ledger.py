@@ -145,6 +145,11 @@ def test_a_threads_own_connection_waits_without_polling_and_still_times_out(tmp_
     after the timeout instead of hanging the thread."""
     server = RedisServer(tmp_path / "redis", appendonly=False).start()
     try:
+        shipped = ledger.for_thread(server.url(1), 3600).r  # what a task thread gets: 30 s, in the kernel
+        assert shipped.ping() and shipped.connection._sock.gettimeout() is None
+        assert struct.unpack("ll", shipped.connection._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)) == (
+            30, 0)
+        # 1 s instead of the shipped 30, so that the stalled call below fails within this test's time
         client = ledger.client_for(server.url(1), attempts=1, own_connection=True, timeout=1)
         assert client.ping()
         sock = client.connection._sock

@@ -52,7 +52,7 @@ def test_other_brokers_keep_kombus_transports():
 
 
 def test_a_channel_reuses_one_client_per_pool_and_acks_still_clear_unacked(server):
-    with Connection(server.url(0), transport_options={"visibility_timeout": 3600, "socket_timeout": 30}) as conn:
+    with Connection(server.url(0), transport_options=dict(app.conf.broker_transport_options)) as conn:  # shipped
         channel = conn.default_channel
         assert isinstance(channel, transport.Channel)
         with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
