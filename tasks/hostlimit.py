@@ -30,12 +30,12 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import redis
-from redis.commands.core import Script
 
 from .config import settings
+from .connection import ScriptCall
 
 # A killed worker's slot comes back after at most this long; live downloads renew their lease.
 LEASE_S = settings.host_lease
@@ -218,8 +218,8 @@ class HostLimiter:
         script, keys, args = self.release_call(lease, answered)
         return int(script(keys=keys, args=args))
 
-    def release_call(self, lease: Lease, answered: bool = False) -> tuple[Script, list[Any], list[Any]]:
-        """`release` as a script call, to be sent with another (`ledger.together`)."""
+    def release_call(self, lease: Lease, answered: bool = False) -> ScriptCall:
+        """`release` as a script call, to be sent with another (`connection.together`)."""
         k = HostKeys(lease.host)
         return (self._release, [k.slots, k.stats, k.errors, k.wait, k.free],
                 [lease.id, int((time.monotonic() - lease.since) * 1000), int(answered), lease.limit])

@@ -17,7 +17,6 @@ byte, its share of a compressed block of URLs and a record of 49 bytes plus the 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -26,16 +25,15 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.commands.core import Script
 from redis.retry import Retry
 
-from .connection import KernelTimeoutConnection
+from .connection import KernelTimeoutConnection, ScriptCall, together
 from .message import is_secret_header
 from .redact import redact_url
 
@@ -443,9 +441,12 @@ class Ledger:
         payload = b"" if record is None else pack(compact(record, state, name), functools.partial(self._number, job))
         nbytes = int(record.get("bytes") or 0) if record and state == DONE else 0
         due = "" if state in FINAL or lease is None else str(int(lease * 1000))
-        call: ScriptCall = (self._transition, [k.meta, k.state, k.rec, k.due],
-                            [str(index), state, payload, nbytes, self.ttl, due])
-        old = together(self.r, [call, then])[0] if then else call[0](keys=call[1], args=call[2])
+        keys = [k.meta, k.state, k.rec, k.due]
+        args: list[str | bytes | int] = [str(index), state, payload, nbytes, self.ttl, due]
+        if then is None:
+            old = self._transition(keys=keys, args=args)
+        else:
+            old = together(self.r, [(self._transition, keys, args), then])[0]
         return old.decode() if old else None
 
     def hold(self, held: dict[str, list[int]], seconds: float) -> None:
@@ -636,44 +637,6 @@ def _row(raw: bytes | str) -> tuple[str, str, str | None, dict[str, Any]]:
 
 
 _own = threading.local()  # this thread's ledgers (`for_thread`)
-
-
-ScriptCall = tuple[Script, list[Any], list[Any]]  # a registered script, its keys and its arguments
-
-
-def together(client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
-    """The replies of `calls`, sent in one round trip: their EVALSHAs written at once on the client's own
-    connection (`client_for(..., own_connection=True)`), then read in order. A download ends with two scripts,
-    its final state in the ledger and its host slot given back; sent one after the other, each costs a write and
-    a read (each letting go of the GIL) and a wait for the answer. (A redis-py pipeline would ask
-    SCRIPT EXISTS first, a round trip of its own, and take a second connection from the pool.) A call the
-    server could not run because it lacks the script (it restarted) or that got no reply (the connection
-    broke) is sent again alone, through the Script and the client's retries: the scripts must be idempotent."""
-    replies: list[Any] = [None] * len(calls)
-    missing = list(range(len(calls)))
-    conn = client.connection
-    if conn is not None:  # else a pooled client: one call at a time
-        with getattr(client, "single_connection_lock", contextlib.nullcontext()):  # redis-py >= 5.1 has it
-            try:
-                conn.send_packed_command(conn.pack_commands(
-                    [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls]))
-                for i in range(len(calls)):  # every reply is read, errors too: the connection stays in step
-                    try:
-                        replies[i] = conn.read_response()
-                    except redis.exceptions.NoScriptError:
-                        continue
-                    except redis.ResponseError as exc:
-                        replies[i] = exc
-                    missing.remove(i)
-            except (redis.ConnectionError, redis.TimeoutError):
-                conn.disconnect()
-    for i in missing:
-        script, keys, args = calls[i]
-        replies[i] = script(keys=keys, args=args)
-    for reply in replies:
-        if isinstance(reply, redis.ResponseError):
-            raise reply
-    return replies
 
 
 def client_for(url: str, attempts: int = 12, own_connection: bool = False, timeout: float = 30) -> redis.Redis:

@@ -12,7 +12,7 @@ import time
 import pytest
 import redis
 
-from tasks import ledger
+from tasks import connection, ledger
 from tasks.hostlimit import HostKeys, HostLimiter
 from tests.support.servers import RedisServer
 
@@ -102,7 +102,7 @@ def test_a_finished_url_costs_about_a_hundred_bytes(redis_server):
 
 def test_a_final_state_and_its_host_slot_go_back_in_one_round_trip(tmp_path):
     """A download ends with its final state and its host slot given back, both sent at once on the task's own
-    connection (`ledger.together`); a script the server lacks is loaded and sent again, and an error reply is
+    connection (`connection.together`); a script the server lacks is loaded and sent again, and an error reply is
     raised after every reply was read, leaving the connection in step. Its own server: counting the reads Redis
     serves needs a server no other test's worker talks to."""
     server = RedisServer(tmp_path / "redis", appendonly=False).start()
@@ -132,7 +132,7 @@ def test_a_final_state_and_its_host_slot_go_back_in_one_round_trip(tmp_path):
         failing = book.r.register_script("return redis.error_reply('ERR refused by this test')")
         book.r.script_load(failing.script)
         with pytest.raises(redis.ResponseError, match="refused by this test"):
-            ledger.together(book.r, [(failing, [], []), limiter.release_call(limiter.acquire(host, 4)[0])])
+            connection.together(book.r, [(failing, [], []), limiter.release_call(limiter.acquire(host, 4)[0])])
         assert watch.zcard(HostKeys(host).slots) == 0  # the call after the error ran
         assert book.r.ping() and book.states(job, 0, 3) == [ledger.DONE] * 3  # the connection is in step
     finally:

@@ -281,7 +281,7 @@ def test_a_slot_given_back_wakes_a_waiter_of_another_worker_at_once(redis_server
 
 def test_a_slot_given_back_twice_counts_once(redis_server):
     """A release sent again (its reply lost with a broken connection, then sent again by the client's retries or
-    by `ledger.together`) frees no second slot and counts no second download towards the window."""
+    by `connection.together`) frees no second slot and counts no second download towards the window."""
     limiter = HostLimiter(redis_server.client(1))
     host, ceiling = "twice.test", 50
     held: list = []
