@@ -4,12 +4,13 @@ bookkeeping goes through that client) by a threads worker whose threads share it
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 from pathlib import Path
 
 import pytest
-from kombu import Connection
+from kombu import Connection, Exchange, Queue
 from kombu.transport import pyamqp
 from kombu.transport import redis as kombu_redis
 
@@ -105,3 +106,42 @@ def test_a_threads_worker_acknowledges_every_url_through_the_shared_client(serve
         assert len(on_broker) <= 8 + 4, on_broker
     for i in range(40):
         assert (cluster.downloads / "t" / f"t{i}.bin").read_bytes() == bytes([i]) * 2000
+
+
+def test_a_brpop_brings_as_many_messages_as_the_prefetch_limit_allows_each_recorded_as_kombu_would(server):
+    """One BRPOP, then one script for the rest: each taken message is on kombu's unacked index in the same step as
+    its pop, in the JSON kombu's own QoS writes, so kombu's restore gives it back (at shutdown, or after the
+    visibility timeout) like any delivered message; the prefetch limit bounds the batch."""
+    broker = server.client(0)
+    with Connection(server.url(0), transport_options=dict(app.conf.broker_transport_options)) as conn:
+        queue = Queue("ff-batch-test", Exchange("ff-batch-test", type="direct"), routing_key="ff-batch-test")
+        with conn.Producer() as producer:
+            for n in range(7):
+                producer.publish({"n": n}, exchange=queue.exchange, routing_key="ff-batch-test", declare=[queue])
+        got: list = []
+        with conn.Consumer(queue, callbacks=[lambda body, message: got.append(message)], prefetch_count=5):
+            before = broker.info("commandstats")
+            conn.drain_events(timeout=5)
+            after = broker.info("commandstats")
+            ran = {k: v["calls"] - v.get("failed_calls", 0) - v.get("rejected_calls", 0) for k, v in after.items()}
+            calls = {k: n - (before[k]["calls"] - before[k].get("failed_calls", 0) - before[k].get("rejected_calls", 0)
+                             if k in before else 0) for k, n in ran.items()}
+            assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4]  # in order, no more than the prefetch limit
+            assert calls["cmdstat_brpop"] == 1 and calls.get("cmdstat_multi", 0) == 1  # kombu's own, for the first
+            assert calls["cmdstat_evalsha"] == 1  # the other four: one script (loaded first: a NOSCRIPT is not run)
+            assert broker.llen("ff-batch-test") == 2
+            recorded = {tag.decode(): json.loads(v) for tag, v in broker.hgetall(UNACKED).items()}
+            assert sorted(recorded) == sorted(m.delivery_tag for m in got) and broker.zcard(UNACKED_INDEX) == 5
+            for m in got:  # what kombu's QoS.append writes: [the message as received, exchange, routing key]
+                assert recorded[m.delivery_tag] == [m._raw, "ff-batch-test", "ff-batch-test"]
+            got[0].ack()
+            got[3].ack()
+            assert broker.hlen(UNACKED) == 3
+            # Visibility timeout passed: kombu's restore puts the three unacknowledged ones back on the queue.
+            broker.zadd(UNACKED_INDEX, {m.delivery_tag: 1 for m in got}, xx=True)
+            conn.default_channel.qos.restore_visible(num=10)
+            assert broker.hlen(UNACKED) == 0 and broker.llen("ff-batch-test") == 5
+            channel = conn.default_channel
+            back = [channel.Message(json.loads(raw), channel=channel).payload["n"]
+                    for raw in broker.lrange("ff-batch-test", 0, -1)]
+            assert sorted(back) == [1, 2, 4, 5, 6]
