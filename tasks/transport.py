@@ -38,7 +38,6 @@ from kombu.utils.json import loads
 
 from .connection import KernelTimeoutConnection
 
-
 # KEYS: the queue lists in BRPOP's order, then unacked_index and unacked (kombu's names); ARGV[1] most messages,
 # ARGV[2] the time kombu's QoS would score them with. Returns {list, message, 1 if recorded else 0, ...}.
 _TAKE = """
