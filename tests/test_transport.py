@@ -108,24 +108,38 @@ def test_a_threads_worker_acknowledges_every_url_through_the_shared_client(serve
         assert (cluster.downloads / "t" / f"t{i}.bin").read_bytes() == bytes([i]) * 2000
 
 
+def _publish(conn: Connection, name: str, count: int) -> Queue:
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    with conn.Producer() as producer:
+        for n in range(count):
+            producer.publish({"n": n}, exchange=queue.exchange, routing_key=name, declare=[queue])
+    return queue
+
+
+def _ran(broker, before: dict) -> dict[str, int]:
+    """Commands the server ran since `before` (INFO commandstats), refused ones (a NOSCRIPT) not counted."""
+    def ok(v: dict) -> int:
+        return v["calls"] - v.get("failed_calls", 0) - v.get("rejected_calls", 0)
+    return {k: ok(v) - (ok(before[k]) if k in before else 0) for k, v in broker.info("commandstats").items()}
+
+
+def _queued(conn: Connection, broker, name: str) -> list[int]:
+    channel = conn.default_channel
+    return sorted(channel.Message(json.loads(raw), channel=channel).payload["n"] for raw in broker.lrange(name, 0, -1))
+
+
 def test_a_brpop_brings_as_many_messages_as_the_prefetch_limit_allows_each_recorded_as_kombu_would(server):
     """One BRPOP, then one script for the rest: each taken message is on kombu's unacked index in the same step as
     its pop, in the JSON kombu's own QoS writes, so kombu's restore gives it back (at shutdown, or after the
     visibility timeout) like any delivered message; the prefetch limit bounds the batch."""
     broker = server.client(0)
     with Connection(server.url(0), transport_options=dict(app.conf.broker_transport_options)) as conn:
-        queue = Queue("ff-batch-test", Exchange("ff-batch-test", type="direct"), routing_key="ff-batch-test")
-        with conn.Producer() as producer:
-            for n in range(7):
-                producer.publish({"n": n}, exchange=queue.exchange, routing_key="ff-batch-test", declare=[queue])
+        queue = _publish(conn, "ff-batch-test", 7)
         got: list = []
         with conn.Consumer(queue, callbacks=[lambda body, message: got.append(message)], prefetch_count=5):
             before = broker.info("commandstats")
             conn.drain_events(timeout=5)
-            after = broker.info("commandstats")
-            ran = {k: v["calls"] - v.get("failed_calls", 0) - v.get("rejected_calls", 0) for k, v in after.items()}
-            calls = {k: n - (before[k]["calls"] - before[k].get("failed_calls", 0) - before[k].get("rejected_calls", 0)
-                             if k in before else 0) for k, n in ran.items()}
+            calls = _ran(broker, before)
             assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4]  # in order, no more than the prefetch limit
             assert calls["cmdstat_brpop"] == 1 and calls.get("cmdstat_multi", 0) == 1  # kombu's own, for the first
             assert calls["cmdstat_evalsha"] == 1  # the other four: one script (loaded first: a NOSCRIPT is not run)
@@ -134,14 +148,40 @@ def test_a_brpop_brings_as_many_messages_as_the_prefetch_limit_allows_each_recor
             assert sorted(recorded) == sorted(m.delivery_tag for m in got) and broker.zcard(UNACKED_INDEX) == 5
             for m in got:  # what kombu's QoS.append writes: [the message as received, exchange, routing key]
                 assert recorded[m.delivery_tag] == [m._raw, "ff-batch-test", "ff-batch-test"]
-            got[0].ack()
+            got[0].ack()  # no event loop here: sent at once, as kombu does
             got[3].ack()
             assert broker.hlen(UNACKED) == 3
             # Visibility timeout passed: kombu's restore puts the three unacknowledged ones back on the queue.
             broker.zadd(UNACKED_INDEX, {m.delivery_tag: 1 for m in got}, xx=True)
             conn.default_channel.qos.restore_visible(num=10)
-            assert broker.hlen(UNACKED) == 0 and broker.llen("ff-batch-test") == 5
-            channel = conn.default_channel
-            back = [channel.Message(json.loads(raw), channel=channel).payload["n"]
-                    for raw in broker.lrange("ff-batch-test", 0, -1)]
-            assert sorted(back) == [1, 2, 4, 5, 6]
+            assert broker.hlen(UNACKED) == 0 and _queued(conn, broker, "ff-batch-test") == [1, 2, 4, 5, 6]
+
+
+def test_acks_on_the_event_loops_thread_go_in_one_round_trip_per_turn_and_are_never_given_back(server):
+    """The worker's event loop runs the transport's tick before each poll (kombu's Hub.on_tick; called here as the
+    loop would): the acks of a turn leave kombu's books at once and `unacked` in one pipeline; closing the channel
+    sends what is pending before kombu gives back the unacknowledged rest."""
+    broker = server.client(0)
+    with Connection(server.url(0), transport_options=dict(app.conf.broker_transport_options)) as conn:
+        queue = _publish(conn, "ff-ack-test", 7)
+        got: list = []
+        consumer = conn.Consumer(queue, callbacks=[lambda body, message: got.append(message)], prefetch_count=5)
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        assert len(got) == 5
+        transport, qos = conn.transport, conn.default_channel.qos
+        transport._send_acks()  # the loop's first turn: this thread is the loop's from now on
+        before = broker.info("commandstats")
+        for m in got[:3]:
+            m.ack()
+        assert broker.hlen(UNACKED) == 5  # not yet sent ...
+        assert qos.can_consume_max_estimate() == 3  # ... but the prefetch limit already sees the room
+        transport._send_acks()
+        calls = _ran(broker, before)
+        assert broker.hlen(UNACKED) == 2 and broker.zcard(UNACKED_INDEX) == 2
+        assert (calls["cmdstat_multi"], calls["cmdstat_zrem"], calls["cmdstat_hdel"]) == (1, 1, 1)  # three acks
+        got[3].ack()  # pending when the channel closes
+        consumer.cancel()
+        conn.default_channel.close()
+        assert broker.hlen(UNACKED) == 0 and broker.zcard(UNACKED_INDEX) == 0
+        assert _queued(conn, broker, "ff-ack-test") == [4, 5, 6]  # the unacknowledged one back; #3 never
