@@ -16,7 +16,8 @@ Its connections over plain TCP keep their timeout in the kernel instead of polli
 
 Messages come in batches. kombu takes one message per BRPOP and records it as unacknowledged in a second round
 trip (MULTI ZADD HSET EXEC), both on the worker's main thread, which also acknowledges every task: with 32 download
-threads competing for the GIL, that one thread delivered ~110 messages a second and left half the threads idle.
+threads competing for the GIL, that one thread fell behind (on a list of small remote files, 13-25 of 32 threads
+sat idle in the pool's queue while the host's slots were free).
 After a BRPOP brings a message, one script (`_TAKE`) pops as many more as the prefetch limit leaves room for and
 records each in `unacked`/`unacked_index` exactly as kombu's QoS does (same JSON, same score: the client's clock),
 in the same atomic step as the pop: a message is never off the queue without being on the unacked index, so a
