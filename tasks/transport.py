@@ -64,13 +64,14 @@ for i = 1, #KEYS - 2 do
       local d = p['delivery_info']
       return p['delivery_tag'], cjson.encode(d['exchange']), cjson.encode(d['routing_key'])
     end)
-    if ok and type(tag) == 'string' then
+    local recorded = ok and type(tag) == 'string'
+    if recorded then
       redis.call('ZADD', index, ARGV[2], tag)
       redis.call('HSET', unacked, tag, '[' .. m .. ', ' .. ex .. ', ' .. rk .. ']')
     end
     out[#out + 1] = KEYS[i]
     out[#out + 1] = m
-    out[#out + 1] = (ok and type(tag) == 'string') and 1 or 0
+    out[#out + 1] = recorded and 1 or 0
   end
 end
 return out
@@ -103,12 +104,18 @@ class QoS(kombu_redis.QoS):
         """Delete the `unacked` entries of the messages acknowledged since the last call, in one round trip."""
         tags, self.acks = self.acks, []
         if tags:
-            with self.channel.conn_or_acquire() as client:
-                client.pipeline().zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+            with self.pipe_or_acquire() as pipe:  # kombu's `_remove_from_indices`, for all the tags at once
+                pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
 
+    # Whatever gives unacknowledged messages back sends the pending acks first: an acknowledged message must not
+    # be given back. `restore_unacked_once` runs when a channel closes (even with nothing left to restore).
     def restore_unacked(self, client: Any = None) -> None:
-        self.send_acks()  # an acknowledged message must not be given back
+        self.send_acks()
         super().restore_unacked(client)
+
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        self.send_acks()
+        return super().restore_unacked_once(stderr)
 
 
 class Channel(kombu_redis.Channel):
@@ -116,7 +123,7 @@ class Channel(kombu_redis.Channel):
     # redis:// (rediss:// and unix sockets keep redis-py's classes); kombu's stubs want redis.Connection itself
     connection_class = cast("type[redis.Connection]", KernelTimeoutConnection)
     _sync: tuple[Any, Any] | None = None  # (connection pool, redis.Redis on it)
-    _take_script: Any = None
+    _take_script: Any = None  # _TAKE, registered once, run on whichever client is current
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
@@ -128,27 +135,23 @@ class Channel(kombu_redis.Channel):
             self._sync = kept  # one assignment: threads racing here each get a working client
         return kept[1]
 
-    def close(self) -> None:
-        if not self.closed and self._qos is not None:
-            cast(QoS, self._qos).send_acks()
-        super().close()
-
     def _brpop_read(self, **options: Any) -> bool:
         delivered = super()._brpop_read(**options)  # one message, or Empty
         room = self.qos.can_consume_max_estimate() if self.qos.prefetch_count else 0
-        queues = self._queue_cycle.consume(len(self.active_queues))
-        if room and queues and not self.global_keyprefix:
-            self._take(room, queues)
+        if room and not self.global_keyprefix:
+            queues = self._queue_cycle.consume(len(self.active_queues))
+            if queues:
+                self._take(room, queues)
         return delivered
 
     def _take(self, most: int, queues: list[str]) -> None:
         """Deliver up to `most` more messages, taken and recorded as unacknowledged in one round trip."""
         keys = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
         client = self._create_client()
-        script = self._take_script
-        if script is None or script.registered_client is not client:
-            script = self._take_script = client.register_script(_TAKE)
-        reply = script(keys=[*keys, self.unacked_index_key, self.unacked_key], args=[most, time()])
+        if self._take_script is None:
+            self._take_script = client.register_script(_TAKE)
+        reply = self._take_script(keys=[*keys, self.unacked_index_key, self.unacked_key], args=[most, time()],
+                                  client=client)
         qos = cast(QoS, self.qos)
         for i in range(0, len(reply), 3):
             key, raw, recorded = reply[i:i + 3]
