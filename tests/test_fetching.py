@@ -203,3 +203,15 @@ def test_without_extended_attributes_the_validators_go_to_a_sidecar(origin, tmp_
         assert origin.requests_for("/plain.pdf")[-1].headers["If-None-Match"] == '"r1"'
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_worker_at_info_logs_one_line_per_url(cluster, worker, origin, tmp_path):
+    """`--loglevel=INFO`: the task's own line per URL (and one per retry), not Celery's received/succeeded pair."""
+    origin.add("/logged.bin", b"one line")
+    origin.fail("/logged.bin", [503])
+    result, _ = run(cluster, tmp_path, [origin.url("/logged.bin")], "-d", "logs")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in worker.log_text().splitlines() if "logged.bin" in line]
+    assert any("Finished logged.bin: done, 8 bytes" in line for line in lines), lines
+    assert any("Retrying logged.bin" in line for line in lines), lines
+    assert len(lines) == 2, lines  # no "Task ... received", "succeeded in", "Starting download"

@@ -131,7 +131,7 @@ def test_workers_on_two_hosts_share_a_job_and_survive_one_host_dying(network, tm
         # A worker that starts late joins the job...
         w2 = network.spawn("w2", [*worker_argv, "-n", "w2@host2"], env, tmp_path / "w2.log")
         procs.append(w2)
-        wait_for(lambda: "Starting download" in (tmp_path / "w2.log").read_text(), 40, "worker-2 taking work")
+        wait_for(lambda: "Finished " in (tmp_path / "w2.log").read_text(), 40, "worker-2 taking work")
         # ...and when host 1 dies with downloads in flight, host 2 finishes everything.
         stop_group(w1, signal.SIGKILL)
         assert producer.wait(150) == 0, (tmp_path / "producer.log").read_text()
