@@ -26,9 +26,11 @@ threads waiting for it sleep out a guess. Tokens are only a wake-up: the woken t
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
+import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -42,6 +44,24 @@ LEASE_S = settings.host_lease
 MAX_WAIT_S = 8.0  # longest a task waits before asking for a slot again
 START = 8  # a host's first window: browsers open 6 connections per host
 PAUSED_KEY = "ff:paused"
+
+
+class _LeaseIds:
+    """Lease ids unique across the cluster: a random prefix per process (drawn again in a forked child) and a
+    counter. One `uuid4` per slot taken was a `getrandom` call and ~1 % of a worker's Python time."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self._prefix, self._count = secrets.token_hex(8), itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._count):x}"
+
+
+_lease_ids = _LeaseIds()
 
 # Every script starts with this: times in ms on the server's clock (TIME), so workers on every machine agree, and
 # the window of a host not seen within the last hour.
@@ -197,7 +217,7 @@ class HostLimiter:
 
         All slots busy: the waiter gets a place in line, and comes back about when its turn is due
         (place / limit x the host's average download time), not in a tight loop."""
-        lease_id = uuid.uuid4().hex
+        lease_id = _lease_ids.next()
         k = HostKeys(host)
         reply = self._acquire(keys=[k.slots, k.bucket, k.pause, k.wait, k.stats],
                               args=[limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id])
