@@ -15,7 +15,6 @@ import socket
 import ssl
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,6 @@ from .version import USER_AGENT
 
 CHUNK = 1 << 20
 REDIRECTS = (301, 302, 303, 307, 308)
-_MAX_POOLS = 64
 # urllib3 logs each request line (path and query: signed-URL tokens) at DEBUG; a worker run with
 # --loglevel=DEBUG must not write those secrets to its log.
 logging.getLogger("urllib3.connectionpool").setLevel(logging.INFO)
@@ -54,6 +52,11 @@ _ERRNO_REASONS = {
     errno.ENETUNREACH: "network unreachable",
     errno.ETIMEDOUT: "connection timed out",
 }
+
+
+# What a request sent on a connection the server had just closed fails with.
+_DROPPED_REASONS = {"connection closed without a response", "connection reset by peer",
+                    "connection closed by peer (broken pipe)"}
 
 
 # OpenSSL verify codes of a certificate whose issuer is not among the trusted CAs (X509_V_ERR_...): 18 self-signed
@@ -97,21 +100,36 @@ class _PinnedHTTPS(_PinnedMixin, HTTPSConnection):
         self._ff_address = ff_address
 
 
-class _PinnedHTTPPool(HTTPConnectionPool):
+class _KeptAlive:
+    """A pool that says whether its latest request went out on a connection kept from an earlier one."""
+
+    reused = False
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        self.reused = conn.sock is not None  # (one the server had already closed, urllib3 replaced by a new one)
+        return conn
+
+
+class _PinnedHTTPPool(_KeptAlive, HTTPConnectionPool):
     ConnectionCls = _PinnedHTTP
 
 
-class _PinnedHTTPSPool(HTTPSConnectionPool):
+class _PinnedHTTPSPool(_KeptAlive, HTTPSConnectionPool):
     ConnectionCls = _PinnedHTTPS
 
 
 class PinnedAdapter(HTTPAdapter):
-    """A requests adapter whose pools are keyed by (scheme, host, port, checked address)."""
+    """A requests adapter that connects only to checked addresses: one pool, for the (scheme, host, port, checked
+    address) of the thread's latest request. Its one connection is kept alive between downloads from the same
+    origin (curl and aria2c reuse theirs too: no connect per URL, and a server spawns no handler per request);
+    a request to another origin or address closes it, so a thread holds at most one idle connection."""
 
     def __init__(self) -> None:
         super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
         self.pins: dict[tuple[str, int], str] = {}
-        self._pools: OrderedDict[tuple, HTTPConnectionPool] = OrderedDict()
+        self._key: tuple | None = None
+        self._pool: HTTPConnectionPool | None = None
 
     def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):  # type: ignore[override]
         host_params, pool_kwargs = self.build_connection_pool_key_attributes(request, verify, cert)
@@ -121,23 +139,30 @@ class PinnedAdapter(HTTPAdapter):
         if address is None:  # fail closed: nothing connects without a guard check
             raise PermanentError(f"refused: {host}:{port} was not checked by the destination policy")
         key = (scheme, host, port, address, tuple(sorted((k, repr(v)) for k, v in pool_kwargs.items())))
-        pool = self._pools.get(key)
-        if pool is None:
+        if self._pool is None or key != self._key:
+            self.close_pool()
             if scheme == "https":
-                pool = _PinnedHTTPSPool(host, port, maxsize=1, ff_address=address, **pool_kwargs)
+                self._pool = _PinnedHTTPSPool(host, port, maxsize=1, ff_address=address, **pool_kwargs)
             else:
                 plain = {k: v for k, v in pool_kwargs.items() if k not in SSL_KEYWORDS}
-                pool = _PinnedHTTPPool(host, port, maxsize=1, ff_address=address, **plain)
-            self._pools[key] = pool
-            while len(self._pools) > _MAX_POOLS:
-                self._pools.popitem(last=False)[1].close()
-        self._pools.move_to_end(key)
-        return pool
+                self._pool = _PinnedHTTPPool(host, port, maxsize=1, ff_address=address, **plain)
+            self._key = key
+        return self._pool
+
+    def kept_alive_died(self, exc: BaseException) -> bool:
+        """The request failed because the server closed the kept-alive connection it went out on (a server may
+        close an idle connection just as a request arrives): worth one more try at once, on a new connection, as
+        curl and browsers do. Not a sign of stress, and no attempt of the URL is spent on it."""
+        return (isinstance(self._pool, _KeptAlive) and self._pool.reused
+                and _known_reason(exc) in _DROPPED_REASONS)
+
+    def close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+        self._pool = self._key = None
 
     def close(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
-        self._pools.clear()
+        self.close_pool()
         super().close()
 
 
@@ -258,7 +283,7 @@ def open_response(url: str, headers: dict[str, str], limits: Limits, deadline: f
             given = {k.lower() for k in hop_headers}
             hop_headers.update({k: v for k, v in per_host(current).items() if k.lower() not in given})
         seen.add(current)
-        response = _send(s, current, hop_headers, limits, deadline)
+        response = _send(s, adapter, current, hop_headers, limits, deadline)
         if response.status_code not in REDIRECTS or "location" not in response.headers:
             return response
         response.close()
@@ -287,13 +312,24 @@ def time_left(deadline: float) -> float:
     return left
 
 
-def _send(s: requests.Session, url: str, headers: dict[str, str], limits: Limits, deadline: float) -> requests.Response:
+def _get(s: requests.Session, adapter: PinnedAdapter | ProxiedAdapter, url: str, headers: dict[str, str],
+         limits: Limits, deadline: float) -> requests.Response:
     left = time_left(deadline)
     timeout = (min(limits.connect_timeout, left), min(limits.read_timeout, left))
+    # Both adapters take `verify` from here: the pinned pools and the proxy's CONNECT tunnels alike.
     try:
-        # Both adapters take `verify` from here: the pinned pools and the proxy's CONNECT tunnels alike.
-        response = s.get(url, headers=headers, stream=True, allow_redirects=False, timeout=timeout,
-                         verify=limits.ca_bundle or True)
+        return s.get(url, headers=headers, stream=True, allow_redirects=False, timeout=timeout,
+                     verify=limits.ca_bundle or True)
+    except requests.exceptions.ConnectionError as exc:
+        if not (isinstance(adapter, PinnedAdapter) and adapter.kept_alive_died(exc)):
+            raise
+    return _get(s, adapter, url, headers, limits, deadline)  # the failed connection is gone: this one is new
+
+
+def _send(s: requests.Session, adapter: PinnedAdapter | ProxiedAdapter, url: str, headers: dict[str, str],
+          limits: Limits, deadline: float) -> requests.Response:
+    try:
+        response = _get(s, adapter, url, headers, limits, deadline)
     except requests.exceptions.ConnectTimeout:
         time_left(deadline)
         raise TransientError(f"connect timed out after {limits.connect_timeout:g} s") from None
@@ -393,7 +429,7 @@ def body_chunks(response: requests.Response, read_timeout: float, deadline: floa
         while True:
             _limit_next_read(response, min(read_timeout, time_left(deadline)))
             chunk = raw.read1(size, decode_content=False)
-            if not chunk:
+            if not chunk:  # the whole body (urllib3 has given the connection back to the pool for the next request)
                 return
             yield chunk
     except (urllib3.exceptions.ReadTimeoutError, TimeoutError):

@@ -13,6 +13,7 @@ import pytest
 from tasks import storage
 from tasks.naming import with_hash
 from tests.conftest import ROOT, Cluster, read_manifest, write_list
+from tests.support.origin import DROP
 from tests.support.servers import RedisServer, Worker
 
 
@@ -203,6 +204,28 @@ def test_without_extended_attributes_the_validators_go_to_a_sidecar(origin, tmp_
         assert origin.requests_for("/plain.pdf")[-1].headers["If-None-Match"] == '"r1"'
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_connection_is_kept_alive_and_one_the_server_drops_is_replaced_at_once(origin, tmp_path):
+    """One download thread fetches one origin's files over one connection, as curl does. When the server closes
+    that kept connection just as the next request arrives, the request goes out again at once on a new one:
+    the URL is done in its first attempt (no retry later, no halving of the host's window)."""
+    for i in range(4):
+        origin.add(f"/k{i}", f"kept {i}".encode() * 1000)
+    origin.fail("/k3", [DROP])
+    with RedisServer(tmp_path / "redis") as server:  # its own: one thread, so the URLs go in order on one thread
+        own = Cluster(server, tmp_path / "dl")
+        with Worker(own.env, name="alive", concurrency=1, pool="threads", log=tmp_path / "w.log", cwd=ROOT):
+            result, records = run(own, tmp_path, [origin.url(f"/k{i}") for i in range(4)], "-d", "k")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [r["status"] for r in records] == ["done"] * 4 and [r["attempts"] for r in records] == [1] * 4
+    for i in range(4):
+        assert (own.downloads / "k" / f"k{i}").read_bytes() == f"kept {i}".encode() * 1000
+    ports = [r.port for r in origin.requests]
+    assert [r.path for r in origin.requests] == ["/k0", "/k1", "/k2", "/k3", "/k3"]
+    assert len(set(ports[:4])) == 1, ports  # one connection for the first four requests
+    assert ports[4] != ports[3]  # the dropped one replaced by a new connection
+    assert "at once from now on" not in (tmp_path / "w.log").read_text()
 
 
 def test_a_worker_at_info_logs_one_line_per_url(cluster, worker, origin, tmp_path):

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import unquote
 
 CHUNK = 64 * 1024
+DROP = 0  # a "status" for Origin.fail: close the connection without an answer
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Record:
     headers: dict[str, str]
     client: str
     concurrent: int = 0  # requests in progress at the origin as this one began, itself included
+    port: int = 0  # the client's port: one per connection (requests kept alive share it)
 
 
 @dataclass
@@ -245,7 +247,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, head: bool) -> None:
         o = self.origin
         o._enter(Record(time.monotonic(), self.command, self.path, _Headers(self.headers.items()),
-                        self.client_address[0]))
+                        self.client_address[0], port=self.client_address[1]))
         self._in_flight = True
         try:
             self._respond(head)
@@ -278,6 +280,9 @@ class _Handler(BaseHTTPRequestHandler):
         o = self.origin
         plain = self.path.split("?", 1)[0]
         failure = o._next_failure(self.path) or o._next_failure(plain)
+        if failure and failure[0] == DROP:
+            self.close_connection = True  # as a server closing an idle kept-alive connection just as a request came
+            return None
         if failure:
             return self._simple(failure[0], failure[1])
         target = o.redirects.get(self.path) or o.redirects.get(plain)
