@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from tasks import hostlimit
 from tasks.hostlimit import START, HostKeys, HostLimiter
 from tasks.retry import host_pause
 from tests.conftest import FAST_HEAL, ROOT, Cluster, read_manifest, write_list
@@ -335,3 +337,20 @@ def read_manifest_from_results(cluster: Cluster, producer_output: str) -> list[d
 
     listing = cluster.producer("results", job_id_of(producer_output))
     return [json.loads(line) for line in listing.stdout.splitlines()]
+
+
+def test_lease_ids_are_unique_across_forked_processes():
+    """A slot's lease id is a per-process prefix and a counter: a prefork child draws its own prefix, or two
+    children would take the same slot under one id (one ZADD overwriting the other's lease)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: as a prefork pool process after the fork
+        os.write(write, " ".join(hostlimit._lease_ids.next() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 4096).decode().split()
+    os.close(read)
+    mine = [hostlimit._lease_ids.next() for _ in range(3)]
+    assert len(set(mine)) == 3 and len(set(child)) == 3
+    assert not set(mine) & set(child) and mine[0][:16] != child[0][:16]
