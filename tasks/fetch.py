@@ -54,9 +54,9 @@ _ERRNO_REASONS = {
 }
 
 
+_NO_RESPONSE = "connection closed without a response"
 # What a request sent on a connection the server had just closed fails with.
-_DROPPED_REASONS = {"connection closed without a response", "connection reset by peer",
-                    "connection closed by peer (broken pipe)"}
+_DROPPED_REASONS = {_NO_RESPONSE, _ERRNO_REASONS[errno.ECONNRESET], _ERRNO_REASONS[errno.EPIPE]}
 
 
 # OpenSSL verify codes of a certificate whose issuer is not among the trusted CAs (X509_V_ERR_...): 18 self-signed
@@ -392,7 +392,7 @@ def _known_reason(exc: BaseException) -> str | None:
             return _ERRNO_REASONS[e.errno]
     for e in causes:
         if isinstance(e, http.client.RemoteDisconnected):
-            return "connection closed without a response"
+            return _NO_RESPONSE
         if isinstance(e, TimeoutError | urllib3.exceptions.TimeoutError) and not isinstance(
                 e, urllib3.exceptions.NewConnectionError):
             return "read timed out"
