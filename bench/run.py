@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+import timeit
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,6 +120,13 @@ def measure_cell(work: Path, label: str, tool: str, how: str, build: Callable, l
             "stderr": runs[-1]["stderr"] if not all(r["ok"] for r in runs) else ""}
 
 
+def python_speed() -> float:
+    """Milliseconds for `sum(range(10**7))`, best of 5: how fast this machine runs Python now. A VM's speed can
+    change twofold from one hour to the next (this one's: 119-268 ms), and fleetfetch's figures, which are CPU-bound
+    on two cores, change with it while curl's hardly do: runs are comparable at a similar reference."""
+    return min(timeit.repeat("sum(range(10**7))", number=1, repeat=5)) * 1000
+
+
 def format_row(row: dict) -> str:
     status = "" if row["ok"] else "  FAIL " + row["stderr"].strip().replace("\n", " ")[-200:]
     workers = f"{row['worker_pss_mb']:7.0f}" if row["worker_pss_mb"] else "      -"
@@ -191,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="fleetfetch-bench-"))
     work.chmod(0o755)  # nginx's worker processes run as an unprivileged user
-    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    machine = (f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+               f"Python reference loop {python_speed():.0f} ms")
     print(f"fleetfetch bench ({'quick' if quick else 'full'}, {repeats} repeat(s), median), {machine}; origin: "
           f"{'nginx' if shutil.which('nginx') else 'python'}; Redis without persistence (workers rows)")
     print(f"{'workload':<26} {'tool':<34} {'seconds':>8} {'files/s':>8} {'MB/s':>7} {'PSS MB':>6} {'workers':>7} "

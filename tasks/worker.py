@@ -1,7 +1,7 @@
 """`python -m tasks.worker -P POOL -c N -n NAME`: a worker of this app, started without Celery's command line.
 
 Local mode starts its workers so. Each is the worker that `celery -A tasks worker -P POOL -c N -n NAME
---loglevel=INFO --without-gossip --without-mingle` runs: the same app, settings, pool, signal handlers and warm
+--loglevel=LEVEL --without-gossip --without-mingle` runs: the same app, settings, pool, signal handlers and warm
 shutdown (Celery's own `app.Worker`, which that command builds too). What it skips is importing the command line,
 whose plugins (Flower's `celery flower`, the REPL's prompt_toolkit) cost each worker ~0.25 s of CPU at start;
 on a 2-core machine booting two workers beside the producer, that is on the critical path of a short job.
@@ -23,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-P", "--pool", required=True, help="the worker pool (threads, prefork, solo)")
     parser.add_argument("-c", "--concurrency", type=int, required=True, help="downloads at once")
     parser.add_argument("-n", "--hostname", required=True, help="the node name; %%h expands to the host name")
+    parser.add_argument("-l", "--loglevel", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log level (default: INFO, one line per URL)")
     args = parser.parse_args(argv)
     worker = app.Worker(hostname=host_format(default_nodename(args.hostname)), pool_cls=args.pool,
-                        concurrency=args.concurrency, loglevel=logging.INFO, without_gossip=True,
+                        concurrency=args.concurrency, loglevel=logging.getLevelName(args.loglevel), without_gossip=True,
                         without_mingle=True)
     worker.start()
     return int(worker.exitcode or 0)

