@@ -10,11 +10,13 @@ import argparse
 import json
 import os
 import platform
+import queue
 import shutil
 import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import timeit
 from collections.abc import Callable
@@ -120,11 +122,34 @@ def measure_cell(work: Path, label: str, tool: str, how: str, build: Callable, l
             "stderr": runs[-1]["stderr"] if not all(r["ok"] for r in runs) else ""}
 
 
-def python_speed() -> float:
-    """Milliseconds for `sum(range(10**7))`, best of 5: how fast this machine runs Python now. A VM's speed can
-    change twofold from one hour to the next (this one's: 119-268 ms), and fleetfetch's figures, which are CPU-bound
-    on two cores, change with it while curl's hardly do: runs are comparable at a similar reference."""
-    return min(timeit.repeat("sum(range(10**7))", number=1, repeat=5)) * 1000
+def machine_speed() -> str:
+    """How fast this machine runs what fleetfetch does, now: Python code (ms for `sum(range(10**7))`) and threads
+    handing work to each other (µs per round trip between two threads through a queue: two GIL hand-offs, each a
+    futex wake and a context switch, as among a worker's download threads), each the best of 5. A VM's speed can
+    change twofold from one hour to the next, the hand-offs more than the loop, and fleetfetch's figures, CPU-bound
+    on two cores, change with it while curl's hardly do: runs are comparable where these are alike."""
+    loop = min(timeit.repeat("sum(range(10**7))", number=1, repeat=5)) * 1000
+    return f"Python reference loop {loop:.0f} ms, thread hand-off {min(_round_trip() for _ in range(5)):.0f} µs"
+
+
+def _round_trip(n: int = 5000) -> float:
+    """µs per round trip of an item between this thread and another, through two queues."""
+    there, back = queue.SimpleQueue(), queue.SimpleQueue()
+
+    def echo() -> None:
+        while (item := there.get()) is not None:
+            back.put(item)
+
+    peer = threading.Thread(target=echo)
+    peer.start()
+    start = time.perf_counter()
+    for i in range(n):
+        there.put(i)
+        back.get()
+    elapsed = time.perf_counter() - start
+    there.put(None)
+    peer.join()
+    return elapsed / n * 1e6
 
 
 def format_row(row: dict) -> str:
@@ -200,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="fleetfetch-bench-"))
     work.chmod(0o755)  # nginx's worker processes run as an unprivileged user
     machine = (f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-               f"Python reference loop {python_speed():.0f} ms")
+               f"{machine_speed()}")
     print(f"fleetfetch bench ({'quick' if quick else 'full'}, {repeats} repeat(s), median), {machine}; origin: "
           f"{'nginx' if shutil.which('nginx') else 'python'}; Redis without persistence (workers rows)")
     print(f"{'workload':<26} {'tool':<34} {'seconds':>8} {'files/s':>8} {'MB/s':>7} {'PSS MB':>6} {'workers':>7} "
