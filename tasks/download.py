@@ -212,7 +212,8 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
         why = "the job was cancelled" if already == ledger.CANCELLED else "redelivery ignored"
         log.info("Already finished %s (job %s #%s): %s", m.name, m.job, m.index, why)
         return _ledger().record(m.job, m.index) or {"status": already}
-    log.debug("Starting download of %s %s", m.name, _runner())
+    if log.isEnabledFor(logging.DEBUG):  # naming the runner is work on every URL, for a line shown at DEBUG only
+        log.debug("Starting download of %s %s", m.name, _runner())
     req = transfer.Request(url=m.url, name=m.name, subdir=o.subdir, sha256=o.sha256, force=o.force,
                            max_size=int(o.max_size or 0), resume=m.state.resume,
                            content_disposition=o.content_disposition, headers=_headers(call),

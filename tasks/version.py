@@ -23,5 +23,5 @@ def __getattr__(name: str) -> str:
     if name == "VERSION":
         return _version("fleetfetch", "0.1.0")
     if name == "USER_AGENT":
-        return f"fleetfetch/{_version('fleetfetch', '0.1.0')} python-requests/{_version('requests', '?')}"
+        return f"fleetfetch/{__getattr__('VERSION')} python-requests/{_version('requests', '?')}"
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -228,11 +228,9 @@ def test_local_workers_log_no_line_per_url(chaos, origin, tmp_path):
     from producer.local import stop_process
 
     origin.add("/quiet.bin", b"not logged")
-    spawned = Spawned(subprocess.Popen([sys.executable, "-m", "producer", str(write_list(tmp_path / "one.txt", [
-        origin.url("/quiet.bin")]))], cwd=tmp_path, env=base_env(), stdout=subprocess.PIPE, text=True))
-    spawned.proc.communicate(timeout=120)
-    assert spawned.proc.returncode == 0
-    local_argv = next(argv for argv in spawned.argvs.values() if argv[1:3] == ["-m", "tasks.worker"])
+    result, watch = run_local([str(write_list(tmp_path / "one.txt", [origin.url("/quiet.bin")]))], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    local_argv = next(argv for argv in watch.argvs.values() if argv[1:3] == ["-m", "tasks.worker"])
     assert local_argv[-2:] == ["--loglevel", "WARNING"]
 
     log = tmp_path / "worker.log"
