@@ -10,7 +10,8 @@ with EAGAIN, which redis-py reports as a ConnectionError (retried as a TimeoutEr
 stalled server is still noticed after `socket_timeout` seconds instead of hanging the thread.
 
 Only plain TCP connections (redis://) are made so (`ledger.client_for`, and kombu's through
-`transport.Channel`); rediss:// and unix sockets keep redis-py's own.
+`transport.Channel`); rediss:// and unix sockets keep redis-py's own. Plain http:// downloads do the same
+(`fetch.KernelTimeoutSocket`).
 """
 
 from __future__ import annotations
@@ -35,11 +36,20 @@ class KernelTimeoutConnection(redis.Connection):
     def _connect(self) -> socket.socket:
         sock: socket.socket = super()._connect()
         if self.kernel_timeout:
-            seconds = int(self.kernel_timeout)
-            wait = struct.pack("ll", seconds, int((self.kernel_timeout - seconds) * 1_000_000))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, wait)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, wait)
+            set_kernel_timeouts(sock, self.kernel_timeout)
         return sock
+
+
+def set_kernel_timeouts(sock: socket.socket, seconds: float | None) -> None:
+    """A read or a write on `sock` fails with EAGAIN after waiting `seconds` (None: waits for ever). Unlike
+    `settimeout` (an ioctl), `setsockopt` keeps the GIL."""
+    whole = micros = 0  # 0 s 0 µs is "for ever" to the kernel
+    if seconds is not None:
+        whole = max(0, int(seconds))
+        micros = max(0 if whole else 1, int((seconds - whole) * 1_000_000))  # at least 1 µs, never "for ever"
+    wait = struct.pack("ll", whole, micros)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, wait)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, wait)
 
 
 ScriptCall = tuple[Script, list[Any], list[Any]]  # a registered script, its keys and its arguments

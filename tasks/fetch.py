@@ -31,6 +31,7 @@ from urllib3.poolmanager import SSL_KEYWORDS
 from urllib3.util import connection as u3conn
 
 from . import guard
+from .connection import set_kernel_timeouts
 from .errors import CutShort, PermanentError, TransientError
 from .message import is_secret_header
 from .redact import redact_text, redact_url
@@ -65,10 +66,64 @@ _DROPPED_REASONS = {_NO_RESPONSE, _ERRNO_REASONS[errno.ECONNRESET], _ERRNO_REASO
 _UNKNOWN_ISSUER = {18, 19, 20}
 
 
+class KernelTimeoutSocket(socket.socket):
+    """A plain http:// connection's socket once connected: blocking in Python, its timeout kept by the kernel
+    (SO_RCVTIMEO, SO_SNDTIMEO), as the Redis connections' (`tasks/connection.py`). A Python timeout polls before
+    every send and receive, and changing it is an ioctl: each a system call that lets go of the GIL, a hand-off
+    among the pool's threads. A read or write that waits longer than the timeout fails with EAGAIN in the kernel,
+    raised here as the TimeoutError a Python timeout gives, so urllib3 and `body_chunks` see a read timeout as
+    before. (TLS sockets keep Python's timeouts: the ssl module needs them to tell a stall from a wait.)"""
+
+    __slots__ = ("_kernel_timeout",)
+    _kernel_timeout: float | None
+
+    @classmethod
+    def adopt(cls, sock: socket.socket) -> KernelTimeoutSocket:
+        timeout = sock.gettimeout()
+        own = cls(sock.family, sock.type, sock.proto, sock.detach())
+        socket.socket.settimeout(own, None)  # blocking in Python (the fd was non-blocking for the timed connect)
+        own._kernel_timeout = 0.0  # differs from every timeout asked for, so the first is set
+        own.settimeout(timeout)
+        return own
+
+    def settimeout(self, value: float | None) -> None:
+        if value != self._kernel_timeout:
+            set_kernel_timeouts(self, value)
+            self._kernel_timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self._kernel_timeout
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        try:
+            return super().recv_into(buffer, nbytes, flags)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        try:
+            return super().recv(bufsize, flags)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        try:
+            super().sendall(data, flags)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        try:
+            return super().send(data, flags)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+
+
 class _PinnedMixin:
     """Connect to the address the guard checked instead of resolving the host name again."""
 
     _ff_address: str
+    _ff_kernel_timeouts = False  # plain http: the socket becomes a KernelTimeoutSocket once connected
     host: str
     port: int
     timeout: Any
@@ -77,12 +132,13 @@ class _PinnedMixin:
 
     def _new_conn(self) -> socket.socket:
         try:
-            return u3conn.create_connection(
+            sock = u3conn.create_connection(
                 (self._ff_address, self.port),
                 self.timeout,
                 source_address=self.source_address,
                 socket_options=self.socket_options,
             )
+            return KernelTimeoutSocket.adopt(sock) if self._ff_kernel_timeouts else sock
         except TimeoutError as exc:
             raise ConnectTimeoutError(self, f"connect to {self.host} timed out") from exc
         except OSError as exc:
@@ -90,6 +146,8 @@ class _PinnedMixin:
 
 
 class _PinnedHTTP(_PinnedMixin, HTTPConnection):
+    _ff_kernel_timeouts = True
+
     def __init__(self, *args: Any, ff_address: str, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._ff_address = ff_address

@@ -1,4 +1,4 @@
-"""Storage against a booby-trapped directory, and fetch's failure reasons from real sockets (pure-ish units)."""
+"""Storage against a booby-trapped directory; fetch on real sockets: failure reasons, kernel timeouts (units)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import shutil
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,27 @@ def test_a_durable_part_file_hands_its_pages_to_the_disk_on_the_way_and_commits_
     assert (tmp_path / "big.bin").read_bytes() == body
     assert digest == hashlib.sha256(body).hexdigest()
     assert not (tmp_path / ".big.bin.part").exists()
+
+
+def test_a_plain_http_download_waits_in_the_kernel_and_a_stall_still_times_out(origin):
+    """A plain http:// connection's socket is blocking in Python, so a read is one system call (no poll before
+    it, no ioctl to change its timeout): one hand-off of the GIL instead of two or three. Its timeout is the
+    kernel's, and follows each change urllib3 and the deadline make. A body that stalls longer fails as a read
+    timeout, and the connection is kept alive between requests. (TLS connections keep Python's own timeouts.)"""
+    body = b"x" * 300_000
+    origin.add("/ok.bin", body)
+    origin.add("/stall.bin", body, stall=5)
+    limits = fetch.Limits(2, 0.5, 3, guard.Policy(allow_networks=(guard.ipaddress.ip_network("127.0.0.1/32"),)))
+    response = fetch.open_response(origin.url("/ok.bin"), {}, limits)
+    sock = response.raw.connection.sock
+    assert isinstance(sock, fetch.KernelTimeoutSocket)
+    assert socket.socket.gettimeout(sock) is None and sock.getblocking()  # Python never polls it
+    assert sock.gettimeout() == 0.5
+    assert struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)) == (0, 500_000)
+    assert b"".join(fetch.body_chunks(response, 0.5, size=65536)) == body
+    response = fetch.open_response(origin.url("/stall.bin"), {}, limits)
+    assert response.raw.connection.sock is sock  # the same connection, kept alive
+    began = time.monotonic()
+    with pytest.raises(TransientError, match=r"read timed out after 0\.5 s \(stalled\)"):
+        b"".join(fetch.body_chunks(response, 0.5, time.monotonic() + 60))
+    assert 0.4 < time.monotonic() - began < 3
