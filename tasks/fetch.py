@@ -7,6 +7,7 @@ while the Host header and TLS name/certificate checks stay on the URL's host nam
 from __future__ import annotations
 
 import errno
+import functools
 import http.client
 import http.cookiejar
 import logging
@@ -66,6 +67,18 @@ _DROPPED_REASONS = {_NO_RESPONSE, _ERRNO_REASONS[errno.ECONNRESET], _ERRNO_REASO
 _UNKNOWN_ISSUER = {18, 19, 20}
 
 
+def _eagain_is_a_timeout(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` of a socket whose timeout is the kernel's: EAGAIN (the kernel's timeout ran out) raised as the
+    TimeoutError a Python timeout gives."""
+    @functools.wraps(method)
+    def call(sock: socket.socket, *args: Any) -> Any:
+        try:
+            return method(sock, *args)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+    return call
+
+
 class KernelTimeoutSocket(socket.socket):
     """A plain http:// connection's socket once connected: blocking in Python, its timeout kept by the kernel
     (SO_RCVTIMEO, SO_SNDTIMEO), as the Redis connections' (`tasks/connection.py`). A Python timeout polls before
@@ -82,7 +95,7 @@ class KernelTimeoutSocket(socket.socket):
         timeout = sock.gettimeout()
         own = cls(sock.family, sock.type, sock.proto, sock.detach())
         socket.socket.settimeout(own, None)  # blocking in Python (the fd was non-blocking for the timed connect)
-        own._kernel_timeout = 0.0  # differs from every timeout asked for, so the first is set
+        own._kernel_timeout = math.nan  # unequal to every timeout, so the first asked for is set
         own.settimeout(timeout)
         return own
 
@@ -94,29 +107,10 @@ class KernelTimeoutSocket(socket.socket):
     def gettimeout(self) -> float | None:
         return self._kernel_timeout
 
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        try:
-            return super().recv_into(buffer, nbytes, flags)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        try:
-            return super().recv(bufsize, flags)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
-
-    def sendall(self, data: Any, flags: int = 0) -> None:
-        try:
-            super().sendall(data, flags)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
-
-    def send(self, data: Any, flags: int = 0) -> int:
-        try:
-            return super().send(data, flags)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
+    recv_into = _eagain_is_a_timeout(socket.socket.recv_into)
+    recv = _eagain_is_a_timeout(socket.socket.recv)
+    sendall = _eagain_is_a_timeout(socket.socket.sendall)
+    send = _eagain_is_a_timeout(socket.socket.send)
 
 
 class _PinnedMixin:
