@@ -69,8 +69,10 @@ def check_broker(url: str) -> None:
 
 
 def _configure(broker: str, backend: str) -> None:
-    """Point the app at `broker`/`backend` (messages are published on a connection of their own: `feed.publish`)."""
-    app.conf.update(broker_url=broker, result_backend=backend)
+    """Point the app at `broker`/`backend`. The producer's broker connection does not retry timed-out
+    commands itself: kombu pipelines publishes only then (a replayed pipeline could publish twice)."""
+    options = {k: v for k, v in app.conf.broker_transport_options.items() if k != "retry_on_timeout"}
+    app.conf.update(broker_url=broker, result_backend=backend, broker_transport_options=options)
 
 
 @contextlib.contextmanager

@@ -64,14 +64,7 @@ def publish(app: Celery, book: ledger.Ledger, job: str, messages: Iterable[Messa
     amqp = app.amqp
     queue = amqp.queues[queue_name]  # declared on demand (task_create_missing_queues)
     sent = 0
-    # kombu pipelines a batch's LPUSHes only on a connection that redis-py does not retry on a timeout: a retried
-    # pipeline could push its messages twice (kombu >= 5.7). Twice is harmless here (the ledger keeps one final
-    # record, the part-file lock lets one attempt write), once per round trip is not: with the app's connections
-    # (retry_on_timeout, for the workers' sake) each message was a round trip of its own: 1000 messages took 183
-    # ms of the publisher's time against 51-57 batched. A batch that fails is not marked queued: it is published
-    # again (`Feeder`, `resume`).
-    with app.connection_for_write(transport_options={"retry_on_timeout": False}) as conn, \
-            amqp.Producer(conn.default_channel, auto_declare=False) as producer:
+    with app.producer_or_acquire() as producer:
         producer.maybe_declare(queue, retry=True)
         for batch in _chunks(messages, PUBLISH_BATCH):
             with producer.batch(max_size=PUBLISH_BATCH):

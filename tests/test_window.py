@@ -83,9 +83,9 @@ def test_a_job_larger_than_the_window_completes_with_workers_alone_and_the_broke
 
 def test_a_jobs_messages_reach_the_broker_in_batches_not_one_round_trip_each(tmp_path):
     """The producer's messages go to Redis in pipelined batches (`feed.publish`) with the shipped settings, whose
-    connections retry on a timeout: kombu batches nothing on such a connection, so the publishing one does not
-    retry. Counted with the reads the server serves, on a server of this test's own (no worker: every message
-    stays in the queue)."""
+    connections retry on a timeout: kombu batches nothing on such a connection, so the producer's does not retry
+    (`producer.connect._configure`). Counted with the reads the server serves, on a server of this test's own (no
+    worker: every message stays in the queue)."""
     server = RedisServer(tmp_path / "redis", appendonly=False).start()
     try:
         watch = server.client(0)
