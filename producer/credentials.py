@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import http.cookiejar
-import netrc
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -36,6 +34,8 @@ def _proxy(url: str) -> str:
 
 def _logins(path: Path) -> dict[str, tuple[str, str]]:
     """Machine entries only: a `default` entry would send its login to every host, so it is not used."""
+    import netrc  # here, as http.cookiejar below: ~15 ms at every start, for two options seldom given
+
     try:
         parsed = netrc.netrc(str(path))
     except FileNotFoundError:
@@ -53,6 +53,8 @@ def _logins(path: Path) -> dict[str, tuple[str, str]]:
 
 
 def _cookies(path: Path) -> list[Cookie]:
+    import http.cookiejar
+
     jar = http.cookiejar.MozillaCookieJar(str(path))
     try:
         jar.load(ignore_discard=True, ignore_expires=True)

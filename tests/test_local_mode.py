@@ -24,6 +24,7 @@ class Spawned:
         self.proc = proc
         self.pids: set[int] = set()
         self.argvs: dict[int, list[str]] = {}  # pid -> command line
+        self.parents: dict[int, int] = {}  # pid -> parent pid
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
@@ -34,6 +35,7 @@ class Spawned:
                     self.pids.add(child.pid)
                     with contextlib.suppress(psutil.Error):
                         self.argvs[child.pid] = child.cmdline()  # the last seen: after exec, not the fork's
+                        self.parents[child.pid] = child.ppid()
             time.sleep(0.05)
 
     def survivors(self) -> list[int]:
@@ -85,6 +87,41 @@ def test_local_mode_runs_one_threads_worker_per_core_sharing_the_default_size(or
     records = read_manifest(tmp_path / "m.jsonl")
     assert len(records) == 60 and {r["status"] for r in records} == {"done"}
     assert len({r["worker"] for r in records}) == cores
+    # One process was started to import Celery and the task once; the workers are forked from it.
+    started = [pid for pid, argv in watch.argvs.items()
+               if argv[1:3] == ["-m", "tasks.worker"] and watch.parents[pid] == watch.proc.pid]
+    assert len(started) == 1
+    forked = [pid for pid, parent in watch.parents.items() if parent == started[0]]
+    assert len(forked) == (cores if cores > 1 else 0)
+    assert watch.survivors() == []
+
+
+def test_one_forked_local_worker_that_dies_stops_the_job_in_one_line_and_leaves_nothing(origin, tmp_path):
+    """The process that forks local mode's workers waits for them: when one dies, it stops the others and ends
+    with that worker's status, which the producer reports (exit 4) in one line; nothing is left running."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.fail("this test needs 2 cores, as CI's machine has: local mode forks one worker per core")
+    for name in ("/slow.bin", "/slow2.bin"):
+        origin.add(name, b"z" * 200_000, rate=20_000)
+    listing = write_list(tmp_path / "urls.txt", [origin.url("/slow.bin"), origin.url("/slow2.bin")])
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(tmp_path / "d")], cwd=ROOT,
+                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = Spawned(proc)
+    try:
+        deadline = time.monotonic() + 30
+        while not origin.requests_for("/slow.bin") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        forked = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                  if "tasks.worker" in " ".join(p.cmdline()) and p.ppid() != proc.pid]
+        assert len(forked) == 2, "expected two workers forked from one process"
+        forked[0].kill()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 4, out + err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: the local worker exited with code 137: ")
+    assert err.rstrip().endswith("was killed by SIGKILL: the other workers were stopped"), err
     assert watch.survivors() == []
 
 
@@ -231,11 +268,11 @@ def test_local_workers_log_no_line_per_url(chaos, origin, tmp_path):
     result, watch = run_local([str(write_list(tmp_path / "one.txt", [origin.url("/quiet.bin")]))], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     local_argv = next(argv for argv in watch.argvs.values() if argv[1:3] == ["-m", "tasks.worker"])
-    assert local_argv[-2:] == ["--loglevel", "WARNING"]
+    assert local_argv[local_argv.index("--loglevel") + 1] == "WARNING"
 
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:  # the same worker on a cluster of the test's own, to read its log
-        worker = subprocess.Popen([*local_argv[:-4], "-n", "quiet@%h", *local_argv[-2:]], env=chaos.env, cwd=ROOT,
+        worker = subprocess.Popen([*local_argv[:local_argv.index("-n")], "-n", "quiet@%h"], env=chaos.env, cwd=ROOT,
                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         listing = write_list(tmp_path / "urls.txt", [origin.url("/quiet.bin")])
