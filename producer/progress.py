@@ -54,7 +54,7 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=Console(file=err),
                    disable=not tty, transient=True)
-    with bar:
+    with bar, book.end_of(job) as end:
         task_id = bar.add_task(job, total=total, info="")
         while True:
             counts = _counts_waiting(book, job)
@@ -80,7 +80,7 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
                 print(f"waiting: no URL finished in the last {IDLE_HINT_S:.0f} s - is a worker running? "
                       "(celery -A tasks worker)", file=err, flush=True)
                 last_change = now
-            time.sleep(poll_wait(now - started))
+            end.wait(poll_wait(now - started))  # returns as soon as the job's last URL ends
 
 
 def poll_wait(elapsed: float) -> float:

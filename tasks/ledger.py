@@ -10,6 +10,7 @@ Keys share the hash tag `{JOB}` (Redis Cluster keeps them on one node):
   ff:{JOB}:due    zset   index -> time (ms) by which a worker must be heard of again: the lease of a running URL,
                          the countdown of a retrying one (+ the lease); a final state removes it
   ff:jobs         zset   job id -> creation time
+  ff:{JOB}:ended  (a channel, not a key) "1" is published when the job's last URL reaches its final state
 State changes run as one Lua script, so counters always match the states and a URL gets at most one
 final record, however many times its task is delivered. A done URL costs about 100 bytes of Redis: its state
 byte, its share of a compressed block of URLs and a record of 49 bytes plus the hash's own entry.
@@ -17,6 +18,7 @@ byte, its share of a compressed block of URLs and a record of 49 bytes plus the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from .connection import KernelTimeoutConnection, ScriptCall, together
@@ -62,6 +64,15 @@ local function code_at(key, i)
   return nil
 end
 local function count(meta, code, n) redis.call('HINCRBY', meta, 'n:' .. NAME[code], n) end
+-- After URLs reached a final state: once none is left, tell the job's followers on its channel (JobKeys.ended:
+-- the meta key with 'ended' for 'meta'), so they report the end at once instead of at their next poll.
+local function announce_if_ended(meta)
+  local n = redis.call('HMGET', meta, 'total', 'n:done', 'n:unchanged', 'n:failed', 'n:cancelled')
+  local left = tonumber(n[1])
+  if not left then return end
+  for i = 2, 5 do left = left - (tonumber(n[i]) or 0) end
+  if left <= 0 then redis.call('PUBLISH', string.sub(meta, 1, -5) .. 'ended', '1') end
+end
 """
 
 # KEYS[1] meta, KEYS[2] state, KEYS[3] rec, KEYS[4] due
@@ -83,12 +94,14 @@ if new == 's' and redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then
   if old then count(KEYS[1], old, -1) end
   count(KEYS[1], 'c', 1)
   redis.call('ZREM', KEYS[4], ARGV[1])
+  announce_if_ended(KEYS[1])
   return 'cancelled'
 end
 if old ~= new then
   redis.call('SETRANGE', KEYS[2], i, new)
   if old then count(KEYS[1], old, -1) end
   count(KEYS[1], new, 1)
+  if FINAL[new] then announce_if_ended(KEYS[1]) end
 end
 if ARGV[6] == '' then
   redis.call('ZREM', KEYS[4], ARGV[1])
@@ -200,6 +213,7 @@ for i = 3, #ARGV do
   end
 end
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+if n > 0 then announce_if_ended(KEYS[1]) end
 return n
 """
 
@@ -260,6 +274,11 @@ class JobKeys:
     def due(self) -> str:
         """zset index -> server time (ms) by which a worker must be heard of again for a non-final URL."""
         return self._key("due")
+
+    @property
+    def ended(self) -> str:
+        """The channel on which the ledger's scripts publish when the job's last URL has ended (not a key)."""
+        return self._key("ended")
 
     @property
     def redelivered(self) -> str:
@@ -389,6 +408,10 @@ class Ledger:
 
     def state(self, job: str, index: int) -> str | None:
         return self.states(job, index, index + 1)[0]
+
+    def end_of(self, job: str) -> EndWatch:
+        """What a follower of the job waits on between two looks at its counters (`EndWatch`)."""
+        return EndWatch(self.r, JobKeys(job).ended)
 
     def _rows(self, job: str, start: int, stop: int) -> list[bytes | None]:
         """The stored rows (JSON) of URLs `start` to `stop`, from the blocks that hold them."""
@@ -556,6 +579,50 @@ class Ledger:
 
 
 COUNTERS = [f"n:{s}" for s in STATES] + ["bytes", "published"]  # meta fields kept by the Lua scripts
+
+
+class EndWatch:
+    """A wait that ends early when the job's last URL ends: the ledger's scripts publish on the job's `ended`
+    channel then (`announce_if_ended`), so its follower reports the end at once instead of at its next poll of
+    the counters (up to 0.1 s later). The subscription has a connection of its own that does not retry: while
+    the server is away, a wait just sleeps its time, and the follower's look at the counters says what is wrong.
+    A message missed (published before the subscription) costs one poll interval, nothing more."""
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        pool = client.connection_pool
+        kwargs = dict(pool.connection_kwargs, retry=Retry(NoBackoff(), 0))
+        self._client = redis.Redis(connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, **kwargs))
+        self.channel = channel
+        self._sub: redis.client.PubSub | None = None
+
+    def wait(self, seconds: float) -> bool:
+        """Up to `seconds`; True if the job's end was announced meanwhile."""
+        deadline = time.monotonic() + seconds
+        try:
+            if self._sub is None:
+                self._sub = self._client.pubsub(ignore_subscribe_messages=True)
+                self._sub.subscribe(self.channel)
+            while (left := deadline - time.monotonic()) > 0:
+                if self._sub.get_message(timeout=left) is not None:
+                    return True
+        except (redis.RedisError, OSError):
+            self.close()
+            time.sleep(max(0.0, deadline - time.monotonic()))
+        return False
+
+    def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                self._sub.close()
+            self._sub = None
+        self._client.connection_pool.disconnect()
+
+    def __enter__(self) -> EndWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def counts_in(meta: dict[str, Any]) -> dict[str, int]:

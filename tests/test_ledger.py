@@ -100,6 +100,46 @@ def test_a_finished_url_costs_about_a_hundred_bytes(redis_server):
     assert book.record(job, 12345)["sha256"] == hashlib.sha256(b"12345").hexdigest()
 
 
+def test_the_last_url_to_end_announces_the_jobs_end_to_its_followers(redis_server):
+    """A follower waits on the job's `ended` channel between two looks at its counters: the script that gives
+    the last URL its final state publishes there (and only that one), as does a cancel that ends the job."""
+    book = ledger.Ledger(redis_server.client(1), 3600)
+    job = f"ends-{time.time_ns()}"
+    book.create(job, {"opts": {}}, [(i, f"http://127.0.0.1:9/e{i}", f"e{i}", None) for i in range(3)])
+    with book.end_of(job) as end, book.end_of(job) as other:
+        assert not end.wait(0.05) and not other.wait(0.05)  # subscribed; nothing announced
+        book.transition(job, 0, ledger.STARTED, lease=60)
+        book.transition(job, 0, ledger.DONE, _done(0), name="f0.bin")
+        book.transition(job, 1, ledger.RETRYING, lease=60)
+        assert not end.wait(0.3)  # two URLs have not ended
+        book.transition(job, 1, ledger.FAILED, {"url": "http://127.0.0.1:9/e1", "status": "failed",
+                                                "attempts": 3, "reason": "HTTP 404"})
+        assert not end.wait(0.3)
+        book.transition(job, 2, ledger.DONE, _done(2), name="f2.bin")
+        assert end.wait(30) and other.wait(30)  # every follower hears it at once, not at its timeout
+        assert not end.wait(0.3)  # once
+
+    cancelled = f"cancels-{time.time_ns()}"
+    book.create(cancelled, {"opts": {}}, [(i, f"http://127.0.0.1:9/c{i}", f"c{i}", None) for i in range(2)])
+    with book.end_of(cancelled) as end:
+        assert not end.wait(0.05)
+        assert book.cancel(cancelled, 2) == 2
+        assert end.wait(30)
+
+
+def test_a_wait_for_the_end_with_the_server_away_just_sleeps_its_time():
+    """The follower's look at the counters says that the server is away; the wait between looks neither raises
+    nor retries for longer than it was given."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    book = ledger.Ledger(ledger.client_for(f"redis://127.0.0.1:{port}/1"), 3600)
+    with book.end_of("nowhere") as end:
+        began = time.monotonic()
+        assert end.wait(0.5) is False
+        assert 0.4 < time.monotonic() - began < 5  # its own time, not the client's minute of retries
+
+
 def test_a_final_state_and_its_host_slot_go_back_in_one_round_trip(tmp_path):
     """A download ends with its final state and its host slot given back, both sent at once on the task's own
     connection (`connection.together`); a script the server lacks is loaded and sent again, and an error reply is
