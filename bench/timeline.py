@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from bench.run import REMOTE_DELAY, REMOTE_RATE
+from bench.tools import compile_project, default_env
 from tests.support.origin import Origin
 from tests.support.servers import RedisServer, Worker
 
@@ -79,8 +80,8 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     settings = rest[rest.index("--") + 1:] if "--" in rest else []
     producer_args = rest[:rest.index("--")] if "--" in rest else rest
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "FLEETFETCH_"))}
-    env.update(FLEETFETCH_ALLOW_NETWORKS="127.0.0.0/8", **dict(s.split("=", 1) for s in settings))
+    compile_project()
+    env = default_env(**dict(s.split("=", 1) for s in settings))  # the bench's: a user's, loopback allowed
     origin = Origin("127.0.0.1")
     body = os.urandom(SIZE)
     for i in range(URLS):
