@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.config import QUEUE, default_concurrency, settings
-from tasks.worker import die_with_parent
+from tasks.worker import STOP_NOW, die_with_parent
 
 from .errors import LocalFailure
 
@@ -297,15 +297,15 @@ class LocalCluster:
             return False
 
     def close(self) -> None:
-        """Stop worker and server. With nothing running or pending (the job is over) the worker's process group
-        is killed at once instead of a warm shutdown that takes seconds to join its pool: it holds no task and
-        no temp file. Then the server (`_stop_server`)."""
+        """Stop workers and server. With nothing running or pending (the job is over) the workers are killed at
+        once (`STOP_NOW` to the process that forked them, which reaps them) instead of a warm shutdown that takes
+        seconds to join their pools: they hold no task and no temp file. Then the server (`_stop_server`)."""
         quick = bool(self.procs) and self.grace > 2.0 and self.idle()
         for proc in reversed(self.procs):  # the worker first, then the server
             if self.server is not None and proc is self.server:
                 self._stop_server(proc, grace=1.0 if quick else self.grace)
-            elif quick:  # the idle worker: nothing of it is worth waiting for
-                stop_process(proc, grace=0, sig=signal.SIGKILL)
+            elif quick:  # idle workers: nothing of them is worth waiting for (killed at once, and reaped)
+                stop_process(proc, grace=1.0, sig=STOP_NOW)
             else:
                 stop_process(proc, grace=self.grace)
         self.procs.clear()

@@ -17,6 +17,8 @@ from tasks import ledger
 from .errors import LocalFailure
 from .units import human_bytes, human_rate
 
+# The job's end wakes the wait between two polls at once (`Ledger.end_of`); the polls show progress, and catch an
+# end announced before the wait subscribed.
 POLL_S = 0.1  # one small round-trip; at most this long between two
 POLL_FRACTION = 0.05  # ... and at first a twentieth of the time followed so far: a short job is reported within 5 %
 POLL_MIN_S = 0.005  # of its time after it ends (local mode's fixed cost), a long one is polled 10 times a second
@@ -44,7 +46,8 @@ def plural(n: int, noun: str) -> str:
 def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Callable[[], str | None],
            tick: Callable[[], object] = lambda: None, tick_every: float = 15.0,
            feed: Callable[[], object] = lambda: None, feed_every: float = 1.0) -> dict:
-    """Poll the job's counters (one round-trip each) until every URL has its final record; `tick` (the
+    """Poll the job's counters (one round-trip each) until every URL has its final record, waiting between two
+    polls on the job's end (`Ledger.end_of`: the last URL's final state wakes the wait at once); `tick` (the
     reconciler) runs every `tick_every` seconds meanwhile, `feed` (the job's window) every `feed_every`.
     ledger.JobGone if the backend lost the job."""
     started = last_tick = last_feed = time.monotonic()

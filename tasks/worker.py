@@ -8,10 +8,12 @@ whose plugins (Flower's `celery flower`, the REPL's prompt_toolkit) cost each wo
 on a 2-core machine booting two workers beside the producer, that is on the critical path of a short job.
 The flags are Celery's, so `tasks.app` reads the pool from -P as it does from a `celery worker` command line.
 
-Given several `-c N -n NAME` pairs, one process imports what a worker needs (Celery, kombu, redis, requests and
-the task: ~0.2 s of CPU) once and forks one worker per pair before any of them starts a thread; it then only
-waits for them, passes on the signals it gets (SIGTERM: their warm shutdown) and, should one of them end, stops
-the others and ends with that worker's exit status. Its process group holds them all.
+The process imports what a worker needs (Celery, kombu, redis, requests and the task: ~0.2 s of CPU) once and
+forks one worker per `-c N -n NAME` pair before any of them starts a thread; it then only waits for them, passes
+on the signals it gets (SIGTERM: their warm shutdown; SIGINT, SIGQUIT), and, should one of them end, stops the
+others and ends with that worker's exit status. SIGUSR1 (`STOP_NOW`) kills them at once, for a caller that knows
+they hold no task. Either way it reaps them before it ends, so none is left to init and their CPU time counts
+with its own (`getrusage` of its parent). Its process group holds them all.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 
 _PR_SET_PDEATHSIG = 1
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+STOP_NOW = signal.SIGUSR1  # to the process that forked the workers: SIGKILL them (idle), reap them, exit
 
 
 def die_with_parent() -> None:
@@ -46,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.concurrency) != len(args.hostname):
         parser.error("give one -n NAME for each -c N")
-    workers = list(zip(args.concurrency, args.hostname, strict=True))
-    if len(workers) == 1:
-        return run(args.pool, *workers[0], args.loglevel, args.quiet)
-    return forked(args.pool, workers, args.loglevel, args.quiet)
+    return forked(args.pool, list(zip(args.concurrency, args.hostname, strict=True)), args.loglevel, args.quiet)
 
 
 def run(pool: str, concurrency: int, hostname: str, loglevel: str, quiet: bool) -> int:
@@ -112,9 +112,9 @@ def forked(pool: str, workers: list[tuple[int, str]], loglevel: str, quiet: bool
         stopping = True
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+                os.kill(pid, signal.SIGKILL if signum == STOP_NOW else signum)
 
-    for signum in _FORWARDED:
+    for signum in (*_FORWARDED, STOP_NOW):
         signal.signal(signum, forward)
     code, died = 0, ""
     while children:

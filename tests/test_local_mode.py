@@ -92,7 +92,7 @@ def test_local_mode_runs_one_threads_worker_per_core_sharing_the_default_size(or
                if argv[1:3] == ["-m", "tasks.worker"] and watch.parents[pid] == watch.proc.pid]
     assert len(started) == 1
     forked = [pid for pid, parent in watch.parents.items() if parent == started[0]]
-    assert len(forked) == (cores if cores > 1 else 0)
+    assert len(forked) == cores
     assert watch.survivors() == []
 
 
@@ -133,8 +133,10 @@ def test_a_one_url_list_boots_one_worker_without_celerys_command_line(origin, tm
     result, watch = run_local([str(listing), "--manifest", "m.jsonl"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "a threads worker (50 downloads at once)" in result.stdout
-    workers = [argv for argv in watch.argvs.values() if argv[1:3] == ["-m", "tasks.worker"]]
-    assert len(workers) == 1 and not any("celery" in arg for argv in watch.argvs.values() for arg in argv[:3])
+    started = [pid for pid, argv in watch.argvs.items()
+               if argv[1:3] == ["-m", "tasks.worker"] and watch.parents[pid] == watch.proc.pid]
+    assert len(started) == 1 and not any("celery" in arg for argv in watch.argvs.values() for arg in argv[:3])
+    assert len([pid for pid, parent in watch.parents.items() if parent == started[0]]) == 1  # one worker forked
     assert [r["status"] for r in read_manifest(tmp_path / "m.jsonl")] == ["done"]
     assert watch.survivors() == []
 
