@@ -11,9 +11,10 @@ The flags are Celery's, so `tasks.app` reads the pool from -P as it does from a 
 The process imports what a worker needs (Celery, kombu, redis, requests and the task: ~0.2 s of CPU) once and
 forks one worker per `-c N -n NAME` pair before any of them starts a thread; it then only waits for them, passes
 on the signals it gets (SIGTERM: their warm shutdown; SIGINT, SIGQUIT), and, should one of them end, stops the
-others and ends with that worker's exit status. SIGUSR1 (`STOP_NOW`) kills them at once, for a caller that knows
-they hold no task. Either way it reaps them before it ends, so none is left to init and their CPU time counts
-with its own (`getrusage` of its parent). Its process group holds them all.
+others (SIGTERM: they finish the downloads they are running) and ends with that worker's exit status. SIGUSR1
+(`STOP_NOW`) kills them at once, for a caller that knows they hold no task. Either way it reaps them before it
+ends, so none is left to init and their CPU time counts with its own (`getrusage` of its parent). Its process
+group holds them all.
 """
 
 from __future__ import annotations

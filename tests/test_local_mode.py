@@ -98,7 +98,8 @@ def test_local_mode_runs_one_threads_worker_per_core_sharing_the_default_size(or
 
 def test_one_forked_local_worker_that_dies_stops_the_job_in_one_line_and_leaves_nothing(origin, tmp_path):
     """The process that forks local mode's workers waits for them: when one dies, it stops the others and ends
-    with that worker's status, which the producer reports (exit 4) in one line; nothing is left running."""
+    with that worker's status, which the producer reports (exit 4) in one line; nothing is left running. The
+    worker killed is one that is downloading, so the job cannot end well before the producer sees it."""
     if (os.cpu_count() or 1) < 2:
         pytest.fail("this test needs 2 cores, as CI's machine has: local mode forks one worker per core")
     for name in ("/slow.bin", "/slow2.bin"):
@@ -109,12 +110,16 @@ def test_one_forked_local_worker_that_dies_stops_the_job_in_one_line_and_leaves_
     watch = Spawned(proc)
     try:
         deadline = time.monotonic() + 30
-        while not origin.requests_for("/slow.bin") and time.monotonic() < deadline:
+        while not (origin.requests_for("/slow.bin") and origin.requests_for("/slow2.bin")) \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
         forked = [p for p in psutil.Process(proc.pid).children(recursive=True)
                   if "tasks.worker" in " ".join(p.cmdline()) and p.ppid() != proc.pid]
         assert len(forked) == 2, "expected two workers forked from one process"
-        forked[0].kill()
+        downloading = [p for p in forked
+                       if any(c.raddr and c.raddr.port == origin.port for c in p.net_connections(kind="tcp"))]
+        assert downloading, "no forked worker holds a connection to the origin"
+        downloading[0].kill()
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
