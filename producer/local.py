@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.config import QUEUE, default_concurrency, settings
-from tasks.worker import STOP_NOW, die_with_parent
+from tasks.worker import GRACE_S, STOP_NOW, die_with_parent
 
 from .errors import LocalFailure
 
@@ -158,7 +158,7 @@ class LocalCluster:
         self.procs: list[subprocess.Popen] = []
         self.server: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
-        self.grace = 20.0  # running downloads may finish; after Ctrl-C, hurry() makes this short
+        self.grace = GRACE_S  # running downloads may finish; after Ctrl-C, hurry() makes this short
 
     def __enter__(self) -> LocalCluster:
         try:

@@ -11,7 +11,8 @@ The flags are Celery's, so `tasks.app` reads the pool from -P as it does from a 
 The process imports what a worker needs (Celery, kombu, redis, requests and the task: ~0.2 s of CPU) once and
 forks one worker per `-c N -n NAME` pair before any of them starts a thread; it then only waits for them, passes
 on the signals it gets (SIGTERM: their warm shutdown; SIGINT, SIGQUIT), and, should one of them end, stops the
-others (SIGTERM: they finish the downloads they are running) and ends with that worker's exit status. SIGUSR1
+others (SIGTERM: they finish the downloads they are running, within --grace, then are killed) and ends with that
+worker's exit status. SIGUSR1
 (`STOP_NOW`) kills them at once, for a caller that knows they hold no task. Either way it reaps them before it
 ends, so none is left to init and their CPU time counts with its own (`getrusage` of its parent). Its process
 group holds them all.
@@ -29,6 +30,8 @@ import sys
 _PR_SET_PDEATHSIG = 1
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 STOP_NOW = signal.SIGUSR1  # to the process that forked the workers: SIGKILL them (idle), reap them, exit
+GRACE_S = 20.0  # after one worker died: how long the others may take to finish their downloads
+_KILLING = (STOP_NOW, signal.SIGALRM)  # passed on as SIGKILL (SIGALRM: the grace ran out)
 
 
 def die_with_parent() -> None:
@@ -47,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-l", "--loglevel", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="log level (default: INFO, one line per URL)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no start-up banner (as celery worker --quiet)")
+    parser.add_argument("--grace", type=float, default=GRACE_S,
+                        help="once a worker died, seconds the others may take to finish the downloads they run "
+                             "before they are killed (default: %(default)s)")
     args = parser.parse_args(argv)
     if len(args.concurrency) != len(args.hostname):
         parser.error("give one -n NAME for each -c N")
-    return forked(args.pool, list(zip(args.concurrency, args.hostname, strict=True)), args.loglevel, args.quiet)
+    workers = list(zip(args.concurrency, args.hostname, strict=True))
+    return forked(args.pool, workers, args.loglevel, args.quiet, args.grace)
 
 
 def run(pool: str, concurrency: int, hostname: str, loglevel: str, quiet: bool) -> int:
@@ -86,7 +93,7 @@ def _preload(pool: str) -> None:
     gc.freeze()
 
 
-def forked(pool: str, workers: list[tuple[int, str]], loglevel: str, quiet: bool) -> int:
+def forked(pool: str, workers: list[tuple[int, str]], loglevel: str, quiet: bool, grace: float = GRACE_S) -> int:
     """Import once, fork one worker per (concurrency, name), wait for them; the first non-zero exit status."""
     _preload(pool)
     sys.stdout.flush()
@@ -113,9 +120,9 @@ def forked(pool: str, workers: list[tuple[int, str]], loglevel: str, quiet: bool
         stopping = True
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL if signum == STOP_NOW else signum)
+                os.kill(pid, signal.SIGKILL if signum in _KILLING else signum)
 
-    for signum in (*_FORWARDED, STOP_NOW):
+    for signum in (*_FORWARDED, *_KILLING):
         signal.signal(signum, forward)
     code, died = 0, ""
     while children:
@@ -128,6 +135,7 @@ def forked(pool: str, workers: list[tuple[int, str]], loglevel: str, quiet: bool
             how = f"was killed by {signal.Signals(-exit_code).name}" if exit_code < 0 else f"exited with {exit_code}"
             died = f"worker {hostname} (pid {pid}) {how}: the other workers were stopped"
             forward(signal.SIGTERM, None)
+            signal.setitimer(signal.ITIMER_REAL, grace)  # then SIGALRM: whoever is left is killed
         code = code or (exit_code if exit_code >= 0 else 128 - exit_code)  # a signal's as a shell shows it
     if died:
         print(died, file=sys.stderr, flush=True)

@@ -289,3 +289,41 @@ def test_local_workers_log_no_line_per_url(chaos, origin, tmp_path):
     finally:
         stop_process(worker, grace=10)
     assert "quiet.bin" not in log.read_text(errors="replace")
+
+
+def test_workers_left_when_one_died_finish_within_the_grace_then_are_killed(chaos, origin, tmp_path):
+    """Once a forked worker died, the others get SIGTERM (they finish the downloads they run) and, past --grace,
+    SIGKILL: the process that forked them ends with the dead worker's status without waiting out a long download
+    (20 s here, against a grace of 1 s), as local mode's own stop gives running downloads 20 s."""
+    origin.add("/long.bin", b"l" * 400_000, rate=20_000)
+    log = tmp_path / "forked.log"
+    argv = [sys.executable, "-m", "tasks.worker", "-P", "threads", "--loglevel", "WARNING", "--quiet", "--grace", "1",
+            "-c", "2", "-n", "grace1@%h", "-c", "2", "-n", "grace2@%h"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, env=chaos.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        listing = write_list(tmp_path / "urls.txt", [origin.url("/long.bin")])
+        assert chaos.producer(str(listing), "-d", "grace", "--no-wait").returncode == 0
+        deadline = time.monotonic() + 30
+        while not origin.requests_for("/long.bin") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2, "expected two workers forked from one process"
+        busy = {p.pid for p in workers
+                if any(c.raddr and c.raddr.port == origin.port for c in p.net_connections(kind="tcp"))}
+        idle = [p for p in workers if p.pid not in busy]
+        assert len(busy) == 1 and len(idle) == 1, "one worker downloads, the other waits"
+        idle[0].kill()
+        began = time.monotonic()
+        proc.wait(timeout=30)
+        waited = time.monotonic() - began
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGKILL  # the dead worker's status
+    assert waited < 10, f"waited {waited:.1f} s: the downloading worker was not killed after its grace"
+    text = log.read_text(errors="replace")
+    assert "was killed by SIGKILL: the other workers were stopped" in text
+    assert not (chaos.downloads / "grace" / "long.bin").exists()  # cut short: no file, only its part
