@@ -155,9 +155,8 @@ class LocalCluster:
         self.password = secrets.token_urlsafe(32)
         self.broker = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
         self.backend = f"redis://:{self.password}@127.0.0.1:{self.port}/1"
-        self.procs: list[subprocess.Popen] = []
         self.server: subprocess.Popen | None = None
-        self.workers: list[subprocess.Popen] = []
+        self.worker: subprocess.Popen | None = None  # the process that forks the workers (tasks/worker.py)
         self.grace = GRACE_S  # running downloads may finish; after Ctrl-C, hurry() makes this short
 
     def __enter__(self) -> LocalCluster:
@@ -181,7 +180,6 @@ class LocalCluster:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True, preexec_fn=die_with_parent)
         out.close()
-        self.procs.append(proc)
         return proc
 
     def _lock_state(self) -> None:
@@ -260,13 +258,12 @@ class LocalCluster:
         argv = [sys.executable, "-m", "tasks.worker", "-P", self.pool, "--loglevel", "WARNING", "--quiet"]
         for i, size in enumerate(self.sizes):
             argv += ["-c", str(size), "-n", f"local-{os.getpid()}-{i}@%h"]
-        self.workers.append(self._spawn(argv, "worker.log", env))
+        self.worker = self._spawn(argv, "worker.log", env)
 
     def problem(self) -> str | None:
         """None while every worker runs; else why one stopped (with the end of its log)."""
-        for worker in self.workers if self.with_worker else []:
-            if worker.poll() is not None:
-                return f"the local worker exited with code {worker.returncode}: {self.log_tail('worker.log')}"
+        if self.worker is not None and self.worker.poll() is not None:
+            return f"the local worker exited with code {self.worker.returncode}: {self.log_tail('worker.log')}"
         return None
 
     def log_tail(self, name: str, lines: int = 15) -> str:
@@ -300,15 +297,15 @@ class LocalCluster:
         """Stop workers and server. With nothing running or pending (the job is over) the workers are killed at
         once (`STOP_NOW` to the process that forked them, which reaps them) instead of a warm shutdown that takes
         seconds to join their pools: they hold no task and no temp file. Then the server (`_stop_server`)."""
-        quick = bool(self.procs) and self.grace > 2.0 and self.idle()
-        for proc in reversed(self.procs):  # the worker first, then the server
-            if self.server is not None and proc is self.server:
-                self._stop_server(proc, grace=1.0 if quick else self.grace)
-            elif quick:  # idle workers: nothing of them is worth waiting for (killed at once, and reaped)
-                stop_process(proc, grace=1.0, sig=STOP_NOW)
+        quick = self.server is not None and self.grace > 2.0 and self.idle()
+        if self.worker is not None:  # the workers first, then the server
+            if quick:  # idle workers: nothing of them is worth waiting for (killed at once, and reaped)
+                stop_process(self.worker, grace=1.0, sig=STOP_NOW)
             else:
-                stop_process(proc, grace=self.grace)
-        self.procs.clear()
+                stop_process(self.worker, grace=self.grace)
+        if self.server is not None:
+            self._stop_server(self.server, grace=1.0 if quick else self.grace)
+        self.server = self.worker = None
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.lock_fd >= 0:
             os.close(self.lock_fd)  # releases the lock

@@ -38,10 +38,21 @@ class Spawned:
                         self.parents[child.pid] = child.ppid()
             time.sleep(0.05)
 
+    def worker_tree(self) -> tuple[list[int], list[int]]:
+        """(the processes started as `python -m tasks.worker`, the workers forked from them)."""
+        started = [pid for pid, argv in self.argvs.items()
+                   if argv[1:3] == ["-m", "tasks.worker"] and self.parents[pid] == self.proc.pid]
+        return started, [pid for pid, parent in self.parents.items() if parent in started]
+
     def survivors(self) -> list[int]:
         self._thread.join(5)
         alive = [p for p in self.pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
         return alive
+
+
+def _downloads_from(process: psutil.Process, origin) -> bool:
+    """Whether `process` holds a connection to `origin`: a worker with a download running."""
+    return any(c.raddr and c.raddr.port == origin.port for c in process.net_connections(kind="tcp"))
 
 
 def run_local(args: list[str], cwd) -> tuple[subprocess.CompletedProcess, Spawned]:
@@ -88,11 +99,8 @@ def test_local_mode_runs_one_threads_worker_per_core_sharing_the_default_size(or
     assert len(records) == 60 and {r["status"] for r in records} == {"done"}
     assert len({r["worker"] for r in records}) == cores
     # One process was started to import Celery and the task once; the workers are forked from it.
-    started = [pid for pid, argv in watch.argvs.items()
-               if argv[1:3] == ["-m", "tasks.worker"] and watch.parents[pid] == watch.proc.pid]
-    assert len(started) == 1
-    forked = [pid for pid, parent in watch.parents.items() if parent == started[0]]
-    assert len(forked) == cores
+    started, forked = watch.worker_tree()
+    assert len(started) == 1 and len(forked) == cores
     assert watch.survivors() == []
 
 
@@ -116,8 +124,7 @@ def test_one_forked_local_worker_that_dies_stops_the_job_in_one_line_and_leaves_
         forked = [p for p in psutil.Process(proc.pid).children(recursive=True)
                   if "tasks.worker" in " ".join(p.cmdline()) and p.ppid() != proc.pid]
         assert len(forked) == 2, "expected two workers forked from one process"
-        downloading = [p for p in forked
-                       if any(c.raddr and c.raddr.port == origin.port for c in p.net_connections(kind="tcp"))]
+        downloading = [p for p in forked if _downloads_from(p, origin)]
         assert downloading, "no forked worker holds a connection to the origin"
         downloading[0].kill()
         out, err = proc.communicate(timeout=60)
@@ -138,10 +145,9 @@ def test_a_one_url_list_boots_one_worker_without_celerys_command_line(origin, tm
     result, watch = run_local([str(listing), "--manifest", "m.jsonl"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "a threads worker (50 downloads at once)" in result.stdout
-    started = [pid for pid, argv in watch.argvs.items()
-               if argv[1:3] == ["-m", "tasks.worker"] and watch.parents[pid] == watch.proc.pid]
+    started, forked = watch.worker_tree()
     assert len(started) == 1 and not any("celery" in arg for argv in watch.argvs.values() for arg in argv[:3])
-    assert len([pid for pid, parent in watch.parents.items() if parent == started[0]]) == 1  # one worker forked
+    assert len(forked) == 1  # one worker, forked
     assert [r["status"] for r in read_manifest(tmp_path / "m.jsonl")] == ["done"]
     assert watch.survivors() == []
 
@@ -310,8 +316,7 @@ def test_workers_left_when_one_died_finish_within_the_grace_then_are_killed(chao
             time.sleep(0.05)
         workers = psutil.Process(proc.pid).children()
         assert len(workers) == 2, "expected two workers forked from one process"
-        busy = {p.pid for p in workers
-                if any(c.raddr and c.raddr.port == origin.port for c in p.net_connections(kind="tcp"))}
+        busy = {p.pid for p in workers if _downloads_from(p, origin)}
         idle = [p for p in workers if p.pid not in busy]
         assert len(busy) == 1 and len(idle) == 1, "one worker downloads, the other waits"
         idle[0].kill()
