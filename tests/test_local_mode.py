@@ -34,8 +34,11 @@ class Spawned:
                 for child in psutil.Process(self.proc.pid).children(recursive=True):
                     self.pids.add(child.pid)
                     with contextlib.suppress(psutil.Error):
-                        self.argvs[child.pid] = child.cmdline()  # the last seen: after exec, not the fork's
                         self.parents[child.pid] = child.ppid()
+                        # The last seen: after exec, not the fork's; but not the empty one of a process that is
+                        # exiting and not yet a zombie (its memory, and with it its command line, is gone).
+                        if argv := child.cmdline():
+                            self.argvs[child.pid] = argv
             time.sleep(0.05)
 
     def worker_tree(self) -> tuple[list[int], list[int]]:
@@ -43,6 +46,10 @@ class Spawned:
         started = [pid for pid, argv in self.argvs.items()
                    if argv[1:3] == ["-m", "tasks.worker"] and self.parents[pid] == self.proc.pid]
         return started, [pid for pid, parent in self.parents.items() if parent in started]
+
+    def seen(self) -> str:
+        """Every descendant seen, for an assertion's message: pid, parent and command line."""
+        return "\n".join(f"{pid} (parent {self.parents.get(pid)}): {self.argvs.get(pid)}" for pid in sorted(self.pids))
 
     def survivors(self) -> list[int]:
         self._thread.join(5)
@@ -100,7 +107,7 @@ def test_local_mode_runs_one_threads_worker_per_core_sharing_the_default_size(or
     assert len({r["worker"] for r in records}) == cores
     # One process was started to import Celery and the task once; the workers are forked from it.
     started, forked = watch.worker_tree()
-    assert len(started) == 1 and len(forked) == cores
+    assert len(started) == 1 and len(forked) == cores, watch.seen()
     assert watch.survivors() == []
 
 
@@ -147,7 +154,7 @@ def test_a_one_url_list_boots_one_worker_without_celerys_command_line(origin, tm
     assert "a threads worker (50 downloads at once)" in result.stdout
     started, forked = watch.worker_tree()
     assert len(started) == 1 and not any("celery" in arg for argv in watch.argvs.values() for arg in argv[:3])
-    assert len(forked) == 1  # one worker, forked
+    assert len(forked) == 1, watch.seen()  # one worker, forked
     assert [r["status"] for r in read_manifest(tmp_path / "m.jsonl")] == ["done"]
     assert watch.survivors() == []
 
