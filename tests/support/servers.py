@@ -121,11 +121,14 @@ class Worker:
     def start(self, ready_timeout: float = 30) -> Worker:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
+            # A worker started again with the same log (a restart, the bench's next workload) is ready when its
+            # own " ready." line comes, not the one an earlier process left.
+            earlier = out.tell()
             self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
-            if " ready." in self.log_text():
+            if b" ready." in self.log_bytes(earlier):
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited:\n{self.log_text()[-3000:]}")
@@ -148,10 +151,16 @@ class Worker:
         self.proc = None
 
     def log_text(self) -> str:
+        return self.log_bytes().decode(errors="replace")
+
+    def log_bytes(self, start: int = 0) -> bytes:
+        """The log from byte `start` on."""
         try:
-            return self.log.read_text(errors="replace")
+            with open(self.log, "rb") as fh:
+                fh.seek(start)
+                return fh.read()
         except OSError:
-            return ""
+            return b""
 
     def __enter__(self) -> Worker:
         return self.start()
