@@ -57,6 +57,14 @@ class Spawned:
         return alive
 
 
+def _requested(origin, *paths: str, timeout: float = 30) -> bool:
+    """Wait up to `timeout` until the origin has been asked for each of `paths`; whether it was."""
+    deadline = time.monotonic() + timeout
+    while not all(origin.requests_for(p) for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return all(origin.requests_for(p) for p in paths)
+
+
 def _downloads_from(process: psutil.Process, origin) -> bool:
     """Whether `process` holds a connection to `origin`: a worker with a download running."""
     return any(c.raddr and c.raddr.port == origin.port for c in process.net_connections(kind="tcp"))
@@ -124,10 +132,7 @@ def test_one_forked_local_worker_that_dies_stops_the_job_in_one_line_and_leaves_
                             env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watch = Spawned(proc)
     try:
-        deadline = time.monotonic() + 30
-        while not (origin.requests_for("/slow.bin") and origin.requests_for("/slow2.bin")) \
-                and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _requested(origin, "/slow.bin", "/slow2.bin")
         forked = [p for p in psutil.Process(proc.pid).children(recursive=True)
                   if "tasks.worker" in " ".join(p.cmdline()) and p.ppid() != proc.pid]
         assert len(forked) == 2, "expected two workers forked from one process"
@@ -178,10 +183,7 @@ def test_ctrl_c_in_local_mode_stops_server_and_worker(origin, tmp_path):
                             env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # inherited: ignored
     watch = Spawned(proc)
-    deadline = time.monotonic() + 30
-    while not origin.requests_for("/slow.bin") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert origin.requests_for("/slow.bin"), "the download never started"
+    assert _requested(origin, "/slow.bin"), "the download never started"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
@@ -318,9 +320,7 @@ def test_workers_left_when_one_died_finish_within_the_grace_then_are_killed(chao
     try:
         listing = write_list(tmp_path / "urls.txt", [origin.url("/long.bin")])
         assert chaos.producer(str(listing), "-d", "grace", "--no-wait").returncode == 0
-        deadline = time.monotonic() + 30
-        while not origin.requests_for("/long.bin") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _requested(origin, "/long.bin")
         workers = psutil.Process(proc.pid).children()
         assert len(workers) == 2, "expected two workers forked from one process"
         busy = {p.pid for p in workers if _downloads_from(p, origin)}
