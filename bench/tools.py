@@ -72,10 +72,10 @@ class Cluster:
     """The benchmark's own Redis (no persistence: speed) and N `celery worker` processes."""
 
     def __init__(self, work: Path, key: str, workers: int, argv: list[str] | None, pool: str, concurrency: int,
-                 tuned: bool) -> None:
+                 tuned: bool, extra: dict[str, str] | None = None) -> None:
         self.redis = RedisServer(work / f"redis-{key}", appendonly=False).start()
         make_env = env_for if tuned else default_env
-        extra = {"FLEETFETCH_NO_FSYNC": "1"} if tuned else {}
+        extra = {**({"FLEETFETCH_NO_FSYNC": "1"} if tuned else {}), **(extra or {})}
         self.env = make_env(CELERY_BROKER_URL=self.redis.url(0), CELERY_RESULT_BACKEND=self.redis.url(1),
                             FLEETFETCH_DIR=str(work / "cluster-out"), **extra)
         self.workers: list[Worker] = []
@@ -99,6 +99,7 @@ class Cluster:
         self.redis.stop()
 
 
+STOCK = {"FLEETFETCH_STOCK": "1"}
 # Rows that only say something where the per-host cap binds: one host with many files that each take a while.
 CAP_ROWS = ("fleetfetch local, defaults but --per-host 0",)
 
@@ -127,6 +128,13 @@ class Toolbox:
             "fleetfetch 1 worker, defaults": (
                 f"`celery -A tasks worker --loglevel=INFO`, no flags: {defaults_text()}",
                 self._cluster("defaults", 1, README_WORKER, "prefork", 0, tuned=False)),
+            # The stock path (kombu's own transport, urllib3's own connections): what the fenced patches gain.
+            "fleetfetch 1 worker, stock": (
+                f"as `1 worker, defaults` with FLEETFETCH_STOCK=1: {defaults_text()}",
+                self._cluster("stock", 1, README_WORKER, "prefork", 0, tuned=False, extra=STOCK)),
+            "fleetfetch local, stock": (
+                f"as `local, defaults` with FLEETFETCH_STOCK=1: {defaults_text(local=True)}", lambda listing, out: (
+                    [py, "-m", "producer", str(listing), "-d", str(out), "-q"], default_env(**STOCK), [], None)),
             "fleetfetch 2 workers, defaults": (
                 f"2 × `celery -A tasks worker --loglevel=INFO` (one per core, README), no flags: {defaults_text()}",
                 self._cluster("defaults2", 2, README_WORKER, "prefork", 0, tuned=False)),
@@ -160,10 +168,11 @@ class Toolbox:
         argv, env, _, _ = self._curl(listing, out)
         return ["sh", "-c", '"$@" && sync -f "$0"', str(out), *argv], env, [], None
 
-    def _cluster(self, key: str, workers: int, argv: list[str] | None, pool: str, c: int, *, tuned: bool) -> Build:
+    def _cluster(self, key: str, workers: int, argv: list[str] | None, pool: str, c: int, *, tuned: bool,
+                 extra: dict[str, str] | None = None) -> Build:
         def build(listing: Path, out: Path) -> tuple[list[str], dict, list[int], redis.Redis]:
             if key not in self.clusters:
-                self.clusters[key] = Cluster(self.work, key, workers, argv, pool, c, tuned)
+                self.clusters[key] = Cluster(self.work, key, workers, argv, pool, c, tuned, extra)
             cl = self.clusters[key]
             sub = out.relative_to(self.work / "cluster-out")
             return ([sys.executable, "-m", "producer", str(listing), "-d", str(sub), "-q"], cl.env, cl.pids(),

@@ -107,7 +107,6 @@ def stop_process(proc: subprocess.Popen, grace: float, sig: int = signal.SIGTERM
 
 
 QUEUE_KEYS = (QUEUE,)  # kombu's Redis list of waiting messages
-UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages: running or waiting for a countdown
 MAX_PROCESSES = 4  # local threads workers: one per core, up to this many
 IDLE_WAIT_S = 1.0  # after the job: how long to wait for the last acknowledgements before a quick stop
 STATE_DIR = Path(".fleetfetch", ".server")  # under the download dir; a leading dot: no download is named so
@@ -198,12 +197,9 @@ class LocalCluster:
     def _restore_unacked(self) -> None:
         """Messages the previous local worker held when it was stopped (Ctrl-C, a crash) go back to the queue
         now: nobody else can hold them (the state is locked), so waiting for the visibility timeout is pointless."""
-        from kombu import Connection as KombuConnection
+        from tasks import kombu_redis
 
-        options = {"visibility_timeout": 0}
-        with KombuConnection(self.broker, transport_options=options, connect_timeout=5) as conn:
-            if self.client().hlen(UNACKED_KEY):
-                conn.default_channel.qos.restore_visible(num=1_000_000)
+        kombu_redis.restore_all(self.broker, self.client())
 
     def _spawn_server(self) -> subprocess.Popen:
         conf = self.tmp / "server.conf"
@@ -280,6 +276,8 @@ class LocalCluster:
         """True once no task waits in the queue and none is delivered but unacknowledged (running, or held
         for a retry countdown), checked for up to `wait` seconds: the last acknowledgement trails the record."""
         import redis
+
+        from tasks.kombu_redis import UNACKED_KEY
 
         deadline = time.monotonic() + wait
         try:

@@ -9,13 +9,14 @@ from collections.abc import Sequence
 
 from celery import Celery, signals
 
-from . import heartbeat, transport
+from . import dependencies, heartbeat, kombu_redis
 from .config import QUEUE, default_concurrency, settings
 from .feed import Sweeper
 
+dependencies.check()  # an older library than pyproject.toml's ranges: one line and exit 2, not a traceback per URL
 # redis:// and rediss:// brokers get kombu's Redis transport with one reused synchronous client per channel instead
-# of a new redis.Redis per QoS command (tasks/transport.py says why the aliases and not `broker_transport`).
-transport.install()
+# of a new redis.Redis per QoS command, where the kombu installed is one tasks/kombu_redis.py knows.
+kombu_redis.install(stock=settings.stock)
 app = Celery("fleetfetch", include=["tasks.download"])
 heartbeat.install(app)  # health files for probes that start no Python (deploy/README.md)
 

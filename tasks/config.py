@@ -161,6 +161,9 @@ class Settings:
     # The CA certificates https destinations are verified against; None = certifi's bundle. The environment's
     # REQUESTS_CA_BUNDLE is not read (sessions ignore the environment: its proxies would bypass the pinning).
     ca_bundle: str | None = None
+    # kombu's own Redis transport and urllib3's own connections instead of fleetfetch's faster subclasses
+    # (tasks/kombu_redis.py, tasks/urllib3_hooks.py): for a kombu or urllib3 they do not know, or to rule them out.
+    stock: bool = False
 
     @property
     def soft_time_limit(self) -> float:
@@ -214,7 +217,8 @@ _VARIABLES = {f: "CELERY_" + f.upper() for f in ("broker_url", "result_backend")
         "soft_shutdown_timeout", "restore_interval", "url_lease", "sweep_interval", "window", "max_redeliveries",
         "result_expires", "max_size", "max_redirects",
         "max_attempts", "backoff_base", "backoff_cap", "max_retry_after", "per_host", "host_lease",
-        "host_errors", "host_rate", "no_fsync", "allow_private", "allow_networks", "resolve", "ca_bundle")
+        "host_errors", "host_rate", "no_fsync", "allow_private", "allow_networks", "resolve", "ca_bundle",
+        "stock")
 } | {"download_dir": "FLEETFETCH_DIR"}
 
 

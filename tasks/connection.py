@@ -11,7 +11,7 @@ stalled server is still noticed after `socket_timeout` seconds instead of hangin
 
 Only plain TCP connections (redis://) are made so (`ledger.client_for`, and kombu's through
 `transport.Channel`); rediss:// and unix sockets keep redis-py's own. Plain http:// downloads do the same
-(`fetch.KernelTimeoutSocket`).
+(`urllib3_hooks.KernelTimeoutSocket`).
 """
 
 from __future__ import annotations

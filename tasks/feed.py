@@ -12,7 +12,6 @@ A duplicate is harmless: the ledger keeps one final record, the part-file lock l
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
@@ -25,7 +24,7 @@ from typing import Any, cast
 import redis
 from celery import Celery, bootsteps
 
-from . import ledger
+from . import kombu_redis, ledger
 from .config import QUEUE, TASK_NAME, settings
 from .message import Entry, Message, Options, RetryState
 from .redact import redact_url
@@ -39,8 +38,6 @@ FIRST_BATCH = 100
 FEED_TICK = 1.0  # how often each worker looks whether a job's window has room (a few reads per live job)
 SWEEP_BATCH = 500  # URLs republished per job per sweep at most: a sweep stays short
 LOCK_KEY = "ff:sweep:lock"
-UNACKED_KEY = "unacked"  # kombu's Redis transport: delivered, not yet acknowledged messages
-UNACKED_INDEX_KEY = "unacked_index"  # ... and when each was delivered
 
 
 def _chunks(items: Iterable[Message], size: int) -> Iterator[list[Message]]:
@@ -231,16 +228,7 @@ class Reconciler:
     def _held(self) -> dict[str, float]:
         """Task id -> when it was delivered, for every message a worker holds unacknowledged."""
         assert self.broker is not None
-        pipe = self.broker.pipeline(transaction=False)
-        pipe.hgetall(UNACKED_KEY)
-        pipe.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
-        messages, index = pipe.execute()
-        since = {tag: score for tag, score in cast(list[tuple[bytes, float]], index)}
-        held = {}
-        for tag, raw in cast(dict[bytes, bytes], messages).items():
-            with contextlib.suppress(ValueError, KeyError, TypeError, IndexError):
-                held[json.loads(raw)[0]["headers"]["id"]] = since.get(tag, time.time())
-        return held
+        return kombu_redis.held(self.broker)
 
     def _queued_without_message(self, job: str, check_queue: bool) -> list[int]:
         """Queued URLs that no message will deliver, now and at the previous sweep: in no queue and held by no

@@ -7,12 +7,10 @@ while the Host header and TLS name/certificate checks stay on the URL's host nam
 from __future__ import annotations
 
 import errno
-import functools
 import http.client
 import http.cookiejar
 import logging
 import math
-import socket
 import ssl
 import threading
 import time
@@ -25,14 +23,9 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-from urllib3.poolmanager import SSL_KEYWORDS
-from urllib3.util import connection as u3conn
+from urllib3.connectionpool import HTTPConnectionPool
 
-from . import guard
-from .connection import set_kernel_timeouts
+from . import guard, urllib3_hooks
 from .errors import CutShort, PermanentError, TransientError
 from .message import is_secret_header
 from .redact import redact_text, redact_url
@@ -67,111 +60,6 @@ _DROPPED_REASONS = {_NO_RESPONSE, _ERRNO_REASONS[errno.ECONNRESET], _ERRNO_REASO
 _UNKNOWN_ISSUER = {18, 19, 20}
 
 
-def _eagain_is_a_timeout(method: Callable[..., Any]) -> Callable[..., Any]:
-    """`method` of a socket whose timeout is the kernel's: EAGAIN (the kernel's timeout ran out) raised as the
-    TimeoutError a Python timeout gives."""
-    @functools.wraps(method)
-    def call(sock: socket.socket, *args: Any) -> Any:
-        try:
-            return method(sock, *args)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
-    return call
-
-
-class KernelTimeoutSocket(socket.socket):
-    """A plain http:// connection's socket once connected: blocking in Python, its timeout kept by the kernel
-    (SO_RCVTIMEO, SO_SNDTIMEO), as the Redis connections' (`tasks/connection.py`). A Python timeout polls before
-    every send and receive, and changing it is an ioctl: each a system call that lets go of the GIL, a hand-off
-    among the pool's threads. A read or write that waits longer than the timeout fails with EAGAIN in the kernel,
-    raised here as the TimeoutError a Python timeout gives, so urllib3 and `body_chunks` see a read timeout as
-    before. (TLS sockets keep Python's timeouts: the ssl module needs them to tell a stall from a wait.)"""
-
-    __slots__ = ("_kernel_timeout",)
-    _kernel_timeout: float | None
-
-    @classmethod
-    def adopt(cls, sock: socket.socket) -> KernelTimeoutSocket:
-        timeout = sock.gettimeout()
-        own = cls(sock.family, sock.type, sock.proto, sock.detach())
-        socket.socket.settimeout(own, None)  # blocking in Python (the fd was non-blocking for the timed connect)
-        own._kernel_timeout = math.nan  # unequal to every timeout, so the first asked for is set
-        own.settimeout(timeout)
-        return own
-
-    def settimeout(self, value: float | None) -> None:
-        if value != self._kernel_timeout:
-            set_kernel_timeouts(self, value)
-            self._kernel_timeout = value
-
-    def gettimeout(self) -> float | None:
-        return self._kernel_timeout
-
-    recv_into = _eagain_is_a_timeout(socket.socket.recv_into)
-    recv = _eagain_is_a_timeout(socket.socket.recv)
-    sendall = _eagain_is_a_timeout(socket.socket.sendall)
-    send = _eagain_is_a_timeout(socket.socket.send)
-
-
-class _PinnedMixin:
-    """Connect to the address the guard checked instead of resolving the host name again."""
-
-    _ff_address: str
-    _ff_kernel_timeouts = False  # plain http: the socket becomes a KernelTimeoutSocket once connected
-    host: str
-    port: int
-    timeout: Any
-    source_address: Any
-    socket_options: Any
-
-    def _new_conn(self) -> socket.socket:
-        try:
-            sock = u3conn.create_connection(
-                (self._ff_address, self.port),
-                self.timeout,
-                source_address=self.source_address,
-                socket_options=self.socket_options,
-            )
-            return KernelTimeoutSocket.adopt(sock) if self._ff_kernel_timeouts else sock
-        except TimeoutError as exc:
-            raise ConnectTimeoutError(self, f"connect to {self.host} timed out") from exc
-        except OSError as exc:
-            raise NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc  # type: ignore[arg-type]
-
-
-class _PinnedHTTP(_PinnedMixin, HTTPConnection):
-    _ff_kernel_timeouts = True
-
-    def __init__(self, *args: Any, ff_address: str, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._ff_address = ff_address
-
-
-class _PinnedHTTPS(_PinnedMixin, HTTPSConnection):
-    def __init__(self, *args: Any, ff_address: str, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._ff_address = ff_address
-
-
-class _KeptAlive:
-    """A pool that says whether its latest request went out on a connection kept from an earlier one."""
-
-    reused = False
-
-    def _get_conn(self, timeout: float | None = None) -> Any:
-        conn = super()._get_conn(timeout)  # type: ignore[misc]
-        self.reused = conn.sock is not None  # (one the server had already closed, urllib3 replaced by a new one)
-        return conn
-
-
-class _PinnedHTTPPool(_KeptAlive, HTTPConnectionPool):
-    ConnectionCls = _PinnedHTTP
-
-
-class _PinnedHTTPSPool(_KeptAlive, HTTPSConnectionPool):
-    ConnectionCls = _PinnedHTTPS
-
-
 class PinnedAdapter(HTTPAdapter):
     """A requests adapter that connects only to checked addresses: one pool, for the (scheme, host, port, checked
     address) of the thread's latest request. Its one connection is kept alive between downloads from the same
@@ -183,6 +71,7 @@ class PinnedAdapter(HTTPAdapter):
         self.pins: dict[tuple[str, int], str] = {}
         self._key: tuple | None = None
         self._pool: HTTPConnectionPool | None = None
+        self._kept = False  # the latest request's pool had served an earlier one
 
     def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):  # type: ignore[override]
         host_params, pool_kwargs = self.build_connection_pool_key_attributes(request, verify, cert)
@@ -192,22 +81,24 @@ class PinnedAdapter(HTTPAdapter):
         if address is None:  # fail closed: nothing connects without a guard check
             raise PermanentError(f"refused: {host}:{port} was not checked by the destination policy")
         key = (scheme, host, port, address, tuple(sorted((k, repr(v)) for k, v in pool_kwargs.items())))
-        if self._pool is None or key != self._key:
+        self._kept = self._pool is not None and key == self._key
+        if not self._kept:
             self.close_pool()
-            if scheme == "https":
-                self._pool = _PinnedHTTPSPool(host, port, maxsize=1, ff_address=address, **pool_kwargs)
-            else:
-                plain = {k: v for k, v in pool_kwargs.items() if k not in SSL_KEYWORDS}
-                self._pool = _PinnedHTTPPool(host, port, maxsize=1, ff_address=address, **plain)
+            self._pool = urllib3_hooks.new_pool(scheme, host, port, address, pool_kwargs)
             self._key = key
         return self._pool
+
+    def add_headers(self, request: requests.PreparedRequest, **kwargs: Any) -> None:
+        urllib3_hooks.stock_headers(request.url or "", request.headers)
 
     def kept_alive_died(self, exc: BaseException) -> bool:
         """The request failed because the server closed the kept-alive connection it went out on (a server may
         close an idle connection just as a request arrives): worth one more try at once, on a new connection, as
         curl and browsers do. Not a sign of stress, and no attempt of the URL is spent on it."""
-        return (isinstance(self._pool, _KeptAlive) and self._pool.reused
-                and _known_reason(exc) in _DROPPED_REASONS)
+        if self._pool is None or _known_reason(exc) not in _DROPPED_REASONS:
+            return False
+        reused = urllib3_hooks.went_out_kept_alive(self._pool)
+        return self._kept if reused is None else reused  # stock pools: the pool served an earlier request
 
     def close_pool(self) -> None:
         if self._pool is not None:

@@ -37,9 +37,45 @@ TEST_SETTINGS = {
 FAST_HEAL = {"FLEETFETCH_URL_LEASE": "4", "FLEETFETCH_SWEEP_INTERVAL": "1"}
 
 
+# `FLEETFETCH_STOCK=1 python -m pytest ...` runs the tests' workers and producers on kombu's and urllib3's own
+# paths (tasks/kombu_redis.py, tasks/urllib3_hooks.py): .ci/run proves the recovery tests on them so.
+STOCK = {"FLEETFETCH_STOCK": os.environ["FLEETFETCH_STOCK"]} if os.environ.get("FLEETFETCH_STOCK") else {}
+
+
+# The smoke tier (`-m smoke`): a real job of each kind end to end. .ci/run runs it on the lowest versions the
+# declared ranges allow, on the newest Python, and on the stock path (FLEETFETCH_STOCK=1).
+SMOKE = {
+    "test_cluster.py::test_job_downloads_every_file_and_records_each_url",
+    "test_local_mode.py::test_local_mode_downloads_everything_and_leaves_no_processes",
+    "test_local_mode.py::test_a_local_job_outlives_its_command_ctrl_c_then_status_results_and_resume",
+    "test_fetching.py::test_transient_statuses_are_retried_and_retry_after_is_honoured",
+    "test_fetching.py::test_cut_connection_resumes_with_range_and_if_range",
+    "test_jobs.py::test_cancel_ends_every_url_cancelled_leaves_no_temp_files_and_resume_finishes_it",
+    "test_recovery.py::test_a_worker_host_lost_outright_is_healed_by_the_other_worker",
+    "test_recovery.py::test_redis_restarted_several_times_while_tasks_run",
+    "test_https.py::test_a_certificate_for_another_name_or_from_an_untrusted_ca_fails_the_url_and_leaves_no_file",
+    "test_flower.py::test_flower_requires_credentials_and_shows_workers_and_redacted_failures",
+    "test_dependencies.py::test_a_job_runs_on_the_patched_and_on_the_stock_transport",
+    "test_dependencies.py::test_the_stock_http_path_connects_to_the_checked_address_and_names_the_host",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    found = set()
+    for item in items:
+        name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        if name in SMOKE:
+            item.add_marker(pytest.mark.smoke)
+            found.add(name)
+    files = {item.path.name for item in items}
+    lost = {n for n in SMOKE - found if n.split("::")[0] in files}
+    if lost:  # a renamed test must not drop out of the smoke tier unnoticed
+        raise pytest.UsageError(f"tests/conftest.py SMOKE names tests that do not exist: {sorted(lost)}")
+
+
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "FLEETFETCH_"))}
-    env.update(TEST_SETTINGS, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env.update(TEST_SETTINGS, **STOCK, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
 

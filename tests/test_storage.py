@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import fetch, guard, storage
+from tasks import fetch, guard, storage, urllib3_hooks
 from tasks.errors import PermanentError, TransientError
 
 
@@ -175,7 +175,7 @@ def test_a_plain_http_download_waits_in_the_kernel_and_a_stall_still_times_out(o
     limits = fetch.Limits(2, 0.5, 3, guard.Policy(allow_networks=(guard.ipaddress.ip_network("127.0.0.1/32"),)))
     response = fetch.open_response(origin.url("/ok.bin"), {}, limits)
     sock = response.raw.connection.sock
-    assert isinstance(sock, fetch.KernelTimeoutSocket)
+    assert isinstance(sock, urllib3_hooks.KernelTimeoutSocket)
     assert socket.socket.gettimeout(sock) is None and sock.getblocking()  # Python never polls it
     assert sock.gettimeout() == 0.5
     assert struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)) == (0, 500_000)

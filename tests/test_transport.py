@@ -1,4 +1,4 @@
-"""The broker transport (tasks/transport.py): redis:// and rediss:// URLs get kombu's Redis transport with one reused
+"""The broker transport (tasks/kombu_redis.py): redis:// and rediss:// URLs get kombu's Redis transport with one reused
 synchronous client per channel, parsed exactly as before; deliveries are still acknowledged (kombu's `unacked`
 bookkeeping goes through that client) by a threads worker whose threads share it."""
 
@@ -14,7 +14,7 @@ from kombu import Connection, Exchange, Queue
 from kombu.transport import pyamqp
 from kombu.transport import redis as kombu_redis
 
-from tasks import transport
+from tasks import kombu_redis as transport  # the module under test
 from tasks.app import app
 from tests.conftest import ROOT, Cluster, read_manifest, write_list
 from tests.support.servers import RedisServer, Worker

@@ -42,7 +42,10 @@ class CertAuthority:
         d.mkdir(parents=True, exist_ok=True)
         sans = ",".join(f"IP:{n}" if _is_ip(n) else f"DNS:{n}" for n in names)
         _openssl(d, "req", *_NEW_KEY, "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", f"/CN={names[0]}")
-        (d / f"{stem}.ext").write_text(f"subjectAltName={sans}\n")
+        # What a public CA's leaf carries; Python 3.13's strict verification (VERIFY_X509_STRICT) checks it.
+        (d / f"{stem}.ext").write_text(f"subjectAltName={sans}\nkeyUsage=critical,digitalSignature\n"
+                                       "extendedKeyUsage=serverAuth\nauthorityKeyIdentifier=keyid\n"
+                                       "subjectKeyIdentifier=hash\n")
         _openssl(d, "x509", "-req", "-in", f"{stem}.csr", "-CA", str(self.cert), "-CAkey", str(self.key),
                  "-CAcreateserial", "-out", f"{stem}.crt", "-days", "2", "-extfile", f"{stem}.ext")
         return ServerCert(self.cert, d / f"{stem}.crt", d / f"{stem}.key")
@@ -51,7 +54,8 @@ class CertAuthority:
 def make_ca(d: Path) -> CertAuthority:
     d.mkdir(parents=True, exist_ok=True)
     _openssl(d, "req", "-x509", *_NEW_KEY, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-             "-subj", "/CN=fleetfetch-test-ca")
+             "-subj", "/CN=fleetfetch-test-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     return CertAuthority(d / "ca.crt", d / "ca.key")
 
 

@@ -1,4 +1,15 @@
-"""kombu's Redis broker transport with one synchronous Redis client per channel instead of one per command.
+"""Everything fleetfetch knows of kombu's Redis transport internals, in one module: its key names, the JSON of an
+unacknowledged message, and a transport subclass that overrides its channel and QoS.
+
+What is private to kombu and used here: `Channel._create_client`, `_brpop_read`, `_queue_cycle`, `_q_for_pri`,
+`priority_steps`, `unacked_key`/`unacked_index_key`, `connection._deliver`, the `unacked` entry
+`[message, exchange, routing_key]`, `QoS.pipe_or_acquire`, `TRANSPORT_ALIASES` and `_transport_cache`. `unfit()`
+checks them against the kombu installed; `install()` puts the subclass in place only where they are as expected
+(kombu KNOWN), and otherwise leaves kombu's own transport with one warning line: never half-patched. With
+FLEETFETCH_STOCK=1 kombu's transport is used as it is. docs/upstream-kombu.md is the issue text for kombu that
+would let the subclass go.
+
+The subclass: one synchronous Redis client per channel instead of one per command.
 
 kombu's Redis channel builds a new `redis.Redis` object for each command it sends outside BRPOP
 (`conn_or_acquire()` -> `_create_client()`): the QoS bookkeeping of every message (MULTI ZADD HSET EXEC when it
@@ -37,6 +48,8 @@ Elsewhere (no event loop: a plain kombu consumer) an ack is sent at once, as kom
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from time import time
 from typing import Any, cast
@@ -47,6 +60,12 @@ from kombu.transport import virtual
 from kombu.utils.json import loads
 
 from .connection import KernelTimeoutConnection
+
+log = logging.getLogger(__name__)
+
+KNOWN = ("5.7",)  # kombu minor versions whose Redis transport this module was read against and tested with
+UNACKED_KEY = "unacked"  # kombu's hash: delivery tag -> [message, exchange, routing key], delivered, not acknowledged
+UNACKED_INDEX_KEY = "unacked_index"  # kombu's sorted set: delivery tag -> when it was delivered
 
 # KEYS: the queue lists in BRPOP's order, then unacked_index and unacked (kombu's names); ARGV[1] most messages,
 # ARGV[2] the time kombu's QoS would score them with. Returns {list, message, 1 if recorded else 0, ...}.
@@ -177,17 +196,90 @@ class Transport(kombu_redis.Transport):
             channel.qos.send_acks()
 
 
-def install() -> None:
-    """Make redis:// and rediss:// broker URLs use this transport, in this process.
+def task_id(entry: bytes | str) -> str:
+    """The Celery task id of one `unacked` entry (ValueError if it is not kombu's JSON)."""
+    try:
+        return str(json.loads(entry)[0]["headers"]["id"])
+    except (KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"not an unacked entry of kombu's: {exc}") from None
+
+
+def held(client: redis.Redis) -> dict[str, float]:
+    """Task id -> when it was delivered, for every message a worker holds unacknowledged."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(UNACKED_KEY)
+    pipe.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
+    messages, index = pipe.execute()
+    since = dict(cast(list[tuple[bytes, float]], index))
+    out = {}
+    for tag, raw in cast(dict[bytes, bytes], messages).items():
+        try:
+            out[task_id(raw)] = since.get(tag, time())
+        except ValueError:
+            continue  # not a message of ours: the sweep leaves it to kombu's restore
+    return out
+
+
+def restore_all(broker_url: str, client: redis.Redis) -> None:
+    """Give every unacknowledged message back to its queue now, through kombu's own restore: for a broker whose
+    consumers are known to be gone (local mode's, whose directory lock is held)."""
+    from kombu import Connection
+
+    if client.hlen(UNACKED_KEY):
+        with Connection(broker_url, transport_options={"visibility_timeout": 0}, connect_timeout=5) as conn:
+            conn.default_channel.qos.restore_visible(num=1_000_000)
+
+
+# What this module overrides or reads, by owner: each must be there for the subclass to be installed.
+_USED = {
+    kombu_redis.Channel: ("_create_client", "_brpop_read", "_q_for_pri", "unacked_key", "unacked_index_key",
+                          "global_keyprefix", "conn_or_acquire"),
+    kombu_redis.QoS: ("append", "ack", "restore_unacked", "restore_unacked_once", "pipe_or_acquire",
+                      "unacked_key", "unacked_index_key"),
+    virtual.QoS: ("append", "ack", "can_consume_max_estimate"),
+    virtual.Transport: ("_deliver",),
+    kombu_redis.Transport: ("register_with_event_loop",),
+}
+
+
+def unfit(version: str | None = None) -> str | None:
+    """Why the subclass must not be installed on the kombu here, or on kombu `version` (None: it may)."""
+    import kombu
+    from kombu import transport
+
+    version = version or kombu.__version__
+    if ".".join(version.split(".")[:2]) not in KNOWN:
+        return f"kombu {version} is not a version fleetfetch knows ({', '.join(KNOWN)})"
+    for owner, names in _USED.items():
+        missing = [n for n in names if not hasattr(owner, n)]
+        if missing:
+            return f"kombu {version}: {owner.__qualname__} has no {', '.join(missing)}"
+    if (kombu_redis.Channel.unacked_key, kombu_redis.Channel.unacked_index_key) != (UNACKED_KEY, UNACKED_INDEX_KEY):
+        return f"kombu {version} keeps unacknowledged messages under other keys"
+    if not isinstance(getattr(transport, "TRANSPORT_ALIASES", None), dict) or not isinstance(
+            getattr(transport, "_transport_cache", None), dict):
+        return f"kombu {version} resolves transports another way"
+    return None
+
+
+def install(stock: bool = False) -> bool:
+    """Make redis:// and rediss:// broker URLs use this transport, in this process; True if it did.
 
     kombu resolves a URL's scheme to a transport class through TRANSPORT_ALIASES only after it has parsed the URL
     by that scheme (host, port, password, db, TLS options and the `rediss` default): pointing the two aliases here
     changes the class and nothing else. Celery's `broker_transport` setting would not do: an explicit transport
     replaces the URL's scheme as the connection's transport name (it then shows in the worker's banner and skips
     kombu's rediss handling), and it would apply to an amqp:// broker too. Other schemes (amqp://, sentinel://)
-    keep kombu's transports."""
+    keep kombu's transports. `stock` (FLEETFETCH_STOCK) keeps kombu's own for redis:// too."""
+    if stock:
+        return False
+    reason = unfit()
+    if reason is not None:
+        log.warning("%s: using kombu's own Redis transport (slower, as reliable)", reason)
+        return False
     from kombu import transport
 
     for scheme in ("redis", "rediss"):
         transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
         transport._transport_cache.pop(scheme, None)  # a class resolved before this call is not kept
+    return True
