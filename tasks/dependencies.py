@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import Any
 
 # The lowest version of each that works, as pyproject.toml declares them (tests/test_dependencies.py keeps the two
 # in step), with what needs it.
@@ -37,6 +38,19 @@ def too_old(installed: dict[str, str]) -> list[str]:
             lines.append(f"error: fleetfetch needs {name}>={floor} ({why}), but {name} {version} is installed: "
                          f"pip install '{name}>={floor}' (or pip install -e . to take pyproject.toml's ranges)")
     return lines
+
+
+def unfit(package: str, version: str, known: tuple[str, ...], used: dict[Any, tuple[str, ...]]) -> str | None:
+    """Why a module that overrides `package`'s internals must leave it alone: `version` is not a minor release it
+    `known`s, or an owner in `used` lacks a name it overrides or calls (None: it may go ahead)."""
+    if ".".join(version.split(".")[:2]) not in known:
+        span = known[0] if len(known) == 1 else f"{known[0]} to {known[-1]}"
+        return f"{package} {version} is not a version fleetfetch knows ({span})"
+    for owner, names in used.items():
+        missing = [n for n in names if not hasattr(owner, n)]
+        if missing:
+            return f"{package} {version}: {getattr(owner, '__qualname__', owner)} has no {', '.join(missing)}"
+    return None
 
 
 def check() -> None:

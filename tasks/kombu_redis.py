@@ -59,6 +59,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import loads
 
+from . import dependencies
 from .connection import KernelTimeoutConnection
 
 log = logging.getLogger(__name__)
@@ -248,12 +249,9 @@ def unfit(version: str | None = None) -> str | None:
     from kombu import transport
 
     version = version or kombu.__version__
-    if ".".join(version.split(".")[:2]) not in KNOWN:
-        return f"kombu {version} is not a version fleetfetch knows ({', '.join(KNOWN)})"
-    for owner, names in _USED.items():
-        missing = [n for n in names if not hasattr(owner, n)]
-        if missing:
-            return f"kombu {version}: {owner.__qualname__} has no {', '.join(missing)}"
+    reason = dependencies.unfit("kombu", version, KNOWN, _USED)
+    if reason is not None:
+        return reason
     if (kombu_redis.Channel.unacked_key, kombu_redis.Channel.unacked_index_key) != (UNACKED_KEY, UNACKED_INDEX_KEY):
         return f"kombu {version} keeps unacknowledged messages under other keys"
     if not isinstance(getattr(transport, "TRANSPORT_ALIASES", None), dict) or not isinstance(

@@ -27,6 +27,7 @@ from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.poolmanager import SSL_KEYWORDS
 from urllib3.util import connection as u3conn
 
+from . import dependencies
 from .config import settings
 from .connection import set_kernel_timeouts
 
@@ -150,14 +151,7 @@ _USED: dict[Any, tuple[str, ...]] = {
 
 def unfit(version: str | None = None) -> str | None:
     """Why the subclasses must not be used with the urllib3 here, or with urllib3 `version` (None: they may)."""
-    version = version or urllib3.__version__
-    if ".".join(version.split(".")[:2]) not in KNOWN:
-        return f"urllib3 {version} is not a version fleetfetch knows ({KNOWN[0]} to {KNOWN[-1]})"
-    for owner, names in _USED.items():
-        missing = [n for n in names if not hasattr(owner, n)]
-        if missing:
-            return f"urllib3 {version}: {getattr(owner, '__name__', owner)} has no {', '.join(missing)}"
-    return None
+    return dependencies.unfit("urllib3", version or urllib3.__version__, KNOWN, _USED)
 
 
 _patched: bool | None = None
