@@ -296,22 +296,32 @@ def label(fd: int, v: Validators) -> bool:
     return True
 
 
-def _read_label(where: TargetDir, name: str) -> Validators | None:
+def _open_ours(where: TargetDir, name: str) -> int | None:
+    """A read descriptor of `name` if it is a regular file the worker's user owns with no other link, else None.
+    On a shared volume anyone may plant a file with a label of their own (a label is no signature): only a file
+    another user cannot have written or linked is ever trusted by its label. Checked on the descriptor that is
+    then read, so the file cannot be swapped between the check and the read."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=where.fd)
     except OSError:
         return None
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
+        return fd
+    os.close(fd)
+    return None
+
+
+def _read_label(fd: int) -> Validators | None:
     try:
         return Validators(**json.loads(os.getxattr(fd, XATTR)))
     except (OSError, ValueError, TypeError):
         return None
-    finally:
-        os.close(fd)
 
 
-def _read_validators(where: TargetDir, name: str) -> Validators | None:
+def _read_validators(where: TargetDir, name: str, fd: int) -> Validators | None:
     """The file's own label, else the sidecar of a file system without extended attributes (or an older run)."""
-    return _read_label(where, name) or _read_sidecar(where, name)
+    return _read_label(fd) or _read_sidecar(where, name)
 
 
 def _read_sidecar(where: TargetDir, name: str) -> Validators | None:
@@ -329,33 +339,36 @@ def _read_sidecar(where: TargetDir, name: str) -> Validators | None:
         os.close(meta)
 
 
-def _stat(where: TargetDir, name: str) -> os.stat_result | None:
-    try:
-        st = os.stat(name, dir_fd=where.fd, follow_symlinks=False)
-    except OSError:
+def load_validators(where: TargetDir, name: str, url: str, expected: str | None = None) -> Validators | None:
+    """Validators for a present file of ours, of the same URL, whose content still matches; None otherwise.
+    A file whose inode, size and mtime are those recorded is trusted unread; else it is hashed again.
+    `expected`: the SHA-256 the list asks for now; a label recording another digest is not used (the file is
+    downloaded again and checked against the new one, never kept as unchanged)."""
+    fd = _open_ours(where, name)
+    if fd is None:  # nothing there (a new download), or a file we cannot vouch for: no label is read
         return None
-    return st if stat.S_ISREG(st.st_mode) else None
-
-
-def load_validators(where: TargetDir, name: str, url: str) -> Validators | None:
-    """Validators for a present file of the same URL whose content still matches; None otherwise.
-    A file whose inode, size and mtime are those recorded is trusted unread; else it is hashed again."""
-    st = _stat(where, name)
-    if st is None:  # nothing there (a new download): no label or sidecar to read
-        return None
-    found = _read_validators(where, name)
-    if found is None or found.url != url_key(url) or st.st_size != found.bytes:
-        return None
-    if found.matches(st):
-        return found
-    return found if _sha256_at(where.fd, name) == found.sha256 else None  # edited on disk: download again
+    with open(fd, "rb") as fh:
+        st = os.fstat(fd)
+        found = _read_validators(where, name, fd)
+        if found is None or found.url != url_key(url) or st.st_size != found.bytes:
+            return None
+        if expected and found.sha256 != expected.lower():
+            return None
+        if found.matches(st):
+            return found
+        return found if sha256_of_file(fh) == found.sha256 else None  # edited on disk: download again
 
 
 def owns(where: TargetDir, name: str, url: str) -> bool:
-    """True if `name` is this URL's own file from an earlier download, untouched since."""
-    found = _read_validators(where, name)
-    st = _stat(where, name)
-    return found is not None and st is not None and found.url == url_key(url) and found.matches(st)
+    """True if `name` is this URL's own file (of ours) from an earlier download, untouched since."""
+    fd = _open_ours(where, name)
+    if fd is None:
+        return False
+    try:
+        found = _read_validators(where, name, fd)
+        return found is not None and found.url == url_key(url) and found.matches(os.fstat(fd))
+    finally:
+        os.close(fd)
 
 
 def save_validators(where: TargetDir, name: str, v: Validators) -> None:
@@ -373,15 +386,6 @@ def save_validators(where: TargetDir, name: str, v: Validators) -> None:
         raise PermanentError(describe_os_error(exc, where.path / META_DIR / name)) from None
     finally:
         os.close(meta)
-
-
-def _sha256_at(dir_fd: int, name: str) -> str | None:
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
-        return None
-    with open(fd, "rb") as fh:
-        return sha256_of_file(fh)
 
 
 def sha256_of_file(fh: object) -> str:

@@ -84,7 +84,7 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
              on_chunk: Callable[[], None] | None) -> Outcome:
     name = check_component(req.name)
     where.check_meta()
-    known = None if req.force else storage.load_validators(where, name, req.url)
+    known = None if req.force else storage.load_validators(where, name, req.url, req.sha256)
     part = storage.PartFile(where, name, durable=fsync)
     response: requests.Response | None = None
     try:

@@ -1,0 +1,83 @@
+"""Hardening, round 3: what a stranger on a shared volume, a changed list or a second job in one directory can do.
+
+Real Redis, a real `celery worker`, a real HTTP origin; all traffic on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from tasks import storage
+from tests.conftest import Cluster, read_manifest, write_list
+
+NOBODY = 65534  # another local user
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def run(cluster: Cluster, tmp_path: Path, lines: list[str], *args: str,
+        manifest: str = "m.jsonl") -> tuple[subprocess.CompletedProcess, list]:
+    out = tmp_path / manifest
+    out.unlink(missing_ok=True)
+    result = cluster.producer(str(write_list(tmp_path / "urls.txt", lines)), "--manifest", str(out), *args)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result, read_manifest(out) if out.exists() else []
+
+
+def forge_label(path: Path, url: str, claimed: bytes, etag: str) -> None:
+    """The label another user can write on a file of theirs: the real file's size, digest and ETag, and the
+    planted file's own inode and mtime (so that it looks untouched)."""
+    st = path.stat()
+    label = {"url": storage.url_key(url), "bytes": len(claimed), "sha256": sha(claimed), "etag": etag,
+             "last_modified": None, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns}
+    os.setxattr(path, storage.XATTR, json.dumps(label).encode())
+
+
+# --- labels on files: trusted only when they can be ours --------------------------------------------------------
+
+
+def test_a_label_forged_by_another_user_or_on_a_hard_link_is_not_trusted(cluster, worker, origin, tmp_path):
+    real = b"the real report"
+    origin.add("/f.pdf", real, etag='"r1"')
+    origin.add("/g.pdf", real, etag='"r1"')
+    target = cluster.downloads / "forged"
+    target.mkdir(parents=True, exist_ok=True)
+    planted = target / "f.pdf"
+    planted.write_bytes(b"the evil report")  # same size as the real one
+    forge_label(planted, origin.url("/f.pdf"), real, '"r1"')
+    os.chown(planted, NOBODY, NOBODY)
+    elsewhere = tmp_path / "elsewhere.pdf"  # a file of ours, labelled, that also has a name in the directory
+    elsewhere.write_bytes(b"the other evil!")
+    os.link(elsewhere, target / "g.pdf")
+    forge_label(elsewhere, origin.url("/g.pdf"), real, '"r1"')
+    lines = [f"{origin.url('/f.pdf')} sha256={sha(real)}", f"{origin.url('/g.pdf')} sha256={sha(real)}"]
+    result, records = run(cluster, tmp_path, lines, "-d", "forged")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [r["status"] for r in records] == ["done", "done"]
+    assert planted.read_bytes() == real and (target / "g.pdf").read_bytes() == real
+    assert elsewhere.read_bytes() == b"the other evil!"  # the link was replaced, not written through
+    for path in ("/f.pdf", "/g.pdf"):
+        assert "If-None-Match" not in origin.requests_for(path)[-1].headers  # an unconditional download
+
+
+def test_a_new_expected_digest_on_a_rerun_is_checked_never_unchanged(cluster, worker, origin, tmp_path):
+    body, other = b"version 1", sha(b"some other file")
+    origin.add("/d.bin", body, etag='"d1"')
+    url = origin.url("/d.bin")
+    first, _ = run(cluster, tmp_path, [url], "-d", "digest")
+    assert first.returncode == 0, first.stdout + first.stderr
+    for lines in ([f"{url} sha256={other}"], [url, f"  checksum=sha-256={other}"]):
+        again, records = run(cluster, tmp_path, lines, "-d", "digest")
+        assert again.returncode == 1, again.stdout
+        assert records[0]["status"] == "failed" and "sha256 mismatch" in records[0]["reason"]
+        assert "If-None-Match" not in origin.requests_for("/d.bin")[-1].headers
+    # the digest the file really has still lets a re-run keep it (a conditional request, a 304)
+    same, records = run(cluster, tmp_path, [f"{url} sha256={sha(body)}"], "-d", "digest")
+    assert same.returncode == 0 and records[0]["status"] == "unchanged"
+    assert origin.requests_for("/d.bin")[-1].headers["If-None-Match"] == '"d1"'
