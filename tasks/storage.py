@@ -140,13 +140,24 @@ def _open_own_file(dir_fd: int, name: str, shown: str) -> tuple[int, int]:
             if not locked:
                 os.close(fd)
                 raise Busy(f"another attempt is writing {shown} right now")
-            return fd, st.st_size
+            if _named(dir_fd, name, st):
+                return fd, st.st_size
+            os.close(fd)  # renamed into place (or removed) by its writer between our open and our lock: open anew
+            continue
         os.close(fd)  # a planted file is replaced, locked or not
         with contextlib.suppress(FileNotFoundError):
             if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == st.st_ino:
                 os.unlink(name, dir_fd=dir_fd)
         flags |= os.O_EXCL
     raise PermanentError(f"refused: {name} keeps being replaced by someone else")
+
+
+def _named(dir_fd: int, name: str, st: os.stat_result) -> bool:
+    """`name` still refers to the file `st` describes."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == st.st_ino
+    except FileNotFoundError:
+        return False
 
 
 class PartFile:
@@ -157,7 +168,7 @@ class PartFile:
     waiting for it, as PostgreSQL's flush_after does), so the final fsync waits for the last few MiB, not for the
     whole file: a 1 GiB download does not spend a second or more after its last byte (this VM's disk: 374 MB/s)."""
 
-    def __init__(self, where: TargetDir, name: str, durable: bool = False) -> None:
+    def __init__(self, where: TargetDir, name: str, durable: bool = False, url: str | None = None) -> None:
         self.durable = durable
         self.dir_fd = where.fd
         self.name = name
@@ -169,6 +180,9 @@ class PartFile:
             raise PermanentError(describe_os_error(exc, where.path / self.part)) from None
         self.hash, self.size, self._flushed = Sha256(), 0, 0
         self._left = length > 0  # bytes an earlier attempt left in the file, not (yet) kept
+        if url is not None:  # who holds the name, for another URL that meets the lock (`writer_of`)
+            with contextlib.suppress(OSError):
+                os.setxattr(self.fd, _WRITER, url_key(url).encode())
 
     def identity(self) -> str:
         """`inode:size:mtime_ns` of the temp file, recorded when an attempt keeps it for the next one to resume
@@ -238,6 +252,10 @@ class PartFile:
         self.close()
         return st
 
+    def give_up(self) -> None:
+        """Leave the name to another URL: a temp file we created is removed, one with bytes left in it is kept."""
+        self.close() if self._left else self.discard()
+
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.part, dir_fd=self.dir_fd)
@@ -279,6 +297,7 @@ class Validators:
 
 
 XATTR = "user.fleetfetch"  # the validators, on the file itself (as curl --xattr and wget2 keep the URL)
+_WRITER = "user.fleetfetch.writer"  # on a temp file: url_key of the URL writing it
 _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOSPC, errno.E2BIG}
 
 
@@ -286,6 +305,8 @@ def label(fd: int, v: Validators) -> bool:
     """Write the validators onto the file (its temp file, before the rename: they land together), stamped with
     its inode and mtime now (an extended attribute changes neither). False where the file system has no user
     extended attributes: the caller keeps a sidecar instead."""
+    with contextlib.suppress(OSError):
+        os.removexattr(fd, _WRITER)  # the file is done: its label says whose it is
     v.stamp(os.fstat(fd))
     try:
         os.setxattr(fd, XATTR, json.dumps(vars(v), separators=(",", ":")).encode())
@@ -367,6 +388,34 @@ def owns(where: TargetDir, name: str, url: str) -> bool:
     try:
         found = _read_validators(where, name, fd)
         return found is not None and found.url == url_key(url) and found.matches(os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+def held_by_other_url(where: TargetDir, name: str, url: str) -> bool:
+    """True if `name` is a finished file of ours labelled for another URL (another job's, in a shared directory):
+    it is the bytes another record describes, so this URL takes another name instead of replacing it."""
+    fd = _open_ours(where, name)
+    if fd is None:
+        return False
+    try:
+        found = _read_validators(where, name, fd)
+        return found is not None and found.url != url_key(url)
+    finally:
+        os.close(fd)
+
+
+def writer_of(where: TargetDir, name: str) -> str | None:
+    """url_key of the URL whose attempt is writing `name` now (None: unknown, e.g. no extended attributes)."""
+    try:
+        fd = os.open(f".{name}{PART_SUFFIX}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=where.fd)
+    except OSError:
+        return None
+    try:
+        return os.getxattr(fd, _WRITER).decode() if os.fstat(fd).st_uid == os.geteuid() else None
+    except (OSError, UnicodeDecodeError):
+        return None
     finally:
         os.close(fd)
 

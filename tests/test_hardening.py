@@ -9,9 +9,11 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from tasks import storage
+from tasks.naming import with_hash
 from tests.conftest import Cluster, read_manifest, write_list
 
 NOBODY = 65534  # another local user
@@ -81,3 +83,39 @@ def test_a_new_expected_digest_on_a_rerun_is_checked_never_unchanged(cluster, wo
     same, records = run(cluster, tmp_path, [f"{url} sha256={sha(body)}"], "-d", "digest")
     assert same.returncode == 0 and records[0]["status"] == "unchanged"
     assert origin.requests_for("/d.bin")[-1].headers["If-None-Match"] == '"d1"'
+
+
+# --- two jobs in one directory ---------------------------------------------------------------------------------
+
+
+def test_two_jobs_whose_urls_share_a_name_in_one_directory_each_keep_a_file_their_record_describes(
+        cluster, worker, origin, tmp_path):
+    """Job A is still writing index.html when job B's URL (another one) wants the same name: B takes its URL's
+    hashed name at once (no stepping aside as a duplicate delivery), and neither replaces the other's file."""
+    origin.add("/a/", b"A" * 40_000, rate=20_000)  # 2 s: B arrives while A writes
+    origin.add("/b/", b"B's page")
+    job_a = cluster.producer_async(str(write_list(tmp_path / "a.txt", [origin.url("/a/")])), "-d", "shared",
+                                   "--manifest", str(tmp_path / "a.jsonl"))
+    try:
+        deadline = time.monotonic() + 30
+        while not origin.requests_for("/a/") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        second = cluster.producer(str(write_list(tmp_path / "b.txt", [origin.url("/b/")])), "-d", "shared",
+                                  "--manifest", str(tmp_path / "b.jsonl"))
+        b_took = time.monotonic() - started
+        out, err = job_a.communicate(timeout=60)
+    finally:
+        if job_a.poll() is None:
+            job_a.kill()
+            job_a.wait()
+    assert job_a.returncode == 0 and second.returncode == 0, out + err + second.stdout + second.stderr
+    a, b = read_manifest(tmp_path / "a.jsonl")[0], read_manifest(tmp_path / "b.jsonl")[0]
+    assert a["status"] == b["status"] == "done"
+    assert a["path"] == "shared/index.html" and b["path"] == f"shared/{with_hash('index.html', origin.url('/b/'))}"
+    for record in (a, b):
+        assert sha((cluster.downloads / record["path"]).read_bytes()) == record["sha256"], record
+    assert b_took < 15  # not stepped aside until its lease ran out (60 s)
+    # a re-run of either job keeps its own file, and its own name
+    again, records = run(cluster, tmp_path, [origin.url("/b/")], "-d", "shared")
+    assert again.returncode == 0 and records[0]["status"] == "done" and records[0]["path"] == b["path"]
