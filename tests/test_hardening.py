@@ -119,3 +119,32 @@ def test_two_jobs_whose_urls_share_a_name_in_one_directory_each_keep_a_file_thei
     # a re-run of either job keeps its own file, and its own name
     again, records = run(cluster, tmp_path, [origin.url("/b/")], "-d", "shared")
     assert again.returncode == 0 and records[0]["status"] == "done" and records[0]["path"] == b["path"]
+
+
+# --- a file and a directory of one name ------------------------------------------------------------------------
+
+
+def test_a_file_and_a_directory_of_one_name_both_get_their_own_path(cluster, worker, origin, tmp_path):
+    """-x: a site's /docs and /docs/a.pdf; without it, a file `forms` beside dir=forms. Whichever comes first
+    keeps the plain name, the other a hashed one; the same list gives the same paths again."""
+    for path, body in {"/docs": b"the docs page", "/docs/a.pdf": b"a", "/docs/b/c.pdf": b"c", "/forms": b"form",
+                       "/f.pdf": b"f", "/later/x.pdf": b"x", "/later": b"later page"}.items():
+        origin.add(path, body)
+    tree = [origin.url(p) for p in ("/docs", "/docs/a.pdf", "/docs/b/c.pdf", "/later/x.pdf", "/later")]
+    flat = [origin.url("/forms"), origin.url("/f.pdf"), "  dir=forms"]
+    got = {}
+    for lines, args in ((tree, ("-d", "tree", "-x")), (flat, ("-d", "flat"))):
+        paths = got[args[1]] = []
+        for _ in range(2):
+            result, records = run(cluster, tmp_path, lines, *args)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert {r["status"] for r in records} == {"done"}
+            for r in records:
+                assert sha((cluster.downloads / r["path"]).read_bytes()) == r["sha256"], r
+            paths.append([r["path"] for r in records])
+        assert paths[0] == paths[1] and len(set(paths[0])) == len(paths[0])
+    host = origin.base_url.removeprefix("http://").replace(":", "_")
+    docs = with_hash("docs", f"{host}/docs/")  # seeded by its path in the job
+    assert got["tree"][0] == [f"tree/{host}/docs", f"tree/{host}/{docs}/a.pdf", f"tree/{host}/{docs}/b/c.pdf",
+                              f"tree/{host}/later/x.pdf", f"tree/{host}/{with_hash('later', origin.url('/later'))}"]
+    assert got["flat"][0] == ["flat/forms", f"flat/{with_hash('forms', 'forms/')}/f.pdf"]
