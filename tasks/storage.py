@@ -58,6 +58,9 @@ def _descend(fd: int, parts: list[str], create: bool, shown: str) -> int:
                     os.mkdir(part, dir_fd=fd)
                 child = os.open(part, _DIR_FLAGS, dir_fd=fd)
         except OSError as exc:
+            if exc.errno == errno.ENOTDIR and _is_file(fd, part):
+                raise PermanentError(f"cannot write into {shown!r}: {part!r} is a file there, not a directory (an "
+                                     "earlier download?); move it, or use another -d") from None
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise PermanentError(f"refused: {shown!r} leads outside the download directory (symlink?)") from None
             if exc.errno == errno.ENOENT and not create:
@@ -70,6 +73,13 @@ def _descend(fd: int, parts: list[str], create: bool, shown: str) -> int:
             os.close(fd)
             raise PermanentError(f"refused: {shown!r} in the download directory belongs to another user")
     return fd
+
+
+def _is_file(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 _META_CHECKED: set[tuple[str, tuple[str, ...]]] = set()  # (root, subdir parts) whose metadata directory was checked
@@ -394,9 +404,12 @@ def owns(where: TargetDir, name: str, url: str) -> bool:
 
 def held_by_other_url(where: TargetDir, name: str, url: str) -> bool:
     """True if `name` is a finished file of ours labelled for another URL (another job's, in a shared directory):
-    it is the bytes another record describes, so this URL takes another name instead of replacing it."""
+    it is the bytes another record describes, so this URL takes another name instead of replacing it. A
+    directory (an earlier run's, with -x) holds its name too: no file can be renamed over it."""
     fd = _open_ours(where, name)
     if fd is None:
+        with contextlib.suppress(OSError):
+            return stat.S_ISDIR(os.stat(name, dir_fd=where.fd, follow_symlinks=False).st_mode)
         return False
     try:
         found = _read_validators(where, name, fd)

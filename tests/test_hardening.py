@@ -148,3 +148,18 @@ def test_a_file_and_a_directory_of_one_name_both_get_their_own_path(cluster, wor
     assert got["tree"][0] == [f"tree/{host}/docs", f"tree/{host}/{docs}/a.pdf", f"tree/{host}/{docs}/b/c.pdf",
                               f"tree/{host}/later/x.pdf", f"tree/{host}/{with_hash('later', origin.url('/later'))}"]
     assert got["flat"][0] == ["flat/forms", f"flat/{with_hash('forms', 'forms/')}/f.pdf"]
+
+
+def test_a_file_whose_name_an_earlier_runs_directory_holds_takes_its_hashed_name(cluster, worker, origin, tmp_path):
+    origin.add("/pages/p.pdf", b"p")
+    origin.add("/pages", b"the pages page")
+    first, _ = run(cluster, tmp_path, [origin.url("/pages/p.pdf")], "-d", "earlier", "-x")
+    second, records = run(cluster, tmp_path, [origin.url("/pages")], "-d", "earlier", "-x")
+    assert first.returncode == 0 and second.returncode == 0, second.stdout + second.stderr
+    host = origin.base_url.removeprefix("http://").replace(":", "_")
+    assert records[0]["path"] == f"earlier/{host}/{with_hash('pages', origin.url('/pages'))}"
+    assert (cluster.downloads / records[0]["path"]).read_bytes() == b"the pages page"
+    # the other way round (a directory needed where an earlier run left a file) fails the URL and says why
+    run(cluster, tmp_path, [origin.url("/pages")], "-d", "earlier2", "-x")
+    third, records = run(cluster, tmp_path, [origin.url("/pages/p.pdf")], "-d", "earlier2", "-x")
+    assert third.returncode == 1 and "'pages' is a file there, not a directory" in records[0]["reason"]
