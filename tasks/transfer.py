@@ -86,9 +86,9 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
     where.check_meta()
     part = _claim(where, req, fsync)
     name = part.name
-    known = None if req.force else storage.load_validators(where, name, req.url, req.sha256)
     response: requests.Response | None = None
     try:
+        known = None if req.force else storage.load_validators(where, name, req.url, req.sha256)
         headers = _resume_headers(part, req.resume)
         if known and not headers:
             if known.etag:
