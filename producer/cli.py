@@ -20,6 +20,7 @@ from tasks.message import Options, split_headers
 from . import credentials, urls
 from . import local as local_mode
 from .errors import EXIT_INTERRUPTED, EXIT_OK, CliError, Unreachable, UsageError
+from .paths import check_manifest, open_download_dir
 from .units import parse_size
 
 # Only what parsing and reading the list need is imported here. Celery, kombu, redis and requests (~0.5 s) load
@@ -41,7 +42,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                         "directory name sanitised")
     p.add_argument("--manifest", type=Path, help="write JSON Lines, one record per URL, when the job ends")
     p.add_argument("--no-wait", action="store_true", help="enqueue, print the job id and exit 0")
-    p.add_argument("--concurrency", type=int, default=None,
+    p.add_argument("--concurrency", type=_positive, default=None,
                    help="local mode: downloads at once (default: FLEETFETCH_CONCURRENCY, else the pool's default)")
     p.add_argument("--pool", default=settings.pool,
                    help=f"local mode: Celery pool, one of {', '.join(POOLS)} (default: %(default)s, FLEETFETCH_POOL)")
@@ -143,6 +144,16 @@ def _queue(name: str | None, local: bool) -> str:
     return name
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -193,11 +204,15 @@ def _local_cluster(local: bool, download_dir: Path, args: argparse.Namespace,
 def run(args: argparse.Namespace) -> int:
     if args.pool not in POOLS:
         raise UsageError(f"pool {args.pool!r} (--pool or FLEETFETCH_POOL): local mode runs one of {', '.join(POOLS)}")
+    check_manifest(args.manifest)
+    local = settings.broker_url is None
+    download_dir, subdir = _subdir(args.dir, local)
+    if local:  # a file in its place is refused now, not as a traceback once local mode starts
+        with contextlib.suppress(FileNotFoundError):
+            os.close(open_download_dir(download_dir, create=False))
     path, temporary = urls.open_list(args.urls_file)
     try:
         label = "stdin" if args.urls_file == "-" else args.urls_file
-        local = settings.broker_url is None
-        download_dir, subdir = _subdir(args.dir, local)
         options, secret = _options(args, subdir)
         logins = credentials.load(args.netrc_file, args.load_cookies, args.proxy)
         options = replace(options, credentials=bool(logins))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from . import job as jobs
 from . import progress
 from .connect import Connection, connect
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Unreachable, UsageError
-from .local import state_dir
+from .paths import check_manifest, open_state_dir
 
 
 def follow(conn: Connection, job_id: str, total: int, started: float, manifest: Path | None, quiet: bool,
@@ -77,6 +78,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 def results(args: argparse.Namespace) -> int:
+    check_manifest(args.manifest)
     with _connect_to_job(args, worker=False) as conn:
         total = int(_existing(conn.ledger, args.job).get("total") or 0)
         if args.manifest:
@@ -87,6 +89,7 @@ def results(args: argparse.Namespace) -> int:
 
 
 def resume(args: argparse.Namespace) -> int:
+    check_manifest(args.manifest)
     with _connect_to_job(args, worker=True) as conn:
         meta = _existing(conn.ledger, args.job)
         total = int(meta.get("total") or 0)
@@ -140,9 +143,11 @@ def _connect_to_job(args: argparse.Namespace, worker: bool) -> contextlib.Abstra
     if settings.broker_url is not None:
         return connect(False)
     directory = Path(args.dir) if args.dir else settings.download_dir
-    if not state_dir(directory).is_dir():
+    try:
+        os.close(open_state_dir(directory, create=False))
+    except FileNotFoundError:
         raise UsageError(f"no local jobs in {directory} (give the job's directory with -d, or set "
-                         "CELERY_BROKER_URL for a cluster's jobs)")
+                         "CELERY_BROKER_URL for a cluster's jobs)") from None
     return connect(True, directory, quiet=True, worker=worker)
 
 

@@ -16,6 +16,9 @@ from celery import Celery
 from tasks import feed, ledger
 from tasks.message import Entry, Message, Options
 
+from .errors import UsageError
+from .paths import manifest_place
+
 
 def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -50,6 +53,8 @@ def failures(book: ledger.Ledger, job: str, total: int) -> list[dict[str, Any]]:
 
 
 def manifest_to(path: Path, book: ledger.Ledger, job: str, total: int) -> None:
+    """The job's records renamed into `path`'s place: only where nothing, or a regular file, is (checked before the
+    job by `paths.check_manifest`, and again here): a symlink or a device is never replaced by a file."""
     # A fresh temp name (O_EXCL): a planted `NAME.tmp` link in a shared directory is never written through.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -58,6 +63,9 @@ def manifest_to(path: Path, book: ledger.Ledger, job: str, total: int) -> None:
         umask = os.umask(0o22)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # as a plainly created file would be (mkstemp makes it 0600)
+        place = manifest_place(path)
+        if place is not None:
+            raise UsageError(f"--manifest {path}: {place} now; the records are in `fleetfetch results {job}`")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from tasks.config import QUEUE, default_concurrency, settings
 from tasks.worker import GRACE_S, STOP_NOW, die_with_parent
 
+from . import paths
 from .errors import LocalFailure
 
 if TYPE_CHECKING:
@@ -109,13 +110,6 @@ def stop_process(proc: subprocess.Popen, grace: float, sig: int = signal.SIGTERM
 QUEUE_KEYS = (QUEUE,)  # kombu's Redis list of waiting messages
 MAX_PROCESSES = 4  # local threads workers: one per core, up to this many
 IDLE_WAIT_S = 1.0  # after the job: how long to wait for the last acknowledgements before a quick stop
-STATE_DIR = Path(".fleetfetch", ".server")  # under the download dir; a leading dot: no download is named so
-
-
-def state_dir(download_dir: Path) -> Path:
-    return download_dir.resolve() / STATE_DIR
-
-
 def default_size(pool: str, per_host: int, cores: int) -> int:
     """Local mode's downloads at once when --concurrency and FLEETFETCH_CONCURRENCY leave it open: a threads
     worker's default per process (`worker_sizes`), no more in all than the per-host ceiling."""
@@ -147,8 +141,7 @@ class LocalCluster:
         self.urls = urls
         self.pool = pool
         self.with_worker = worker
-        self.state = state_dir(download_dir)
-        self.lock_fd = -1
+        self.state_fd = self.lock_fd = -1  # DIR/.fleetfetch/.server (producer/paths.py), and its lock file
         self.tmp = Path(tempfile.mkdtemp(prefix="fleetfetch-local-"))  # mode 0700
         self.port = free_port()
         self.password = secrets.token_urlsafe(32)
@@ -174,20 +167,19 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _spawn(self, argv: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _spawn(self, argv: list[str], log: str, env: dict[str, str] | None = None,
+               pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
         out = open(self.tmp / log, "ab")  # noqa: SIM115 - lives as long as the child
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True, preexec_fn=die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent, pass_fds=pass_fds)
         out.close()
         return proc
 
     def _lock_state(self) -> None:
         """One local cluster per download directory: its server owns the data there."""
-        self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.state.is_symlink() or not self.state.is_dir() or self.state.stat().st_uid != os.getuid():
-            raise RuntimeError(f"{self.state} is not a directory of this user: remove it")
-        os.chmod(self.state, 0o700)
-        self.lock_fd = os.open(self.state / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.state_fd = paths.open_state_dir(self.download_dir, create=True)
+        self.lock_fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                               dir_fd=self.state_fd)
         try:
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -207,10 +199,12 @@ class LocalCluster:
         with open(fd, "w", encoding="ascii") as fh:
             fh.write(f"requirepass {self.password}\n")
         # AOF everysec: a crash of this machine loses at most a second of queue state, as in cluster mode.
-        argv = [server_binary(), str(conf), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.state),
-                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-                "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
-        return self._spawn(argv, "server.log")
+        # The server enters the state directory through the descriptor checked in `_lock_state`, never by path:
+        # a symlink planted in its place afterwards is not followed.
+        argv = [server_binary(), str(conf), "--bind", "127.0.0.1", "--port", str(self.port),
+                "--dir", f"/proc/self/fd/{self.state_fd}", "--appendonly", "yes", "--appendfsync", "everysec",
+                "--save", "", "--daemonize", "no", "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
+        return self._spawn(argv, "server.log", pass_fds=(self.state_fd,))
 
     def client(self) -> redis.Redis:
         """A client of the server that does not retry: each use here handles a failure itself (and the connection
@@ -308,6 +302,9 @@ class LocalCluster:
         if self.lock_fd >= 0:
             os.close(self.lock_fd)  # releases the lock
             self.lock_fd = -1
+        if self.state_fd >= 0:
+            os.close(self.state_fd)
+            self.state_fd = -1
 
     def _stop_server(self, server: subprocess.Popen, grace: float) -> None:
         """SHUTDOWN: the server flushes and fsyncs its AOF, rewrites nothing and exits at once (~2 ms). SIGTERM

@@ -16,8 +16,13 @@ from pathlib import Path
 IN_MEMORY = 1 << 18  # keys held in a set before moving to disk (~25 MB)
 
 
+def _digest(key: str) -> bytes:
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 class Seen:
-    """`claim(key)`: True the first time a key is claimed, False after. Use as a context manager."""
+    """`claim(key)`: True the first time a key is claimed, False after; `key in seen` only looks. Use as a context
+    manager."""
 
     def __init__(self, in_memory: int | None = None) -> None:
         self._set: set[bytes] | None = set()
@@ -25,8 +30,16 @@ class Seen:
         self._dir: Path | None = None
         self._db: sqlite3.Connection | None = None
 
+    def __contains__(self, key: str) -> bool:
+        """Whether `key` was claimed, without claiming it."""
+        digest = _digest(key)
+        if self._set is not None:
+            return digest in self._set
+        assert self._db is not None
+        return self._db.execute("SELECT 1 FROM seen WHERE k = ?", (digest,)).fetchone() is not None
+
     def claim(self, key: str) -> bool:
-        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        digest = _digest(key)
         if self._set is not None:
             if digest in self._set:
                 return False

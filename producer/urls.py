@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from tasks.errors import UnsafeName
 from tasks.message import Entry
-from tasks.naming import NameAllocator, check_component, sanitize
+from tasks.naming import NameAllocator, candidates, check_component, collision_key, sanitize
 
 from .errors import UsageError
 from .seen import Seen
@@ -213,7 +213,9 @@ class _Filler:
         name, digest = own.pop("name", None), own.pop("sha256", None)
         if self.force_directories:
             own["subdir"] = "/".join(p for p in (own.get("subdir", ""), url_directories(url)) if p)
-        subdir = own.get("subdir", "")
+        subdir = own["subdir"] = self._directories(own.get("subdir", ""))
+        if not subdir:
+            own.pop("subdir")
         if subdir not in self.names:
             self.names[subdir] = NameAllocator(functools.partial(self._claim_name, subdir))
         names = self.names[subdir]
@@ -221,7 +223,22 @@ class _Filler:
 
 
     def _claim_name(self, subdir: str, key: str) -> bool:
-        return self.seen.claim(f"n\0{subdir}\0{key}")
+        """A file's name: free unless a file or a directory of the job has it there."""
+        return f"d\0{subdir}\0{key}" not in self.seen and self.seen.claim(f"n\0{subdir}\0{key}")
+
+    def _directories(self, subdir: str) -> str:
+        """`subdir` with each directory that would have a file's name (`/docs` and `/docs/a.pdf` with -x, or a
+        file `forms` beside `dir=forms`) given a name of its own: the first of its candidates (its name, then
+        hashed by its path) that no file of the job has. The first to come keeps the plain name."""
+        parent = ""
+        for part in subdir.split("/") if subdir else []:
+            for name in candidates(part, f"{parent}/{part}/" if parent else f"{part}/"):  # seeded by its path
+                key = collision_key(name)
+                if f"d\0{parent}\0{key}" in self.seen or f"n\0{parent}\0{key}" not in self.seen:
+                    self.seen.claim(f"d\0{parent}\0{key}")
+                    break
+            parent = f"{parent}/{name}" if parent else name
+        return parent
 
 
 def url_directories(url: str) -> str:

@@ -169,9 +169,13 @@ end
 return ms
 """
 
-# KEYS[1] slots; ARGV[1] lease ms, ARGV[2] lease id. Extends a lease that still exists (XX), never re-creates one.
+# KEYS[1] slots; ARGV[1] lease ms, ARGV[2] lease id. Extends a lease that still exists (XX), never re-creates one,
+# and the set's own expiry with it: a set expiring 2 leases after its last acquire dropped a long download's slot.
 _RENEW = _PRELUDE + """
-return redis.call('ZADD', KEYS[1], 'XX', now_ms() + tonumber(ARGV[1]), ARGV[2])
+local lease = tonumber(ARGV[1])
+redis.call('ZADD', KEYS[1], 'XX', now_ms() + lease, ARGV[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then redis.call('PEXPIRE', KEYS[1], lease * 2) end
+return 0
 """
 
 

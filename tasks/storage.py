@@ -58,6 +58,9 @@ def _descend(fd: int, parts: list[str], create: bool, shown: str) -> int:
                     os.mkdir(part, dir_fd=fd)
                 child = os.open(part, _DIR_FLAGS, dir_fd=fd)
         except OSError as exc:
+            if exc.errno == errno.ENOTDIR and _is_file(fd, part):
+                raise PermanentError(f"cannot write into {shown!r}: {part!r} is a file there, not a directory (an "
+                                     "earlier download?); move it, or use another -d") from None
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise PermanentError(f"refused: {shown!r} leads outside the download directory (symlink?)") from None
             if exc.errno == errno.ENOENT and not create:
@@ -70,6 +73,13 @@ def _descend(fd: int, parts: list[str], create: bool, shown: str) -> int:
             os.close(fd)
             raise PermanentError(f"refused: {shown!r} in the download directory belongs to another user")
     return fd
+
+
+def _is_file(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 _META_CHECKED: set[tuple[str, tuple[str, ...]]] = set()  # (root, subdir parts) whose metadata directory was checked
@@ -140,13 +150,24 @@ def _open_own_file(dir_fd: int, name: str, shown: str) -> tuple[int, int]:
             if not locked:
                 os.close(fd)
                 raise Busy(f"another attempt is writing {shown} right now")
-            return fd, st.st_size
+            if _named(dir_fd, name, st):
+                return fd, st.st_size
+            os.close(fd)  # renamed into place (or removed) by its writer between our open and our lock: open anew
+            continue
         os.close(fd)  # a planted file is replaced, locked or not
         with contextlib.suppress(FileNotFoundError):
             if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == st.st_ino:
                 os.unlink(name, dir_fd=dir_fd)
         flags |= os.O_EXCL
     raise PermanentError(f"refused: {name} keeps being replaced by someone else")
+
+
+def _named(dir_fd: int, name: str, st: os.stat_result) -> bool:
+    """`name` still refers to the file `st` describes."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == st.st_ino
+    except FileNotFoundError:
+        return False
 
 
 class PartFile:
@@ -157,7 +178,7 @@ class PartFile:
     waiting for it, as PostgreSQL's flush_after does), so the final fsync waits for the last few MiB, not for the
     whole file: a 1 GiB download does not spend a second or more after its last byte (this VM's disk: 374 MB/s)."""
 
-    def __init__(self, where: TargetDir, name: str, durable: bool = False) -> None:
+    def __init__(self, where: TargetDir, name: str, durable: bool = False, url: str | None = None) -> None:
         self.durable = durable
         self.dir_fd = where.fd
         self.name = name
@@ -169,6 +190,9 @@ class PartFile:
             raise PermanentError(describe_os_error(exc, where.path / self.part)) from None
         self.hash, self.size, self._flushed = Sha256(), 0, 0
         self._left = length > 0  # bytes an earlier attempt left in the file, not (yet) kept
+        if url is not None:  # who holds the name, for another URL that meets the lock (`writer_of`)
+            with contextlib.suppress(OSError):
+                os.setxattr(self.fd, _WRITER, url_key(url).encode())
 
     def identity(self) -> str:
         """`inode:size:mtime_ns` of the temp file, recorded when an attempt keeps it for the next one to resume
@@ -238,6 +262,10 @@ class PartFile:
         self.close()
         return st
 
+    def give_up(self) -> None:
+        """Leave the name to another URL: a temp file we created is removed, one with bytes left in it is kept."""
+        self.close() if self._left else self.discard()
+
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.part, dir_fd=self.dir_fd)
@@ -279,6 +307,7 @@ class Validators:
 
 
 XATTR = "user.fleetfetch"  # the validators, on the file itself (as curl --xattr and wget2 keep the URL)
+_WRITER = "user.fleetfetch.writer"  # on a temp file: url_key of the URL writing it
 _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOSPC, errno.E2BIG}
 
 
@@ -286,6 +315,8 @@ def label(fd: int, v: Validators) -> bool:
     """Write the validators onto the file (its temp file, before the rename: they land together), stamped with
     its inode and mtime now (an extended attribute changes neither). False where the file system has no user
     extended attributes: the caller keeps a sidecar instead."""
+    with contextlib.suppress(OSError):
+        os.removexattr(fd, _WRITER)  # the file is done: its label says whose it is
     v.stamp(os.fstat(fd))
     try:
         os.setxattr(fd, XATTR, json.dumps(vars(v), separators=(",", ":")).encode())
@@ -296,22 +327,32 @@ def label(fd: int, v: Validators) -> bool:
     return True
 
 
-def _read_label(where: TargetDir, name: str) -> Validators | None:
+def _open_ours(where: TargetDir, name: str) -> int | None:
+    """A read descriptor of `name` if it is a regular file the worker's user owns with no other link, else None.
+    On a shared volume anyone may plant a file with a label of their own (a label is no signature): only a file
+    another user cannot have written or linked is ever trusted by its label. Checked on the descriptor that is
+    then read, so the file cannot be swapped between the check and the read."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=where.fd)
     except OSError:
         return None
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
+        return fd
+    os.close(fd)
+    return None
+
+
+def _read_label(fd: int) -> Validators | None:
     try:
         return Validators(**json.loads(os.getxattr(fd, XATTR)))
     except (OSError, ValueError, TypeError):
         return None
-    finally:
-        os.close(fd)
 
 
-def _read_validators(where: TargetDir, name: str) -> Validators | None:
+def _read_validators(where: TargetDir, name: str, fd: int) -> Validators | None:
     """The file's own label, else the sidecar of a file system without extended attributes (or an older run)."""
-    return _read_label(where, name) or _read_sidecar(where, name)
+    return _read_label(fd) or _read_sidecar(where, name)
 
 
 def _read_sidecar(where: TargetDir, name: str) -> Validators | None:
@@ -329,33 +370,67 @@ def _read_sidecar(where: TargetDir, name: str) -> Validators | None:
         os.close(meta)
 
 
-def _stat(where: TargetDir, name: str) -> os.stat_result | None:
-    try:
-        st = os.stat(name, dir_fd=where.fd, follow_symlinks=False)
-    except OSError:
+def load_validators(where: TargetDir, name: str, url: str, expected: str | None = None) -> Validators | None:
+    """Validators for a present file of ours, of the same URL, whose content still matches; None otherwise.
+    A file whose inode, size and mtime are those recorded is trusted unread; else it is hashed again.
+    `expected`: the SHA-256 the list asks for now; a label recording another digest is not used (the file is
+    downloaded again and checked against the new one, never kept as unchanged)."""
+    fd = _open_ours(where, name)
+    if fd is None:  # nothing there (a new download), or a file we cannot vouch for: no label is read
         return None
-    return st if stat.S_ISREG(st.st_mode) else None
-
-
-def load_validators(where: TargetDir, name: str, url: str) -> Validators | None:
-    """Validators for a present file of the same URL whose content still matches; None otherwise.
-    A file whose inode, size and mtime are those recorded is trusted unread; else it is hashed again."""
-    st = _stat(where, name)
-    if st is None:  # nothing there (a new download): no label or sidecar to read
-        return None
-    found = _read_validators(where, name)
-    if found is None or found.url != url_key(url) or st.st_size != found.bytes:
-        return None
-    if found.matches(st):
-        return found
-    return found if _sha256_at(where.fd, name) == found.sha256 else None  # edited on disk: download again
+    with open(fd, "rb") as fh:
+        st = os.fstat(fd)
+        found = _read_validators(where, name, fd)
+        if found is None or found.url != url_key(url) or st.st_size != found.bytes:
+            return None
+        if expected and found.sha256 != expected.lower():
+            return None
+        if found.matches(st):
+            return found
+        return found if sha256_of_file(fh) == found.sha256 else None  # edited on disk: download again
 
 
 def owns(where: TargetDir, name: str, url: str) -> bool:
-    """True if `name` is this URL's own file from an earlier download, untouched since."""
-    found = _read_validators(where, name)
-    st = _stat(where, name)
-    return found is not None and st is not None and found.url == url_key(url) and found.matches(st)
+    """True if `name` is this URL's own file (of ours) from an earlier download, untouched since."""
+    fd = _open_ours(where, name)
+    if fd is None:
+        return False
+    try:
+        found = _read_validators(where, name, fd)
+        return found is not None and found.url == url_key(url) and found.matches(os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+def held_by_other_url(where: TargetDir, name: str, url: str) -> bool:
+    """True if `name` is a finished file of ours labelled for another URL (another job's, in a shared directory):
+    it is the bytes another record describes, so this URL takes another name instead of replacing it. A
+    directory (an earlier run's, with -x) holds its name too: no file can be renamed over it."""
+    fd = _open_ours(where, name)
+    if fd is None:
+        with contextlib.suppress(OSError):
+            return stat.S_ISDIR(os.stat(name, dir_fd=where.fd, follow_symlinks=False).st_mode)
+        return False
+    try:
+        found = _read_validators(where, name, fd)
+        return found is not None and found.url != url_key(url)
+    finally:
+        os.close(fd)
+
+
+def writer_of(where: TargetDir, name: str) -> str | None:
+    """url_key of the URL whose attempt is writing `name` now (None: unknown, e.g. no extended attributes)."""
+    try:
+        fd = os.open(f".{name}{PART_SUFFIX}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=where.fd)
+    except OSError:
+        return None
+    try:
+        return os.getxattr(fd, _WRITER).decode() if os.fstat(fd).st_uid == os.geteuid() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def save_validators(where: TargetDir, name: str, v: Validators) -> None:
@@ -373,15 +448,6 @@ def save_validators(where: TargetDir, name: str, v: Validators) -> None:
         raise PermanentError(describe_os_error(exc, where.path / META_DIR / name)) from None
     finally:
         os.close(meta)
-
-
-def _sha256_at(dir_fd: int, name: str) -> str | None:
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
-        return None
-    with open(fd, "rb") as fh:
-        return sha256_of_file(fh)
 
 
 def sha256_of_file(fh: object) -> str:

@@ -15,7 +15,7 @@ import requests
 
 from . import fetch, storage
 from .credentials import Credentials
-from .errors import CutShort, PermanentError, TransientError
+from .errors import Busy, CutShort, PermanentError, TransientError
 from .naming import candidates, check_component, disposition_name
 
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)")
@@ -82,12 +82,13 @@ def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, 
 
 def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadline: float, fsync: bool,
              on_chunk: Callable[[], None] | None) -> Outcome:
-    name = check_component(req.name)
+    check_component(req.name)
     where.check_meta()
-    known = None if req.force else storage.load_validators(where, name, req.url)
-    part = storage.PartFile(where, name, durable=fsync)
+    part = _claim(where, req, fsync)
+    name = part.name
     response: requests.Response | None = None
     try:
+        known = None if req.force else storage.load_validators(where, name, req.url, req.sha256)
         headers = _resume_headers(part, req.resume)
         if known and not headers:
             if known.etag:
@@ -133,6 +134,25 @@ def _rel(req: Request, name: str) -> str:
 _MAX_CANDIDATES = 64
 
 
+def _claim(where: storage.TargetDir, req: Request, fsync: bool) -> storage.PartFile:
+    """The locked temp file of the first of the URL's names (its own, then hashed ones) that no other URL holds:
+    neither another URL's attempt writing it now nor another URL's finished file (two jobs in one directory whose
+    URLs both end in `index.html`). Checked under the name's lock, which every writer of the name holds until its
+    rename, so no record marked done ever describes a file that another URL replaced."""
+    for candidate in itertools.islice(candidates(req.name, req.url), _MAX_CANDIDATES):
+        try:
+            part = storage.PartFile(where, candidate, durable=fsync, url=req.url)
+        except Busy:
+            writer = storage.writer_of(where, candidate)
+            if writer is None or writer == storage.url_key(req.url):
+                raise  # this URL's own other delivery (or one we cannot tell apart): it steps aside
+            continue
+        if not storage.held_by_other_url(where, candidate, req.url):
+            return part
+        part.give_up()
+    raise PermanentError(f"no free file name for {req.name} after {_MAX_CANDIDATES} tries")
+
+
 def _commit(part: storage.PartFile, where: storage.TargetDir, req: Request, response: requests.Response,
             fsync: bool) -> tuple[str, os.stat_result]:
     """Rename into place. The producer gave every URL of a job its own name, so that name is replaced (an
@@ -141,7 +161,7 @@ def _commit(part: storage.PartFile, where: storage.TargetDir, req: Request, resp
     if not req.content_disposition:
         return part.name, part.commit(fsync)
     header = response.headers.get("content-disposition")
-    chosen = (disposition_name(header) if header else None) or req.name
+    chosen = (disposition_name(header) if header else None) or part.name
     for candidate in itertools.islice(candidates(chosen, req.url), _MAX_CANDIDATES):
         try:
             return candidate, part.commit(fsync, target=candidate, replace=False)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import stat
+import subprocess
+import sys
+
 import pytest
 
 from tasks.config import QUEUE
@@ -38,9 +43,6 @@ def test_missing_file_and_empty_list(cluster, tmp_path):
 
 
 def test_unreachable_broker_exit_3_with_password_masked(tmp_path):
-    import subprocess
-    import sys
-
     port = free_port()
     env = base_env(CELERY_BROKER_URL=f"redis://:s3cretpw@127.0.0.1:{port}/0")
     listing = write_list(tmp_path / "urls.txt", ["http://127.0.0.1/x.pdf"])
@@ -67,3 +69,44 @@ def test_cluster_dir_must_be_relative(cluster, tmp_path):
     listing = write_list(tmp_path / "urls.txt", ["http://127.0.0.1/x"])
     result = cluster.producer(str(listing), "-d", "../outside")
     assert result.returncode == 2 and "relative sub-directory" in result.stderr
+
+
+def _one_error_line(result, *words: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr and all(w in result.stderr for w in words), result.stderr
+
+
+def test_a_manifest_path_that_is_not_a_regular_files_place_is_refused_before_the_job(cluster, tmp_path):
+    """A symlink, a device or a missing directory as --manifest: one line, exit 2, nothing enqueued, nothing
+    replaced (a device node of our own stands for /dev/null)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("do not touch")
+    (tmp_path / "link.jsonl").symlink_to(victim)
+    os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    listing = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/x.pdf"])
+    before = cluster.broker().llen(QUEUE)
+    cases = {"link.jsonl": "is a symlink", "null": "not a regular file", "missing/m.jsonl": "does not exist"}
+    for name, words in cases.items():
+        _one_error_line(cluster.producer(str(listing), "--manifest", str(tmp_path / name)), name, words)
+        _one_error_line(cluster.producer("results", "20260101-000000-abcdef", "--manifest", str(tmp_path / name)),
+                        name, words)
+    assert cluster.broker().llen(QUEUE) == before
+    assert (tmp_path / "link.jsonl").is_symlink() and victim.read_text() == "do not touch"
+    assert stat.S_ISCHR(os.lstat(tmp_path / "null").st_mode)
+
+
+def test_bad_local_paths_and_counts_are_one_line_before_anything_runs(tmp_path):
+    """-d naming a file, a negative --concurrency: one line, exit 2, no embedded server started."""
+    listing = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/x.pdf"])
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+
+    def local(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "producer", *args], env=base_env(), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    _one_error_line(local(str(listing), "-d", str(afile)), str(afile), "not a directory")
+    _one_error_line(local("status", "20260101-000000-abcdef", "-d", str(afile)), "not a directory")
+    _one_error_line(local(str(listing), "--concurrency", "-1"), "--concurrency")
+    assert not (tmp_path / "downloads").exists()

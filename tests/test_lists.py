@@ -159,4 +159,5 @@ def test_seen_claims_each_key_once_in_memory_and_on_disk():
     with Seen(in_memory=50) as s:
         assert all(s.claim(f"k{i}") for i in range(200)) and s.on_disk
         assert not any(s.claim(f"k{i}") for i in range(200))
+        assert "k7" in s and "k200" not in s  # looking claims nothing
         assert s.claim("k200")

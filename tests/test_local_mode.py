@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -234,6 +235,51 @@ def test_a_local_job_outlives_its_command_ctrl_c_then_status_results_and_resume(
         if path in finished_before:
             assert len(origin.requests_for(path)) == 1, path  # done before Ctrl-C: not fetched again
     assert not list(out_dir.glob(".*.part"))
+
+
+def _plant_link(out_dir, outside) -> None:
+    (out_dir / ".fleetfetch").symlink_to(outside, target_is_directory=True)
+
+
+def _plant_foreign(out_dir, outside) -> None:
+    (out_dir / ".fleetfetch").mkdir()
+    os.chown(out_dir / ".fleetfetch", 65534, 65534)  # another local user's
+
+
+def _plant_dangling(out_dir, outside) -> None:
+    (out_dir / ".fleetfetch").mkdir(mode=0o700)
+    (out_dir / ".fleetfetch" / ".server").symlink_to(outside / "gone")
+
+
+@pytest.mark.parametrize("plant,words", [(_plant_link, "is a symlink"), (_plant_foreign, "belongs to another user"),
+                                         (_plant_dangling, "is a symlink")])
+def test_a_planted_state_directory_is_refused_in_one_line_and_nothing_is_written_there(origin, tmp_path, plant,
+                                                                                       words):
+    """The embedded server's data (its AOF holds request headers with their tokens) never goes through a planted
+    `.fleetfetch` link, nor into a directory another user owns: one line, exit 2, before any server starts."""
+    origin.add("/s.txt", b"s")
+    out_dir, outside = tmp_path / "shared", tmp_path / "outside"
+    out_dir.mkdir()
+    outside.mkdir()
+    plant(out_dir, outside)
+    listing = write_list(tmp_path / "urls.txt", [origin.url("/s.txt")])
+    result, watch = run_local([str(listing), "-d", str(out_dir)], tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1 and words in result.stderr
+    assert list(outside.iterdir()) == [] and origin.requests == [] and watch.pids == set()
+    if plant is _plant_foreign:
+        assert list((out_dir / ".fleetfetch").iterdir()) == []
+
+
+def test_the_state_directory_is_created_private_and_holds_the_servers_data(origin, tmp_path):
+    origin.add("/p.txt", b"p")
+    out_dir = tmp_path / "private"
+    result, _ = run_local([str(write_list(tmp_path / "urls.txt", [origin.url("/p.txt")])), "-d", str(out_dir)],
+                          tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for part in (".fleetfetch", ".fleetfetch/.server"):
+        assert stat.S_IMODE((out_dir / part).stat().st_mode) == 0o700
+    assert (out_dir / ".fleetfetch" / ".server" / "appendonlydir").is_dir()
 
 
 def test_worker_sizes_split_the_threads_across_cores():

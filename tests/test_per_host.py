@@ -135,6 +135,21 @@ def test_a_slow_host_never_gets_more_connections_than_its_limit(pair, tmp_path):
         assert len(a.requests) == 3
 
 
+def test_a_download_longer_than_two_leases_keeps_its_hosts_only_slot(pair, tmp_path):
+    """A 9 s download with a 3 s slot lease outlives the slot set's first expiry (2 leases after it was taken): the
+    renewals extend the set too, so the other worker's waiting task never opens a second connection."""
+    cluster, _ = pair
+    with Origin("127.0.0.1").start() as a:
+        for i in range(2):
+            a.add(f"/long{i}", b"l" * 90_000, rate=10_000)
+        lines = [a.url(f"/long{i}") for i in range(2)]
+        result = cluster.producer(str(write_list(tmp_path / "long.txt", lines)), "-d", "long", "--per-host", "1",
+                                  timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert len(a.requests) == 2
+        assert a.max_concurrent == 1
+
+
 def test_retry_after_pauses_the_host_for_every_worker(pair, tmp_path):
     cluster, _ = pair
     with Origin("127.0.0.1").start() as a, Origin("127.0.0.2").start() as b:

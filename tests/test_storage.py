@@ -56,9 +56,11 @@ def test_sub_directories_are_walked_without_following_links(tmp_path):
     root.mkdir()
     (root / "link").symlink_to(outside)
     (root / "file").write_text("x")
-    for subdir in ("link/new", "file/new", "link"):
+    for subdir in ("link/new", "link"):
         with pytest.raises(PermanentError, match="leads outside the download directory"):
             storage.TargetDir(root, subdir)
+    with pytest.raises(PermanentError, match="'file' is a file there, not a directory"):
+        storage.TargetDir(root, "file/new")
     assert list(outside.iterdir()) == []
     with storage.TargetDir(root, "a/b") as where:
         assert where.path == root / "a" / "b" and (root / "a" / "b").is_dir()
