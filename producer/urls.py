@@ -30,6 +30,7 @@ MAX_REPORTED = 20
 _DIGEST = re.compile(r"sha256=([0-9a-fA-F]*)")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # an indented line that starts so is a URL line, not key=value
 ARIA2_OPTIONS = ("out", "dir", "header", "checksum", "user-agent")
 
 
@@ -129,7 +130,7 @@ def _lines(fh: IO[str]) -> Iterator[tuple[int, str, bool]]:
     for number, raw in enumerate(fh, 1):
         line = raw.strip()
         if line and not line.startswith("#"):
-            yield number, line, raw[:1] in (" ", "\t")
+            yield number, line, raw[:1] in (" ", "\t") and not _SCHEME.match(line)
 
 
 def open_list(path: str) -> tuple[Path, bool]:

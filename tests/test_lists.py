@@ -160,3 +160,15 @@ def test_seen_claims_each_key_once_in_memory_and_on_disk():
         assert all(s.claim(f"k{i}") for i in range(200)) and s.on_disk
         assert not any(s.claim(f"k{i}") for i in range(200))
         assert s.claim("k200")
+
+
+def test_an_indented_url_line_is_a_url_line(cluster, worker, origin, tmp_path):
+    origin.add("/i/a.txt", b"indented a")
+    origin.add("/i/b.txt", b"indented b")
+    lines = [f"   {origin.url('/i/a.txt')}", "     out=first.txt", f"\t{origin.url('/i/b.txt')}  "]
+    manifest = tmp_path / "m.jsonl"
+    result = cluster.producer(str(write_list(tmp_path / "l.txt", lines)), "-d", "indent", "--manifest", str(manifest))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (cluster.downloads / "indent" / "first.txt").read_bytes() == b"indented a"
+    assert (cluster.downloads / "indent" / "b.txt").read_bytes() == b"indented b"
+    assert [r["status"] for r in read_manifest(manifest)] == ["done", "done"]
