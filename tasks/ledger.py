@@ -370,6 +370,13 @@ class Ledger:
         raw = self.r.hget(JobKeys(job).meta, CREDENTIALS)
         return json.loads(raw) if raw else None
 
+    def options(self, job: str) -> dict[str, Any] | None:
+        """The options the producer recorded for the job (`Options.changed()`); None if the job is not there."""
+        opts, total = self.r.hmget(JobKeys(job).meta, ["opts", "total"])
+        if total is None:
+            return None
+        return cast(dict[str, Any], json.loads(opts)) if opts else {}
+
     def feeding(self, job: str) -> tuple[int, int] | None:
         """(URLs offered to the broker so far, total) of a job fed through a window; None for one published whole."""
         fed, total = self.r.hmget(JobKeys(job).meta, [FED, "total"])
