@@ -9,8 +9,9 @@ A message is `download(url, name, job=JOB, index=I[, opts={...}])`:
 The worker trusts only the pointer (job, index) and the retry state of a message that names a job: URL, name,
 digest and options are read from the job's ledger (`tasks.download._received`), so a forged message can neither
 send a job's secrets to another URL nor write another name. Options left unset are decided by the worker's own
-settings (FLEETFETCH_*), in `Options.resolve`: a value typed by the user always wins over the worker's environment. An undeclared key fails the message loudly (BadMessage)
-instead of being ignored: a producer newer than its workers is told so.
+settings (FLEETFETCH_*), in `Options.resolve`: a value typed by the user always wins over the worker's environment.
+An undeclared key fails the message loudly (BadMessage) instead of being ignored: a producer newer than its workers
+is told so.
 
 Importable without requests or the task itself: the producer uses it to build messages.
 """
