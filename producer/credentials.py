@@ -33,6 +33,9 @@ def _proxy(url: str) -> str:
     return parts._replace(path="").geturl()
 
 
+_QUOTED = re.compile(r"""\s*(['"]).*\1\s*$""")  # the token netrc's error quotes: it may be the password
+
+
 def _logins(path: Path) -> dict[str, tuple[str, str]]:
     """Machine entries only: a `default` entry would send its login to every host, so it is not used."""
     import netrc  # here: ~15 ms at every start, for an option seldom given
@@ -42,7 +45,7 @@ def _logins(path: Path) -> dict[str, tuple[str, str]]:
     except FileNotFoundError:
         raise UsageError(f"--netrc-file {path}: no such file") from None
     except netrc.NetrcParseError as exc:
-        raise UsageError(f"--netrc-file {path}:{exc.lineno}: {exc.msg}") from None
+        raise UsageError(f"--netrc-file {path}:{exc.lineno}: {_QUOTED.sub('', exc.msg)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--netrc-file {path}: cannot read ({exc})") from None
     logins = {host.lower(): (login or "", password or "") for host, (login, _account, password)

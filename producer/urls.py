@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 from tasks.errors import UnsafeName
 from tasks.message import Entry
 from tasks.naming import NameAllocator, check_component, sanitize
+from tasks.redact import redact_url
 
 from .errors import UsageError
 from .seen import Seen
@@ -39,9 +40,9 @@ def parse_header(text: str) -> tuple[str, str]:
     name, colon, value = text.partition(":")
     name, value = name.strip(), value.strip()
     if not colon or not name:
-        raise ValueError(f"a header is 'Name: value', not {name!r}")
+        raise ValueError("a header is 'Name: value' (no ':' after a name)")
     if not _HEADER_NAME.fullmatch(name):
-        raise ValueError(f"{name!r} is not a header name (letters, digits and -_.!#$%&'*+^`|~ only)")
+        raise ValueError("a header name is letters, digits and -_.!#$%&'*+^`|~ only")
     if any(c in value for c in "\r\n\0"):
         raise ValueError(f"the value of header {name} has a line break or NUL")
     return name, value
@@ -76,7 +77,7 @@ def parse_option(own: dict[str, Any], line: str) -> None:
     key, eq, value = line.partition("=")
     key, value = key.strip(), value.strip()
     if not eq:
-        raise ValueError(f"an option line is key=value, not {key!r}")
+        raise ValueError("an option line is key=value (this one has no '='; a URL line starts with http:// or https://)")
     if key == "out":
         own["name"] = _out(value)
     elif key == "dir":
@@ -106,11 +107,11 @@ def check_line(line: str) -> tuple[str, str | None]:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
-        raise ValueError(f"not a valid URL ({exc}): {url!r}") from None
+        raise ValueError(f"not a valid URL ({exc}): {redact_url(url)!r}") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"not an http(s) URL: {url!r}")
+        raise ValueError(f"not an http(s) URL: {redact_url(url)!r}")
     if not parts.hostname:
-        raise ValueError(f"URL has no host: {url!r}")
+        raise ValueError(f"URL has no host: {redact_url(url)!r}")
     digest = None
     for token in rest:
         match = _DIGEST.fullmatch(token)
@@ -118,7 +119,8 @@ def check_line(line: str) -> tuple[str, str | None]:
             raise ValueError("several URLs on one line (aria2's mirrors of one file) are not supported: give each "
                              "URL its own line")
         if not match:
-            raise ValueError(f"unexpected text after the URL: {token!r} (only sha256=<64 hex digits> may follow)")
+            shown = token.partition("=")[0] + "=..." if "=" in token else token  # a key=value's value may be a secret
+            raise ValueError(f"unexpected text after the URL: {shown!r} (only sha256=<64 hex digits> may follow)")
         if len(match.group(1)) != 64:
             raise ValueError(f"invalid digest {token!r}: sha256= needs 64 hex digits")
         digest = match.group(1).lower()
