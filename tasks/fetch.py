@@ -335,7 +335,11 @@ def open_response(url: str, headers: dict[str, str], limits: Limits, deadline: f
             hop_headers = {k: v for k, v in hop_headers.items() if not is_secret_header(k)}
         if per_host is not None:
             given = {k.lower() for k in hop_headers}
-            hop_headers.update({k: v for k, v in per_host(current).items() if k.lower() not in given})
+            # A netrc login stays with the origin it was given for, as -H and a URL's user:password do (curl's
+            # rule): never to another port or scheme of its host, so never over an https->http downgrade.
+            other = _origin(current) != start_origin
+            hop_headers.update({k: v for k, v in per_host(current).items()
+                                if k.lower() not in given and not (other and k.lower() == "authorization")})
         seen.add(current)
         response = _send(s, adapter, current, hop_headers, limits, deadline)
         if response.status_code not in REDIRECTS or "location" not in response.headers:

@@ -149,3 +149,17 @@ def test_environment_proxy_is_ignored():
 
     s, _ = session()
     assert s.trust_env is False
+
+
+def test_a_netrc_login_is_not_sent_to_another_port_after_a_redirect(cluster, worker, origin, tmp_path):
+    with Origin("127.0.0.1").start() as other_port:
+        other_port.add("/landing.txt", b"landed")
+        origin.redirect("/hop", other_port.url("/landing.txt"))
+        origin.add("/direct.txt", b"direct")
+        (tmp_path / "netrc").write_text("machine 127.0.0.1 login alice password nt-hunter2\n")
+        listing = write_list(tmp_path / "urls.txt", [origin.url("/hop"), origin.url("/direct.txt")])
+        result = cluster.producer(str(listing), "-d", "netrc-port", "--netrc-file", str(tmp_path / "netrc"))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert origin.requests_for("/hop")[0].headers["Authorization"].startswith("Basic ")
+        assert origin.requests_for("/direct.txt")[0].headers["Authorization"].startswith("Basic ")
+        assert "Authorization" not in other_port.requests_for("/landing.txt")[0].headers
