@@ -19,7 +19,7 @@ from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 from tasks.errors import UnsafeName
-from tasks.message import Entry
+from tasks.message import Entry, is_owned_header
 from tasks.naming import NameAllocator, check_component, sanitize
 from tasks.redact import redact_url
 
@@ -27,6 +27,8 @@ from .errors import UsageError
 from .seen import Seen
 
 MAX_URL = 8192
+MAX_LINE = 64 << 10  # characters of a list line: a URL and its digest fit many times; a runaway line does not
+MAX_HEADER = 8 << 10  # bytes of one header (name and value): what common servers accept
 MAX_REPORTED = 20
 _DIGEST = re.compile(r"sha256=([0-9a-fA-F]*)")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
@@ -45,6 +47,15 @@ def parse_header(text: str) -> tuple[str, str]:
         raise ValueError("a header name is letters, digits and -_.!#$%&'*+^`|~ only")
     if any(c in value for c in "\r\n\0"):
         raise ValueError(f"the value of header {name} has a line break or NUL")
+    if is_owned_header(name):
+        raise ValueError(f"header {name} is fleetfetch's own (it decides Range, If-*, framing and Host itself): "
+                         "leave it out")
+    try:
+        size = len(name) + len(value.encode("latin-1")) + 2
+    except UnicodeEncodeError:
+        raise ValueError(f"the value of header {name} is not Latin-1 text (percent-encode it)") from None
+    if size > MAX_HEADER:
+        raise ValueError(f"header {name} is longer than {MAX_HEADER} bytes")
     return name, value
 
 
@@ -241,6 +252,8 @@ def _fill(spool: Spool, path: Path, label: str, force_directories: bool = False)
         with state.seen, open(path, encoding="utf-8") as fh:
             for number, line, indented in _lines(fh):
                 try:
+                    if len(line) > MAX_LINE:
+                        raise ValueError(f"line longer than {MAX_LINE} characters")
                     if indented and url_line:
                         parse_option(state.own, line)
                         continue

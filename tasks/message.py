@@ -102,6 +102,17 @@ def is_secret_header(name: str) -> bool:
 _SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
 
 
+def is_owned_header(name: str) -> bool:
+    """Headers that decide the framing or the meaning of the answer: fleetfetch sends them itself or not at all.
+    A user's `Range` would store a part as the file, `If-None-Match: *` an empty one, `Content-Length` hang."""
+    n = name.strip().lower()
+    return n in _OWNED_HEADERS or n.startswith("if-")
+
+
+_OWNED_HEADERS = {"range", "content-length", "transfer-encoding", "host", "connection", "expect", "te", "upgrade",
+                  "keep-alive", "proxy-connection", "trailer"}
+
+
 def split_headers(headers: list[tuple[str, str]]) -> tuple[tuple[tuple[str, str], ...], list[tuple[str, str]]]:
     """(headers a message may show, secret headers that stay in the ledger)."""
     return (tuple(h for h in headers if not is_secret_header(h[0])),
@@ -163,6 +174,8 @@ class Message:
         if any(not isinstance(h, list | tuple) or len(h) != 2 or not all(isinstance(x, str) for x in h)
                for h in opts.get("headers", ())):
             raise BadMessage("the task message has a bad value for headers: pairs of strings expected")
+        if any(is_owned_header(h[0]) for h in opts.get("headers", ())):
+            raise BadMessage("the task message has a bad value for headers: a header fleetfetch owns (Range, If-*...)")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in (opts.get("resume") or {}).items()):
             raise BadMessage("the task message has a bad value for resume: strings expected")
         return cls(url, name, job, index, Options(**{k: v for k, v in opts.items() if k in _OPTIONS}),
