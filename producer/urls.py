@@ -83,6 +83,13 @@ def _out(value: str) -> str:
                          f"special-character names){hint}") from None
 
 
+def _once(own: dict[str, Any], key: str, value: str, label: str) -> None:
+    """Set a URL's option that has one value; a second, different one is an error (not "the last one wins")."""
+    if own.get(key, value) != value:
+        raise ValueError(f"{label} is given twice for this URL with different values: keep one")
+    own[key] = value
+
+
 def parse_option(own: dict[str, Any], line: str) -> None:
     """One indented aria2 `key=value` line into the URL's own options; ValueError naming the problem."""
     key, eq, value = line.partition("=")
@@ -90,7 +97,7 @@ def parse_option(own: dict[str, Any], line: str) -> None:
     if not eq:
         raise ValueError("an option line is key=value (this one has no '='; a URL line starts with http:// or https://)")
     if key == "out":
-        own["name"] = _out(value)
+        _once(own, "name", _out(value), "out=")
     elif key == "dir":
         own["subdir"] = check_subdir(value)
     elif key == "header":
@@ -104,7 +111,7 @@ def parse_option(own: dict[str, Any], line: str) -> None:
             raise ValueError(f"checksum={algorithm}=...: only sha-256 is supported (checksum=sha-256=<64 hex digits>)")
         if not _HEX64.fullmatch(digest):
             raise ValueError("invalid checksum: sha-256= needs 64 hex digits")
-        own["sha256"] = digest.lower()
+        _once(own, "sha256", digest.lower(), "checksum= (or sha256=)")
     else:
         raise ValueError(f"unknown option {key!r} (a list may give {', '.join(ARIA2_OPTIONS)})")
 

@@ -85,6 +85,11 @@ class Call:
     def host(self) -> str:
         return (urlsplit(self.msg.url).hostname or "").lower()
 
+    @property
+    def path(self) -> str:
+        """Where the file is or would be, below the download directory (a failed or cancelled record's `path`)."""
+        return f"{self.opts.subdir}/{self.msg.name}" if self.opts.subdir else self.msg.name
+
     def mark(self, state: str, record: dict[str, Any] | None = None, lease: float | None = None) -> str | None:
         """Move the URL to `state` in the ledger; returns the final state it already had, if any."""
         m = self.msg
@@ -299,7 +304,7 @@ def _stop_if_cancelled(job: str | None) -> Callable[[], None] | None:
 
 def _cancelled(call: Call) -> dict[str, Any]:
     """End the URL as cancelled (its temp file is already gone): a record, no file, no retry."""
-    record = call.record(None, path=call.msg.name, status=ledger.CANCELLED, reason="job cancelled")
+    record = call.record(None, path=call.path, status=ledger.CANCELLED, reason="job cancelled")
     call.mark(ledger.CANCELLED, record)
     log.info("Cancelled %s (job %s #%s)", call.msg.name, call.msg.job, call.msg.index)
     return record
@@ -340,6 +345,6 @@ def _retry(call: Call, exc: DownloadError) -> NoReturn:
 
 def _fail(call: Call, reason: str) -> NoReturn:
     reason = redact_text(reason)
-    call.mark(ledger.FAILED, call.record(None, path=call.msg.name, reason=reason))
+    call.mark(ledger.FAILED, call.record(None, path=call.path, reason=reason))
     log.error("Failed %s: %s", redact_url(call.msg.url), reason)
     raise DownloadFailed(f"{redact_url(call.msg.url)}: {reason}") from None  # no chained traceback: it quotes URLs

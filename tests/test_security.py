@@ -163,3 +163,15 @@ def test_a_netrc_login_is_not_sent_to_another_port_after_a_redirect(cluster, wor
         assert origin.requests_for("/hop")[0].headers["Authorization"].startswith("Basic ")
         assert origin.requests_for("/direct.txt")[0].headers["Authorization"].startswith("Basic ")
         assert "Authorization" not in other_port.requests_for("/landing.txt")[0].headers
+
+
+def test_a_redirect_to_a_jwt_signed_url_is_masked_in_the_record(cluster, worker, origin, tmp_path):
+    origin.add("/asset.bin", b"asset")
+    origin.redirect("/release", origin.url("/asset.bin") + "?sp=r&jwt=eyJhbGciOi.jwt-s3cret;sig=sig-s3cret")
+    manifest = tmp_path / "m.jsonl"
+    result = cluster.producer(str(write_list(tmp_path / "u.txt", [origin.url("/release")])), "-d", "jwt",
+                              "--manifest", str(manifest))
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = read_manifest(manifest)[0]
+    assert record["final_url"].endswith("/asset.bin?sp=r&jwt=****;sig=****")
+    assert "s3cret" not in manifest.read_text() + worker.log_text()
