@@ -19,17 +19,21 @@ from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 from tasks.errors import UnsafeName
-from tasks.message import Entry
+from tasks.message import Entry, is_owned_header
 from tasks.naming import NameAllocator, candidates, check_component, collision_key, sanitize
+from tasks.redact import redact_url
 
 from .errors import UsageError
 from .seen import Seen
 
 MAX_URL = 8192
+MAX_LINE = 64 << 10  # characters of a list line: a URL and its digest fit many times; a runaway line does not
+MAX_HEADER = 8 << 10  # bytes of one header (name and value): what common servers accept
 MAX_REPORTED = 20
 _DIGEST = re.compile(r"sha256=([0-9a-fA-F]*)")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # an indented line that starts so is a URL line, not key=value
 ARIA2_OPTIONS = ("out", "dir", "header", "checksum", "user-agent")
 
 
@@ -38,11 +42,20 @@ def parse_header(text: str) -> tuple[str, str]:
     name, colon, value = text.partition(":")
     name, value = name.strip(), value.strip()
     if not colon or not name:
-        raise ValueError(f"a header is 'Name: value', not {name!r}")
+        raise ValueError("a header is 'Name: value' (no ':' after a name)")
     if not _HEADER_NAME.fullmatch(name):
-        raise ValueError(f"{name!r} is not a header name (letters, digits and -_.!#$%&'*+^`|~ only)")
+        raise ValueError("a header name is letters, digits and -_.!#$%&'*+^`|~ only")
     if any(c in value for c in "\r\n\0"):
         raise ValueError(f"the value of header {name} has a line break or NUL")
+    if is_owned_header(name):
+        raise ValueError(f"header {name} is fleetfetch's own (it decides Range, If-*, framing and Host itself): "
+                         "leave it out")
+    try:
+        size = len(name) + len(value.encode("latin-1")) + 2
+    except UnicodeEncodeError:
+        raise ValueError(f"the value of header {name} is not Latin-1 text (percent-encode it)") from None
+    if size > MAX_HEADER:
+        raise ValueError(f"header {name} is longer than {MAX_HEADER} bytes")
     return name, value
 
 
@@ -70,14 +83,21 @@ def _out(value: str) -> str:
                          f"special-character names){hint}") from None
 
 
+def _once(own: dict[str, Any], key: str, value: str, label: str) -> None:
+    """Set a URL's option that has one value; a second, different one is an error (not "the last one wins")."""
+    if own.get(key, value) != value:
+        raise ValueError(f"{label} is given twice for this URL with different values: keep one")
+    own[key] = value
+
+
 def parse_option(own: dict[str, Any], line: str) -> None:
     """One indented aria2 `key=value` line into the URL's own options; ValueError naming the problem."""
     key, eq, value = line.partition("=")
     key, value = key.strip(), value.strip()
     if not eq:
-        raise ValueError(f"an option line is key=value, not {key!r}")
+        raise ValueError("an option line is key=value (this one has no '='; a URL line starts with http:// or https://)")
     if key == "out":
-        own["name"] = _out(value)
+        _once(own, "name", _out(value), "out=")
     elif key == "dir":
         own["subdir"] = check_subdir(value)
     elif key == "header":
@@ -91,7 +111,7 @@ def parse_option(own: dict[str, Any], line: str) -> None:
             raise ValueError(f"checksum={algorithm}=...: only sha-256 is supported (checksum=sha-256=<64 hex digits>)")
         if not _HEX64.fullmatch(digest):
             raise ValueError("invalid checksum: sha-256= needs 64 hex digits")
-        own["sha256"] = digest.lower()
+        _once(own, "sha256", digest.lower(), "checksum= (or sha256=)")
     else:
         raise ValueError(f"unknown option {key!r} (a list may give {', '.join(ARIA2_OPTIONS)})")
 
@@ -105,11 +125,11 @@ def check_line(line: str) -> tuple[str, str | None]:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
-        raise ValueError(f"not a valid URL ({exc}): {url!r}") from None
+        raise ValueError(f"not a valid URL ({exc}): {redact_url(url)!r}") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"not an http(s) URL: {url!r}")
+        raise ValueError(f"not an http(s) URL: {redact_url(url)!r}")
     if not parts.hostname:
-        raise ValueError(f"URL has no host: {url!r}")
+        raise ValueError(f"URL has no host: {redact_url(url)!r}")
     digest = None
     for token in rest:
         match = _DIGEST.fullmatch(token)
@@ -117,7 +137,8 @@ def check_line(line: str) -> tuple[str, str | None]:
             raise ValueError("several URLs on one line (aria2's mirrors of one file) are not supported: give each "
                              "URL its own line")
         if not match:
-            raise ValueError(f"unexpected text after the URL: {token!r} (only sha256=<64 hex digits> may follow)")
+            shown = token.partition("=")[0] + "=..." if "=" in token else token  # a key=value's value may be a secret
+            raise ValueError(f"unexpected text after the URL: {shown!r} (only sha256=<64 hex digits> may follow)")
         if len(match.group(1)) != 64:
             raise ValueError(f"invalid digest {token!r}: sha256= needs 64 hex digits")
         digest = match.group(1).lower()
@@ -129,7 +150,7 @@ def _lines(fh: IO[str]) -> Iterator[tuple[int, str, bool]]:
     for number, raw in enumerate(fh, 1):
         line = raw.strip()
         if line and not line.startswith("#"):
-            yield number, line, raw[:1] in (" ", "\t")
+            yield number, line, raw[:1] in (" ", "\t") and not _SCHEME.match(line)
 
 
 def open_list(path: str) -> tuple[Path, bool]:
@@ -255,6 +276,8 @@ def _fill(spool: Spool, path: Path, label: str, force_directories: bool = False)
         with state.seen, open(path, encoding="utf-8") as fh:
             for number, line, indented in _lines(fh):
                 try:
+                    if len(line) > MAX_LINE:
+                        raise ValueError(f"line longer than {MAX_LINE} characters")
                     if indented and url_line:
                         parse_option(state.own, line)
                         continue

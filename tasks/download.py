@@ -24,7 +24,7 @@ from .credentials import Credentials
 from .errors import BadMessage, Busy, Cancelled, DownloadError, TransientError
 from .guard import Policy
 from .lease import Renewer
-from .message import Message, Options, display_of
+from .message import Entry, Message, Options, display_of
 from .redact import redact_text, redact_url
 from .retry import THROTTLE_STATUS, countdown, host_pause
 
@@ -84,6 +84,11 @@ class Call:
     @property
     def host(self) -> str:
         return (urlsplit(self.msg.url).hostname or "").lower()
+
+    @property
+    def path(self) -> str:
+        """Where the file is or would be, below the download directory (a failed or cancelled record's `path`)."""
+        return f"{self.opts.subdir}/{self.msg.name}" if self.opts.subdir else self.msg.name
 
     def mark(self, state: str, record: dict[str, Any] | None = None, lease: float | None = None) -> str | None:
         """Move the URL to `state` in the ledger; returns the final state it already had, if any."""
@@ -146,17 +151,9 @@ def download(self: Any, url: str, name: str, job: str | None = None, index: int 
              opts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Download `url` into FLEETFETCH_DIR/[subdir/]name and return its record."""
     try:
-        msg = Message.decode(url, name, job, index, opts)
-        if msg.state.sealed:  # the message shows the URL without its secrets; the ledger has the real one
-            entry = _ledger().entry(job, index) if job else None
-            if entry is None:
-                raise BadMessage(f"job {job} has no URL #{index} in the ledger (expired?)")
-            msg.url = entry[0]
-        secrets = _ledger().secret_headers(job, index) if job and msg.options.secret_headers else []
-        logins = Credentials.from_json(_ledger().credentials(job)) if job and msg.options.credentials else None
+        msg, secrets, logins = _received(url, name, job, index, opts)
     except BadMessage as exc:
-        call = Call(self, Message(url, name, job, index), Options())
-        return _fail(call, exc.reason)
+        return _refuse(self, url, job, index, exc.reason)
     call = Call(self, msg, msg.options.resolve(settings), secrets, logins)
     call.slot = _take_slot(call)
     answered = False
@@ -168,6 +165,50 @@ def download(self: Any, url: str, name: str, job: str | None = None, index: int 
     finally:
         if call.slot is not None:  # not given back with the final state
             _limiter().release(call.slot, answered)
+
+
+def _received(url: Any, name: Any, job: Any, index: Any,
+              opts: Any) -> tuple[Message, list[tuple[str, str]], Credentials | None]:
+    """The message as this worker acts on it, with the secret headers and logins it may use. Anyone who can write
+    to the broker (or a Flower user) can send one, so a message that names a job only points at one of its URLs:
+    URL, name, digest and options are the ones the producer recorded in the ledger, and only the retry state is
+    the message's. A message without a job gets no secrets and replaces no file (`transfer.Request.replace`)."""
+    sent = Message.decode(url, name, job, index, opts)
+    if sent.job is None:
+        return replace(sent, options=replace(sent.options, secret_headers=False, credentials=False)), [], None
+    book = _ledger()
+    entry, options = book.entry(sent.job, sent.index), _job_options(book, sent.job)
+    if entry is None or options is None:
+        raise BadMessage(f"job {sent.job} has no URL #{sent.index} in the ledger (expired, or not one of its URLs)")
+    msg = Message.of(sent.job, Entry(sent.index, *entry), options, sent.state)
+    secrets = book.secret_headers(sent.job, sent.index) if msg.options.secret_headers else []
+    logins = Credentials.from_json(book.credentials(sent.job)) if msg.options.credentials else None
+    return msg, secrets, logins
+
+
+_options_of: dict[str, Options] = {}  # job -> its options (written once by the producer): one read per job
+
+
+def _job_options(book: ledger.Ledger, job: str) -> Options | None:
+    """The job's options as the producer recorded them; None for a job the ledger does not have."""
+    if job not in _options_of:
+        found = book.options(job)
+        if found is None:
+            return None
+        if len(_options_of) >= 1024:
+            _options_of.clear()
+        _options_of[job] = Options(**found)
+    return _options_of[job]
+
+
+def _refuse(task: Any, url: Any, job: Any, index: Any, reason: str) -> NoReturn:
+    """A message off the contract fails with one record: the job's URL it names, if the ledger has it (a final
+    state is kept: the ledger's transitions never change one); any other counter is left alone."""
+    entry = _ledger().entry(job, index) if isinstance(job, str) and type(index) is int and index >= 0 else None
+    if entry is not None:
+        _fail(Call(task, Message(entry[0], entry[1], job, index), Options()), reason)
+    shown = url if isinstance(url, str) else f"(a {type(url).__name__} for a URL)"
+    _fail(Call(task, Message(shown, "", None), Options()), reason)
 
 
 def _take_slot(call: Call) -> hostlimit.Lease | None:
@@ -215,7 +256,7 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
     if log.isEnabledFor(logging.DEBUG):  # naming the runner is work on every URL, for a line shown at DEBUG only
         log.debug("Starting download of %s %s", m.name, _runner())
     req = transfer.Request(url=m.url, name=m.name, subdir=o.subdir, sha256=o.sha256, force=o.force,
-                           max_size=int(o.max_size or 0), resume=m.state.resume,
+                           max_size=int(o.max_size or 0), resume=m.state.resume, replace=m.job is not None,
                            content_disposition=o.content_disposition, headers=_headers(call),
                            limit_rate=int(o.limit_rate or 0), credentials=call.credentials)
     try:
@@ -263,7 +304,7 @@ def _stop_if_cancelled(job: str | None) -> Callable[[], None] | None:
 
 def _cancelled(call: Call) -> dict[str, Any]:
     """End the URL as cancelled (its temp file is already gone): a record, no file, no retry."""
-    record = call.record(None, path=call.msg.name, status=ledger.CANCELLED, reason="job cancelled")
+    record = call.record(None, path=call.path, status=ledger.CANCELLED, reason="job cancelled")
     call.mark(ledger.CANCELLED, record)
     log.info("Cancelled %s (job %s #%s)", call.msg.name, call.msg.job, call.msg.index)
     return record
@@ -304,6 +345,6 @@ def _retry(call: Call, exc: DownloadError) -> NoReturn:
 
 def _fail(call: Call, reason: str) -> NoReturn:
     reason = redact_text(reason)
-    call.mark(ledger.FAILED, call.record(None, path=call.msg.name, reason=reason))
+    call.mark(ledger.FAILED, call.record(None, path=call.path, reason=reason))
     log.error("Failed %s: %s", redact_url(call.msg.url), reason)
     raise DownloadFailed(f"{redact_url(call.msg.url)}: {reason}") from None  # no chained traceback: it quotes URLs

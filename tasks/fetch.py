@@ -11,6 +11,7 @@ import http.client
 import http.cookiejar
 import logging
 import math
+import re
 import ssl
 import threading
 import time
@@ -225,7 +226,11 @@ def open_response(url: str, headers: dict[str, str], limits: Limits, deadline: f
             hop_headers = {k: v for k, v in hop_headers.items() if not is_secret_header(k)}
         if per_host is not None:
             given = {k.lower() for k in hop_headers}
-            hop_headers.update({k: v for k, v in per_host(current).items() if k.lower() not in given})
+            # A netrc login stays with the origin it was given for, as -H and a URL's user:password do (curl's
+            # rule): never to another port or scheme of its host, so never over an https->http downgrade.
+            other = _origin(current) != start_origin
+            hop_headers.update({k: v for k, v in per_host(current).items()
+                                if k.lower() not in given and not (other and k.lower() == "authorization")})
         seen.add(current)
         response = _send(s, adapter, current, hop_headers, limits, deadline)
         if response.status_code not in REDIRECTS or "location" not in response.headers:
@@ -287,6 +292,20 @@ def _prepare(s: requests.Session, url: str, headers: dict[str, str]) -> requests
     return p
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: a header name that may be shown
+
+
+def _invalid_header(headers: dict[str, str]) -> str:
+    """The reason of a header requests refuses, naming the header and never its value."""
+    for name, value in headers.items():
+        try:
+            requests.utils.check_header_validity((name, value))
+        except requests.exceptions.InvalidHeader:
+            shown = name if _TOKEN.fullmatch(name) else "(a name that is not a token)"
+            return f"invalid request header {shown}: its value has a line break, or a space at its start"
+    return "invalid request header"
+
+
 def _send(s: requests.Session, adapter: PinnedAdapter | ProxiedAdapter, url: str, headers: dict[str, str],
           limits: Limits, deadline: float) -> requests.Response:
     try:
@@ -301,6 +320,8 @@ def _send(s: requests.Session, adapter: PinnedAdapter | ProxiedAdapter, url: str
         raise PermanentError(_tls_reason(exc, limits.ca_bundle)) from None
     except requests.exceptions.ConnectionError as exc:
         raise TransientError(_connection_reason(exc)) from None
+    except requests.exceptions.InvalidHeader:  # its text quotes the header's value: a cookie, a token
+        raise PermanentError(_invalid_header(headers)) from None
     except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, ValueError) as exc:
         raise PermanentError(f"invalid URL: {redact_text(str(exc))}") from None
     status = response.status_code

@@ -44,10 +44,15 @@ leaves its `unacked` entry to one pipeline at the end of the loop's turn, before
 one round trip for all the acks of a turn. Anything that restores unacknowledged messages (kombu's restore at
 shutdown, a channel closing) sends the pending acks first, so an acknowledged message is never given back.
 Elsewhere (no event loop: a plain kombu consumer) an ack is sent at once, as kombu does.
+
+A payload on a queue that is not a kombu message (`LPUSH fleetfetch "not json"` by anyone who can write to the
+broker) is dropped with a log line: kombu would raise in the event loop and the worker would exit.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import threading
@@ -57,6 +62,7 @@ from typing import Any, cast
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import loads
 
 from . import dependencies
@@ -96,6 +102,28 @@ for i = 1, #KEYS - 2 do
 end
 return out
 """
+
+
+def _readable(payload: Any) -> bool:
+    """True if kombu can make a message of `payload` (it raises in the event loop otherwise)."""
+    props = payload.get("properties") if isinstance(payload, dict) else None
+    if not isinstance(props, dict) or not isinstance(props.get("delivery_tag"), str) \
+            or not isinstance(props.get("delivery_info"), dict):
+        return False
+    body, encoding = payload.get("body"), props.get("body_encoding")
+    if not body or not encoding:
+        return True
+    if encoding != "base64" or not isinstance(body, str):
+        return False
+    try:
+        base64.b64decode(str_to_bytes(body))
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
+def _dropped(queue: str) -> None:
+    log.warning("Queue %s: dropped a message the broker transport cannot read (not a kombu message)", queue)
 
 
 class QoS(kombu_redis.QoS):
@@ -156,7 +184,11 @@ class Channel(kombu_redis.Channel):
         return kept[1]
 
     def _brpop_read(self, **options: Any) -> bool:
-        delivered = super()._brpop_read(**options)  # one message, or Empty
+        try:
+            delivered = super()._brpop_read(**options)  # one message, or Empty
+        except (json.JSONDecodeError, UnicodeDecodeError):  # kombu's `loads` of the message BRPOP took
+            _dropped(", ".join(self.active_queues))
+            raise kombu_redis.Empty() from None
         room = self.qos.can_consume_max_estimate() if self.qos.prefetch_count else 0
         if room and not self.global_keyprefix:
             queues = self._queue_cycle.consume(len(self.active_queues))
@@ -175,10 +207,18 @@ class Channel(kombu_redis.Channel):
         qos = cast(QoS, self.qos)
         for i in range(0, len(reply), 3):
             key, raw, recorded = reply[i:i + 3]
-            payload = loads(raw.decode())
+            queue = key.decode().rsplit(self.sep, 1)[0]
+            try:
+                payload = loads(raw.decode())
+            except ValueError:
+                payload = None
+            if not _readable(payload):
+                if recorded:  # taken off `unacked` again: kombu's restore would bring it back forever
+                    qos._remove_from_indices(payload["properties"]["delivery_tag"]).execute()
+                _dropped(queue)
+                continue
             if recorded:
                 qos.recorded.add(payload["properties"]["delivery_tag"])
-            queue = key.decode().rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(queue)
             self.connection._deliver(payload, queue)
 
@@ -190,6 +230,12 @@ class Transport(kombu_redis.Transport):
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         super().register_with_event_loop(connection, loop)
         loop.on_tick.add(self._send_acks)  # each turn of the loop, before it polls
+
+    def _deliver(self, message: Any, queue: str) -> None:
+        if _readable(message):
+            super()._deliver(message, queue)
+        else:
+            _dropped(queue)
 
     def _send_acks(self) -> None:
         self.loop_thread = threading.get_ident()

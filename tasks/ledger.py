@@ -370,6 +370,13 @@ class Ledger:
         raw = self.r.hget(JobKeys(job).meta, CREDENTIALS)
         return json.loads(raw) if raw else None
 
+    def options(self, job: str) -> dict[str, Any] | None:
+        """The options the producer recorded for the job (`Options.changed()`); None if the job is not there."""
+        opts, total = self.r.hmget(JobKeys(job).meta, ["opts", "total"])
+        if total is None:
+            return None
+        return cast(dict[str, Any], json.loads(opts)) if opts else {}
+
     def feeding(self, job: str) -> tuple[int, int] | None:
         """(URLs offered to the broker so far, total) of a job fed through a window; None for one published whole."""
         fed, total = self.r.hmget(JobKeys(job).meta, [FED, "total"])
@@ -641,12 +648,12 @@ def compact(record: dict[str, Any], state: str, name: str | None = None) -> dict
 
 
 def expand(stored: dict[str, Any], url: str, state: str, name: str = "") -> dict[str, Any]:
-    """The record as `compact` stored it, whole again: URL (redacted), status, and the final URL and path of a
-    download."""
+    """The record as `compact` stored it, whole again: URL (redacted), status, path (every record has one: where the
+    file is or would have been), and the final URL of a download."""
     shown = redact_url(url)
-    record: dict[str, Any] = {"url": shown, "status": state, "attempts": 1}
+    record: dict[str, Any] = {"url": shown, "status": state, "attempts": 1, **({"path": name} if name else {})}
     if "sha256" in stored:  # a download's record
-        record.update(final_url=shown, http_status=200, path=name)
+        record.update(final_url=shown, http_status=200)
     return record | stored
 
 

@@ -6,9 +6,12 @@ A message is `download(url, name, job=JOB, index=I[, opts={...}])`:
   kwargs  job, index    the URL's place in the job ledger
           opts          only the options the user set (Options) and the retry state (RetryState), flat; left out
                         when there is none (most messages)
-Options left unset are decided by the worker's own settings (FLEETFETCH_*), in `Options.resolve`: a value typed
-by the user always wins over the worker's environment. An undeclared key fails the message loudly (BadMessage)
-instead of being ignored: a producer newer than its workers is told so.
+The worker trusts only the pointer (job, index) and the retry state of a message that names a job: URL, name,
+digest and options are read from the job's ledger (`tasks.download._received`), so a forged message can neither
+send a job's secrets to another URL nor write another name. Options left unset are decided by the worker's own
+settings (FLEETFETCH_*), in `Options.resolve`: a value typed by the user always wins over the worker's environment.
+An undeclared key fails the message loudly (BadMessage) instead of being ignored: a producer newer than its workers
+is told so.
 
 Importable without requests or the task itself: the producer uses it to build messages.
 """
@@ -99,6 +102,17 @@ def is_secret_header(name: str) -> bool:
 _SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
 
 
+def is_owned_header(name: str) -> bool:
+    """Headers that decide the framing or the meaning of the answer: fleetfetch sends them itself or not at all.
+    A user's `Range` would store a part as the file, `If-None-Match: *` an empty one, `Content-Length` hang."""
+    n = name.strip().lower()
+    return n in _OWNED_HEADERS or n.startswith("if-")
+
+
+_OWNED_HEADERS = {"range", "content-length", "transfer-encoding", "host", "connection", "expect", "te", "upgrade",
+                  "keep-alive", "proxy-connection", "trailer"}
+
+
 def split_headers(headers: list[tuple[str, str]]) -> tuple[tuple[tuple[str, str], ...], list[tuple[str, str]]]:
     """(headers a message may show, secret headers that stay in the ledger)."""
     return (tuple(h for h in headers if not is_secret_header(h[0])),
@@ -139,8 +153,15 @@ class Message:
         return (shown, self.name), {"job": self.job, "index": self.index, **({"opts": opts} if opts else {})}
 
     @classmethod
-    def decode(cls, url: str, name: str, job: str | None, index: int, opts: dict[str, Any] | None) -> Message:
-        """The message as the worker received it; BadMessage for an undeclared key or a value of the wrong type."""
+    def decode(cls, url: Any, name: Any, job: Any, index: Any, opts: Any) -> Message:
+        """The message as the worker received it; BadMessage for an undeclared key or a value of the wrong type
+        (anyone who can write to the broker can send one: nothing in it is trusted to have the right shape)."""
+        if not isinstance(url, str) or not isinstance(name, str):
+            raise BadMessage("the task message has a bad URL or name: strings expected")
+        if not (job is None or isinstance(job, str) and job) or not _is_int(index) or index < 0:
+            raise BadMessage("the task message has a bad job or index: a job id and an index from 0 expected")
+        if opts is not None and not isinstance(opts, dict):
+            raise BadMessage("the task message has a bad value for opts: an object expected")
         opts = dict(opts or {})
         unknown = sorted(set(opts) - _OPTIONS - _STATE)
         if unknown:
@@ -149,10 +170,14 @@ class Message:
         for key, value in opts.items():
             if not isinstance(value, _OPTION_TYPES[key]) or (isinstance(value, bool) and bool not in
                                                                _OPTION_TYPES[key]):
-                raise BadMessage(f"the task message has a bad value for {key}: {value!r}")
+                raise BadMessage(f"the task message has a bad value for {key}: {type(value).__name__}")
         if any(not isinstance(h, list | tuple) or len(h) != 2 or not all(isinstance(x, str) for x in h)
                for h in opts.get("headers", ())):
             raise BadMessage("the task message has a bad value for headers: pairs of strings expected")
+        if any(is_owned_header(h[0]) for h in opts.get("headers", ())):
+            raise BadMessage("the task message has a bad value for headers: a header fleetfetch owns (Range, If-*...)")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in (opts.get("resume") or {}).items()):
+            raise BadMessage("the task message has a bad value for resume: strings expected")
         return cls(url, name, job, index, Options(**{k: v for k, v in opts.items() if k in _OPTIONS}),
                    RetryState(**{k: v for k, v in opts.items() if k in _STATE}))
 
@@ -165,6 +190,10 @@ class Message:
     def display(self) -> tuple[str, str]:
         """argsrepr/kwargsrepr for Flower and logs: the URL without its secrets."""
         return display_of(self.encode()[0], {"job": self.job, "index": self.index})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def display_of(args: Any, kwargs: Any) -> tuple[str, str]:

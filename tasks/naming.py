@@ -14,7 +14,9 @@ from .errors import UnsafeName
 MAX_NAME_BYTES = 180  # leaves room for the ".<name>.<id>.part" temp name within NAME_MAX (255)
 DEFAULT_NAME = "index.html"
 _MAX_EXT_BYTES = 16
-_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f/\\<>:"|?*]')
+# Controls, separators, Windows-reserved characters and bidi formatting marks (U+202E shows `invoice\u202efdp.exe`
+# as `invoiceexe.pdf`)
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f/\\<>:"|?*\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]')
 _WINDOWS_DEVICES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(10)}
 
 

@@ -12,10 +12,11 @@ from urllib.parse import unquote_plus
 
 MASK = "****"
 _SENSITIVE = re.compile(
-    r"(token|secret|signature|sig|key|password|passwd|pwd|auth|credential|session|x-amz-[a-z-]+|x-goog-[a-z-]+)",
+    r"(token|secret|signature|sig|key|password|passwd|pwd|auth|credential|session|jwt|x-amz-[a-z-]+|x-goog-[a-z-]+)",
     re.I,
 )
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*://", re.I)
+_PARAM_SEP = re.compile(r"([&;])")  # kept in the split: each separator stays where it was
 _URL_END = re.compile(r"""[\s"<>\\^`{|}]""")  # characters a URL cannot hold: where a URL in a text ends
 _AUTHORITY_END = re.compile(r"""[/?#\s"<>\\^`{|}]""")
 
@@ -25,12 +26,13 @@ def _sensitive(param: str) -> bool:
 
 
 def _mask_params(params: str) -> str:
-    """`token=x&page=2` -> `token=****&page=2`, splitting by hand so that nothing else is re-encoded."""
+    """`token=x&page=2` -> `token=****&page=2` (`;` separates parameters too), splitting by hand so that nothing
+    else is re-encoded."""
     out = []
-    for pair in params.split("&"):
+    for pair in _PARAM_SEP.split(params):
         key, eq, _value = pair.partition("=")
         out.append(f"{key}={MASK}" if eq and _sensitive(unquote_plus(key)) else pair)
-    return "&".join(out)
+    return "".join(out)
 
 
 def _mask_rest(rest: str) -> str:

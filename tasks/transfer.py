@@ -37,6 +37,7 @@ class Request:
     headers: dict[str, str] = field(default_factory=dict)  # sent with every request (User-Agent, --header)
     limit_rate: int = 0  # bytes per second of this download; 0: unlimited
     credentials: Credentials | None = None  # netrc logins, cookies (added per host by fetch) and --proxy
+    replace: bool = True  # False (a task without a job): an existing file is replaced only if it is this URL's own
 
 
 @dataclass
@@ -158,8 +159,15 @@ def _commit(part: storage.PartFile, where: storage.TargetDir, req: Request, resp
     """Rename into place. The producer gave every URL of a job its own name, so that name is replaced (an
     earlier run's file). With --content-disposition a server may name any file, so no name is replaced then
     but this URL's own untouched earlier download: the first free candidate is taken, atomically."""
-    if not req.content_disposition:
+    if not req.content_disposition and req.replace:
         return part.name, part.commit(fsync)
+    if not req.content_disposition:
+        try:
+            return part.name, part.commit(fsync, replace=False)
+        except FileExistsError:
+            if storage.owns(where, part.name, req.url):
+                return part.name, part.commit(fsync)
+            raise PermanentError(f"{part.name} exists: a task without a job never replaces a file") from None
     header = response.headers.get("content-disposition")
     chosen = (disposition_name(header) if header else None) or part.name
     for candidate in itertools.islice(candidates(chosen, req.url), _MAX_CANDIDATES):

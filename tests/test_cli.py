@@ -110,3 +110,23 @@ def test_bad_local_paths_and_counts_are_one_line_before_anything_runs(tmp_path):
     _one_error_line(local("status", "20260101-000000-abcdef", "-d", str(afile)), "not a directory")
     _one_error_line(local(str(listing), "--concurrency", "-1"), "--concurrency")
     assert not (tmp_path / "downloads").exists()
+
+
+def test_error_lines_never_echo_secrets(cluster, tmp_path):
+    lines = ["ftp://alice:hunter2@127.0.0.1/x.pdf", "http://127.0.0.1:99999/z.pdf?token=tok-s3cret",
+             "http://127.0.0.1/a.pdf password=pw-s3cret", "http://127.0.0.1/b.pdf", "  header=Bearer hdr-s3cret",
+             "  X-Api-Key: key-s3cret"]
+    listing = write_list(tmp_path / "urls.txt", lines)
+    result = cluster.producer(str(listing))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == len(lines) - 1 + 1
+    assert "ftp://****@127.0.0.1/x.pdf" in result.stderr and "token=****" in result.stderr
+    (tmp_path / "cookies.txt").write_text("allowed.test\tFALSE\t/\tFALSE\tsoon\tsid\tck-s3cret\n")
+    (tmp_path / "netrc").write_text("machine h login alice nt-s3cret\n")
+    cookies = cluster.producer(str(listing), "--load-cookies", str(tmp_path / "cookies.txt"))
+    netrc = cluster.producer(str(listing), "--netrc-file", str(tmp_path / "netrc"))
+    assert cookies.returncode == 2 and netrc.returncode == 2
+    assert netrc.stderr.startswith(f"error: --netrc-file {tmp_path / 'netrc'}:")
+    shown = result.stderr + cookies.stderr + netrc.stderr
+    assert "Traceback" not in shown and len((cookies.stderr + netrc.stderr).strip().splitlines()) == 2
+    for secret in ("hunter2", "tok-s3cret", "pw-s3cret", "hdr-s3cret", "key-s3cret", "ck-s3cret", "nt-s3cret"):
+        assert secret not in shown, shown

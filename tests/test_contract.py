@@ -49,6 +49,8 @@ def test_options_typed_by_the_user_win_over_the_workers_settings():
     ({"headers": "X-A: 1"}, "bad value for headers"),
     ({"headers": [["X-A"]]}, "bad value for headers: pairs of strings"),
     ({"limit_rate": 1.5}, "bad value for limit_rate"),
+    ({"headers": [["Range", "bytes=0-9"]]}, "a header fleetfetch owns"),
+    ({"resume": {"etag": 5}}, "bad value for resume"),
 ])
 def test_a_message_off_the_contract_fails_loudly(opts, reason):
     with pytest.raises(BadMessage, match=reason):

@@ -83,3 +83,47 @@ def test_bad_credential_files_are_one_error_line(cluster, tmp_path):
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"error: {option} ") and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_cookie_requests_cannot_send_is_refused_at_load(cluster, tmp_path):
+    listing = write_list(tmp_path / "urls.txt", ["http://127.0.0.1/x"])
+    for name, value in [(" sid", "c00kie-sid"), ("sid", "c00kie; evil=1"), ("s id", "v4l"), ("sid", " c00kie-sid")]:
+        lines = ["# Netscape HTTP Cookie File", f"allowed.test\tFALSE\t/\tFALSE\t0\t{name}\t{value}"]
+        (tmp_path / "cookies.txt").write_text("\n".join(lines) + "\n")
+        result = cluster.producer(str(listing), "--load-cookies", str(tmp_path / "cookies.txt"))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"error: --load-cookies {tmp_path / 'cookies.txt'}:2: "), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert value.strip().split(";")[0] not in result.stderr
+
+
+def test_a_header_requests_refuses_fails_naming_only_the_header(tmp_path, origin):
+    """A cookie the producer would refuse, put in the job's ledger by hand: the reason names the header, and its
+    value (the cookie) shows nowhere."""
+    from tasks.ledger import CREDENTIALS, JobKeys
+
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        c = Cluster(server, tmp_path / "dl")
+        origin.add("/c.txt", b"c")
+        (tmp_path / "cookies.txt").write_text("127.0.0.1\tFALSE\t/\tFALSE\t0\tsid\tc00kie-sid\n")
+        queued = c.producer(str(write_list(tmp_path / "urls.txt", [origin.url("/c.txt")])), "--no-wait",
+                            "--load-cookies", str(tmp_path / "cookies.txt"))
+        assert queued.returncode == 0, queued.stdout + queued.stderr
+        job = job_id_of(queued.stdout)
+        backend = server.client(1)
+        stored = json.loads(backend.hget(JobKeys(job).meta, CREDENTIALS))
+        stored["cookies"][0]["name"] = " sid"
+        backend.hset(JobKeys(job).meta, CREDENTIALS, json.dumps(stored))
+        w = Worker(c.env, name="hdr", concurrency=1, log=tmp_path / "w.log", cwd=ROOT).start()
+        try:
+            manifest = tmp_path / "m.jsonl"
+            result = c.producer("resume", job, "--manifest", str(manifest))
+        finally:
+            w.stop()
+        assert result.returncode == 1, result.stdout + result.stderr
+        record = read_manifest(manifest)[0]
+        assert record["reason"] == "invalid request header Cookie: its value has a line break, or a space at its start"
+        assert "c00kie-sid" not in result.stdout + result.stderr + manifest.read_text() + w.log_text()
+    finally:
+        server.stop()

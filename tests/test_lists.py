@@ -161,3 +161,49 @@ def test_seen_claims_each_key_once_in_memory_and_on_disk():
         assert not any(s.claim(f"k{i}") for i in range(200))
         assert "k7" in s and "k200" not in s  # looking claims nothing
         assert s.claim("k200")
+
+
+def test_an_indented_url_line_is_a_url_line(cluster, worker, origin, tmp_path):
+    origin.add("/i/a.txt", b"indented a")
+    origin.add("/i/b.txt", b"indented b")
+    lines = [f"   {origin.url('/i/a.txt')}", "     out=first.txt", f"\t{origin.url('/i/b.txt')}  "]
+    manifest = tmp_path / "m.jsonl"
+    result = cluster.producer(str(write_list(tmp_path / "l.txt", lines)), "-d", "indent", "--manifest", str(manifest))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (cluster.downloads / "indent" / "first.txt").read_bytes() == b"indented a"
+    assert (cluster.downloads / "indent" / "b.txt").read_bytes() == b"indented b"
+    assert [r["status"] for r in read_manifest(manifest)] == ["done", "done"]
+
+
+def test_conflicting_out_or_checksum_lines_for_one_url_are_an_error(cluster, tmp_path):
+    before = cluster.broker().llen(QUEUE)
+    lines = ["http://127.0.0.1/a.pdf", "  out=one.pdf", "  out=two.pdf",
+             f"http://127.0.0.1/b.pdf sha256={'a' * 64}", f"  checksum=sha-256={'b' * 64}",
+             "http://127.0.0.1/c.pdf", "  out=same.pdf", "  out=same.pdf"]  # the same value twice: fine
+    listing = write_list(tmp_path / "dup.txt", lines)
+    result = cluster.producer(str(listing))
+    assert result.returncode == 2
+    errors = result.stderr.strip().splitlines()
+    assert [e.split(": ", 2)[1] for e in errors[:-1]] == [f"{listing}:3", f"{listing}:5"]
+    assert "out= is given twice" in errors[0] and "checksum= (or sha256=) is given twice" in errors[1]
+    assert cluster.broker().llen(QUEUE) == before
+
+
+def test_bidi_controls_never_reach_a_file_name(cluster, worker, origin, tmp_path):
+    origin.add("/invoice\u202efdp.exe", b"not a pdf")
+    manifest = tmp_path / "m.jsonl"
+    result = cluster.producer(str(write_list(tmp_path / "u.txt", [origin.url("/invoice%E2%80%AEfdp.exe")])),
+                              "-d", "bidi", "--manifest", str(manifest))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [p.name for p in (cluster.downloads / "bidi").iterdir()] == ["invoice_fdp.exe"]
+    assert read_manifest(manifest)[0]["path"] == "bidi/invoice_fdp.exe"
+
+
+def test_failed_records_carry_their_path(cluster, worker, origin, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    lines = [origin.url("/missing.pdf"), origin.url("/gone/x.pdf"), "  dir=deeper", "  out=y.pdf"]
+    result = cluster.producer(str(write_list(tmp_path / "u.txt", lines)), "-d", "nopath", "--manifest", str(manifest))
+    assert result.returncode == 1
+    records = read_manifest(manifest)
+    assert [(r["status"], r["path"]) for r in records] == [("failed", "nopath/missing.pdf"),
+                                                           ("failed", "nopath/deeper/y.pdf")]

@@ -50,3 +50,8 @@ def test_any_sensitive_parameter_value_is_masked(secret, param):
     url = f"http://127.0.0.1/f?page=1&{param}={value}"
     assert value not in redact_text(f"failed ({url}): 404")
     assert "page=1" in redact_url(url)
+
+
+def test_jwt_and_semicolon_separated_parameters_are_masked():
+    url = "https://objects.example/asset?sp=r&jwt=eyJhbGciOi.secret;token=t0k;page=2#a=1;sig=s1g"
+    assert redact_url(url) == "https://objects.example/asset?sp=r&jwt=****;token=****;page=2#a=1;sig=****"

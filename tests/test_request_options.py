@@ -108,3 +108,39 @@ def test_version_and_help_document_the_options(cluster):
                    "--load-cookies", "--proxy", "--version", "jobs", "cancel"):
         assert option in helptext, option
     assert "--json" in cluster.producer("status", "--help").stdout
+
+
+OWNED = ["Range: bytes=0-9", "If-None-Match: *", "Content-Length: 5", "Transfer-Encoding: chunked", "Host: other",
+         "Connection: close", "Expect: 100-continue", "TE: trailers", "Upgrade: h2c", "if-modified-since: x"]
+
+
+def test_headers_that_change_framing_or_meaning_are_refused_at_validation(cluster, tmp_path):
+    before = cluster.broker().llen(QUEUE)
+    lines = ["http://127.0.0.1/f.pdf", *(f"  header={h}" for h in OWNED), "  header=X-Name: \u540d\u524d"]
+    listing = write_list(tmp_path / "list.aria2", lines)
+    result = cluster.producer(str(listing))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = result.stderr.strip().splitlines()
+    assert [e.split(": ", 2)[1] for e in errors[:-1]] == [f"{listing}:{n}" for n in range(2, len(lines) + 1)]
+    assert all("is fleetfetch's own" in e for e in errors[:len(OWNED)]) and "not Latin-1" in errors[len(OWNED)]
+    for header in ("Range: bytes=0-9", "If-None-Match: *"):
+        given = cluster.producer(str(write_list(tmp_path / "u.txt", ["http://127.0.0.1/g"])), "-H", header)
+        assert given.returncode == 2 and given.stderr.startswith("error: --header")
+        assert "fleetfetch's own" in given.stderr and len(given.stderr.strip().splitlines()) == 1
+    assert cluster.broker().llen(QUEUE) == before
+
+
+def test_long_lines_and_headers_are_refused_at_validation(cluster, tmp_path):
+    before = cluster.broker().llen(QUEUE)
+    lines = ["http://127.0.0.1/f.pdf", "  header=X-Big: " + "a" * (9 << 10), "  header=X-Huge: " + "b" * (1 << 20),
+             "http://127.0.0.1/" + "c" * (70 << 10)]
+    listing = write_list(tmp_path / "long.txt", lines)
+    result = cluster.producer(str(listing))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = result.stderr.strip().splitlines()
+    assert [e.split(": ", 2)[1] for e in errors[:-1]] == [f"{listing}:{n}" for n in (2, 3, 4)]
+    assert "longer than 8192 bytes" in errors[0] and "line longer than 65536" in errors[1] + errors[2]
+    assert max(len(e) for e in errors) < 300
+    big = cluster.producer(str(write_list(tmp_path / "u.txt", ["http://127.0.0.1/g"])), "-H", "X-Big: " + "a" * 9000)
+    assert big.returncode == 2 and "longer than 8192 bytes" in big.stderr
+    assert cluster.broker().llen(QUEUE) == before

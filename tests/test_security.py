@@ -149,3 +149,29 @@ def test_environment_proxy_is_ignored():
 
     s, _ = session()
     assert s.trust_env is False
+
+
+def test_a_netrc_login_is_not_sent_to_another_port_after_a_redirect(cluster, worker, origin, tmp_path):
+    with Origin("127.0.0.1").start() as other_port:
+        other_port.add("/landing.txt", b"landed")
+        origin.redirect("/hop", other_port.url("/landing.txt"))
+        origin.add("/direct.txt", b"direct")
+        (tmp_path / "netrc").write_text("machine 127.0.0.1 login alice password nt-hunter2\n")
+        listing = write_list(tmp_path / "urls.txt", [origin.url("/hop"), origin.url("/direct.txt")])
+        result = cluster.producer(str(listing), "-d", "netrc-port", "--netrc-file", str(tmp_path / "netrc"))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert origin.requests_for("/hop")[0].headers["Authorization"].startswith("Basic ")
+        assert origin.requests_for("/direct.txt")[0].headers["Authorization"].startswith("Basic ")
+        assert "Authorization" not in other_port.requests_for("/landing.txt")[0].headers
+
+
+def test_a_redirect_to_a_jwt_signed_url_is_masked_in_the_record(cluster, worker, origin, tmp_path):
+    origin.add("/asset.bin", b"asset")
+    origin.redirect("/release", origin.url("/asset.bin") + "?sp=r&jwt=eyJhbGciOi.jwt-s3cret;sig=sig-s3cret")
+    manifest = tmp_path / "m.jsonl"
+    result = cluster.producer(str(write_list(tmp_path / "u.txt", [origin.url("/release")])), "-d", "jwt",
+                              "--manifest", str(manifest))
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = read_manifest(manifest)[0]
+    assert record["final_url"].endswith("/asset.bin?sp=r&jwt=****;sig=****")
+    assert "s3cret" not in manifest.read_text() + worker.log_text()
