@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -310,6 +311,10 @@ def entry() -> NoReturn:
     os._exit(code)
 
 
+def _interrupt(_signum: int, _frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     top, commands = parsers()
@@ -321,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if not argv or argv[0] not in COMMANDS:
         argv = ["run", *argv]  # `fleetfetch URLS_FILE` is `fleetfetch run URLS_FILE`
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, a cancelled CI job: stop as on Ctrl-C, and say so
     try:
         args = top.parse_args(argv)
         return int(args.handler(args))

@@ -42,8 +42,9 @@ class Connection:
         return feed.Feeder(self.app, self.ledger, settings.window).feed(job, wait, again)
 
 
-def check_redis(url: str, role: str) -> redis.Redis:
-    """A client for `url` that has answered PING; Unreachable (exit 3) with the password masked otherwise."""
+def check_redis(url: str, role: str, attempts: int = 12) -> redis.Redis:
+    """A client for `url` that has answered PING, retrying a failed command `attempts` times; Unreachable (exit 3)
+    with the password masked otherwise."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise Unreachable(f"the {role} must be Redis (redis:// or rediss://), got {mask_password(url)}")
     probe = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
@@ -54,7 +55,7 @@ def check_redis(url: str, role: str) -> redis.Redis:
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         reason = str(exc).split(". ")[-1].strip(".") or type(exc).__name__
         raise Unreachable(f"cannot reach the {role} at {mask_password(url)} ({reason}): {HINT}") from None
-    return ledger.client_for(url)
+    return ledger.client_for(url, attempts)
 
 
 def check_broker(url: str) -> None:
@@ -95,7 +96,8 @@ def connect(local: bool, download_dir: Path | None = None, quiet: bool = False, 
             print(f"local mode: embedded server on 127.0.0.1:{cluster.port}, {workers} ({sum(sizes)} downloads at "
                   f"once), files into {cluster.download_dir}", flush=True)
         _configure(cluster.broker, cluster.backend)
-        client = check_redis(cluster.backend, "result backend")
+        # Local mode's server is a child of this process: it restarts with the command only, so no minute of retries.
+        client = check_redis(cluster.backend, "result backend", attempts=1)
         yield Connection(app, ledger.Ledger(client, settings.result_expires), cluster.broker,
                          local_mode.one_line(cluster.problem), cluster.hurry, cluster.download_dir)
     finally:

@@ -261,7 +261,9 @@ class LocalCluster:
         self.worker = self._spawn(argv, "worker.log", env)
 
     def problem(self) -> str | None:
-        """None while every worker runs; else why one stopped (with the end of its log)."""
+        """None while the server and every worker run; else why one stopped (with the end of its log)."""
+        if self.server is not None and self.server.poll() is not None:
+            return f"the embedded server exited with code {self.server.returncode}: {self.log_tail('server.log')}"
         if self.worker is not None and self.worker.poll() is not None:
             return f"the local worker exited with code {self.worker.returncode}: {self.log_tail('worker.log')}"
         return None
@@ -297,6 +299,8 @@ class LocalCluster:
         """Stop workers and server. With nothing running or pending (the job is over) the workers are killed at
         once (`STOP_NOW` to the process that forked them, which reaps them) instead of a warm shutdown that takes
         seconds to join their pools: they hold no task and no temp file. Then the server (`_stop_server`)."""
+        if self.server is not None and self.server.poll() is not None:
+            self.hurry()  # the server died: what the workers still download could not be recorded
         quick = self.server is not None and self.grace > 2.0 and self.idle()
         if self.worker is not None:  # the workers first, then the server
             if quick:  # idle workers: nothing of them is worth waiting for (killed at once, and reaped)

@@ -60,7 +60,7 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
     with bar, book.end_of(job) as end:
         task_id = bar.add_task(job, total=total, info="")
         while True:
-            counts = _counts_waiting(book, job)
+            counts = _counts_waiting(book, job, alive)
             done, now = finished(counts), time.monotonic()
             bar.update(task_id, completed=done, info=f"{counts['failed']} failed, {human_bytes(counts['bytes'])}")
             if done >= total:
@@ -97,13 +97,17 @@ def _tick_quietly(tick: Callable[[], object]) -> None:
         tick()
 
 
-def _counts_waiting(book: ledger.Ledger, job: str) -> dict[str, int]:
-    """The job's counters; while the backend is unreachable, say so and keep waiting (it may restart)."""
+def _counts_waiting(book: ledger.Ledger, job: str, alive: Callable[[], str | None]) -> dict[str, int]:
+    """The job's counters; while the backend is unreachable, say so and keep waiting (it may restart), unless
+    `alive` says it cannot (local mode's server died)."""
     told = False
     while True:
         try:
             return book.counts(job)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            problem = alive()
+            if problem:
+                raise LocalFailure(problem) from None
             if not told:
                 print(f"waiting: the result backend is unreachable ({exc}); retrying until it is back "
                       "(Ctrl-C to stop following)", file=sys.stderr, flush=True)

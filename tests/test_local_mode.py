@@ -339,3 +339,79 @@ def test_workers_left_when_one_died_finish_within_the_grace_then_are_killed(chao
     text = log.read_text(errors="replace")
     assert "was killed by SIGKILL: the other workers were stopped" in text
     assert not (chaos.downloads / "grace" / "long.bin").exists()  # cut short: no file, only its part
+
+
+def _start_slow_local_job(origin, tmp_path, n: int = 4) -> tuple[subprocess.Popen, Spawned, dict[str, str]]:
+    """A local job of `n` slow files (10 s each), its temp directories under tmp_path/tmp, once its first download
+    has started."""
+    for i in range(n):
+        origin.add(f"/t{i}.bin", b"t" * 200_000, rate=20_000)
+    listing = write_list(tmp_path / "urls.txt", [origin.url(f"/t{i}.bin") for i in range(n)])
+    (tmp_path / "tmp").mkdir()
+    env = base_env(TMPDIR=str(tmp_path / "tmp"))
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(tmp_path / "d")], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = Spawned(proc)
+    assert _requested(origin, "/t0.bin"), "the download never started"
+    time.sleep(0.3)  # the watcher has seen the forked workers
+    return proc, watch, env
+
+
+def _nothing_left_within(watch: Spawned, seconds: float) -> list[int]:
+    """The processes of the command still running `seconds` after now (killed then, so none outlives the test)."""
+    deadline = time.monotonic() + seconds
+    while watch.survivors() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = watch.survivors()
+    for pid in left:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+    return left
+
+
+def test_sigterm_stops_a_local_job_like_ctrl_c_and_leaves_no_process_nor_temp_dir(origin, tmp_path):
+    """`timeout 5 fleetfetch list`, a cancelled CI job: SIGTERM is Ctrl-C (the resume line, exit 130); the workers,
+    the process that forked them and the server are gone within 10 s, and so is the password's temp directory."""
+    proc, watch, _env = _start_slow_local_job(origin, tmp_path)
+    try:
+        assert len(watch.worker_tree()[1]) >= 1, watch.seen()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    job = job_id_of(out)
+    assert f"interrupted: the local worker and server stop; the job is kept: fleetfetch resume {job} -d " in err
+    assert "Traceback" not in err
+    assert _nothing_left_within(watch, 10) == [], watch.seen()
+    assert list((tmp_path / "tmp").glob("fleetfetch-local-*")) == []
+
+
+def test_sigkill_of_a_local_job_leaves_no_process_within_ten_seconds(origin, tmp_path):
+    """The producer killed outright cannot stop anything: its server and the process that forked the workers
+    learn of its death (PR_SET_PDEATHSIG), and that process kills its workers, which die with it in any case."""
+    proc, watch, _env = _start_slow_local_job(origin, tmp_path)
+    try:
+        started, forked = watch.worker_tree()
+        assert len(started) == 1 and forked, watch.seen()
+        proc.kill()
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert _nothing_left_within(watch, 10) == [], watch.seen()
+
+
+
+def test_a_killed_embedded_server_stops_the_local_job_in_one_line_and_leaves_nothing(origin, tmp_path):
+    """The server gone (killed, out of memory): the producer says so (exit 4) and stops the workers, instead of
+    waiting for a backend that cannot come back."""
+    proc, watch, _env = _start_slow_local_job(origin, tmp_path)
+    try:
+        server = next(pid for pid, argv in watch.argvs.items() if "valkey-server" in argv[0])
+        os.kill(server, signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 4, out + err
+    assert err.startswith("error: the embedded server exited") and "Traceback" not in err, err
+    assert _nothing_left_within(watch, 10) == [], watch.seen()
