@@ -27,7 +27,7 @@ def follow(conn: Connection, job_id: str, total: int, started: float, manifest: 
     """Follow a job until every URL is final, then print its summary; the exit code."""
     try:
         counts = progress.follow(conn.ledger, job_id, total, quiet=quiet, alive=conn.problem, tick=conn.sweep,
-                                 tick_every=settings.sweep_interval, feed=lambda: conn.feed(job_id))
+                                 tick_every=settings.sweep_interval, feed=lambda: conn.feed(job_id), local=local)
     except KeyboardInterrupt:
         if local:
             conn.hurry()

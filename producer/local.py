@@ -167,6 +167,7 @@ class LocalCluster:
                 self._start_worker()  # in parallel: the server is up long before the worker has imported Celery
             self._wait_for(self.server)
             self._restore_unacked()
+            self._free_held()
         except BaseException:
             self.close()
             raise
@@ -205,6 +206,17 @@ class LocalCluster:
             if self.client().hlen(UNACKED_KEY):
                 conn.default_channel.qos.restore_visible(num=1_000_000)
 
+    def _free_held(self) -> None:
+        """The host slots and URL leases the previous local workers held are given back now, for the same reason:
+        left to lapse, they stalled a resumed job for a minute (FLEETFETCH_HOST_LEASE) with nothing running."""
+        from tasks import hostlimit, ledger
+
+        backend = self.client(db=1)
+        hostlimit.HostLimiter(backend).free_all()
+        book = ledger.Ledger(backend, settings.result_expires)
+        for job in book.live():
+            book.release_started(job)
+
     def _spawn_server(self) -> subprocess.Popen:
         conf = self.tmp / "server.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -216,15 +228,15 @@ class LocalCluster:
                 "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
         return self._spawn(argv, "server.log")
 
-    def client(self) -> redis.Redis:
+    def client(self, db: int = 0) -> redis.Redis:
         """A client of the server that does not retry: each use here handles a failure itself (and the connection
         that SHUTDOWN closes is its success, which redis-py would retry for seconds)."""
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        return redis.Redis("127.0.0.1", self.port, password=self.password, socket_connect_timeout=1, socket_timeout=5,
-                           retry=Retry(NoBackoff(), 0))
+        return redis.Redis("127.0.0.1", self.port, db=db, password=self.password, socket_connect_timeout=1,
+                           socket_timeout=5, retry=Retry(NoBackoff(), 0))
 
     def _wait_for(self, proc: subprocess.Popen) -> None:
         import redis

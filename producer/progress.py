@@ -45,10 +45,11 @@ def plural(n: int, noun: str) -> str:
 
 def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Callable[[], str | None],
            tick: Callable[[], object] = lambda: None, tick_every: float = 15.0,
-           feed: Callable[[], object] = lambda: None, feed_every: float = 1.0) -> dict:
+           feed: Callable[[], object] = lambda: None, feed_every: float = 1.0, local: bool = False) -> dict:
     """Poll the job's counters (one round-trip each) until every URL has its final record, waiting between two
     polls on the job's end (`Ledger.end_of`: the last URL's final state wakes the wait at once); `tick` (the
-    reconciler) runs every `tick_every` seconds meanwhile, `feed` (the job's window) every `feed_every`.
+    reconciler) runs every `tick_every` seconds meanwhile, `feed` (the job's window) every `feed_every`; `local`:
+    the workers are local mode's own (`alive` watches them), so a stall is not a missing worker.
     ledger.JobGone if the backend lost the job."""
     started = last_tick = last_feed = time.monotonic()
     err = sys.stdout
@@ -80,10 +81,17 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
                 print(_line(counts, total, now - started), file=err, flush=True)
                 last_plain = now
             if now - last_change >= IDLE_HINT_S and not quiet:
-                print(f"waiting: no URL finished in the last {IDLE_HINT_S:.0f} s - is a worker running? "
-                      "(celery -A tasks worker)", file=err, flush=True)
+                print(_idle_hint(counts, local), file=err, flush=True)
                 last_change = now
             end.wait(poll_wait(now - started))  # returns as soon as the job's last URL ends
+
+
+def _idle_hint(counts: dict[str, int], local: bool) -> str:
+    if local:
+        return (f"waiting: no URL finished in the last {IDLE_HINT_S:.0f} s ({counts['started']} running, "
+                f"{counts['retrying']} waiting to retry): slow or paused hosts; `status` shows paused ones")
+    return (f"waiting: no URL finished in the last {IDLE_HINT_S:.0f} s - is a worker running? "
+            "(celery -A tasks worker)")
 
 
 def poll_wait(elapsed: float) -> float:

@@ -561,6 +561,15 @@ class Ledger:
             pipe.zscore(JobKeys(job).due, str(i))
         return {i for i, score in zip(indexes, pipe.execute(), strict=True) if score is None}
 
+    def release_started(self, job: str) -> int:
+        """URLs marked started go back to queued, without a lease: only for a caller that knows their worker is gone
+        and their message is back in the queue (local mode, holding its directory's lock). Returns how many."""
+        held = [int(i) for i in cast(list[bytes], self.r.zrange(JobKeys(job).due, 0, -1))]
+        started = self.in_state(job, held, STARTED)
+        for index in started:
+            self.transition(job, index, QUEUED)
+        return len(started)
+
     def requeue(self, job: str, indexes: list[int]) -> dict[int, int]:
         """Put URLs that are not final back to queued; {index: redeliveries so far} of those moved."""
         if not indexes:

@@ -415,3 +415,33 @@ def test_a_killed_embedded_server_stops_the_local_job_in_one_line_and_leaves_not
     assert proc.returncode == 4, out + err
     assert err.startswith("error: the embedded server exited") and "Traceback" not in err, err
     assert _nothing_left_within(watch, 10) == [], watch.seen()
+
+
+def test_resume_after_ctrl_c_takes_the_time_of_the_work_left_not_the_dead_workers_leases(origin, tmp_path):
+    """Ctrl-C leaves the killed workers' host slots and URL leases in the server's data; local mode holds the
+    directory's lock, so `resume` frees them at once instead of waiting a minute for them to lapse."""
+    bodies = {f"/r{i}.bin": bytes([i]) * 80_000 for i in range(16)}
+    for path, body in bodies.items():
+        origin.add(path, body, rate=20_000)  # 4 s each, 8 at once: ~8 s for the whole list
+    listing = write_list(tmp_path / "urls.txt", [origin.url(p) for p in bodies])
+    out_dir = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(out_dir)], cwd=tmp_path,
+                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert _requested(origin, "/r0.bin"), "the download never started"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    job = job_id_of(out)
+    began = time.monotonic()
+    resumed = subprocess.run([sys.executable, "-m", "producer", "resume", job, "-d", str(out_dir)], cwd=tmp_path,
+                             env=base_env(), capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - began
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    for path, body in bodies.items():
+        assert (out_dir / path[1:]).read_bytes() == body
+    assert took < 20, f"resume took {took:.1f} s for ~8 s of work"
