@@ -88,6 +88,13 @@ def connect(local: bool, download_dir: Path | None = None, quiet: bool = False, 
         _configure(settings.broker, settings.backend)
         yield Connection(app, ledger.Ledger(client, settings.result_expires), settings.broker)
         return
+    running = None if worker or started else local_mode.attach(download_dir or settings.download_dir)
+    if running is not None:  # a local job runs on that directory now: ask its server
+        _configure(*running)
+        client = check_redis(running[1], "result backend of the local job running there", attempts=1)
+        yield Connection(app, ledger.Ledger(client, settings.result_expires), running[0],
+                         download_dir=download_dir or settings.download_dir)
+        return
     cluster = started or local_mode.start(download_dir or settings.download_dir, None, settings.pool, worker)
     try:
         if not quiet and worker:

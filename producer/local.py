@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import json
 import os
 import secrets
 import select
@@ -111,6 +112,8 @@ UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages: r
 MAX_PROCESSES = 4  # local threads workers: one per core, up to this many
 IDLE_WAIT_S = 1.0  # after the job: how long to wait for the last acknowledgements before a quick stop
 STATE_DIR = Path(".fleetfetch", ".server")  # under the download dir; a leading dot: no download is named so
+SERVER_FILE = "running.json"  # in the state dir while a local job runs: its server's port and password (0600)
+ATTACH_WAIT_S = 5.0  # how long `status` waits for a job that holds the lock to write SERVER_FILE (it is starting)
 
 
 def state_dir(download_dir: Path) -> Path:
@@ -166,6 +169,7 @@ class LocalCluster:
             if self.with_worker:
                 self._start_worker()  # in parallel: the server is up long before the worker has imported Celery
             self._wait_for(self.server)
+            self._publish_address()
             self._restore_unacked()
             self._free_held()
         except BaseException:
@@ -205,6 +209,15 @@ class LocalCluster:
         with KombuConnection(self.broker, transport_options=options, connect_timeout=5) as conn:
             if self.client().hlen(UNACKED_KEY):
                 conn.default_channel.qos.restore_visible(num=1_000_000)
+
+    def _publish_address(self) -> None:
+        """Where `status`, `jobs` and `cancel` in another terminal find this server (`attach`): a file only this
+        user can read, in the 0700 state directory, removed when the cluster stops."""
+        path = self.state / SERVER_FILE
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with open(fd, "w", encoding="ascii") as fh:
+            json.dump({"port": self.port, "password": self.password, "pid": os.getpid()}, fh)
 
     def _free_held(self) -> None:
         """The host slots and URL leases the previous local workers held are given back now, for the same reason:
@@ -324,6 +337,7 @@ class LocalCluster:
         self.server = self.worker = None
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.lock_fd >= 0:
+            (self.state / SERVER_FILE).unlink(missing_ok=True)
             os.close(self.lock_fd)  # releases the lock
             self.lock_fd = -1
 
@@ -339,6 +353,33 @@ class LocalCluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 wait_exit(server, grace)
         stop_process(server, grace)
+
+
+def attach(download_dir: Path) -> tuple[str, str] | None:
+    """(broker, backend) of the local job running on `download_dir` now, from another command; None when none
+    runs there (then the caller starts the server itself)."""
+    state = state_dir(download_dir)
+    deadline = time.monotonic() + ATTACH_WAIT_S
+    while True:
+        try:
+            fd = os.open(state / "lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # nobody holds it: no job runs there
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
+        try:
+            found = json.loads((state / SERVER_FILE).read_text(encoding="ascii"))
+            port, password = int(found["port"]), str(found["password"])
+            return (f"redis://:{password}@127.0.0.1:{port}/0", f"redis://:{password}@127.0.0.1:{port}/1")
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() > deadline:  # held, but no address: the job is starting, or stopping
+                return None
+            time.sleep(0.05)
 
 
 def start(download_dir: Path, concurrency: int | None, pool: str, worker: bool = True,

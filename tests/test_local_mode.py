@@ -445,3 +445,29 @@ def test_resume_after_ctrl_c_takes_the_time_of_the_work_left_not_the_dead_worker
     for path, body in bodies.items():
         assert (out_dir / path[1:]).read_bytes() == body
     assert took < 20, f"resume took {took:.1f} s for ~8 s of work"
+
+
+def test_status_jobs_and_cancel_from_a_second_terminal_reach_the_running_local_job(origin, tmp_path):
+    """While a local job runs, its directory is locked; `status`, `jobs` and `cancel` on that directory talk to the
+    running job's embedded server (its address and password are in the directory's state, readable by its user
+    only) instead of failing with `another fleetfetch runs a local job`."""
+    proc, watch, env = _start_slow_local_job(origin, tmp_path)
+    try:
+        job = job_id_of(proc.stdout.readline() + proc.stdout.readline())
+        out_dir = str(tmp_path / "d")
+        status = subprocess.run([sys.executable, "-m", "producer", "status", job, "-d", out_dir], cwd=tmp_path,
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert f"job {job}: 4 URLs, running" in status.stdout
+        listed = subprocess.run([sys.executable, "-m", "producer", "jobs", "-d", out_dir], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and job in listed.stdout, listed.stdout + listed.stderr
+        cancelled = subprocess.run([sys.executable, "-m", "producer", "cancel", job, "-d", out_dir], cwd=tmp_path,
+                                   env=env, capture_output=True, text=True, timeout=60)
+        assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+        out, err = proc.communicate(timeout=60)  # the running job sees the cancel and ends
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out + err
+    assert "4 cancelled" in out
+    assert _nothing_left_within(watch, 10) == [], watch.seen()
