@@ -308,7 +308,7 @@ def _pin(adapter: PinnedAdapter | ProxiedAdapter, url: str, policy: guard.Policy
         raise PermanentError("URL has no host")
     try:
         address = guard.resolve(host, port, policy)
-    except guard.Refused as exc:
+    except (guard.Refused, guard.NoSuchHost) as exc:
         raise PermanentError(str(exc)) from None
     except LookupError as exc:
         raise TransientError(str(exc)) from None

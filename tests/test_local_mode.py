@@ -471,3 +471,22 @@ def test_status_jobs_and_cancel_from_a_second_terminal_reach_the_running_local_j
     assert proc.returncode == 1, out + err
     assert "4 cancelled" in out
     assert _nothing_left_within(watch, 10) == [], watch.seen()
+
+
+def test_a_host_name_that_does_not_exist_fails_at_once_not_after_five_attempts(origin, tmp_path):
+    """"No such name" is the DNS's answer, not a passing failure: the URL fails on its first attempt (as curl's exit
+    6) instead of five attempts with backoff. A name under .invalid fails in the system resolver itself (RFC 6761):
+    nothing leaves the machine."""
+    origin.add("/here.bin", b"here")
+    missing = origin.url("/a.bin").replace("127.0.0.1", "no-such-host.invalid")
+    listing = write_list(tmp_path / "urls.txt", [missing, origin.url("/here.bin")])
+    env = {k: v for k, v in base_env().items() if not k.startswith("FLEETFETCH_BACKOFF")}  # shipped backoff: 1 s...
+    proc = subprocess.run([sys.executable, "-m", "producer", str(listing), "-d", str(tmp_path / "d"), "--manifest",
+                           str(tmp_path / "m.jsonl"), "--max-attempts", "5"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    failed = read_manifest(tmp_path / "m.jsonl")[0]
+    assert failed["status"] == "failed" and failed["attempts"] == 1, failed
+    assert "cannot resolve host 'no-such-host.invalid'" in failed["reason"]
+    took = float(proc.stdout.split(" in ")[-1].split(" s ")[0])
+    assert took < 2, proc.stdout
