@@ -103,10 +103,10 @@ def resolve(host: str, port: int, policy: Policy) -> str:
         try:
             found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
-            reason = f"cannot resolve host {host!r}: {getattr(exc, 'strerror', None) or exc}"
+            why = f"cannot resolve host {host!r}: {getattr(exc, 'strerror', None) or exc}"
             if getattr(exc, "errno", None) in NO_SUCH_NAME:
-                raise NoSuchHost(reason) from None
-            raise LookupError(reason) from None
+                raise NoSuchHost(why) from None
+            raise LookupError(why) from None
         infos = list(dict.fromkeys(str(info[4][0]) for info in found))
     for addr in infos:
         reason = refusal(ipaddress.ip_address(addr.split("%", 1)[0]), policy)
