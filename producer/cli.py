@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -34,7 +35,9 @@ Local mode (no CELERY_BROKER_URL) starts an embedded server and a worker; `fleet
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("urls_file", help="text file, one URL per line (optionally followed by sha256=<hex>); - for stdin")
+    p.add_argument("urls_file", nargs="+", metavar="URLS_FILE|URL",
+                   help="text file, one URL per line (optionally followed by sha256=<hex>); - for stdin; or one or "
+                        "more http(s) URLs, as curl and wget take them")
     _add_dir(p, "download directory (local mode; default: FLEETFETCH_DIR, ./downloads) or, in cluster mode, a "
                 "relative sub-directory of the workers' FLEETFETCH_DIR (default: FLEETFETCH_DIR itself)")
     p.add_argument("-x", "--force-directories", action="store_true",
@@ -191,12 +194,24 @@ def _local_cluster(local: bool, download_dir: Path, args: argparse.Namespace,
         cluster.close()
 
 
+def _source(given: list[str]) -> tuple[Path, bool, str]:
+    """The list to read: (file, whether it is a temp file, its label in messages). URLs given as arguments (the
+    curl/wget habit) are written to a temp file (0600: they may carry passwords) and read as a list."""
+    if all(arg.lower().startswith(("http://", "https://")) for arg in given):
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as tmp:
+            tmp.write("".join(f"{arg}\n" for arg in given))
+        return Path(tmp.name), True, "command line"
+    if len(given) > 1:
+        raise UsageError(f"{given[1]}: give one list file, or http(s) URLs only (not both, nor two files)")
+    path, temporary = urls.open_list(given[0])
+    return path, temporary, "stdin" if given[0] == "-" else given[0]
+
+
 def run(args: argparse.Namespace) -> int:
     if args.pool not in POOLS:
         raise UsageError(f"pool {args.pool!r} (--pool or FLEETFETCH_POOL): local mode runs one of {', '.join(POOLS)}")
-    path, temporary = urls.open_list(args.urls_file)
+    path, temporary, label = _source(args.urls_file)
     try:
-        label = "stdin" if args.urls_file == "-" else args.urls_file
         local = settings.broker_url is None
         download_dir, subdir = _subdir(args.dir, local)
         options, secret = _options(args, subdir)

@@ -490,3 +490,14 @@ def test_a_host_name_that_does_not_exist_fails_at_once_not_after_five_attempts(o
     assert "cannot resolve host 'no-such-host.invalid'" in failed["reason"]
     took = float(proc.stdout.split(" in ")[-1].split(" s ")[0])
     assert took < 2, proc.stdout
+
+
+def test_urls_given_as_arguments_are_downloaded_as_curl_and_wget_do(origin, tmp_path):
+    """`fleetfetch https://host/a.bin https://host/b.bin`: the URLs are the list."""
+    origin.add("/a.bin", b"a" * 1000)
+    origin.add("/b.bin", b"b" * 2000)
+    result, watch = run_local([origin.url("/a.bin"), origin.url("/b.bin"), "-d", str(tmp_path / "d")], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "d" / "a.bin").read_bytes() == b"a" * 1000
+    assert (tmp_path / "d" / "b.bin").read_bytes() == b"b" * 2000
+    assert watch.survivors() == []
