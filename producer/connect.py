@@ -31,6 +31,7 @@ class Connection:
     problem: Callable[[], str | None] = lambda: None
     hurry: Callable[[], None] = lambda: None
     download_dir: Path | None = None  # local mode: where the job's files and state are
+    stopped: bool = False  # local mode, no local job runs: nothing downloads until `resume`
 
     def sweep(self) -> int:
         """Publish again the URLs of live jobs that lost their worker or message (the workers do it too)."""
@@ -106,7 +107,7 @@ def connect(local: bool, download_dir: Path | None = None, quiet: bool = False, 
         # Local mode's server is a child of this process: it restarts with the command only, so no minute of retries.
         client = check_redis(cluster.backend, "result backend", attempts=1)
         yield Connection(app, ledger.Ledger(client, settings.result_expires), cluster.broker,
-                         local_mode.one_line(cluster.problem), cluster.hurry, cluster.download_dir)
+                         local_mode.one_line(cluster.problem), cluster.hurry, cluster.download_dir, stopped=not worker)
     finally:
         if started is None:
             cluster.close()

@@ -501,3 +501,49 @@ def test_urls_given_as_arguments_are_downloaded_as_curl_and_wget_do(origin, tmp_
     assert (tmp_path / "d" / "a.bin").read_bytes() == b"a" * 1000
     assert (tmp_path / "d" / "b.bin").read_bytes() == b"b" * 2000
     assert watch.survivors() == []
+
+
+def test_cancel_after_ctrl_c_tells_true_counts_removes_temp_files_and_prints_a_command_that_works(origin, tmp_path):
+    """After Ctrl-C nothing runs: `cancel` says so (no "N running stop at their next chunk"), removes the cancelled
+    URLs' `.part` files, and its follow-up command names the directory, so it runs as printed. A finished job is
+    not changed by `cancel`."""
+    import shlex
+
+    bodies = {f"/p{i}.bin": bytes([i]) * 200_000 for i in range(3)}
+    for path, body in bodies.items():
+        origin.add(path, body, rate=40_000)  # 5 s each: still running when Ctrl-C's grace is over
+    listing = write_list(tmp_path / "urls.txt", [origin.url(p) for p in bodies])
+    out_dir = tmp_path / "my dir"
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(out_dir)], cwd=tmp_path,
+                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert _requested(origin, *bodies), "the downloads never started"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    job = job_id_of(out)
+    assert list(out_dir.glob(".*.part")), "Ctrl-C left no temp file: nothing to test"
+
+    def producer(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "producer", *args], cwd=tmp_path, env=base_env(),
+                              capture_output=True, text=True, timeout=120)
+
+    cancelled = producer("cancel", job, "-d", str(out_dir))
+    assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+    assert f"job {job}: cancelled 3 URLs" in cancelled.stdout and "running" not in cancelled.stdout
+    assert list(out_dir.glob(".*.part")) == []
+    command = cancelled.stdout.split("Take it up again with: ")[1].strip()
+    assert command.startswith("fleetfetch resume ")
+    resumed = producer(*shlex.split(command)[1:], "-q")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    for path, body in bodies.items():
+        assert (out_dir / path[1:]).read_bytes() == body
+
+    again = producer("cancel", job, "-d", str(out_dir))
+    assert again.returncode == 0 and "finished already" in again.stdout, again.stdout + again.stderr
+    status = producer("status", job, "-d", str(out_dir))
+    assert f"job {job}: 3 URLs, finished" in status.stdout, status.stdout + status.stderr
