@@ -181,13 +181,20 @@ def _local_size(args: argparse.Namespace) -> int | None:
 
 @contextlib.contextmanager
 def _local_cluster(local: bool, download_dir: Path, args: argparse.Namespace,
-                   urls: int) -> Iterator[local_mode.LocalCluster | None]:
-    """Local mode's server and workers for a run of `urls` URLs, started before the rest of the producer is
-    imported."""
+                   spool: urls.Spool) -> Iterator[local_mode.LocalCluster | None]:
+    """Local mode's server and workers for a run of the spooled list, started before the rest of the producer is
+    imported; not when the workers would refuse every host of the list (a proxy is judged by the workers)."""
     if not local:
         yield None
         return
-    cluster = local_mode.start(download_dir, _local_size(args), args.pool, urls=urls)
+    if args.proxy is None:
+        from .destinations import every_host_refused
+
+        refused = every_host_refused(spool.replay())
+        if refused:
+            raise UsageError(f"every URL of the list is refused by the destination policy: {refused}; for a "
+                             "server on this machine, e.g. FLEETFETCH_ALLOW_NETWORKS=127.0.0.0/8")
+    cluster = local_mode.start(download_dir, _local_size(args), args.pool, urls=spool.count)
     try:
         yield cluster
     finally:
@@ -219,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         options = replace(options, credentials=bool(logins))
         queue = _queue(args.queue, local)
         with urls.read(path, label, args.force_directories) as spool, \
-                _local_cluster(local, download_dir, args, spool.count) as started:
+                _local_cluster(local, download_dir, args, spool) as started:
             import redis
             from kombu.exceptions import OperationalError
 

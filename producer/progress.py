@@ -129,8 +129,21 @@ def summary(counts: dict[str, int], fails: list[dict[str, Any]], seconds: float)
              f"{human_bytes(size)} in {seconds:.1f} s ({human_rate(size, seconds)})"]
     if counts.get("cancelled"):
         lines[0] = lines[0].replace(" failed;", f" failed, {counts['cancelled']} cancelled;", 1)
-    for record in fails[:MAX_LISTED_FAILURES]:
-        lines.append(f"  failed: {record.get('url')}: {record.get('reason')}")
-    if len(fails) > MAX_LISTED_FAILURES:
-        lines.append(f"  ... and {len(fails) - MAX_LISTED_FAILURES} more (see --manifest or `results`)")
+    groups = grouped(fails)
+    for reason, urls in list(groups.items())[:MAX_LISTED_FAILURES]:
+        if len(urls) == 1:
+            lines.append(f"  failed: {urls[0]}: {reason}")
+        else:
+            lines.append(f"  {len(urls)} × failed: {reason} ({urls[0]} and {len(urls) - 1} more)")
+    if len(groups) > MAX_LISTED_FAILURES:
+        lines.append(f"  ... and {len(groups) - MAX_LISTED_FAILURES} more reasons (see --manifest or `results`)")
     return "\n".join(lines)
+
+
+def grouped(fails: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The failed URLs by reason, reasons in the order they first failed: 200 URLs refused for one reason are one
+    line."""
+    groups: dict[str, list[str]] = {}
+    for record in fails:
+        groups.setdefault(str(record.get("reason")), []).append(str(record.get("url")))
+    return groups

@@ -547,3 +547,33 @@ def test_cancel_after_ctrl_c_tells_true_counts_removes_temp_files_and_prints_a_c
     assert again.returncode == 0 and "finished already" in again.stdout, again.stdout + again.stderr
     status = producer("status", job, "-d", str(out_dir))
     assert f"job {job}: 3 URLs, finished" in status.stdout, status.stdout + status.stderr
+
+
+def test_urls_refused_for_the_same_reason_are_one_line_of_the_summary(origin, tmp_path):
+    """60 URLs refused by the destination policy for one reason: one line with the count, not 50 copies and
+    "... and 10 more". (refused.test resolves to 127.0.0.2 here, which the tests' policy refuses.)"""
+    origin.add("/ok.bin", b"ok")
+    refused = [origin.url(f"/x{i}.bin", host="refused.test") for i in range(60)]
+    listing = write_list(tmp_path / "urls.txt", [origin.url("/ok.bin"), *refused])
+    result, watch = run_local([str(listing), "-d", str(tmp_path / "d")], tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if "failed:" in line and "summary" not in line]
+    assert lines == [f"  60 × failed: refused: 127.0.0.2 is not a public address (set FLEETFETCH_ALLOW_NETWORKS to "
+                     f"allow) ({refused[0]} and 59 more)"], result.stdout
+    assert watch.survivors() == []
+
+
+def test_a_local_list_whose_every_host_is_refused_fails_before_starting_anything(origin, tmp_path):
+    """Every host of the list is refused by the destination policy (loopback without FLEETFETCH_ALLOW_NETWORKS):
+    local mode says so and how to allow it, before it starts a server or a worker."""
+    listing = write_list(tmp_path / "urls.txt", [origin.url(f"/x{i}.bin") for i in range(5)])
+    env = {k: v for k, v in base_env().items() if k != "FLEETFETCH_ALLOW_NETWORKS"}
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(tmp_path / "d")], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = Spawned(proc)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out + err
+    assert err.startswith("error: every URL of the list is refused by the destination policy: 5 × refused: "
+                          "127.0.0.1 is not a public address (set FLEETFETCH_ALLOW_NETWORKS to allow"), err
+    assert len(err.strip().splitlines()) == 1 and out == ""
+    assert watch.pids == set() and origin.requests_for("/x0.bin") == []
