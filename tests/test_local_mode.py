@@ -577,3 +577,25 @@ def test_a_local_list_whose_every_host_is_refused_fails_before_starting_anything
                           "127.0.0.1 is not a public address (set FLEETFETCH_ALLOW_NETWORKS to allow"), err
     assert len(err.strip().splitlines()) == 1 and out == ""
     assert watch.pids == set() and origin.requests_for("/x0.bin") == []
+
+
+def test_a_real_aria2_list_runs_its_options_mapped_or_warned_once_each(origin, tmp_path):
+    """aria2 lists carry options fleetfetch does not take (split=, max-connection-per-server=): each is one warning
+    line, not a failed job; those it has are mapped (referer= is a Referer header, continue= is its default)."""
+    origin.add("/a.bin", b"a" * 5000)
+    origin.add("/b.bin", b"b" * 5000)
+    lines = [origin.url("/a.bin"), "  split=4", "  max-connection-per-server=4", "  continue=true",
+             "  referer=http://127.0.0.1/index.html", "  out=first.bin",
+             origin.url("/b.bin"), "  split=8"]
+    listing = write_list(tmp_path / "list.aria2", lines)
+    result, watch = run_local([str(listing), "-d", str(tmp_path / "d")], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "d" / "first.bin").read_bytes() == b"a" * 5000
+    assert (tmp_path / "d" / "b.bin").read_bytes() == b"b" * 5000
+    assert origin.requests_for("/a.bin")[0].headers.get("Referer") == "http://127.0.0.1/index.html"
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {listing}:2: aria2 option split= is not one fleetfetch takes in a list: ignored "
+                        "(and on 1 more lines)",
+                        f"warning: {listing}:3: aria2 option max-connection-per-server= is not one fleetfetch takes "
+                        "in a list: ignored"], result.stderr
+    assert watch.survivors() == []
