@@ -55,6 +55,7 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
     err = sys.stdout
     tty = err.isatty() and not quiet
     last_plain, last_change, last_done = started, started, -1
+    first_bytes: int | None = None  # the bytes already counted when following began (a resumed job's)
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=Console(file=err),
                    disable=not tty, transient=True)
@@ -63,7 +64,10 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
         while True:
             counts = _counts_waiting(book, job, alive)
             done, now = finished(counts), time.monotonic()
-            bar.update(task_id, completed=done, info=f"{counts['failed']} failed, {human_bytes(counts['bytes'])}")
+            if tty:
+                first_bytes = counts["bytes"] if first_bytes is None else first_bytes
+                info = _bar_info(counts, total, _in_flight(book, job), counts["bytes"] - first_bytes, now - started)
+                bar.update(task_id, completed=done, info=info)
             if done >= total:
                 return counts
             if done != last_done:
@@ -84,6 +88,35 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
                 print(_idle_hint(counts, local), file=err, flush=True)
                 last_change = now
             end.wait(poll_wait(now - started))  # returns as soon as the job's last URL ends
+
+
+def _in_flight(book: ledger.Ledger, job: str) -> tuple[int, int | None]:
+    """The running downloads' bytes so far and their size in all (None: unknown); (0, 0) if the backend fails."""
+    try:
+        return book.in_flight(job)
+    except (redis.RedisError, OSError):
+        return 0, 0
+
+
+def _bar_info(counts: dict[str, int], total: int, flight: tuple[int, int | None], new_bytes: int,
+              elapsed: float) -> str:
+    """The bar's text, as curl, wget and aria2c show it: failures, bytes (with the running downloads' bytes so far,
+    and of how many once no URL waits), rate and ETA."""
+    so_far, sizes = flight
+    now = counts["bytes"] + so_far
+    rate = (new_bytes + so_far) / max(elapsed, 1e-9)
+    waiting = total - finished(counts) - counts["started"]
+    text = f"{counts['failed']} failed, {human_bytes(now)}"
+    eta: float | None = None
+    if waiting <= 0 and sizes and counts["started"]:  # only running downloads are left, their sizes known
+        text += f" of {human_bytes(counts['bytes'] + sizes)}"
+        eta = (sizes - so_far) / rate if rate > 0 else None
+    elif finished(counts):
+        eta = elapsed * (total - finished(counts)) / finished(counts)
+    text += f", {human_bytes(rate)}/s"
+    if eta is not None:
+        text += f", ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+    return text
 
 
 def _idle_hint(counts: dict[str, int], local: bool) -> str:

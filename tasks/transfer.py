@@ -73,15 +73,16 @@ def _range_ok(response: requests.Response, offset: int) -> bool:
 
 
 def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, fsync: bool,
-            on_chunk: Callable[[], None] | None = None) -> Outcome:
+            on_chunk: Callable[[int, int | None], None] | None = None) -> Outcome:
     """Run one attempt. Raises TransientError (with `.resume` when the partial file is worth keeping).
-    `on_chunk` runs after each chunk written (it may raise to stop the download: a cancelled job)."""
+    `on_chunk(bytes so far, expected size or None)` runs after each chunk written (it may raise to stop the
+    download: a cancelled job)."""
     with storage.TargetDir(root, req.subdir) as where:
         return _attempt(req, where, limits, deadline, fsync, on_chunk)
 
 
 def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadline: float, fsync: bool,
-             on_chunk: Callable[[], None] | None) -> Outcome:
+             on_chunk: Callable[[int, int | None], None] | None) -> Outcome:
     name = check_component(req.name)
     where.check_meta()
     known = None if req.force else storage.load_validators(where, name, req.url)
@@ -178,7 +179,7 @@ def _without_range(headers: dict[str, str]) -> dict[str, str]:
 
 
 def _stream(response: requests.Response, part: storage.PartFile, req: Request, limits: fetch.Limits,
-            deadline: float, on_chunk: Callable[[], None] | None) -> None:
+            deadline: float, on_chunk: Callable[[int, int | None], None] | None) -> None:
     """Append the body to the part file, enforcing the size limit, the deadline and Content-Length."""
     length = response.headers.get("content-length", "").strip()
     expected = part.size + int(length) if _DECIMAL.fullmatch(length) else None  # not isdigit(): "²" is a digit
@@ -192,7 +193,7 @@ def _stream(response: requests.Response, part: storage.PartFile, req: Request, l
             if req.max_size and part.size > req.max_size:
                 raise PermanentError(f"too large: over the limit of {req.max_size} bytes (--max-size)")
             if on_chunk is not None:
-                on_chunk()
+                on_chunk(part.size, expected)
             pace.wait(len(chunk), deadline)
     except CutShort:
         if expected is None:

@@ -599,3 +599,37 @@ def test_a_real_aria2_list_runs_its_options_mapped_or_warned_once_each(origin, t
                         f"warning: {listing}:3: aria2 option max-connection-per-server= is not one fleetfetch takes "
                         "in a list: ignored"], result.stderr
     assert watch.survivors() == []
+
+
+def test_a_big_file_in_progress_shows_bytes_rate_and_eta_on_a_terminal(origin, tmp_path):
+    """On a terminal the bar of a one-file job shows the bytes of the download in flight, the rate and an ETA while
+    it runs (the workers publish each running download's bytes so far), not `0/1 0 B` until it is done."""
+    import pty
+    import re
+
+    origin.add("/big.bin", b"B" * 1_500_000, rate=300_000)  # 5 s
+    listing = write_list(tmp_path / "urls.txt", [origin.url("/big.bin")])
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(tmp_path / "d")], cwd=tmp_path,
+                            env=base_env(COLUMNS="160", TERM="xterm"), stdout=follower, stderr=follower,
+                            stdin=subprocess.DEVNULL)
+    os.close(follower)
+    shown = b""
+    try:
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # the terminal's other end is closed: the command ended
+                break
+            if not data:
+                break
+            shown += data
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        os.close(leader)
+    assert proc.returncode == 0, shown
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+    running = [m.group(0) for m in re.finditer(r"0/1 .*?(\d+\.\d) (kB|MB) of 1\.5 MB, [\d.]+ (kB|MB)/s, ETA \d+:\d\d",
+                                               text)]
+    assert running, text[-3000:]
