@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from . import fetch, storage
+from . import fetch, partial, storage
 from .credentials import Credentials
 from .errors import CutShort, PermanentError, TransientError
 from .naming import candidates, check_component, disposition_name
@@ -57,6 +57,11 @@ def _validators_of(response: requests.Response) -> dict[str, str]:
             if h in response.headers}
 
 
+def _length(response: requests.Response) -> int | None:
+    length = response.headers.get("content-length", "").strip()
+    return int(length) if _DECIMAL.fullmatch(length) else None
+
+
 def _resume_headers(part: storage.PartFile, resume: dict[str, str] | None) -> dict[str, str]:
     """Range + If-Range to continue the partial file an earlier attempt recorded; empty (and the file
     emptied) otherwise."""
@@ -89,7 +94,8 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
     part = storage.PartFile(where, name, durable=fsync)
     response: requests.Response | None = None
     try:
-        headers = _resume_headers(part, req.resume)
+        noted = None if req.resume or req.force else partial.left(part.fd, req.url)  # a stopped worker's part
+        headers = _resume_headers(part, req.resume or (noted and {**noted, "part": part.identity()}))
         if known and not headers:
             if known.etag:
                 headers["If-None-Match"] = known.etag
@@ -101,7 +107,12 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
             part.discard()
             return Outcome("unchanged", _rel(req, name), known.bytes, known.sha256, 304, response.url,
                            {"etag": known.etag or "", "last_modified": known.last_modified or ""})
+        marked = noted is not None or bool(req.resume)  # a resumed part may carry an earlier attempt's note
+        if response.status_code == 200:
+            marked = partial.mark(part.fd, req.url, _validators_of(response), _length(response)) or marked
         _stream(response, part, req, limits, deadline, on_chunk)
+        if marked:
+            partial.clear(part.fd)
         digest = part.hash.hexdigest()
         if req.sha256 and digest != req.sha256:
             raise PermanentError(f"sha256 mismatch: expected {req.sha256}, got {digest}")

@@ -633,3 +633,36 @@ def test_a_big_file_in_progress_shows_bytes_rate_and_eta_on_a_terminal(origin, t
     running = [m.group(0) for m in re.finditer(r"0/1 .*?(\d+\.\d) (kB|MB) of 1\.5 MB, [\d.]+ (kB|MB)/s, ETA \d+:\d\d",
                                                text)]
     assert running, text[-3000:]
+
+
+def test_resume_after_ctrl_c_continues_a_big_partial_file_with_range(origin, tmp_path):
+    """Ctrl-C halfway through a big file, then `resume`: the download continues from the `.part` with Range and
+    If-Range (as wget -c, curl -C - and aria2c do); the origin serves the file about once in all, not 1.5 times."""
+    size = 4_000_000
+    body = bytes(range(256)) * (size // 256)
+    origin.add("/big.iso", body, rate=400_000, etag='"v1"')  # 10 s
+    listing = write_list(tmp_path / "urls.txt", [origin.url("/big.iso")])
+    out_dir = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(out_dir)], cwd=tmp_path,
+                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert _requested(origin, "/big.iso"), "the download never started"
+        deadline = time.monotonic() + 30
+        while origin.requests_for("/big.iso")[0].sent < size // 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    job = job_id_of(out)
+    resumed = subprocess.run([sys.executable, "-m", "producer", "resume", job, "-d", str(out_dir), "-q"],
+                             cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert (out_dir / "big.iso").read_bytes() == body
+    asked = origin.requests_for("/big.iso")
+    assert len(asked) == 2 and asked[1].headers.get("Range", "").startswith("bytes="), [r.headers for r in asked]
+    assert asked[1].headers.get("If-Range") == '"v1"'
+    served = sum(r.sent for r in asked)
+    assert served <= size + 512 * 1024, f"the origin served {served} bytes for a file of {size}"
