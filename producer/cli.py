@@ -44,7 +44,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="keep host/path/... of each URL under the download directory (as wget -x), each "
                         "directory name sanitised")
     p.add_argument("--manifest", type=Path, help="write JSON Lines, one record per URL, when the job ends")
-    p.add_argument("--no-wait", action="store_true", help="enqueue, print the job id and exit 0")
+    p.add_argument("--no-wait", action="store_true",
+                   help="cluster mode: enqueue, print the job id and exit 0 (local mode's workers stop with the "
+                        "command, so it follows the job, and says so)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="local mode: downloads at once (default: FLEETFETCH_CONCURRENCY, else the pool's default)")
     p.add_argument("--pool", default=settings.pool,
@@ -80,7 +82,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                         "from the environment; its address must pass the workers' destination policy); https URLs "
                         "go through a CONNECT tunnel, TLS end to end")
     p.add_argument("--limit-rate", type=_size, default=None, metavar="RATE",
-                   help="bytes per second per download, e.g. 500K or 2M (default: unlimited)")
+                   help="bytes per second per download, e.g. 500K or 2M: K = 1024 bytes, as in curl (the "
+                        "output's kB/s are 1000 bytes) (default: unlimited)")
     p.add_argument("--queue", default=None, metavar="NAME",
                    help=f"publish the job to this Celery queue, served by workers started with -Q NAME "
                         f"(default: {QUEUE})")
@@ -118,7 +121,8 @@ def _add_results(p: argparse.ArgumentParser) -> None:
 
 
 def _add_resume(p: argparse.ArgumentParser) -> None:
-    _add_results(p)
+    _add_job(p)
+    p.add_argument("--manifest", type=Path, help="write JSON Lines, one record per URL, when the job ends")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output; summary and errors only")
     p.add_argument("--no-wait", action="store_true", help="publish and exit 0")
 
@@ -253,6 +257,9 @@ def run(args: argparse.Namespace) -> int:
                 if args.no_wait and not local:
                     print(job_id)
                     return EXIT_OK
+                if args.no_wait:
+                    print("warning: --no-wait: local mode's workers stop with this command, so it follows the job "
+                          "(use a broker, CELERY_BROKER_URL, to leave a job to workers)", file=sys.stderr)
                 return commands.follow(conn, job_id, total, started_at, args.manifest, args.quiet, local)
     finally:
         if temporary:
@@ -303,15 +310,20 @@ def _version_line() -> str:
     return f"fleetfetch {version.VERSION}"
 
 
+def _prog(name: str) -> str:
+    return "fleetfetch [run]" if name == "run" else f"fleetfetch {name}"
+
+
 def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and one sub-parser per command."""
     p = _Parser(prog="fleetfetch", description="Download every URL of a list, verified.",
-                                usage="fleetfetch [run] URLS_FILE [options] | fleetfetch COMMAND ...")
+                usage="fleetfetch [run] URLS_FILE|URL... [options]\n       fleetfetch COMMAND [options]")
     p.add_argument("-V", "--version", action=_ShowVersion)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     commands: dict[str, argparse.ArgumentParser] = {}
     for name, (handler, add_arguments, text) in COMMANDS.items():
-        cp = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
+        # Each command's own usage line names it alone (argparse would prefix the whole top-level usage).
+        cp = sub.add_parser(name, help=text, description=text, epilog=EPILOG, prog=_prog(name),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(cp)
         cp.set_defaults(handler=handler)

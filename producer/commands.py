@@ -123,8 +123,8 @@ def list_jobs(args: argparse.Namespace) -> int:
     for job in found:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created"] or 0))
         n = job["counts"]
-        print(f"{job['job']}  {created}  {job['state']:<9}  {n['done'] + n['unchanged']}/{job['total']} downloaded, "
-              f"{n['failed']} failed, {n['cancelled']} cancelled  {job['input']}")
+        print(f"{job['job']}  {created}  {job['state']:<11}  {n['done']}/{job['total']} downloaded, "
+              f"{n['unchanged']} unchanged, {n['failed']} failed, {n['cancelled']} cancelled  {job['input']}")
     return EXIT_OK
 
 

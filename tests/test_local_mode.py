@@ -666,3 +666,34 @@ def test_resume_after_ctrl_c_continues_a_big_partial_file_with_range(origin, tmp
     assert asked[1].headers.get("If-Range") == '"v1"'
     served = sum(r.sent for r in asked)
     assert served <= size + 512 * 1024, f"the origin served {served} bytes for a file of {size}"
+
+
+def test_jobs_tells_unchanged_files_apart_from_downloaded_ones_and_no_wait_says_it_is_not_for_local_mode(origin,
+                                                                                                        tmp_path):
+    """A list run twice: `jobs` shows the second run as 0 downloaded, 2 unchanged (not 2/2 downloaded); --no-wait in
+    local mode follows the job as it must (its workers stop with the command) and says so instead of ignoring it."""
+    origin.add("/u1.bin", b"1" * 100, etag='"a"')
+    origin.add("/u2.bin", b"2" * 100, etag='"b"')
+    listing = write_list(tmp_path / "urls.txt", [origin.url("/u1.bin"), origin.url("/u2.bin")])
+    first, _ = run_local([str(listing), "-d", str(tmp_path / "d")], tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second, watch = run_local([str(listing), "-d", str(tmp_path / "d"), "--no-wait"], tmp_path)
+    assert second.returncode == 0 and "2 unchanged" in second.stdout, second.stdout + second.stderr
+    assert "warning: --no-wait: local mode's workers stop with this command" in second.stderr
+    listed = subprocess.run([sys.executable, "-m", "producer", "jobs", "-d", str(tmp_path / "d")], cwd=tmp_path,
+                            env=base_env(), capture_output=True, text=True, timeout=60)
+    newest = listed.stdout.splitlines()[0]
+    assert "0/2 downloaded, 2 unchanged, 0 failed" in newest, listed.stdout
+    assert watch.survivors() == []
+
+
+def test_each_commands_usage_line_names_that_command_alone():
+    """`fleetfetch status --help` starts `usage: fleetfetch status [-h] ...`, not the top-level usage glued to it."""
+    for name, expected in (("status", "usage: fleetfetch status [-h]"), ("run", "usage: fleetfetch [run] [-h]"),
+                           ("resume", "usage: fleetfetch resume [-h]")):
+        shown = subprocess.run([sys.executable, "-m", "producer", name, "--help"], cwd=ROOT, env=base_env(),
+                               capture_output=True, text=True, timeout=60).stdout
+        assert shown.startswith(expected), shown
+    resume = subprocess.run([sys.executable, "-m", "producer", "resume", "--help"], cwd=ROOT, env=base_env(),
+                            capture_output=True, text=True, timeout=60).stdout
+    assert "instead of stdout" not in resume
