@@ -697,3 +697,13 @@ def test_each_commands_usage_line_names_that_command_alone():
     resume = subprocess.run([sys.executable, "-m", "producer", "resume", "--help"], cwd=ROOT, env=base_env(),
                             capture_output=True, text=True, timeout=60).stdout
     assert "instead of stdout" not in resume
+
+
+def test_an_explicit_authorization_header_wins_over_the_urls_user_and_password(origin, tmp_path):
+    """curl sends the -H Authorization you typed, not the Basic login of the URL's user:pass@."""
+    origin.add("/auth.bin", b"secret")
+    url = origin.url("/auth.bin").replace("http://", "http://user:pass@")
+    result, watch = run_local([url, "-d", str(tmp_path / "d"), "-H", "Authorization: Bearer tok"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert origin.requests_for("/auth.bin")[0].headers.get("Authorization") == "Bearer tok"
+    assert watch.survivors() == []
