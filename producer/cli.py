@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import os
 import re
+import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -34,14 +36,18 @@ Local mode (no CELERY_BROKER_URL) starts an embedded server and a worker; `fleet
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("urls_file", help="text file, one URL per line (optionally followed by sha256=<hex>); - for stdin")
+    p.add_argument("urls_file", nargs="+", metavar="URLS_FILE|URL",
+                   help="text file, one URL per line (optionally followed by sha256=<hex>); - for stdin; or one or "
+                        "more http(s) URLs, as curl and wget take them")
     _add_dir(p, "download directory (local mode; default: FLEETFETCH_DIR, ./downloads) or, in cluster mode, a "
                 "relative sub-directory of the workers' FLEETFETCH_DIR (default: FLEETFETCH_DIR itself)")
     p.add_argument("-x", "--force-directories", action="store_true",
                    help="keep host/path/... of each URL under the download directory (as wget -x), each "
                         "directory name sanitised")
     p.add_argument("--manifest", type=Path, help="write JSON Lines, one record per URL, when the job ends")
-    p.add_argument("--no-wait", action="store_true", help="enqueue, print the job id and exit 0")
+    p.add_argument("--no-wait", action="store_true",
+                   help="cluster mode: enqueue, print the job id and exit 0 (local mode's workers stop with the "
+                        "command, so it follows the job, and says so)")
     p.add_argument("--concurrency", type=_positive, default=None,
                    help="local mode: downloads at once (default: FLEETFETCH_CONCURRENCY, else the pool's default)")
     p.add_argument("--pool", default=settings.pool,
@@ -77,7 +83,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                         "from the environment; its address must pass the workers' destination policy); https URLs "
                         "go through a CONNECT tunnel, TLS end to end")
     p.add_argument("--limit-rate", type=_size, default=None, metavar="RATE",
-                   help="bytes per second per download, e.g. 500K or 2M (default: unlimited)")
+                   help="bytes per second per download, e.g. 500K or 2M: K = 1024 bytes, as in curl (the "
+                        "output's kB/s are 1000 bytes) (default: unlimited)")
     p.add_argument("--queue", default=None, metavar="NAME",
                    help=f"publish the job to this Celery queue, served by workers started with -Q NAME "
                         f"(default: {QUEUE})")
@@ -115,7 +122,8 @@ def _add_results(p: argparse.ArgumentParser) -> None:
 
 
 def _add_resume(p: argparse.ArgumentParser) -> None:
-    _add_results(p)
+    _add_job(p)
+    p.add_argument("--manifest", type=Path, help="write JSON Lines, one record per URL, when the job ends")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output; summary and errors only")
     p.add_argument("--no-wait", action="store_true", help="publish and exit 0")
 
@@ -188,17 +196,37 @@ def _local_size(args: argparse.Namespace) -> int | None:
 
 @contextlib.contextmanager
 def _local_cluster(local: bool, download_dir: Path, args: argparse.Namespace,
-                   urls: int) -> Iterator[local_mode.LocalCluster | None]:
-    """Local mode's server and workers for a run of `urls` URLs, started before the rest of the producer is
-    imported."""
+                   spool: urls.Spool) -> Iterator[local_mode.LocalCluster | None]:
+    """Local mode's server and workers for a run of the spooled list, started before the rest of the producer is
+    imported; not when the workers would refuse every host of the list (a proxy is judged by the workers)."""
     if not local:
         yield None
         return
-    cluster = local_mode.start(download_dir, _local_size(args), args.pool, urls=urls)
+    if args.proxy is None:
+        from .destinations import every_host_refused
+
+        refused = every_host_refused(spool.replay())
+        if refused:
+            raise UsageError(f"every URL of the list is refused by the destination policy: {refused}; for a "
+                             "server on this machine, e.g. FLEETFETCH_ALLOW_NETWORKS=127.0.0.0/8")
+    cluster = local_mode.start(download_dir, _local_size(args), args.pool, urls=spool.count)
     try:
         yield cluster
     finally:
         cluster.close()
+
+
+def _source(given: list[str]) -> tuple[Path, bool, str]:
+    """The list to read: (file, whether it is a temp file, its label in messages). URLs given as arguments (the
+    curl/wget habit) are written to a temp file (0600: they may carry passwords) and read as a list."""
+    if all(arg.lower().startswith(("http://", "https://")) for arg in given):
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as tmp:
+            tmp.write("".join(f"{arg}\n" for arg in given))
+        return Path(tmp.name), True, "command line"
+    if len(given) > 1:
+        raise UsageError(f"{given[1]}: give one list file, or http(s) URLs only (not both, nor two files)")
+    path, temporary = urls.open_list(given[0])
+    return path, temporary, "stdin" if given[0] == "-" else given[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,15 +238,14 @@ def run(args: argparse.Namespace) -> int:
     if local:  # a file in its place is refused now, not as a traceback once local mode starts
         with contextlib.suppress(FileNotFoundError):
             os.close(open_download_dir(download_dir, create=False))
-    path, temporary = urls.open_list(args.urls_file)
+    path, temporary, label = _source(args.urls_file)
     try:
-        label = "stdin" if args.urls_file == "-" else args.urls_file
         options, secret = _options(args, subdir)
         logins = credentials.load(args.netrc_file, args.load_cookies, args.proxy)
         options = replace(options, credentials=bool(logins))
         queue = _queue(args.queue, local)
         with urls.read(path, label, args.force_directories) as spool, \
-                _local_cluster(local, download_dir, args, spool.count) as started:
+                _local_cluster(local, download_dir, args, spool) as started:
             import redis
             from kombu.exceptions import OperationalError
 
@@ -245,6 +272,9 @@ def run(args: argparse.Namespace) -> int:
                 if args.no_wait and not local:
                     print(job_id)
                     return EXIT_OK
+                if args.no_wait:
+                    print("warning: --no-wait: local mode's workers stop with this command, so it follows the job "
+                          "(use a broker, CELERY_BROKER_URL, to leave a job to workers)", file=sys.stderr)
                 return commands.follow(conn, job_id, total, started_at, args.manifest, args.quiet, local)
     finally:
         if temporary:
@@ -295,15 +325,20 @@ def _version_line() -> str:
     return f"fleetfetch {version.VERSION}"
 
 
+def _prog(name: str) -> str:
+    return "fleetfetch [run]" if name == "run" else f"fleetfetch {name}"
+
+
 def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and one sub-parser per command."""
     p = _Parser(prog="fleetfetch", description="Download every URL of a list, verified.",
-                                usage="fleetfetch [run] URLS_FILE [options] | fleetfetch COMMAND ...")
+                usage="fleetfetch [run] URLS_FILE|URL... [options]\n       fleetfetch COMMAND [options]")
     p.add_argument("-V", "--version", action=_ShowVersion)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     commands: dict[str, argparse.ArgumentParser] = {}
     for name, (handler, add_arguments, text) in COMMANDS.items():
-        cp = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
+        # Each command's own usage line names it alone (argparse would prefix the whole top-level usage).
+        cp = sub.add_parser(name, help=text, description=text, epilog=EPILOG, prog=_prog(name),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(cp)
         cp.set_defaults(handler=handler)
@@ -325,6 +360,10 @@ def entry() -> NoReturn:
     os._exit(code)
 
 
+def _interrupt(_signum: int, _frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     top, commands = parsers()
@@ -336,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if not argv or argv[0] not in COMMANDS:
         argv = ["run", *argv]  # `fleetfetch URLS_FILE` is `fleetfetch run URLS_FILE`
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, a cancelled CI job: stop as on Ctrl-C, and say so
     try:
         args = top.parse_args(argv)
         return int(args.handler(args))

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,12 +29,12 @@ def follow(conn: Connection, job_id: str, total: int, started: float, manifest: 
     """Follow a job until every URL is final, then print its summary; the exit code."""
     try:
         counts = progress.follow(conn.ledger, job_id, total, quiet=quiet, alive=conn.problem, tick=conn.sweep,
-                                 tick_every=settings.sweep_interval, feed=lambda: conn.feed(job_id))
+                                 tick_every=settings.sweep_interval, feed=lambda: conn.feed(job_id), local=local)
     except KeyboardInterrupt:
         if local:
             conn.hurry()
-            print(f"\ninterrupted: the local worker and server stop; the job is kept: fleetfetch resume {job_id} "
-                  f"-d {conn.download_dir}", file=sys.stderr)
+            print(f"\ninterrupted: the local worker and server stop; the job is kept: "
+                  f"{again('resume', job_id, conn.download_dir, always=True)}", file=sys.stderr)
         else:
             print(f"\ninterrupted: the job goes on; see it with: fleetfetch status {job_id}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -59,9 +60,9 @@ def status(args: argparse.Namespace) -> int:
         counts = conn.ledger.counts(args.job)
         total = int(meta.get("total") or 0)
         if args.json:
-            print(json.dumps(jobs.describe(conn.ledger, args.job, meta)))
+            print(json.dumps(jobs.describe(conn.ledger, args.job, meta, conn.stopped)))
             return exit_for(counts)
-        state = jobs.describe(conn.ledger, args.job, meta)["state"]
+        state = jobs.describe(conn.ledger, args.job, meta, conn.stopped)["state"]
         print(f"job {args.job}: {progress.plural(total, 'URL')}, {state}, input {meta.get('input')}")
         print("  " + ", ".join(f"{s} {counts[s]}" for s in ledger.STATES) + f", bytes {counts['bytes']}")
         for host, until in HostLimiter(conn.ledger.r).paused().items():
@@ -73,7 +74,9 @@ def status(args: argparse.Namespace) -> int:
                   f"(FLEETFETCH_WINDOW {settings.window}): the workers publish them")
         never = total - counts["published"] - (total - fed if meta.get(ledger.CANCELLED_AT) is None else 0)
         if never > 0:
-            print(f"  {progress.plural(never, 'URL')} never enqueued: fleetfetch resume {args.job}")
+            print(f"  {progress.plural(never, 'URL')} never enqueued: {again('resume', args.job, conn.download_dir)}")
+        elif state == "interrupted":
+            print(f"  stopped before its end: {again('resume', args.job, conn.download_dir)}")
         return exit_for(counts)
 
 
@@ -113,7 +116,7 @@ def resume(args: argparse.Namespace) -> int:
 
 def list_jobs(args: argparse.Namespace) -> int:
     with _connect_to_job(args, worker=False) as conn:
-        found = list(jobs.recent(conn.ledger, args.limit))
+        found = list(jobs.recent(conn.ledger, args.limit, conn.stopped))
     if args.json:
         for job in found:
             print(json.dumps(job))
@@ -123,19 +126,39 @@ def list_jobs(args: argparse.Namespace) -> int:
     for job in found:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created"] or 0))
         n = job["counts"]
-        print(f"{job['job']}  {created}  {job['state']:<9}  {n['done'] + n['unchanged']}/{job['total']} downloaded, "
-              f"{n['failed']} failed, {n['cancelled']} cancelled  {job['input']}")
+        print(f"{job['job']}  {created}  {job['state']:<11}  {n['done']}/{job['total']} downloaded, "
+              f"{n['unchanged']} unchanged, {n['failed']} failed, {n['cancelled']} cancelled  {job['input']}")
     return EXIT_OK
 
 
 def cancel(args: argparse.Namespace) -> int:
     with _connect_to_job(args, worker=False) as conn:
-        total = int(_existing(conn.ledger, args.job).get("total") or 0)
+        meta = _existing(conn.ledger, args.job)
+        total = int(meta.get("total") or 0)
+        if jobs.describe(conn.ledger, args.job, meta)["state"] == "finished":  # nothing left to stop: left as it is
+            print(f"job {args.job}: finished already; nothing to cancel")
+            return EXIT_OK
         n = conn.ledger.cancel(args.job, total)
         running = conn.ledger.counts(args.job)["started"]
-    print(f"job {args.job}: cancelled {progress.plural(n, 'URL')} not started; {running} running stop at their next "
-          f"chunk (their temp files are removed). Take it up again with: fleetfetch resume {args.job}")
+        parts = jobs.remove_parts(conn.ledger, args.job, total, conn.download_dir) if conn.stopped and \
+            conn.download_dir else 0
+        follow_up = again("resume", args.job, conn.download_dir)
+    told = f"job {args.job}: cancelled {progress.plural(n, 'URL')} not started"
+    if running:
+        told += f"; {running} running stop at their next chunk (their temp files are removed)"
+    if parts:
+        told += f"; removed {progress.plural(parts, 'temp file')}"
+    print(f"{told}. Take it up again with: {follow_up}")
     return EXIT_OK
+
+
+def again(command: str, job: str, download_dir: Path | None, always: bool = False) -> str:
+    """A follow-up command to print, complete: in local mode with the job's directory when it is not the default
+    one (`always`: even then), quoted for a shell."""
+    line = f"fleetfetch {command} {job}"
+    if download_dir is not None and (always or download_dir.resolve() != settings.download_dir.resolve()):
+        line += f" -d {shlex.quote(str(download_dir))}"
+    return line
 
 
 def _connect_to_job(args: argparse.Namespace, worker: bool) -> contextlib.AbstractContextManager[Connection]:

@@ -31,6 +31,7 @@ class Connection:
     problem: Callable[[], str | None] = lambda: None
     hurry: Callable[[], None] = lambda: None
     download_dir: Path | None = None  # local mode: where the job's files and state are
+    stopped: bool = False  # local mode, no local job runs: nothing downloads until `resume`
 
     def sweep(self) -> int:
         """Publish again the URLs of live jobs that lost their worker or message (the workers do it too)."""
@@ -42,8 +43,9 @@ class Connection:
         return feed.Feeder(self.app, self.ledger, settings.window).feed(job, wait, again)
 
 
-def check_redis(url: str, role: str) -> redis.Redis:
-    """A client for `url` that has answered PING; Unreachable (exit 3) with the password masked otherwise."""
+def check_redis(url: str, role: str, attempts: int = 12) -> redis.Redis:
+    """A client for `url` that has answered PING, retrying a failed command `attempts` times; Unreachable (exit 3)
+    with the password masked otherwise."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise Unreachable(f"the {role} must be Redis (redis:// or rediss://), got {mask_password(url)}")
     probe = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
@@ -54,7 +56,7 @@ def check_redis(url: str, role: str) -> redis.Redis:
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         reason = str(exc).split(". ")[-1].strip(".") or type(exc).__name__
         raise Unreachable(f"cannot reach the {role} at {mask_password(url)} ({reason}): {HINT}") from None
-    return ledger.client_for(url)
+    return ledger.client_for(url, attempts)
 
 
 def check_broker(url: str) -> None:
@@ -87,6 +89,13 @@ def connect(local: bool, download_dir: Path | None = None, quiet: bool = False, 
         _configure(settings.broker, settings.backend)
         yield Connection(app, ledger.Ledger(client, settings.result_expires), settings.broker)
         return
+    running = None if worker or started else local_mode.attach(download_dir or settings.download_dir)
+    if running is not None:  # a local job runs on that directory now: ask its server
+        _configure(*running)
+        client = check_redis(running[1], "result backend of the local job running there", attempts=1)
+        yield Connection(app, ledger.Ledger(client, settings.result_expires), running[0],
+                         download_dir=download_dir or settings.download_dir)
+        return
     cluster = started or local_mode.start(download_dir or settings.download_dir, None, settings.pool, worker)
     try:
         if not quiet and worker:
@@ -95,9 +104,10 @@ def connect(local: bool, download_dir: Path | None = None, quiet: bool = False, 
             print(f"local mode: embedded server on 127.0.0.1:{cluster.port}, {workers} ({sum(sizes)} downloads at "
                   f"once), files into {cluster.download_dir}", flush=True)
         _configure(cluster.broker, cluster.backend)
-        client = check_redis(cluster.backend, "result backend")
+        # Local mode's server is a child of this process: it restarts with the command only, so no minute of retries.
+        client = check_redis(cluster.backend, "result backend", attempts=1)
         yield Connection(app, ledger.Ledger(client, settings.result_expires), cluster.broker,
-                         local_mode.one_line(cluster.problem), cluster.hurry, cluster.download_dir)
+                         local_mode.one_line(cluster.problem), cluster.hurry, cluster.download_dir, stopped=not worker)
     finally:
         if started is None:
             cluster.close()

@@ -14,7 +14,8 @@ from typing import IO, Any
 from celery import Celery
 
 from tasks import feed, ledger
-from tasks.message import Entry, Message, Options
+from tasks.message import Entry, Message, Options, url_options
+from tasks.storage import PART_SUFFIX
 
 from .errors import UsageError
 from .paths import manifest_place
@@ -72,24 +73,43 @@ def manifest_to(path: Path, book: ledger.Ledger, job: str, total: int) -> None:
         raise
 
 
-def describe(book: ledger.Ledger, job: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What `status --json` and `jobs --json` show of a job: its state (running/finished/cancelled) and counts.
-    Never its secret headers."""
+def describe(book: ledger.Ledger, job: str, meta: dict[str, Any] | None = None,
+             stopped: bool = False) -> dict[str, Any]:
+    """What `status --json` and `jobs --json` show of a job: its state (running/finished/cancelled, or with
+    `stopped`, a local job no command runs now, interrupted) and counts. Never its secret headers."""
     meta = book.meta(job) if meta is None else meta
     counts = book.counts(job)
     total = int(meta.get("total") or 0)
     if meta.get(ledger.CANCELLED_AT) is not None:
         state = "cancelled"
+    elif sum(counts[s] for s in ledger.FINAL) >= total:
+        state = "finished"
     else:
-        state = "finished" if sum(counts[s] for s in ledger.FINAL) >= total else "running"
+        state = "interrupted" if stopped else "running"
     return {"job": job, "state": state, "total": total, "input": meta.get("input"), "created": meta.get("created"),
             "counts": {s: counts[s] for s in ledger.STATES}, "bytes": counts["bytes"],
             "published": counts["published"], "queue": feed.job_queue(meta)}
 
 
-def recent(book: ledger.Ledger, limit: int) -> Iterator[dict[str, Any]]:
+def recent(book: ledger.Ledger, limit: int, stopped: bool = False) -> Iterator[dict[str, Any]]:
     """The newest jobs still in the backend, newest first."""
     for job, _created in book.recent(limit):
         meta = book.meta(job)
         if meta:
-            yield describe(book, job, meta)
+            yield describe(book, job, meta, stopped)
+
+
+def remove_parts(book: ledger.Ledger, job: str, total: int, root: Path) -> int:
+    """The temp files (`.NAME.part`) of the job's cancelled URLs under `root`, removed: for local mode when no
+    worker runs (a running worker removes its own when it sees the cancel). Returns how many."""
+    options = Options(**(book.meta(job).get("opts") or {}))
+    removed = 0
+    for index, state in enumerate(book.states(job, 0, total)):
+        entry = book.entry(job, index) if state == ledger.CANCELLED else None
+        if entry is None:
+            continue
+        part = root / url_options(options, entry[3]).subdir / f".{entry[1]}{PART_SUFFIX}"
+        if part.is_file() and not part.is_symlink():
+            part.unlink()
+            removed += 1
+    return removed

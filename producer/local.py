@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import json
 import os
 import secrets
 import select
@@ -110,6 +111,8 @@ def stop_process(proc: subprocess.Popen, grace: float, sig: int = signal.SIGTERM
 QUEUE_KEYS = (QUEUE,)  # kombu's Redis list of waiting messages
 MAX_PROCESSES = 4  # local threads workers: one per core, up to this many
 IDLE_WAIT_S = 1.0  # after the job: how long to wait for the last acknowledgements before a quick stop
+SERVER_FILE = "running.json"  # in the state dir while a local job runs: its server's port and password (0600)
+ATTACH_WAIT_S = 5.0  # how long `status` waits for a job that holds the lock to write SERVER_FILE (it is starting)
 def default_size(pool: str, per_host: int, cores: int) -> int:
     """Local mode's downloads at once when --concurrency and FLEETFETCH_CONCURRENCY leave it open: a threads
     worker's default per process (`worker_sizes`), no more in all than the per-host ceiling."""
@@ -158,7 +161,9 @@ class LocalCluster:
             if self.with_worker:
                 self._start_worker()  # in parallel: the server is up long before the worker has imported Celery
             self._wait_for(self.server)
+            self._publish_address()
             self._restore_unacked()
+            self._free_held()
         except BaseException:
             self.close()
             raise
@@ -193,6 +198,26 @@ class LocalCluster:
 
         kombu_redis.restore_all(self.broker, self.client())
 
+    def _publish_address(self) -> None:
+        """Where `status`, `jobs` and `cancel` in another terminal find this server (`attach`): a file only this
+        user can read, in the 0700 state directory, removed when the cluster stops."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(SERVER_FILE, dir_fd=self.state_fd)
+        fd = os.open(SERVER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=self.state_fd)
+        with open(fd, "w", encoding="ascii") as fh:
+            json.dump({"port": self.port, "password": self.password, "pid": os.getpid()}, fh)
+
+    def _free_held(self) -> None:
+        """The host slots and URL leases the previous local workers held are given back now, for the same reason:
+        left to lapse, they stalled a resumed job for a minute (FLEETFETCH_HOST_LEASE) with nothing running."""
+        from tasks import hostlimit, ledger
+
+        backend = self.client(db=1)
+        hostlimit.HostLimiter(backend).free_all()
+        book = ledger.Ledger(backend, settings.result_expires)
+        for job in book.live():
+            book.release_started(job)
+
     def _spawn_server(self) -> subprocess.Popen:
         conf = self.tmp / "server.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -206,15 +231,15 @@ class LocalCluster:
                 "--save", "", "--daemonize", "no", "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
         return self._spawn(argv, "server.log", pass_fds=(self.state_fd,))
 
-    def client(self) -> redis.Redis:
+    def client(self, db: int = 0) -> redis.Redis:
         """A client of the server that does not retry: each use here handles a failure itself (and the connection
         that SHUTDOWN closes is its success, which redis-py would retry for seconds)."""
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        return redis.Redis("127.0.0.1", self.port, password=self.password, socket_connect_timeout=1, socket_timeout=5,
-                           retry=Retry(NoBackoff(), 0))
+        return redis.Redis("127.0.0.1", self.port, db=db, password=self.password, socket_connect_timeout=1,
+                           socket_timeout=5, retry=Retry(NoBackoff(), 0))
 
     def _wait_for(self, proc: subprocess.Popen) -> None:
         import redis
@@ -251,7 +276,9 @@ class LocalCluster:
         self.worker = self._spawn(argv, "worker.log", env)
 
     def problem(self) -> str | None:
-        """None while every worker runs; else why one stopped (with the end of its log)."""
+        """None while the server and every worker run; else why one stopped (with the end of its log)."""
+        if self.server is not None and self.server.poll() is not None:
+            return f"the embedded server exited with code {self.server.returncode}: {self.log_tail('server.log')}"
         if self.worker is not None and self.worker.poll() is not None:
             return f"the local worker exited with code {self.worker.returncode}: {self.log_tail('worker.log')}"
         return None
@@ -289,6 +316,8 @@ class LocalCluster:
         """Stop workers and server. With nothing running or pending (the job is over) the workers are killed at
         once (`STOP_NOW` to the process that forked them, which reaps them) instead of a warm shutdown that takes
         seconds to join their pools: they hold no task and no temp file. Then the server (`_stop_server`)."""
+        if self.server is not None and self.server.poll() is not None:
+            self.hurry()  # the server died: what the workers still download could not be recorded
         quick = self.server is not None and self.grace > 2.0 and self.idle()
         if self.worker is not None:  # the workers first, then the server
             if quick:  # idle workers: nothing of them is worth waiting for (killed at once, and reaped)
@@ -300,6 +329,8 @@ class LocalCluster:
         self.server = self.worker = None
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.lock_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(SERVER_FILE, dir_fd=self.state_fd)
             os.close(self.lock_fd)  # releases the lock
             self.lock_fd = -1
         if self.state_fd >= 0:
@@ -318,6 +349,45 @@ class LocalCluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 wait_exit(server, grace)
         stop_process(server, grace)
+
+
+def attach(download_dir: Path) -> tuple[str, str] | None:
+    """(broker, backend) of the local job running on `download_dir` now, from another command; None when none
+    runs there (then the caller starts the server itself)."""
+    try:
+        state = paths.open_state_dir(download_dir, create=False)
+    except FileNotFoundError:
+        return None
+    try:
+        return _attach(state)
+    finally:
+        os.close(state)
+
+
+def _attach(state: int) -> tuple[str, str] | None:
+    deadline = time.monotonic() + ATTACH_WAIT_S
+    while True:
+        try:
+            fd = os.open("lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=state)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # nobody holds it: no job runs there
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
+        try:
+            fd = os.open(SERVER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=state)
+            with open(fd, encoding="ascii") as fh:
+                found = json.load(fh)
+            port, password = int(found["port"]), str(found["password"])
+            return (f"redis://:{password}@127.0.0.1:{port}/0", f"redis://:{password}@127.0.0.1:{port}/1")
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() > deadline:  # held, but no address: the job is starting, or stopping
+                return None
+            time.sleep(0.05)
 
 
 def start(download_dir: Path, concurrency: int | None, pool: str, worker: bool = True,

@@ -45,24 +45,29 @@ def plural(n: int, noun: str) -> str:
 
 def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Callable[[], str | None],
            tick: Callable[[], object] = lambda: None, tick_every: float = 15.0,
-           feed: Callable[[], object] = lambda: None, feed_every: float = 1.0) -> dict:
+           feed: Callable[[], object] = lambda: None, feed_every: float = 1.0, local: bool = False) -> dict:
     """Poll the job's counters (one round-trip each) until every URL has its final record, waiting between two
     polls on the job's end (`Ledger.end_of`: the last URL's final state wakes the wait at once); `tick` (the
-    reconciler) runs every `tick_every` seconds meanwhile, `feed` (the job's window) every `feed_every`.
+    reconciler) runs every `tick_every` seconds meanwhile, `feed` (the job's window) every `feed_every`; `local`:
+    the workers are local mode's own (`alive` watches them), so a stall is not a missing worker.
     ledger.JobGone if the backend lost the job."""
     started = last_tick = last_feed = time.monotonic()
     err = sys.stdout
     tty = err.isatty() and not quiet
     last_plain, last_change, last_done = started, started, -1
+    first_bytes: int | None = None  # the bytes already counted when following began (a resumed job's)
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=Console(file=err),
                    disable=not tty, transient=True)
     with bar, book.end_of(job) as end:
         task_id = bar.add_task(job, total=total, info="")
         while True:
-            counts = _counts_waiting(book, job)
+            counts = _counts_waiting(book, job, alive)
             done, now = finished(counts), time.monotonic()
-            bar.update(task_id, completed=done, info=f"{counts['failed']} failed, {human_bytes(counts['bytes'])}")
+            if tty:
+                first_bytes = counts["bytes"] if first_bytes is None else first_bytes
+                info = _bar_info(counts, total, _in_flight(book, job), counts["bytes"] - first_bytes, now - started)
+                bar.update(task_id, completed=done, info=info)
             if done >= total:
                 return counts
             if done != last_done:
@@ -80,10 +85,46 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
                 print(_line(counts, total, now - started), file=err, flush=True)
                 last_plain = now
             if now - last_change >= IDLE_HINT_S and not quiet:
-                print(f"waiting: no URL finished in the last {IDLE_HINT_S:.0f} s - is a worker running? "
-                      "(celery -A tasks worker)", file=err, flush=True)
+                print(_idle_hint(counts, local), file=err, flush=True)
                 last_change = now
             end.wait(poll_wait(now - started))  # returns as soon as the job's last URL ends
+
+
+def _in_flight(book: ledger.Ledger, job: str) -> tuple[int, int | None]:
+    """The running downloads' bytes so far and their size in all (None: unknown); (0, 0) if the backend fails."""
+    try:
+        return book.in_flight(job)
+    except (redis.RedisError, OSError):
+        return 0, 0
+
+
+def _bar_info(counts: dict[str, int], total: int, flight: tuple[int, int | None], new_bytes: int,
+              elapsed: float) -> str:
+    """The bar's text, as curl, wget and aria2c show it: failures, bytes (with the running downloads' bytes so far,
+    and of how many once no URL waits), rate and ETA."""
+    so_far, sizes = flight
+    now = counts["bytes"] + so_far
+    rate = (new_bytes + so_far) / max(elapsed, 1e-9)
+    waiting = total - finished(counts) - counts["started"]
+    text = f"{counts['failed']} failed, {human_bytes(now)}"
+    eta: float | None = None
+    if waiting <= 0 and sizes and counts["started"]:  # only running downloads are left, their sizes known
+        text += f" of {human_bytes(counts['bytes'] + sizes)}"
+        eta = (sizes - so_far) / rate if rate > 0 else None
+    elif finished(counts):
+        eta = elapsed * (total - finished(counts)) / finished(counts)
+    text += f", {human_bytes(rate)}/s"
+    if eta is not None:
+        text += f", ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+    return text
+
+
+def _idle_hint(counts: dict[str, int], local: bool) -> str:
+    if local:
+        return (f"waiting: no URL finished in the last {IDLE_HINT_S:.0f} s ({counts['started']} running, "
+                f"{counts['retrying']} waiting to retry): slow or paused hosts; `status` shows paused ones")
+    return (f"waiting: no URL finished in the last {IDLE_HINT_S:.0f} s - is a worker running? "
+            "(celery -A tasks worker)")
 
 
 def poll_wait(elapsed: float) -> float:
@@ -97,13 +138,17 @@ def _tick_quietly(tick: Callable[[], object]) -> None:
         tick()
 
 
-def _counts_waiting(book: ledger.Ledger, job: str) -> dict[str, int]:
-    """The job's counters; while the backend is unreachable, say so and keep waiting (it may restart)."""
+def _counts_waiting(book: ledger.Ledger, job: str, alive: Callable[[], str | None]) -> dict[str, int]:
+    """The job's counters; while the backend is unreachable, say so and keep waiting (it may restart), unless
+    `alive` says it cannot (local mode's server died)."""
     told = False
     while True:
         try:
             return book.counts(job)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            problem = alive()
+            if problem:
+                raise LocalFailure(problem) from None
             if not told:
                 print(f"waiting: the result backend is unreachable ({exc}); retrying until it is back "
                       "(Ctrl-C to stop following)", file=sys.stderr, flush=True)
@@ -117,8 +162,21 @@ def summary(counts: dict[str, int], fails: list[dict[str, Any]], seconds: float)
              f"{human_bytes(size)} in {seconds:.1f} s ({human_rate(size, seconds)})"]
     if counts.get("cancelled"):
         lines[0] = lines[0].replace(" failed;", f" failed, {counts['cancelled']} cancelled;", 1)
-    for record in fails[:MAX_LISTED_FAILURES]:
-        lines.append(f"  failed: {record.get('url')}: {record.get('reason')}")
-    if len(fails) > MAX_LISTED_FAILURES:
-        lines.append(f"  ... and {len(fails) - MAX_LISTED_FAILURES} more (see --manifest or `results`)")
+    groups = grouped(fails)
+    for reason, urls in list(groups.items())[:MAX_LISTED_FAILURES]:
+        if len(urls) == 1:
+            lines.append(f"  failed: {urls[0]}: {reason}")
+        else:
+            lines.append(f"  {len(urls)} × failed: {reason} ({urls[0]} and {len(urls) - 1} more)")
+    if len(groups) > MAX_LISTED_FAILURES:
+        lines.append(f"  ... and {len(groups) - MAX_LISTED_FAILURES} more reasons (see --manifest or `results`)")
     return "\n".join(lines)
+
+
+def grouped(fails: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The failed URLs by reason, reasons in the order they first failed: 200 URLs refused for one reason are one
+    line."""
+    groups: dict[str, list[str]] = {}
+    for record in fails:
+        groups.setdefault(str(record.get("reason")), []).append(str(record.get("url")))
+    return groups

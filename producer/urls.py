@@ -34,7 +34,23 @@ _DIGEST = re.compile(r"sha256=([0-9a-fA-F]*)")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # an indented line that starts so is a URL line, not key=value
-ARIA2_OPTIONS = ("out", "dir", "header", "checksum", "user-agent")
+ARIA2_OPTIONS = ("out", "dir", "header", "checksum", "user-agent", "referer", "continue")
+# aria2c input-file options fleetfetch has no use for, or takes for a whole job only (on its command line): each
+# is one warning, not an error, so a real aria2 list runs. `continue` needs no mapping: partial files are continued.
+ARIA2_IGNORED = frozenset((
+    "all-proxy", "all-proxy-passwd", "all-proxy-user", "allow-overwrite", "allow-piece-length-change",
+    "always-resume", "async-dns", "auto-file-renaming", "check-integrity", "conditional-get", "connect-timeout",
+    "dry-run", "enable-http-keep-alive", "enable-http-pipelining", "enable-mmap", "file-allocation", "ftp-passwd",
+    "ftp-pasv", "ftp-proxy", "ftp-proxy-passwd", "ftp-proxy-user", "ftp-reuse-connection", "ftp-type", "ftp-user",
+    "gid", "hash-check-only", "http-accept-gzip", "http-auth-challenge", "http-no-cache", "http-passwd", "http-proxy",
+    "http-proxy-passwd", "http-proxy-user", "http-user", "https-proxy", "https-proxy-passwd", "https-proxy-user",
+    "index-out", "lowest-speed-limit", "max-connection-per-server", "max-download-limit", "max-file-not-found",
+    "max-mmap-limit", "max-resume-failure-tries", "max-tries", "metalink-base-uri", "min-split-size", "netrc-path",
+    "no-file-allocation-limit", "no-netrc", "no-proxy", "parameterized-uri", "pause", "pause-metadata",
+    "piece-length", "proxy-method", "realtime-chunk-checksum", "remote-time", "remove-control-file", "retry-wait",
+    "reuse-uri", "rpc-save-upload-metadata", "select-file", "split", "ssh-host-key-md", "stream-piece-selector",
+    "timeout", "uri-selector", "use-head",
+))
 
 
 def parse_header(text: str) -> tuple[str, str]:
@@ -90,8 +106,9 @@ def _once(own: dict[str, Any], key: str, value: str, label: str) -> None:
     own[key] = value
 
 
-def parse_option(own: dict[str, Any], line: str) -> None:
-    """One indented aria2 `key=value` line into the URL's own options; ValueError naming the problem."""
+def parse_option(own: dict[str, Any], line: str) -> str | None:
+    """One indented aria2 `key=value` line into the URL's own options; ValueError naming the problem. Returns the
+    key of an aria2 option fleetfetch ignores (for one warning), else None."""
     key, eq, value = line.partition("=")
     key, value = key.strip(), value.strip()
     if not eq:
@@ -112,8 +129,13 @@ def parse_option(own: dict[str, Any], line: str) -> None:
         if not _HEX64.fullmatch(digest):
             raise ValueError("invalid checksum: sha-256= needs 64 hex digits")
         _once(own, "sha256", digest.lower(), "checksum= (or sha256=)")
-    else:
+    elif key == "referer":
+        own.setdefault("headers", []).append(list(parse_header(f"Referer: {value}")))
+    elif key in ARIA2_IGNORED:
+        return key
+    elif key != "continue":
         raise ValueError(f"unknown option {key!r} (a list may give {', '.join(ARIA2_OPTIONS)})")
+    return None
 
 
 def check_line(line: str) -> tuple[str, str | None]:
@@ -221,6 +243,7 @@ class _Filler:
         self.seen = Seen()  # URLs and names so far, in bounded memory
         self.url: str | None = None
         self.own: dict[str, Any] = {}
+        self.ignored: dict[str, list[int]] = {}  # aria2 option -> the lines that gave it
 
     def start(self, url: str | None, digest: str | None) -> None:
         self.finish()
@@ -279,7 +302,9 @@ def _fill(spool: Spool, path: Path, label: str, force_directories: bool = False)
                     if len(line) > MAX_LINE:
                         raise ValueError(f"line longer than {MAX_LINE} characters")
                     if indented and url_line:
-                        parse_option(state.own, line)
+                        ignored = parse_option(state.own, line)
+                        if ignored:
+                            state.ignored.setdefault(ignored, []).append(number)
                         continue
                     if indented:
                         raise ValueError(f"option line {line.split('=', 1)[0]!r}= has no URL line before it")
@@ -289,6 +314,11 @@ def _fill(spool: Spool, path: Path, label: str, force_directories: bool = False)
                 except ValueError as exc:
                     state.bad.append(f"{label}:{number}: {exc}")
             state.finish()
+        if not state.bad:
+            for key, numbers in state.ignored.items():
+                more = f" (and on {len(numbers) - 1} more lines)" if len(numbers) > 1 else ""
+                print(f"warning: {label}:{numbers[0]}: aria2 option {key}= is not one fleetfetch takes in a list: "
+                      f"ignored{more}", file=sys.stderr)
     except UnicodeDecodeError as exc:
         raise UsageError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any, NoReturn
@@ -259,9 +259,10 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
                            max_size=int(o.max_size or 0), resume=m.state.resume, replace=m.job is not None,
                            content_disposition=o.content_disposition, headers=_headers(call),
                            limit_rate=int(o.limit_rate or 0), credentials=call.credentials)
+    watch = _ChunkWatch(m.job, m.index) if m.job else None
     try:
         outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=not settings.no_fsync,
-                                   deadline=call.started + settings.soft_time_limit, on_chunk=_stop_if_cancelled(m.job))
+                                   deadline=call.started + settings.soft_time_limit, on_chunk=watch)
     except Cancelled:
         return _cancelled(call)
     except Busy:
@@ -280,26 +281,33 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
     except Exception as exc:  # a bug must still end the URL with a record, never leave it "started"
         log.error("internal error on %s\n%s", redact_url(m.url), redact_text(traceback.format_exc()))
         return _fail(call, f"internal error: {type(exc).__name__}: {exc}")
+    finally:
+        if watch is not None:
+            watch.over()
     record = call.record(outcome)
     call.finish(outcome.status, record)
     log.info("Finished %s: %s, %d bytes in %.2f s", m.name, outcome.status, outcome.bytes, record["elapsed_s"])
     return record
 
 
-def _stop_if_cancelled(job: str | None) -> Callable[[], None] | None:
-    """Called after each chunk: raises Cancelled once the job is cancelled (a look at the ledger per CANCEL_CHECK_S)."""
-    if not job:
-        return None
-    last = time.monotonic()
+class _ChunkWatch:
+    """Called after each chunk: every CANCEL_CHECK_S, one round trip publishes the bytes so far (the producer's
+    progress of a big file) and raises Cancelled once the job is cancelled. `over()` withdraws the bytes."""
 
-    def check() -> None:
-        nonlocal last
-        if time.monotonic() - last >= CANCEL_CHECK_S:
-            last = time.monotonic()
-            if _ledger().cancelled(job):
+    def __init__(self, job: str, index: int) -> None:
+        self.job, self.index = job, index
+        self.last, self.published = time.monotonic(), False
+
+    def __call__(self, size: int, expected: int | None) -> None:
+        if time.monotonic() - self.last >= CANCEL_CHECK_S:
+            self.last, self.published = time.monotonic(), True
+            if _ledger().running(self.job, self.index, size, expected):
                 raise Cancelled("job cancelled")
 
-    return check
+    def over(self) -> None:
+        if self.published:
+            with contextlib.suppress(Exception):  # progress only: the URL's record is what matters
+                _ledger().landed(self.job, self.index)
 
 
 def _cancelled(call: Call) -> dict[str, Any]:

@@ -200,7 +200,7 @@ def _pin(adapter: PinnedAdapter | ProxiedAdapter, url: str, policy: guard.Policy
         raise PermanentError("URL has no host")
     try:
         address = guard.resolve(host, port, policy)
-    except guard.Refused as exc:
+    except (guard.Refused, guard.NoSuchHost) as exc:
         raise PermanentError(str(exc)) from None
     except LookupError as exc:
         raise TransientError(str(exc)) from None
@@ -287,7 +287,9 @@ def _prepare(s: requests.Session, url: str, headers: dict[str, str]) -> requests
     merged = CaseInsensitiveDict(s.headers)
     merged.update(headers)
     p.prepare_headers(merged)
-    if "@" in url:  # user:password in the URL (the body of a GET is None already, so nothing else to prepare)
+    # user:password in the URL (the body of a GET is None already, so nothing else to prepare); an Authorization
+    # header the user gave wins, as in curl.
+    if "@" in url and "authorization" not in merged:
         p.prepare_auth(None, url)
     return p
 

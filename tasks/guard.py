@@ -85,6 +85,14 @@ def check_scheme(url: str) -> None:
         raise Refused(f"refused: scheme {scheme or '(none)'!r} is not http or https")
 
 
+# The resolver's answer that the name has no address (not that it could not ask): another attempt gets the same.
+NO_SUCH_NAME = frozenset({socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)})
+
+
+class NoSuchHost(LookupError):
+    """The DNS answered that the host name does not exist (or has no address): not worth another attempt."""
+
+
 def resolve(host: str, port: int, policy: Policy) -> str:
     """Resolve `host` once and return an address to connect to; every resolved address must be allowed."""
     for name, p, addr in policy.resolve:
@@ -95,7 +103,10 @@ def resolve(host: str, port: int, policy: Policy) -> str:
         try:
             found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
-            raise LookupError(f"cannot resolve host {host!r}: {getattr(exc, 'strerror', None) or exc}") from None
+            why = f"cannot resolve host {host!r}: {getattr(exc, 'strerror', None) or exc}"
+            if getattr(exc, "errno", None) in NO_SUCH_NAME:
+                raise NoSuchHost(why) from None
+            raise LookupError(why) from None
         infos = list(dict.fromkeys(str(info[4][0]) for info in found))
     for addr in infos:
         reason = refusal(ipaddress.ip_address(addr.split("%", 1)[0]), policy)

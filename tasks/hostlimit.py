@@ -274,6 +274,12 @@ class HostLimiter:
         pipe.pexpire(HostKeys(host).errors, 600_000)
         return int(pipe.execute()[0])
 
+    def free_all(self) -> int:
+        """Every host slot and place in line given back: only for a caller that knows no worker holds one (local
+        mode, holding its directory's lock, after its workers were killed). Returns the keys removed."""
+        stale = [k for part in ("slots", "wait") for k in self.r.scan_iter(HostKeys("*")._key(part))]
+        return int(cast(int, self.r.delete(*stale))) if stale else 0
+
     def paused(self) -> dict[str, float]:
         """Hosts paused now -> epoch seconds until which they are paused."""
         now_s, now_us = cast(tuple[int, int], self.r.time())

@@ -286,6 +286,12 @@ class JobKeys:
         return self._key("redelivered")
 
     @property
+    def flight(self) -> str:
+        """hash index -> "BYTES [SIZE]": a running download's bytes so far (and its size, when announced), as its
+        worker last published them (`Ledger.running`), for the producer's progress."""
+        return self._key("flight")
+
+    @property
     def suspect(self) -> str:
         """set of queued URLs that had no message at the last sweep (lost if still so at the next)."""
         return self._key("suspect")
@@ -525,6 +531,37 @@ class Ledger:
         own = found[3].get("headers", []) if found else []
         return [(n, v) for n, v in (json.loads(meta) if meta else []) + own if is_secret_header(n)]
 
+    def running(self, job: str, index: int, size: int, expected: int | None) -> bool:
+        """Publish a running download's bytes so far (and its size if known) for the producer's progress; whether
+        the job was cancelled meanwhile, in the same round trip."""
+        k = JobKeys(job)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(k.flight, str(index), f"{size} {'' if expected is None else expected}".strip())
+        pipe.expire(k.flight, self.ttl)
+        pipe.hexists(k.meta, CANCELLED_AT)
+        return bool(pipe.execute()[2])
+
+    def landed(self, job: str, index: int) -> None:
+        """The download whose bytes `running` published is over (done, failed or to be retried)."""
+        self.r.hdel(JobKeys(job).flight, str(index))
+
+    def in_flight(self, job: str) -> tuple[int, int | None]:
+        """(bytes so far of the job's running downloads, the size they will have in all: None when one did not
+        announce it). Entries of URLs no longer started (their worker was killed) do not count."""
+        raw = cast(dict[bytes, bytes], self.r.hgetall(JobKeys(job).flight))
+        if not raw:
+            return 0, 0
+        live = set(self.in_state(job, [int(i) for i in raw], STARTED))
+        done, expected = 0, 0
+        unknown = False
+        for index, value in raw.items():
+            if int(index) in live:
+                size, _, total = value.decode().partition(" ")
+                done += int(size)
+                expected += int(total or 0)
+                unknown = unknown or not total
+        return done, None if unknown else expected
+
     # reconciler side -----------------------------------------------------------------------------
     def live(self) -> list[str]:
         return sorted(j.decode() for j in cast(set[bytes], self.r.smembers(LIVE_KEY)))
@@ -567,6 +604,15 @@ class Ledger:
         for i in indexes:
             pipe.zscore(JobKeys(job).due, str(i))
         return {i for i, score in zip(indexes, pipe.execute(), strict=True) if score is None}
+
+    def release_started(self, job: str) -> int:
+        """URLs marked started go back to queued, without a lease: only for a caller that knows their worker is gone
+        and their message is back in the queue (local mode, holding its directory's lock). Returns how many."""
+        held = [int(i) for i in cast(list[bytes], self.r.zrange(JobKeys(job).due, 0, -1))]
+        started = self.in_state(job, held, STARTED)
+        for index in started:
+            self.transition(job, index, QUEUED)
+        return len(started)
 
     def requeue(self, job: str, indexes: list[int]) -> dict[int, int]:
         """Put URLs that are not final back to queued; {index: redeliveries so far} of those moved."""

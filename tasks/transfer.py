@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from . import fetch, storage
+from . import fetch, partial, storage
 from .credentials import Credentials
 from .errors import Busy, CutShort, PermanentError, TransientError
 from .naming import candidates, check_component, disposition_name
@@ -58,6 +58,11 @@ def _validators_of(response: requests.Response) -> dict[str, str]:
             if h in response.headers}
 
 
+def _length(response: requests.Response) -> int | None:
+    length = response.headers.get("content-length", "").strip()
+    return int(length) if _DECIMAL.fullmatch(length) else None
+
+
 def _resume_headers(part: storage.PartFile, resume: dict[str, str] | None) -> dict[str, str]:
     """Range + If-Range to continue the partial file an earlier attempt recorded; empty (and the file
     emptied) otherwise."""
@@ -74,15 +79,16 @@ def _range_ok(response: requests.Response, offset: int) -> bool:
 
 
 def attempt(req: Request, root: Path, limits: fetch.Limits, *, deadline: float, fsync: bool,
-            on_chunk: Callable[[], None] | None = None) -> Outcome:
+            on_chunk: Callable[[int, int | None], None] | None = None) -> Outcome:
     """Run one attempt. Raises TransientError (with `.resume` when the partial file is worth keeping).
-    `on_chunk` runs after each chunk written (it may raise to stop the download: a cancelled job)."""
+    `on_chunk(bytes so far, expected size or None)` runs after each chunk written (it may raise to stop the
+    download: a cancelled job)."""
     with storage.TargetDir(root, req.subdir) as where:
         return _attempt(req, where, limits, deadline, fsync, on_chunk)
 
 
 def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadline: float, fsync: bool,
-             on_chunk: Callable[[], None] | None) -> Outcome:
+             on_chunk: Callable[[int, int | None], None] | None) -> Outcome:
     check_component(req.name)
     where.check_meta()
     part = _claim(where, req, fsync)
@@ -90,7 +96,8 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
     response: requests.Response | None = None
     try:
         known = None if req.force else storage.load_validators(where, name, req.url, req.sha256)
-        headers = _resume_headers(part, req.resume)
+        noted = None if req.resume or req.force else partial.left(part.fd, req.url)  # a stopped worker's part
+        headers = _resume_headers(part, req.resume or (noted and {**noted, "part": part.identity()}))
         if known and not headers:
             if known.etag:
                 headers["If-None-Match"] = known.etag
@@ -102,7 +109,12 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
             part.discard()
             return Outcome("unchanged", _rel(req, name), known.bytes, known.sha256, 304, response.url,
                            {"etag": known.etag or "", "last_modified": known.last_modified or ""})
+        marked = noted is not None or bool(req.resume)  # a resumed part may carry an earlier attempt's note
+        if response.status_code == 200:
+            marked = partial.mark(part.fd, req.url, _validators_of(response), _length(response)) or marked
         _stream(response, part, req, limits, deadline, on_chunk)
+        if marked:
+            partial.clear(part.fd)
         digest = part.hash.hexdigest()
         if req.sha256 and digest != req.sha256:
             raise PermanentError(f"sha256 mismatch: expected {req.sha256}, got {digest}")
@@ -206,7 +218,7 @@ def _without_range(headers: dict[str, str]) -> dict[str, str]:
 
 
 def _stream(response: requests.Response, part: storage.PartFile, req: Request, limits: fetch.Limits,
-            deadline: float, on_chunk: Callable[[], None] | None) -> None:
+            deadline: float, on_chunk: Callable[[int, int | None], None] | None) -> None:
     """Append the body to the part file, enforcing the size limit, the deadline and Content-Length."""
     length = response.headers.get("content-length", "").strip()
     expected = part.size + int(length) if _DECIMAL.fullmatch(length) else None  # not isdigit(): "²" is a digit
@@ -220,7 +232,7 @@ def _stream(response: requests.Response, part: storage.PartFile, req: Request, l
             if req.max_size and part.size > req.max_size:
                 raise PermanentError(f"too large: over the limit of {req.max_size} bytes (--max-size)")
             if on_chunk is not None:
-                on_chunk()
+                on_chunk(part.size, expected)
             pace.wait(len(chunk), deadline)
     except CutShort:
         if expected is None:

@@ -15,7 +15,8 @@ others (SIGTERM: they finish the downloads they are running, within --grace, the
 worker's exit status. SIGUSR1
 (`STOP_NOW`) kills them at once, for a caller that knows they hold no task. Either way it reaps them before it
 ends, so none is left to init and their CPU time counts with its own (`getrusage` of its parent). Its process
-group holds them all.
+group holds them all. Nothing outlives a killed parent: when its own parent (the producer) is gone, it kills its
+workers (a watchdog thread), and each worker is killed when it is gone (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -26,18 +27,33 @@ import ctypes
 import os
 import signal
 import sys
+import threading
+import time
 
 _PR_SET_PDEATHSIG = 1
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 STOP_NOW = signal.SIGUSR1  # to the process that forked the workers: SIGKILL them (idle), reap them, exit
 GRACE_S = 20.0  # after one worker died: how long the others may take to finish their downloads
 _KILLING = (STOP_NOW, signal.SIGALRM)  # passed on as SIGKILL (SIGALRM: the grace ran out)
+WATCH_S = 0.5  # how often the process that forked the workers checks that its own parent is alive
 
 
-def die_with_parent() -> None:
-    """In a child process: get SIGTERM when the process that started it dies, so none is left behind."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In a child process: get `sig` when the process that started it dies, so none is left behind."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def _watch_parent(parent: int, every: float = WATCH_S) -> None:
+    """A thread that sends this process STOP_NOW once its parent is gone (re-parented: the producer was killed, and
+    its server with it): the workers' downloads could no longer be recorded, so they are killed, not waited for.
+    PR_SET_PDEATHSIG's SIGTERM only asks for a warm shutdown, which waits for those downloads."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os.kill(os.getpid(), STOP_NOW)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,14 +114,14 @@ def forked(pool: str, workers: list[tuple[int, str]], loglevel: str, quiet: bool
     _preload(pool)
     sys.stdout.flush()
     sys.stderr.flush()
-    parent = os.getpid()
+    grandparent, parent = os.getppid(), os.getpid()
     children: dict[int, str] = {}
     for concurrency, hostname in workers:
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                die_with_parent()
+                die_with_parent(signal.SIGKILL)  # their parent reaps them; if it is gone, nobody would
                 if os.getppid() == parent:  # else the parent died before the line above: nothing to serve
                     code = run(pool, concurrency, hostname, loglevel, quiet)
             finally:
@@ -124,6 +140,7 @@ def forked(pool: str, workers: list[tuple[int, str]], loglevel: str, quiet: bool
 
     for signum in (*_FORWARDED, *_KILLING):
         signal.signal(signum, forward)
+    _watch_parent(grandparent)
     code, died = 0, ""
     while children:
         pid, status = os.wait()

@@ -63,7 +63,7 @@ def test_a_wrong_list_checksum_fails_the_url(cluster, worker, origin, tmp_path):
 
 def test_bad_option_lines_stop_the_job_each_reported(cluster, tmp_path):
     lines = ["http://127.0.0.1/x.pdf",
-             "  max-connection-per-server=4",    # 3: an aria2 option fleetfetch does not take
+             "  max-conection-per-server=4",     # 3: not an aria2 option (a typo)
              "  out=../../etc/passwd",           # 4
              "  dir=/var/tmp",                   # 5
              "  checksum=md5=0123",              # 6
@@ -77,7 +77,7 @@ def test_bad_option_lines_stop_the_job_each_reported(cluster, tmp_path):
     assert result.returncode == 2
     errors = result.stderr.strip().splitlines()
     assert [e.split(": ", 2)[1] for e in errors[:-1]] == [f"{listing}:{n}" for n in (1, 3, 4, 5, 6, 7, 10)]
-    assert "unknown option 'max-connection-per-server'" in errors[1]
+    assert "unknown option 'max-conection-per-server'" in errors[1]
     assert "put directories in dir=" in errors[2] and "relative sub-directory" in errors[3]
     assert "only sha-256" in errors[4] and "'Name: value'" in errors[5] and "give each URL its own line" in errors[6]
     assert errors[-1] == "error: nothing was enqueued: fix the lines above" and "Traceback" not in result.stderr

@@ -385,3 +385,371 @@ def test_workers_left_when_one_died_finish_within_the_grace_then_are_killed(chao
     text = log.read_text(errors="replace")
     assert "was killed by SIGKILL: the other workers were stopped" in text
     assert not (chaos.downloads / "grace" / "long.bin").exists()  # cut short: no file, only its part
+
+
+def _start_slow_local_job(origin, tmp_path, n: int = 4) -> tuple[subprocess.Popen, Spawned, dict[str, str]]:
+    """A local job of `n` slow files (10 s each), its temp directories under tmp_path/tmp, once its first download
+    has started."""
+    for i in range(n):
+        origin.add(f"/t{i}.bin", b"t" * 200_000, rate=20_000)
+    listing = write_list(tmp_path / "urls.txt", [origin.url(f"/t{i}.bin") for i in range(n)])
+    (tmp_path / "tmp").mkdir()
+    env = base_env(TMPDIR=str(tmp_path / "tmp"))
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(tmp_path / "d")], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = Spawned(proc)
+    assert _requested(origin, "/t0.bin"), "the download never started"
+    time.sleep(0.3)  # the watcher has seen the forked workers
+    return proc, watch, env
+
+
+def _nothing_left_within(watch: Spawned, seconds: float) -> list[int]:
+    """The processes of the command still running `seconds` after now (killed then, so none outlives the test)."""
+    deadline = time.monotonic() + seconds
+    while watch.survivors() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = watch.survivors()
+    for pid in left:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+    return left
+
+
+def test_sigterm_stops_a_local_job_like_ctrl_c_and_leaves_no_process_nor_temp_dir(origin, tmp_path):
+    """`timeout 5 fleetfetch list`, a cancelled CI job: SIGTERM is Ctrl-C (the resume line, exit 130); the workers,
+    the process that forked them and the server are gone within 10 s, and so is the password's temp directory."""
+    proc, watch, _env = _start_slow_local_job(origin, tmp_path)
+    try:
+        assert len(watch.worker_tree()[1]) >= 1, watch.seen()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    job = job_id_of(out)
+    assert f"interrupted: the local worker and server stop; the job is kept: fleetfetch resume {job} -d " in err
+    assert "Traceback" not in err
+    assert _nothing_left_within(watch, 10) == [], watch.seen()
+    assert list((tmp_path / "tmp").glob("fleetfetch-local-*")) == []
+
+
+def test_sigkill_of_a_local_job_leaves_no_process_within_ten_seconds(origin, tmp_path):
+    """The producer killed outright cannot stop anything: its server and the process that forked the workers
+    learn of its death (PR_SET_PDEATHSIG), and that process kills its workers, which die with it in any case."""
+    proc, watch, _env = _start_slow_local_job(origin, tmp_path)
+    try:
+        started, forked = watch.worker_tree()
+        assert len(started) == 1 and forked, watch.seen()
+        proc.kill()
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert _nothing_left_within(watch, 10) == [], watch.seen()
+
+
+
+def test_a_killed_embedded_server_stops_the_local_job_in_one_line_and_leaves_nothing(origin, tmp_path):
+    """The server gone (killed, out of memory): the producer says so (exit 4) and stops the workers, instead of
+    waiting for a backend that cannot come back."""
+    proc, watch, _env = _start_slow_local_job(origin, tmp_path)
+    try:
+        server = next(pid for pid, argv in watch.argvs.items() if "valkey-server" in argv[0])
+        os.kill(server, signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 4, out + err
+    assert err.startswith("error: the embedded server exited") and "Traceback" not in err, err
+    assert _nothing_left_within(watch, 10) == [], watch.seen()
+
+
+def test_resume_after_ctrl_c_takes_the_time_of_the_work_left_not_the_dead_workers_leases(origin, tmp_path):
+    """Ctrl-C leaves the killed workers' host slots and URL leases in the server's data; local mode holds the
+    directory's lock, so `resume` frees them at once instead of waiting a minute for them to lapse."""
+    bodies = {f"/r{i}.bin": bytes([i]) * 80_000 for i in range(16)}
+    for path, body in bodies.items():
+        origin.add(path, body, rate=20_000)  # 4 s each, 8 at once: ~8 s for the whole list
+    listing = write_list(tmp_path / "urls.txt", [origin.url(p) for p in bodies])
+    out_dir = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(out_dir)], cwd=tmp_path,
+                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert _requested(origin, "/r0.bin"), "the download never started"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    job = job_id_of(out)
+    began = time.monotonic()
+    resumed = subprocess.run([sys.executable, "-m", "producer", "resume", job, "-d", str(out_dir)], cwd=tmp_path,
+                             env=base_env(), capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - began
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    for path, body in bodies.items():
+        assert (out_dir / path[1:]).read_bytes() == body
+    assert took < 20, f"resume took {took:.1f} s for ~8 s of work"
+
+
+def test_status_jobs_and_cancel_from_a_second_terminal_reach_the_running_local_job(origin, tmp_path):
+    """While a local job runs, its directory is locked; `status`, `jobs` and `cancel` on that directory talk to the
+    running job's embedded server (its address and password are in the directory's state, readable by its user
+    only) instead of failing with `another fleetfetch runs a local job`."""
+    proc, watch, env = _start_slow_local_job(origin, tmp_path)
+    try:
+        job = job_id_of(proc.stdout.readline() + proc.stdout.readline())
+        out_dir = str(tmp_path / "d")
+        status = subprocess.run([sys.executable, "-m", "producer", "status", job, "-d", out_dir], cwd=tmp_path,
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert f"job {job}: 4 URLs, running" in status.stdout
+        listed = subprocess.run([sys.executable, "-m", "producer", "jobs", "-d", out_dir], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and job in listed.stdout, listed.stdout + listed.stderr
+        cancelled = subprocess.run([sys.executable, "-m", "producer", "cancel", job, "-d", out_dir], cwd=tmp_path,
+                                   env=env, capture_output=True, text=True, timeout=60)
+        assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+        out, err = proc.communicate(timeout=60)  # the running job sees the cancel and ends
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out + err
+    assert "4 cancelled" in out
+    assert _nothing_left_within(watch, 10) == [], watch.seen()
+
+
+def test_a_host_name_that_does_not_exist_fails_at_once_not_after_five_attempts(origin, tmp_path):
+    """"No such name" is the DNS's answer, not a passing failure: the URL fails on its first attempt (as curl's exit
+    6) instead of five attempts with backoff. A name under .invalid fails in the system resolver itself (RFC 6761):
+    nothing leaves the machine."""
+    origin.add("/here.bin", b"here")
+    missing = origin.url("/a.bin").replace("127.0.0.1", "no-such-host.invalid")
+    listing = write_list(tmp_path / "urls.txt", [missing, origin.url("/here.bin")])
+    env = {k: v for k, v in base_env().items() if not k.startswith("FLEETFETCH_BACKOFF")}  # shipped backoff: 1 s...
+    proc = subprocess.run([sys.executable, "-m", "producer", str(listing), "-d", str(tmp_path / "d"), "--manifest",
+                           str(tmp_path / "m.jsonl"), "--max-attempts", "5"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    failed = read_manifest(tmp_path / "m.jsonl")[0]
+    assert failed["status"] == "failed" and failed["attempts"] == 1, failed
+    assert "cannot resolve host 'no-such-host.invalid'" in failed["reason"]
+    took = float(proc.stdout.split(" in ")[-1].split(" s ")[0])
+    assert took < 2, proc.stdout
+
+
+def test_urls_given_as_arguments_are_downloaded_as_curl_and_wget_do(origin, tmp_path):
+    """`fleetfetch https://host/a.bin https://host/b.bin`: the URLs are the list."""
+    origin.add("/a.bin", b"a" * 1000)
+    origin.add("/b.bin", b"b" * 2000)
+    result, watch = run_local([origin.url("/a.bin"), origin.url("/b.bin"), "-d", str(tmp_path / "d")], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "d" / "a.bin").read_bytes() == b"a" * 1000
+    assert (tmp_path / "d" / "b.bin").read_bytes() == b"b" * 2000
+    assert watch.survivors() == []
+
+
+def test_cancel_after_ctrl_c_tells_true_counts_removes_temp_files_and_prints_a_command_that_works(origin, tmp_path):
+    """After Ctrl-C nothing runs: `cancel` says so (no "N running stop at their next chunk"), removes the cancelled
+    URLs' `.part` files, and its follow-up command names the directory, so it runs as printed. A finished job is
+    not changed by `cancel`."""
+    import shlex
+
+    bodies = {f"/p{i}.bin": bytes([i]) * 200_000 for i in range(3)}
+    for path, body in bodies.items():
+        origin.add(path, body, rate=40_000)  # 5 s each: still running when Ctrl-C's grace is over
+    listing = write_list(tmp_path / "urls.txt", [origin.url(p) for p in bodies])
+    out_dir = tmp_path / "my dir"
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(out_dir)], cwd=tmp_path,
+                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert _requested(origin, *bodies), "the downloads never started"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    job = job_id_of(out)
+    assert list(out_dir.glob(".*.part")), "Ctrl-C left no temp file: nothing to test"
+
+    def producer(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "producer", *args], cwd=tmp_path, env=base_env(),
+                              capture_output=True, text=True, timeout=120)
+
+    cancelled = producer("cancel", job, "-d", str(out_dir))
+    assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+    assert f"job {job}: cancelled 3 URLs" in cancelled.stdout and "running" not in cancelled.stdout
+    assert list(out_dir.glob(".*.part")) == []
+    command = cancelled.stdout.split("Take it up again with: ")[1].strip()
+    assert command.startswith("fleetfetch resume ")
+    resumed = producer(*shlex.split(command)[1:], "-q")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    for path, body in bodies.items():
+        assert (out_dir / path[1:]).read_bytes() == body
+
+    again = producer("cancel", job, "-d", str(out_dir))
+    assert again.returncode == 0 and "finished already" in again.stdout, again.stdout + again.stderr
+    status = producer("status", job, "-d", str(out_dir))
+    assert f"job {job}: 3 URLs, finished" in status.stdout, status.stdout + status.stderr
+
+
+def test_urls_refused_for_the_same_reason_are_one_line_of_the_summary(origin, tmp_path):
+    """60 URLs refused by the destination policy for one reason: one line with the count, not 50 copies and
+    "... and 10 more". (refused.test resolves to 127.0.0.2 here, which the tests' policy refuses.)"""
+    origin.add("/ok.bin", b"ok")
+    refused = [origin.url(f"/x{i}.bin", host="refused.test") for i in range(60)]
+    listing = write_list(tmp_path / "urls.txt", [origin.url("/ok.bin"), *refused])
+    result, watch = run_local([str(listing), "-d", str(tmp_path / "d")], tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if "failed:" in line and "summary" not in line]
+    assert lines == [f"  60 × failed: refused: 127.0.0.2 is not a public address (set FLEETFETCH_ALLOW_NETWORKS to "
+                     f"allow) ({refused[0]} and 59 more)"], result.stdout
+    assert watch.survivors() == []
+
+
+def test_a_local_list_whose_every_host_is_refused_fails_before_starting_anything(origin, tmp_path):
+    """Every host of the list is refused by the destination policy (loopback without FLEETFETCH_ALLOW_NETWORKS):
+    local mode says so and how to allow it, before it starts a server or a worker."""
+    listing = write_list(tmp_path / "urls.txt", [origin.url(f"/x{i}.bin") for i in range(5)])
+    env = {k: v for k, v in base_env().items() if k != "FLEETFETCH_ALLOW_NETWORKS"}
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(tmp_path / "d")], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = Spawned(proc)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out + err
+    assert err.startswith("error: every URL of the list is refused by the destination policy: 5 × refused: "
+                          "127.0.0.1 is not a public address (set FLEETFETCH_ALLOW_NETWORKS to allow"), err
+    assert len(err.strip().splitlines()) == 1 and out == ""
+    assert watch.pids == set() and origin.requests_for("/x0.bin") == []
+
+
+def test_a_real_aria2_list_runs_its_options_mapped_or_warned_once_each(origin, tmp_path):
+    """aria2 lists carry options fleetfetch does not take (split=, max-connection-per-server=): each is one warning
+    line, not a failed job; those it has are mapped (referer= is a Referer header, continue= is its default)."""
+    origin.add("/a.bin", b"a" * 5000)
+    origin.add("/b.bin", b"b" * 5000)
+    lines = [origin.url("/a.bin"), "  split=4", "  max-connection-per-server=4", "  continue=true",
+             "  referer=http://127.0.0.1/index.html", "  out=first.bin",
+             origin.url("/b.bin"), "  split=8"]
+    listing = write_list(tmp_path / "list.aria2", lines)
+    result, watch = run_local([str(listing), "-d", str(tmp_path / "d")], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "d" / "first.bin").read_bytes() == b"a" * 5000
+    assert (tmp_path / "d" / "b.bin").read_bytes() == b"b" * 5000
+    assert origin.requests_for("/a.bin")[0].headers.get("Referer") == "http://127.0.0.1/index.html"
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {listing}:2: aria2 option split= is not one fleetfetch takes in a list: ignored "
+                        "(and on 1 more lines)",
+                        f"warning: {listing}:3: aria2 option max-connection-per-server= is not one fleetfetch takes "
+                        "in a list: ignored"], result.stderr
+    assert watch.survivors() == []
+
+
+def test_a_big_file_in_progress_shows_bytes_rate_and_eta_on_a_terminal(origin, tmp_path):
+    """On a terminal the bar of a one-file job shows the bytes of the download in flight, the rate and an ETA while
+    it runs (the workers publish each running download's bytes so far), not `0/1 0 B` until it is done."""
+    import pty
+    import re
+
+    origin.add("/big.bin", b"B" * 1_500_000, rate=300_000)  # 5 s
+    listing = write_list(tmp_path / "urls.txt", [origin.url("/big.bin")])
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(tmp_path / "d")], cwd=tmp_path,
+                            env=base_env(COLUMNS="160", TERM="xterm"), stdout=follower, stderr=follower,
+                            stdin=subprocess.DEVNULL)
+    os.close(follower)
+    shown = b""
+    try:
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # the terminal's other end is closed: the command ended
+                break
+            if not data:
+                break
+            shown += data
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        os.close(leader)
+    assert proc.returncode == 0, shown
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+    running = [m.group(0) for m in re.finditer(r"0/1 .*?(\d+\.\d) (kB|MB) of 1\.5 MB, [\d.]+ (kB|MB)/s, ETA \d+:\d\d",
+                                               text)]
+    assert running, text[-3000:]
+
+
+def test_resume_after_ctrl_c_continues_a_big_partial_file_with_range(origin, tmp_path):
+    """Ctrl-C halfway through a big file, then `resume`: the download continues from the `.part` with Range and
+    If-Range (as wget -c, curl -C - and aria2c do); the origin serves the file about once in all, not 1.5 times."""
+    size = 4_000_000
+    body = bytes(range(256)) * (size // 256)
+    origin.add("/big.iso", body, rate=400_000, etag='"v1"')  # 10 s
+    listing = write_list(tmp_path / "urls.txt", [origin.url("/big.iso")])
+    out_dir = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(out_dir)], cwd=tmp_path,
+                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert _requested(origin, "/big.iso"), "the download never started"
+        deadline = time.monotonic() + 30
+        while origin.requests_for("/big.iso")[0].sent < size // 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    job = job_id_of(out)
+    resumed = subprocess.run([sys.executable, "-m", "producer", "resume", job, "-d", str(out_dir), "-q"],
+                             cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert (out_dir / "big.iso").read_bytes() == body
+    asked = origin.requests_for("/big.iso")
+    assert len(asked) == 2 and asked[1].headers.get("Range", "").startswith("bytes="), [r.headers for r in asked]
+    assert asked[1].headers.get("If-Range") == '"v1"'
+    served = sum(r.sent for r in asked)
+    assert served <= size + 512 * 1024, f"the origin served {served} bytes for a file of {size}"
+
+
+def test_jobs_tells_unchanged_files_apart_from_downloaded_ones_and_no_wait_says_it_is_not_for_local_mode(origin,
+                                                                                                        tmp_path):
+    """A list run twice: `jobs` shows the second run as 0 downloaded, 2 unchanged (not 2/2 downloaded); --no-wait in
+    local mode follows the job as it must (its workers stop with the command) and says so instead of ignoring it."""
+    origin.add("/u1.bin", b"1" * 100, etag='"a"')
+    origin.add("/u2.bin", b"2" * 100, etag='"b"')
+    listing = write_list(tmp_path / "urls.txt", [origin.url("/u1.bin"), origin.url("/u2.bin")])
+    first, _ = run_local([str(listing), "-d", str(tmp_path / "d")], tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second, watch = run_local([str(listing), "-d", str(tmp_path / "d"), "--no-wait"], tmp_path)
+    assert second.returncode == 0 and "2 unchanged" in second.stdout, second.stdout + second.stderr
+    assert "warning: --no-wait: local mode's workers stop with this command" in second.stderr
+    listed = subprocess.run([sys.executable, "-m", "producer", "jobs", "-d", str(tmp_path / "d")], cwd=tmp_path,
+                            env=base_env(), capture_output=True, text=True, timeout=60)
+    newest = listed.stdout.splitlines()[0]
+    assert "0/2 downloaded, 2 unchanged, 0 failed" in newest, listed.stdout
+    assert watch.survivors() == []
+
+
+def test_each_commands_usage_line_names_that_command_alone():
+    """`fleetfetch status --help` starts `usage: fleetfetch status [-h] ...`, not the top-level usage glued to it."""
+    for name, expected in (("status", "usage: fleetfetch status [-h]"), ("run", "usage: fleetfetch [run] [-h]"),
+                           ("resume", "usage: fleetfetch resume [-h]")):
+        shown = subprocess.run([sys.executable, "-m", "producer", name, "--help"], cwd=ROOT, env=base_env(),
+                               capture_output=True, text=True, timeout=60).stdout
+        assert shown.startswith(expected), shown
+    resume = subprocess.run([sys.executable, "-m", "producer", "resume", "--help"], cwd=ROOT, env=base_env(),
+                            capture_output=True, text=True, timeout=60).stdout
+    assert "instead of stdout" not in resume
+
+
+def test_an_explicit_authorization_header_wins_over_the_urls_user_and_password(origin, tmp_path):
+    """curl sends the -H Authorization you typed, not the Basic login of the URL's user:pass@."""
+    origin.add("/auth.bin", b"secret")
+    url = origin.url("/auth.bin").replace("http://", "http://user:pass@")
+    result, watch = run_local([url, "-d", str(tmp_path / "d"), "-H", "Authorization: Bearer tok"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert origin.requests_for("/auth.bin")[0].headers.get("Authorization") == "Bearer tok"
+    assert watch.survivors() == []

@@ -27,6 +27,7 @@ class Record:
     client: str
     concurrent: int = 0  # requests in progress at the origin as this one began, itself included
     port: int = 0  # the client's port: one per connection (requests kept alive share it)
+    sent: int = 0  # body bytes written to the connection
 
 
 @dataclass
@@ -246,8 +247,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, head: bool) -> None:
         o = self.origin
-        o._enter(Record(time.monotonic(), self.command, self.path, _Headers(self.headers.items()),
-                        self.client_address[0], port=self.client_address[1]))
+        self._record = Record(time.monotonic(), self.command, self.path, _Headers(self.headers.items()),
+                              self.client_address[0], port=self.client_address[1])
+        o._enter(self._record)
         self._in_flight = True
         try:
             self._respond(head)
@@ -331,6 +333,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._last_write()
             self.wfile.write(chunk)
             sent += len(chunk)
+            self._record.sent = sent
             if res.stall and i == 0:
                 self.wfile.flush()
                 time.sleep(res.stall)
