@@ -12,7 +12,7 @@
     └── Cancelled                 the job was cancelled (`fleetfetch cancel`): the URL ends `cancelled`, no file
 
 `status` and `retry_after` carry the HTTP answer where there was one (host pauses are decided from them).
-Foreign exceptions (requests, urllib3, OSError) are mapped to these by type in `fetch` and `storage`, never
+Foreign exceptions (requests, urllib3, OSError) are mapped to these by type in `http_errors` and `storage`, never
 by matching their message text.
 """
 

@@ -6,15 +6,11 @@ while the Host header and TLS name/certificate checks stay on the URL's host nam
 
 from __future__ import annotations
 
-import errno
 import http.client
 import http.cookiejar
 import logging
 import math
-import re
-import ssl
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +22,11 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.connectionpool import HTTPConnectionPool
 
-from . import guard, urllib3_hooks
-from .errors import CutShort, PermanentError, TransientError
+from . import guard, http_errors, urllib3_hooks
+from .errors import PermanentError, TransientError
+from .http_errors import time_left
 from .message import is_secret_header
-from .redact import redact_text, redact_url
+from .redact import redact_url
 from .retry import RETRYABLE_STATUS, parse_retry_after
 from .version import USER_AGENT
 
@@ -38,27 +35,6 @@ REDIRECTS = (301, 302, 303, 307, 308)
 # urllib3 logs each request line (path and query: signed-URL tokens) at DEBUG; a worker run with
 # --loglevel=DEBUG must not write those secrets to its log.
 logging.getLogger("urllib3.connectionpool").setLevel(logging.INFO)
-TIME_LIMIT_REASON = "time limit exceeded (FLEETFETCH_TIME_LIMIT)"
-# User-facing reasons for socket errors, chosen by errno (never by matching message text).
-_ERRNO_REASONS = {
-    errno.ECONNREFUSED: "connection refused",
-    errno.ECONNRESET: "connection reset by peer",
-    errno.ECONNABORTED: "connection aborted",
-    errno.EPIPE: "connection closed by peer (broken pipe)",
-    errno.EHOSTUNREACH: "host unreachable",
-    errno.ENETUNREACH: "network unreachable",
-    errno.ETIMEDOUT: "connection timed out",
-}
-
-
-_NO_RESPONSE = "connection closed without a response"
-# What a request sent on a connection the server had just closed fails with.
-_DROPPED_REASONS = {_NO_RESPONSE, _ERRNO_REASONS[errno.ECONNRESET], _ERRNO_REASONS[errno.EPIPE]}
-
-
-# OpenSSL verify codes of a certificate whose issuer is not among the trusted CAs (X509_V_ERR_...): 18 self-signed
-# leaf, 19 self-signed CA in the chain, 20 unable to get local issuer.
-_UNKNOWN_ISSUER = {18, 19, 20}
 
 
 class PinnedAdapter(HTTPAdapter):
@@ -96,7 +72,7 @@ class PinnedAdapter(HTTPAdapter):
         """The request failed because the server closed the kept-alive connection it went out on (a server may
         close an idle connection just as a request arrives): worth one more try at once, on a new connection, as
         curl and browsers do. Not a sign of stress, and no attempt of the URL is spent on it."""
-        if self._pool is None or _known_reason(exc) not in _DROPPED_REASONS:
+        if self._pool is None or http_errors.known_reason(exc) not in http_errors.DROPPED_REASONS:
             return False
         reused = urllib3_hooks.went_out_kept_alive(self._pool)
         return self._kept if reused is None else reused  # stock pools: the pool served an earlier request
@@ -253,14 +229,6 @@ def _strip_userinfo(url: str) -> str:
     return p._replace(netloc=netloc).geturl()
 
 
-def time_left(deadline: float) -> float:
-    """Seconds until `deadline`; PermanentError once it has passed."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise PermanentError(TIME_LIMIT_REASON)
-    return left
-
-
 def _get(s: requests.Session, adapter: PinnedAdapter | ProxiedAdapter, url: str, headers: dict[str, str],
          limits: Limits, deadline: float) -> requests.Response:
     left = time_left(deadline)
@@ -294,38 +262,11 @@ def _prepare(s: requests.Session, url: str, headers: dict[str, str]) -> requests
     return p
 
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: a header name that may be shown
-
-
-def _invalid_header(headers: dict[str, str]) -> str:
-    """The reason of a header requests refuses, naming the header and never its value."""
-    for name, value in headers.items():
-        try:
-            requests.utils.check_header_validity((name, value))
-        except requests.exceptions.InvalidHeader:
-            shown = name if _TOKEN.fullmatch(name) else "(a name that is not a token)"
-            return f"invalid request header {shown}: its value has a line break, or a space at its start"
-    return "invalid request header"
-
-
 def _send(s: requests.Session, adapter: PinnedAdapter | ProxiedAdapter, url: str, headers: dict[str, str],
           limits: Limits, deadline: float) -> requests.Response:
-    try:
+    call = http_errors.Call(limits.connect_timeout, limits.read_timeout, deadline, limits.ca_bundle, headers)
+    with http_errors.mapped(call):
         response = _get(s, adapter, url, headers, limits, deadline)
-    except requests.exceptions.ConnectTimeout:
-        time_left(deadline)
-        raise TransientError(f"connect timed out after {limits.connect_timeout:g} s") from None
-    except requests.exceptions.ReadTimeout:
-        time_left(deadline)
-        raise TransientError(f"read timed out after {limits.read_timeout:g} s") from None
-    except requests.exceptions.SSLError as exc:
-        raise PermanentError(_tls_reason(exc, limits.ca_bundle)) from None
-    except requests.exceptions.ConnectionError as exc:
-        raise TransientError(_connection_reason(exc)) from None
-    except requests.exceptions.InvalidHeader:  # its text quotes the header's value: a cookie, a token
-        raise PermanentError(_invalid_header(headers)) from None
-    except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, ValueError) as exc:
-        raise PermanentError(f"invalid URL: {redact_text(str(exc))}") from None
     status = response.status_code
     if status >= 400:
         reason = f"{status} {response.reason or ''}".strip()
@@ -335,60 +276,6 @@ def _send(s: requests.Session, adapter: PinnedAdapter | ProxiedAdapter, url: str
             raise TransientError(reason, retry_after=after, status=status)
         raise PermanentError(reason, status=status)
     return response
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and every exception it wraps: causes, contexts, urllib3's `reason`, exceptions among `args`."""
-    todo: list[object] = [exc]
-    seen: set[int] = set()
-    while todo:
-        e = todo.pop(0)
-        if not isinstance(e, BaseException) or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
-
-
-def _root_cause(exc: BaseException) -> str:
-    last = list(_causes(exc))[-1]
-    return str(last) or type(last).__name__
-
-
-def _tls_reason(exc: BaseException, ca_bundle: str | None) -> str:
-    """One line for a failed TLS handshake; a refused certificate says why (OpenSSL's verify message) and, when
-    its issuer is unknown, which CAs were trusted."""
-    for e in _causes(exc):
-        if isinstance(e, ssl.SSLCertVerificationError) and e.verify_message:
-            reason = f"TLS error: certificate verify failed: {e.verify_message.rstrip('.')}"
-            if e.verify_code in _UNKNOWN_ISSUER:
-                reason += (" (not issued by a CA in FLEETFETCH_CA_BUNDLE)" if ca_bundle else
-                           " (not issued by a CA in certifi's bundle; FLEETFETCH_CA_BUNDLE sets the trusted CAs)")
-            return redact_text(reason)
-    return f"TLS error: {redact_text(_root_cause(exc))}"
-
-
-def _known_reason(exc: BaseException) -> str | None:
-    """The user-facing reason of a connection failure, chosen by exception type and errno; None if unknown."""
-    causes = list(_causes(exc))
-    for e in causes:  # the socket's own error first: urllib3's NewConnectionError is also a "timeout" class
-        if isinstance(e, OSError) and e.errno in _ERRNO_REASONS:
-            return _ERRNO_REASONS[e.errno]
-    for e in causes:
-        if isinstance(e, http.client.RemoteDisconnected):
-            return _NO_RESPONSE
-        if isinstance(e, TimeoutError | urllib3.exceptions.TimeoutError) and not isinstance(
-                e, urllib3.exceptions.NewConnectionError):
-            return "read timed out"
-    return None
-
-
-def _connection_reason(exc: BaseException) -> str:
-    return _known_reason(exc) or f"connection failed: {redact_text(_root_cause(exc))}"
-
-
-def _is_cut_short(exc: BaseException) -> bool:
-    return any(isinstance(e, http.client.IncompleteRead | urllib3.exceptions.IncompleteRead) for e in _causes(exc))
 
 
 def _limit_next_read(response: requests.Response, seconds: float) -> None:
@@ -410,19 +297,12 @@ def body_chunks(response: requests.Response, read_timeout: float, deadline: floa
     """
     raw = response.raw
     try:
-        while True:
-            _limit_next_read(response, min(read_timeout, time_left(deadline)))
-            chunk = raw.read1(size, decode_content=False)
-            if not chunk:  # the whole body (urllib3 has given the connection back to the pool for the next request)
-                return
-            yield chunk
-    except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
-        time_left(deadline)
-        raise TransientError(f"read timed out after {read_timeout:g} s (stalled)") from None
-    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.HTTPError, OSError) as exc:
-        if _is_cut_short(exc):
-            raise CutShort("body cut short (connection closed early)") from None
-        reason = _known_reason(exc) or redact_text(_root_cause(exc))
-        raise TransientError(f"connection lost mid-body ({reason})") from None
+        with http_errors.mapped(http_errors.Call(0, read_timeout, deadline), body=True):
+            while True:
+                _limit_next_read(response, min(read_timeout, time_left(deadline)))
+                chunk = raw.read1(size, decode_content=False)
+                if not chunk:  # the whole body (urllib3 has given the connection back to the pool for the next one)
+                    return
+                yield chunk
     finally:
         response.close()
