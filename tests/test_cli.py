@@ -67,3 +67,13 @@ def test_cluster_dir_must_be_relative(cluster, tmp_path):
     listing = write_list(tmp_path / "urls.txt", ["http://127.0.0.1/x"])
     result = cluster.producer(str(listing), "-d", "../outside")
     assert result.returncode == 2 and "relative sub-directory" in result.stderr
+
+
+def test_a_run_in_cluster_mode_says_which_broker_it_uses(cluster, tmp_path):
+    """A producer with no settings starts local mode, a worker with none uses a Redis on this machine: each says
+    which broker it uses, so a user sees why the two never meet."""
+    listing = write_list(tmp_path / "urls.txt", ["http://127.0.0.1/said.bin"])
+    result = cluster.producer(str(listing), "--no-wait", "--queue", "no-worker-serves-this")  # never downloaded
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"cluster mode: broker {cluster.env['CELERY_BROKER_URL']}, result backend "), \
+        result.stdout
