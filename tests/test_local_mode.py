@@ -220,7 +220,8 @@ def test_a_local_job_outlives_its_command_ctrl_c_then_status_results_and_resume(
     status = subprocess.run([sys.executable, "-m", "producer", "status", job, "-d", str(out_dir)], cwd=tmp_path,
                             env=base_env(), capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stdout + status.stderr
-    assert f"job {job}: 24 URLs" in status.stdout
+    assert f"job {job}: 24 URLs, interrupted" in status.stdout  # no command runs it now
+    assert f"fleetfetch resume {job} -d {out_dir}" in status.stdout
     records = subprocess.run([sys.executable, "-m", "producer", "results", job, "-d", str(out_dir)], cwd=tmp_path,
                              env=base_env(), capture_output=True, text=True, timeout=60)
     assert len(records.stdout.splitlines()) == 24
