@@ -359,6 +359,8 @@ def attach(download_dir: Path) -> tuple[str, str] | None:
     """(broker, backend) of the local job running on `download_dir` now, from another command; None when none
     runs there (then the caller starts the server itself)."""
     state = state_dir(download_dir)
+    if state.is_symlink() or not state.is_dir() or state.stat().st_uid != os.getuid():
+        return None  # not this user's state: never trust an address found there (start() says why)
     deadline = time.monotonic() + ATTACH_WAIT_S
     while True:
         try:
