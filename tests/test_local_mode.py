@@ -708,3 +708,14 @@ def test_an_explicit_authorization_header_wins_over_the_urls_user_and_password(o
     assert result.returncode == 0, result.stdout + result.stderr
     assert origin.requests_for("/auth.bin")[0].headers.get("Authorization") == "Bearer tok"
     assert watch.survivors() == []
+
+
+def test_the_stall_hint_of_a_local_job_does_not_advise_starting_a_celery_worker():
+    """Local mode's workers are its own (their death ends the job): a stall there is slow or paused hosts, and the
+    cluster's hint `is a worker running? (celery -A tasks worker)` would send the user the wrong way."""
+    from producer.progress import _idle_hint
+    from tasks.ledger import STATES
+
+    counts = dict.fromkeys(STATES, 0) | {"started": 3}
+    assert "celery" not in _idle_hint(counts, local=True) and "3 running" in _idle_hint(counts, local=True)
+    assert "celery -A tasks worker" in _idle_hint(counts, local=False)
