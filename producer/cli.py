@@ -250,12 +250,16 @@ def run(args: argparse.Namespace) -> int:
             from kombu.exceptions import OperationalError
 
             from tasks import ledger
+            from tasks.redact import mask_password
 
             from . import commands, progress
             from . import job as jobs
             from .connect import connect
 
             with connect(local, quiet=args.quiet, started=started) as conn:
+                if not local and not args.quiet:  # local mode says where its server is; this says the broker
+                    print(f"cluster mode: broker {mask_password(settings.broker)}, result backend "
+                          f"{mask_password(settings.backend)} (CELERY_BROKER_URL, CELERY_RESULT_BACKEND)", flush=True)
                 job_id = jobs.new_job_id()
                 total = jobs.create(conn.ledger, job_id, spool.replay(),
                                     {"input": label, "opts": options.changed(), "created": time.time(),

@@ -3,6 +3,8 @@ policy refuses (loopback without FLEETFETCH_ALLOW_NETWORKS, the usual first try)
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 from collections import Counter
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -12,9 +14,19 @@ from tasks.config import settings
 from tasks.message import Entry
 
 
+def _judged_here(host: str, policy: guard.Policy) -> bool:
+    """Whether the host can be judged without asking the DNS (which could hold up local mode's start): an address,
+    localhost, or a name FLEETFETCH_RESOLVE gives."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return True
+    name = host.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or any(name == n for n, _, _ in policy.resolve)
+
+
 def every_host_refused(entries: Iterable[Entry]) -> str | None:
     """The refusals, grouped ("5 × refused: ..."), when the policy refuses every host of the list; None as soon as
-    one host is allowed or cannot be judged here (its name does not resolve now: the workers will say)."""
+    one host is allowed or cannot be judged here (a name only the DNS knows: the workers will say)."""
     policy = guard.Policy.from_settings(settings.allow_private, settings.allow_networks, settings.resolve)
     judged: dict[tuple[str, int], str] = {}
     reasons: Counter[str] = Counter()
@@ -25,6 +37,8 @@ def every_host_refused(entries: Iterable[Entry]) -> str | None:
         except ValueError:
             return None
         if where not in judged:
+            if not _judged_here(where[0], policy):
+                return None
             try:
                 guard.resolve(*where, policy)
                 return None

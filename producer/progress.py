@@ -25,6 +25,7 @@ POLL_MIN_S = 0.005  # of its time after it ends (local mode's fixed cost), a lon
 PLAIN_EVERY_S = 5.0
 IDLE_HINT_S = 30.0
 MAX_LISTED_FAILURES = 50
+GROUP_FROM = 5  # URLs failed for one reason shown as one line from this many on; fewer, each with its URL
 
 
 def finished(counts: dict[str, int]) -> int:
@@ -162,14 +163,15 @@ def summary(counts: dict[str, int], fails: list[dict[str, Any]], seconds: float)
              f"{human_bytes(size)} in {seconds:.1f} s ({human_rate(size, seconds)})"]
     if counts.get("cancelled"):
         lines[0] = lines[0].replace(" failed;", f" failed, {counts['cancelled']} cancelled;", 1)
-    groups = grouped(fails)
-    for reason, urls in list(groups.items())[:MAX_LISTED_FAILURES]:
-        if len(urls) == 1:
-            lines.append(f"  failed: {urls[0]}: {reason}")
+    shown = []
+    for reason, urls in grouped(fails).items():
+        if len(urls) >= GROUP_FROM:
+            shown.append(f"  {len(urls)} × failed: {reason} ({urls[0]} and {len(urls) - 1} more)")
         else:
-            lines.append(f"  {len(urls)} × failed: {reason} ({urls[0]} and {len(urls) - 1} more)")
-    if len(groups) > MAX_LISTED_FAILURES:
-        lines.append(f"  ... and {len(groups) - MAX_LISTED_FAILURES} more reasons (see --manifest or `results`)")
+            shown.extend(f"  failed: {url}: {reason}" for url in urls)
+    lines.extend(shown[:MAX_LISTED_FAILURES])
+    if len(shown) > MAX_LISTED_FAILURES:
+        lines.append(f"  ... and {len(shown) - MAX_LISTED_FAILURES} more (see --manifest or `results`)")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from celery import Celery, signals
 from . import dependencies, heartbeat, kombu_redis
 from .config import QUEUE, default_concurrency, settings
 from .feed import Sweeper
+from .redact import mask_password
 
 dependencies.check()  # an older library than pyproject.toml's ranges: one line and exit 2, not a traceback per URL
 # redis:// and rediss:// brokers get kombu's Redis transport with one reused synchronous client per channel instead
@@ -45,6 +46,16 @@ def _freeze_before_fork(**_: object) -> None:
     then never writes to those pages, so they stay shared with every child (16 children: 551 -> 288 MB PSS)."""
     gc.collect()
     gc.freeze()
+
+
+@signals.worker_init.connect
+def _say_which_broker(**_: object) -> None:
+    """A worker with no CELERY_BROKER_URL uses a Redis on this machine, while the producer with none starts local
+    mode's own server: say so, as the two would never meet."""
+    if settings.broker_url is None:
+        logging.getLogger("fleetfetch").warning(
+            "No CELERY_BROKER_URL: this worker uses %s; a producer without it runs its own local mode instead (set "
+            "the same CELERY_BROKER_URL for both)", mask_password(settings.broker))
 
 
 @signals.after_setup_logger.connect

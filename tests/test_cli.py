@@ -130,3 +130,13 @@ def test_error_lines_never_echo_secrets(cluster, tmp_path):
     assert "Traceback" not in shown and len((cookies.stderr + netrc.stderr).strip().splitlines()) == 2
     for secret in ("hunter2", "tok-s3cret", "pw-s3cret", "hdr-s3cret", "key-s3cret", "ck-s3cret", "nt-s3cret"):
         assert secret not in shown, shown
+
+
+def test_a_run_in_cluster_mode_says_which_broker_it_uses(cluster, tmp_path):
+    """A producer with no settings starts local mode, a worker with none uses a Redis on this machine: each says
+    which broker it uses, so a user sees why the two never meet."""
+    listing = write_list(tmp_path / "urls.txt", ["http://127.0.0.1/said.bin"])
+    result = cluster.producer(str(listing), "--no-wait", "--queue", "no-worker-serves-this")  # never downloaded
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"cluster mode: broker {cluster.env['CELERY_BROKER_URL']}, result backend "), \
+        result.stdout

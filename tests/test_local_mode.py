@@ -221,7 +221,8 @@ def test_a_local_job_outlives_its_command_ctrl_c_then_status_results_and_resume(
     status = subprocess.run([sys.executable, "-m", "producer", "status", job, "-d", str(out_dir)], cwd=tmp_path,
                             env=base_env(), capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stdout + status.stderr
-    assert f"job {job}: 24 URLs" in status.stdout
+    assert f"job {job}: 24 URLs, interrupted" in status.stdout  # no command runs it now
+    assert f"fleetfetch resume {job} -d {out_dir}" in status.stdout
     records = subprocess.run([sys.executable, "-m", "producer", "results", job, "-d", str(out_dir)], cwd=tmp_path,
                              env=base_env(), capture_output=True, text=True, timeout=60)
     assert len(records.stdout.splitlines()) == 24
@@ -753,3 +754,14 @@ def test_an_explicit_authorization_header_wins_over_the_urls_user_and_password(o
     assert result.returncode == 0, result.stdout + result.stderr
     assert origin.requests_for("/auth.bin")[0].headers.get("Authorization") == "Bearer tok"
     assert watch.survivors() == []
+
+
+def test_the_stall_hint_of_a_local_job_does_not_advise_starting_a_celery_worker():
+    """Local mode's workers are its own (their death ends the job): a stall there is slow or paused hosts, and the
+    cluster's hint `is a worker running? (celery -A tasks worker)` would send the user the wrong way."""
+    from producer.progress import _idle_hint
+    from tasks.ledger import STATES
+
+    counts = dict.fromkeys(STATES, 0) | {"started": 3}
+    assert "celery" not in _idle_hint(counts, local=True) and "3 running" in _idle_hint(counts, local=True)
+    assert "celery -A tasks worker" in _idle_hint(counts, local=False)
