@@ -92,7 +92,8 @@ def _readable(payload: Any) -> bool:
     """True if kombu can make a message of `payload` (it raises in the event loop otherwise)."""
     props = payload.get("properties") if isinstance(payload, dict) else None
     if not isinstance(props, dict) or not isinstance(props.get("delivery_tag"), str) \
-            or not isinstance(props.get("delivery_info"), dict):
+            or not isinstance(props.get("delivery_info"), dict) or not isinstance(payload.get("headers") or {}, dict) \
+            or not all(isinstance(payload.get(k) or "", str) for k in ("content-type", "content-encoding")):
         return False
     body, encoding = payload.get("body"), props.get("body_encoding")
     if not body or not encoding:
