@@ -7,6 +7,7 @@ the broker transport cannot read is dropped with a log line, and the worker carr
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -169,3 +170,17 @@ def test_a_task_body_of_the_wrong_shape_fails_once_and_holds_nothing(site, origi
     assert result.returncode == 0, result.stdout + result.stderr
     time.sleep(1.5)  # a sweep or two: none may fail on what the message held
     assert "Sweep for lost URLs failed" not in worker.log_text()
+
+
+def test_unreadable_messages_taken_in_a_batch_leave_nothing_unacknowledged(site, origin, tmp_path):
+    c, w = site
+    bad = json.dumps({"properties": {"delivery_tag": "t", "delivery_info": {}}, "headers": 5, "body": "abc"})
+    line = "dropped a message the broker transport cannot read"
+    before = w.log_text().count(line)
+    c.broker().lpush(QUEUE, *[bad.replace('"t"', f'"bad-{i}"') for i in range(4)])  # one BRPOP'd, the rest taken
+    deadline = time.monotonic() + 10
+    while w.log_text().count(line) < before + 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert w.log_text().count(line) == before + 4
+    assert w.proc is not None and w.proc.poll() is None
+    assert c.broker().llen(QUEUE) == 0 and c.broker().hlen("unacked") == 0
