@@ -1,7 +1,8 @@
 """Reading a URL list: one pass checks every line, names each URL and spools the entries to a temp file.
 
 Two formats, mixed freely: one URL per line (optionally followed by sha256=<hex>), and aria2c's input file, where
-a URL line is followed by indented `key=value` lines (out, dir, header, checksum, user-agent) for that URL.
+a URL line is followed by indented `key=value` lines (out, dir, header, checksum, user-agent, referer,
+continue) for that URL; other aria2 options are a warning each.
 Nothing is enqueued unless every line is good; the bad ones are all reported (up to MAX_REPORTED).
 """
 

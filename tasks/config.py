@@ -126,7 +126,7 @@ class Settings:
     download_dir: Path = Path("downloads")
     # Downloads wait on the network: one process per core (Celery's prefork default) fetched a remote-like list
     # 1000 x 64 KiB in 60 s, 32 threads in one process in 8.2 s with 64 MB PSS; 16 prefork children took 9.2 s
-    # but 288-516 MB (README, "Choosing a pool").
+    # but 288-516 MB (docs/operations.md, "Choosing a pool").
     pool: str = "threads"
     concurrency: int = 0  # 0 = default_concurrency(pool, per_host)
     connect_timeout: float = 10.0
@@ -138,7 +138,7 @@ class Settings:
     url_lease: int = 60  # a running URL not heard of for this long has lost its worker: it is published again
     sweep_interval: int = 15  # how often one worker looks for URLs whose lease ran out or whose message was lost
     # Messages of one job in the broker at once; the rest waits in the ledger and is published as they drain
-    # (feed.Feeder): Redis holds ~590 bytes per message but ~120 per URL waiting in the ledger (README, Scale out).
+    # (feed.Feeder): Redis holds ~590 bytes per message but ~120 per URL waiting in the ledger (docs/window.md).
     window: int = 50_000
     max_redeliveries: int = 5  # a URL whose worker died this many times fails (it may be what kills them)
     result_expires: int = 3 * 24 * 3600

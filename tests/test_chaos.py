@@ -1,6 +1,6 @@
 """Nothing lost under faults: real workers and a real Redis are killed mid-job; every URL must end correct.
 
-The short version runs by default. The long report (README figures), with every shipped setting:
+The short version runs by default. The long report (docs/reliability.md figures), with every shipped setting:
     FLEETFETCH_CHAOS_SHIPPED=1 FLEETFETCH_CHAOS_RUNS=10 FLEETFETCH_CHAOS_URLS=100 \
         python -m pytest tests/test_chaos.py -k repeated -s
 """
