@@ -103,7 +103,7 @@ def resume(args: argparse.Namespace) -> int:
                 print(f"job {args.job}: cancelled before; taking up its {progress.plural(taken, 'cancelled URL')} "
                       "again", flush=True)
         if meta.get(ledger.FED) is not None:  # fed through a window: offered again from the first URL
-            sent = conn.feed(args.job, wait=feed.FEED_LOCK_MS / 1000 + 1, again=True)
+            sent = conn.feed(args.job, wait=feed.FEED_LOCK_S + 1, again=True)
         else:
             sent = jobs.publish(conn.app, conn.ledger, args.job, jobs.load_entries(conn.ledger, args.job),
                                 Options(**(meta.get("opts") or {})), feed.job_queue(meta))

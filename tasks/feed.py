@@ -12,17 +12,18 @@ A duplicate is harmless: the ledger keeps one final record, the part-file lock l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any, cast
 
 import redis
 from celery import Celery, bootsteps
+from redis.lock import Lock
 
 from . import kombu_redis, ledger
 from .config import QUEUE, TASK_NAME, settings
@@ -119,19 +120,19 @@ class Feeder:
         progress = self.book.feeding(job)
         if progress is None or (progress[0] >= progress[1] and not again):
             return 0  # published whole (a job of an older producer), or every URL offered already
-        lock, token, deadline = f"ff:{{{job}}}:feeding", uuid.uuid4().hex, time.monotonic() + wait
-        while not self.book.r.set(lock, token, nx=True, px=FEED_LOCK_MS):
-            if time.monotonic() >= deadline:
-                return 0  # another worker (or the producer) feeds this job now
-            time.sleep(0.2)
+        lock = self.book.r.lock(ledger.JobKeys(job).feeding, timeout=FEED_LOCK_S, sleep=0.2,
+                                blocking_timeout=wait)
+        if not lock.acquire(blocking=wait > 0):
+            return 0  # another worker (or the producer) feeds this job now
         try:
             if again:
-                self.book.fed(job, 0)
+                self.book.mark_fed(job, 0)
             return self._top_up(job, lock)
         finally:
-            self.book.r.eval(_UNLOCK, 1, lock, token)
+            with contextlib.suppress(redis.exceptions.LockError):  # expired and taken meanwhile: not ours
+                lock.release()
 
-    def _top_up(self, job: str, lock: str) -> int:
+    def _top_up(self, job: str, lock: Lock) -> int:
         meta = self.book.meta(job)
         fed, total = int(meta.get(ledger.FED) or 0), int(meta.get("total") or 0)
         if meta.get(ledger.CANCELLED_AT) is not None:
@@ -144,15 +145,13 @@ class Feeder:
             batch = [Message.of(job, Entry(*row), options) for row in self.book.unpublished(job, upto, start=fed)]
             if batch:
                 publish(self.app, self.book, job, batch, queue_name=queue)
-            self.book.fed(job, upto)
-            self.book.r.pexpire(lock, FEED_LOCK_MS)  # held while batches go out; a killed feeder's runs out soon
+            self.book.mark_fed(job, upto)
+            lock.reacquire()  # held while batches go out; a killed feeder's runs out soon
             fed, room, sent = upto, room - len(batch), sent + len(batch)
         return sent
 
 
-FEED_LOCK_MS = 10_000  # a feeder that died holding the lock delays the job's feeding this long at most
-# KEYS[1] lock; ARGV[1] token. Deletes the lock only if it is still ours (it may have expired and been taken).
-_UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+FEED_LOCK_S = 10.0  # a feeder that died holding the lock delays the job's feeding this long at most
 
 
 def job_options(book: ledger.Ledger, job: str) -> Options:
@@ -172,20 +171,20 @@ class Reconciler:
 
     def sweep(self) -> int:
         """One pass over the live jobs under the cluster-wide lock; returns the URLs published again."""
-        token = uuid.uuid4().hex
-        if not self.book.r.set(LOCK_KEY, token, nx=True, px=int(settings.sweep_interval * 900)):
+        # Never released: it lapses after 90 % of a sweep interval, so the cluster sweeps about once an interval.
+        if not self.book.r.lock(LOCK_KEY, timeout=settings.sweep_interval * 0.9).acquire(blocking=False):
             return 0  # another worker (or the producer) sweeps now
         healed = 0
         for job in self.book.live():
             meta = self.book.meta(job)
             if not meta:
-                self.book.finished(job)  # expired: nothing to heal
+                self.book.mark_finished(job)  # expired: nothing to heal
                 continue
             if "total" not in meta:
                 continue  # being created: its URLs are still being written (the feeder waits for them too)
             counts, total = ledger.counts_in(meta), int(meta.get("total") or 0)
             if sum(counts[s] for s in ledger.FINAL) >= total:
-                self.book.finished(job)
+                self.book.mark_finished(job)
             else:
                 healed += self.heal(job, counts)
         return healed

@@ -14,6 +14,7 @@ import redis
 
 from tasks import connection, ledger
 from tasks.hostlimit import HostKeys, HostLimiter
+from tasks.ledger import scripts
 from tests.support.servers import RedisServer
 
 SHA = hashlib.sha256(b"x").hexdigest()
@@ -206,3 +207,14 @@ def test_a_threads_own_connection_waits_without_polling_and_still_times_out(tmp_
         assert client.ping()  # and it reconnects once the server answers again
     finally:
         server.stop()
+
+
+def test_every_ledger_script_names_the_keys_and_arguments_it_takes(redis_server):
+    """Each Lua file opens with the KEYS and ARGV it takes (the Python side passes JobKeys' named keys), and every
+    one loads on a real server as the ledger sends it: with the states library in front where it needs it."""
+    client = redis_server.client(1)
+    for name in scripts.NAMES:
+        header = [line for line in scripts.source(name).splitlines() if line.startswith("--")]
+        assert any("KEYS[1]" in line for line in header), name
+        sha = client.script_load(scripts.source(name))
+        assert client.script_exists(sha) == [True]

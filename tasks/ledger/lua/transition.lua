@@ -1,0 +1,40 @@
+-- Move one URL to a state. Returns the final state the URL already had (then nothing changes), or false. A URL
+-- about to start in a job that was cancelled (meta field `cancelled`) ends cancelled instead, and 'cancelled' is
+-- returned: the worker skips it in the same round trip. A URL without a state yet counts as published
+-- (`published` = URLs that have a state): its message was taken before the publisher marked it queued.
+-- KEYS[1] meta, KEYS[2] state, KEYS[3] rec, KEYS[4] due
+-- ARGV[1] index, ARGV[2] new state, ARGV[3] final record ('' = none), ARGV[4] bytes to count, ARGV[5] ttl (s),
+-- ARGV[6] ms from now by which a worker must be heard of again for this URL (its lease); '' = none (final)
+local i = tonumber(ARGV[1])
+local old = code_at(KEYS[2], i)
+if old and FINAL[old] then return NAME[old] end
+if not old then redis.call('HINCRBY', KEYS[1], 'published', 1) end
+local new = CODE[ARGV[2]]
+if new == 's' and redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then
+  redis.call('SETRANGE', KEYS[2], i, 'c')
+  if old then count(KEYS[1], old, -1) end
+  count(KEYS[1], 'c', 1)
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  announce_if_ended(KEYS[1])
+  return 'cancelled'
+end
+if old ~= new then
+  redis.call('SETRANGE', KEYS[2], i, new)
+  if old then count(KEYS[1], old, -1) end
+  count(KEYS[1], new, 1)
+  if FINAL[new] then announce_if_ended(KEYS[1]) end
+end
+if ARGV[6] == '' then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+else
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[4], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[6]), ARGV[1])
+end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 'bytes', tonumber(ARGV[4]))
+end
+if redis.call('TTL', KEYS[3]) < 0 then
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[5])) end
+end
+return false
