@@ -60,7 +60,18 @@ SMOKE = {
 }
 
 
+# The fast tier (`python -m pytest -m fast`, about a minute: what to run before each commit): pure functions and
+# Lua scripts on a real Redis, marked `fast` per module or per test. Workers, the producer and chaos are the full
+# tier (CI runs both): a fast test that asks for a fixture starting them is refused at collection.
+PROCESS_FIXTURES = {"cluster", "worker", "workers", "chaos", "flower", "own", "default_worker", "hostile",
+                    "https_worker", "site", "network", "pair"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    slow = [item.nodeid for item in items if item.get_closest_marker("fast")
+            and PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    if slow:
+        raise pytest.UsageError(f"tests marked fast ask for workers or a producer: {slow}")
     found = set()
     for item in items:
         name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
