@@ -170,5 +170,5 @@ def _invalid_header(headers: dict[str, str]) -> str:
             requests.utils.check_header_validity((name, value))
         except requests.exceptions.InvalidHeader:
             shown = name if _TOKEN.fullmatch(name) else "(a name that is not a token)"
-            return f"invalid request header {shown}: its value has a line break, or a space at its start"
+            return f"invalid request header {shown}: a line break or a leading space in it (not sent)"
     return "invalid request header"
