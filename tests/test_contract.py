@@ -24,6 +24,7 @@ SECRET = "pw-Zq7!x"
 
 
 # pure ------------------------------------------------------------------------------------------------
+@pytest.mark.fast
 def test_message_round_trip_carries_only_what_was_set():
     msg = Message.of("job1", Entry(3, "http://h.test/a.pdf", "a.pdf", "ab" * 32), Options(per_host=8, force=True))
     args, kwargs = msg.encode()
@@ -52,6 +53,7 @@ def test_options_typed_by_the_user_win_over_the_workers_settings():
     ({"headers": [["Range", "bytes=0-9"]]}, "a header fleetfetch owns"),
     ({"resume": {"etag": 5}}, "bad value for resume"),
 ])
+@pytest.mark.fast
 def test_a_message_off_the_contract_fails_loudly(opts, reason):
     with pytest.raises(BadMessage, match=reason):
         Message.decode("http://h.test/a", "a", "job", 0, opts)
@@ -69,6 +71,7 @@ def test_a_urls_own_options_and_headers_travel_but_never_secret_ones():
     assert Message.decode(*args, **json.loads(json.dumps(kwargs))).options == msg.options
 
 
+@pytest.mark.fast
 def test_a_url_with_secrets_travels_sealed():
     url = f"http://user:{SECRET}@h.test/f?token=abc&page=2"
     msg = Message.of("job1", Entry(0, url, "f", None), Options(), RetryState(attempt=2))

@@ -24,6 +24,7 @@ def _declared() -> dict[str, Requirement]:
     return {r.name: r for r in map(Requirement, deps)}
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("package", "known"), [("kombu", kombu_redis.KNOWN), ("urllib3", urllib3_hooks.KNOWN)])
 def test_a_package_whose_internals_are_used_is_bounded_to_the_versions_its_module_knows(package, known):
     spec = _declared()[package].specifier
@@ -35,12 +36,14 @@ def test_a_package_whose_internals_are_used_is_bounded_to_the_versions_its_modul
     assert not spec.contains(f"{last.major}.{last.minor + 1}.0")
 
 
+@pytest.mark.fast
 def test_the_floors_checked_at_start_are_the_declared_ones():
     declared = _declared()
     for name, (floor, _why) in dependencies.FLOORS.items():
         assert any(s.operator == ">=" and s.version == floor for s in declared[name].specifier), name
 
 
+@pytest.mark.fast
 def test_a_library_below_its_floor_is_named_with_what_to_install():
     lines = dependencies.too_old({"kombu": "5.6.2", "requests": "2.32.3", "urllib3": "2.1.0rc1"})
     assert len(lines) == 2
@@ -48,11 +51,13 @@ def test_a_library_below_its_floor_is_named_with_what_to_install():
     assert "pip install 'urllib3>=2.2'" in lines[1]
 
 
+@pytest.mark.fast
 def test_the_installed_kombu_and_urllib3_are_ones_the_modules_know():
     assert kombu_redis.unfit() is None
     assert urllib3_hooks.unfit() is None
 
 
+@pytest.mark.fast
 def test_an_unknown_version_is_named_in_the_reason_it_is_unfit():
     assert "kombu 5.8.0 is not a version fleetfetch knows (5.7)" in (kombu_redis.unfit("5.8.0") or "")
     assert "urllib3 3.0.0 is not a version fleetfetch knows" in (urllib3_hooks.unfit("3.0.0") or "")

@@ -22,6 +22,8 @@ from packaging.utils import canonicalize_name
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.fast  # the fast tier (tests/conftest.py)
+
 BIN = Path(sys.executable).parent
 K8S = ROOT / "deploy" / "k8s"
 SOFT_SHUTDOWN_S = 60  # FLEETFETCH_SOFT_SHUTDOWN_TIMEOUT in the shipped configurations

@@ -10,6 +10,8 @@ import pytest
 
 from tasks.digest import INLINE, Sha256
 
+pytestmark = pytest.mark.fast  # the fast tier (tests/conftest.py)
+
 
 def _threads() -> int:
     return sum(1 for t in threading.enumerate() if t.name == "sha256")

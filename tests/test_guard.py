@@ -10,6 +10,8 @@ import pytest
 
 from tasks.guard import Policy, Refused, check_scheme, is_public, refusal, resolve
 
+pytestmark = pytest.mark.fast  # the fast tier (tests/conftest.py)
+
 V4, V6 = ipaddress.IPv4Address, ipaddress.IPv6Address
 SAMPLES = [V4((first << 24) | (second << 16) | (third << 8) | 1)
            for first in range(256) for second in (0, 1, 16, 64, 88, 99, 100, 127, 168, 254, 255) for third in (0, 2)]

@@ -17,6 +17,8 @@ from tasks.hostlimit import HostKeys, HostLimiter
 from tasks.ledger import scripts
 from tests.support.servers import RedisServer
 
+pytestmark = pytest.mark.fast  # the fast tier (tests/conftest.py)
+
 SHA = hashlib.sha256(b"x").hexdigest()
 
 

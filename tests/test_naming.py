@@ -5,6 +5,7 @@ import os
 import unicodedata
 from urllib.parse import quote
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,8 @@ from tasks.naming import (
     sanitize,
     with_hash,
 )
+
+pytestmark = pytest.mark.fast  # the fast tier (tests/conftest.py)
 
 
 def assert_safe(name: str) -> None:

@@ -226,6 +226,7 @@ def _fill(limiter: HostLimiter, host: str, held: list, ceiling: int) -> int:
     return len(held)
 
 
+@pytest.mark.fast
 def test_a_hosts_window_doubles_while_it_keeps_up_then_halves_on_stress(redis_server):
     """The adaptive window's rules, run by its Lua scripts on a real Redis (the server's clock and state)."""
     limiter = HostLimiter(redis_server.client(1))
@@ -296,6 +297,7 @@ def test_a_slot_given_back_wakes_a_waiter_of_another_worker_at_once(redis_server
     mine.r.delete(free)
 
 
+@pytest.mark.fast
 def test_a_slot_given_back_twice_counts_once(redis_server):
     """A release sent again (its reply lost with a broken connection, then sent again by the client's retries or
     by `connection.together`) frees no second slot and counts no second download towards the window."""
@@ -311,6 +313,7 @@ def test_a_slot_given_back_twice_counts_once(redis_server):
     assert limiter.r.zcard(HostKeys(host).slots) == START - 1
 
 
+@pytest.mark.fast
 def test_host_pause_policy():
     policy = {"threshold": 3, "base": 0.5, "cap": 1.5, "max_wait": 10}
     # other 5xx: nothing until the threshold, then base, doubling, capped
@@ -354,6 +357,7 @@ def read_manifest_from_results(cluster: Cluster, producer_output: str) -> list[d
     return [json.loads(line) for line in listing.stdout.splitlines()]
 
 
+@pytest.mark.fast
 def test_lease_ids_are_unique_across_forked_processes():
     """A slot's lease id is a per-process prefix and a counter: a prefork child draws its own prefix, or two
     children would take the same slot under one id (one ZADD overwriting the other's lease)."""

@@ -10,6 +10,8 @@ from producer.urls import check_line
 from tasks.redact import mask_password, redact_text, redact_url
 from tasks.retry import backoff, countdown, parse_retry_after
 
+pytestmark = pytest.mark.fast  # the fast tier (tests/conftest.py)
+
 HEX = "ab" * 32
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import string
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tasks.redact import MASK, mask_password, redact_text, redact_url
+
+pytestmark = pytest.mark.fast  # the fast tier (tests/conftest.py)
 
 # RFC 3986 userinfo: unreserved / pct-encoded / sub-delims / ":"
 USERINFO_PUNCT = "-._~!$&'()*+,;=:%"

@@ -15,6 +15,8 @@ import pytest
 from tasks import fetch, guard, storage, urllib3_hooks
 from tasks.errors import PermanentError, TransientError
 
+pytestmark = pytest.mark.fast  # the fast tier (tests/conftest.py)
+
 
 def test_a_planted_hard_link_or_fifo_is_dropped_and_a_fresh_temp_file_created(tmp_path):
     victim = tmp_path / "victim"

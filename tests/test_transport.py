@@ -32,6 +32,7 @@ def server(tmp_path: Path):
     "redis://:pw@127.0.0.1:6390/3",
     "rediss://user:pw@127.0.0.1:6391/2?ssl_cert_reqs=required&ssl_ca_certs=/tmp/ca.pem",
 ])
+@pytest.mark.fast
 def test_redis_urls_get_the_subclass_and_parse_as_before(url):
     assert app.conf.broker_url  # tasks.app is imported: the aliases are installed
     conn = Connection(url)
@@ -47,11 +48,13 @@ def test_redis_urls_get_the_subclass_and_parse_as_before(url):
         assert conn.ssl == {"ssl_cert_reqs": 2, "ssl_ca_certs": "/tmp/ca.pem"}  # ssl.CERT_REQUIRED
 
 
+@pytest.mark.fast
 def test_other_brokers_keep_kombus_transports():
     assert Connection("amqp://guest:guest@127.0.0.1:5672//").get_transport_cls() is pyamqp.Transport
     assert Connection("sentinel://127.0.0.1:26379").get_transport_cls() is kombu_redis.SentinelTransport
 
 
+@pytest.mark.fast
 def test_a_channel_reuses_one_client_per_pool_and_acks_still_clear_unacked(server):
     with Connection(server.url(0), transport_options=dict(app.conf.broker_transport_options)) as conn:  # shipped
         channel = conn.default_channel
@@ -128,6 +131,7 @@ def _queued(conn: Connection, broker, name: str) -> list[int]:
     return sorted(channel.Message(json.loads(raw), channel=channel).payload["n"] for raw in broker.lrange(name, 0, -1))
 
 
+@pytest.mark.fast
 def test_a_brpop_brings_as_many_messages_as_the_prefetch_limit_allows_each_recorded_as_kombu_would(server):
     """One BRPOP, then one script for the rest: each taken message is on kombu's unacked index in the same step as
     its pop, in the JSON kombu's own QoS writes, so kombu's restore gives it back (at shutdown, or after the
@@ -157,6 +161,7 @@ def test_a_brpop_brings_as_many_messages_as_the_prefetch_limit_allows_each_recor
             assert broker.hlen(UNACKED) == 0 and _queued(conn, broker, "ff-batch-test") == [1, 2, 4, 5, 6]
 
 
+@pytest.mark.fast
 def test_acks_on_the_event_loops_thread_go_in_one_round_trip_per_turn_and_are_never_given_back(server):
     """The worker's event loop runs the transport's tick before each poll (kombu's Hub.on_tick; called here as the
     loop would): the acks of a turn leave kombu's books at once and `unacked` in one pipeline; closing the channel
