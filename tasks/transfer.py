@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from . import fetch, storage
+from . import fetch, segments, storage
 from .credentials import Credentials
 from .errors import CutShort, PermanentError, TransientError
 from .naming import candidates, check_component, disposition_name
@@ -37,6 +37,7 @@ class Request:
     headers: dict[str, str] = field(default_factory=dict)  # sent with every request (User-Agent, --header)
     limit_rate: int = 0  # bytes per second of this download; 0: unlimited
     credentials: Credentials | None = None  # netrc logins, cookies (added per host by fetch) and --proxy
+    segments: segments.Config | None = None  # big files in several ranges at once (--split); None: one stream
 
 
 @dataclass
@@ -86,21 +87,25 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
     where.check_meta()
     known = None if req.force else storage.load_validators(where, name, req.url)
     part = storage.PartFile(where, name, durable=fsync)
+    seg = segments.Run(req.segments, part, req.url, req.headers, req.credentials, limits, deadline, req.limit_rate,
+                       on_chunk)
     response: requests.Response | None = None
     try:
-        headers = _resume_headers(part, req.resume)
+        response = seg.resume()  # [segments] a range map kept with the temp file: only its missing ranges are fetched
+        headers = _resume_headers(part, req.resume) if response is None else {}
         if known and not headers:
             if known.etag:
                 headers["If-None-Match"] = known.etag
             if known.last_modified:
                 headers["If-Modified-Since"] = known.last_modified
-        response = _open(req.url, {**req.headers, **headers}, limits, part, deadline, req.credentials)
+        if response is None:
+            response = _open(req.url, {**req.headers, **headers}, limits, part, deadline, req.credentials)
         if response.status_code == 304 and known:
             response.close()
             part.discard()
             return Outcome("unchanged", _rel(req, name), known.bytes, known.sha256, 304, response.url,
                            {"etag": known.etag or "", "last_modified": known.last_modified or ""})
-        _stream(response, part, req, limits, deadline, on_chunk)
+        response = seg.stream(response, lambda r, hook: _stream(r, part, req, limits, deadline, hook))  # [segments]
         digest = part.hash.hexdigest()
         if req.sha256 and digest != req.sha256:
             raise PermanentError(f"sha256 mismatch: expected {req.sha256}, got {digest}")
@@ -113,13 +118,13 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
         if not labelled:
             storage.save_validators(where, name, validators.stamp(st))
         return Outcome("done", _rel(req, name), size, digest, response.status_code, response.url,
-                       _headers_of(response))
+                       {**_headers_of(response), **seg.notes})
     except TransientError as exc:
         kept = _validators_of(response) if response is not None and part.size > 0 else {}
         if kept:
             kept["part"] = part.identity()
         exc.resume = kept or None
-        part.close() if kept else part.discard()
+        part.close() if kept or seg.kept else part.discard()  # [segments] a range map is worth keeping too
         raise
     except BaseException:
         part.discard()

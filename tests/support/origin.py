@@ -55,6 +55,8 @@ class Resource:
     ranges: bool = True
     stall: float = 0.0
     content_disposition: str | None = None
+    ignore_range: bool = False  # advertise Accept-Ranges, yet answer every range request with the whole body (200)
+    lying_range: bool = False  # answer a range with its bytes but a Content-Range that starts at 0
 
 
 class _Headers(dict):
@@ -128,6 +130,7 @@ class Origin(Served):
         self.redirects: dict[str, tuple[str, int]] = {}
         self.requests: list[Record] = []
         self.current = 0
+        self.sent: dict[str, int] = {}  # body bytes written per resource path
         self.max_concurrent = 0
         self._cuts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -181,6 +184,10 @@ class Origin(Served):
             self.current += 1
             record.concurrent = self.current
             self.max_concurrent = max(self.max_concurrent, self.current)
+
+    def _count(self, key: str, n: int) -> None:
+        with self._lock:
+            self.sent[key] = self.sent.get(key, 0) + n
 
     def _handshake(self, record: Handshake) -> None:
         with self._lock:
@@ -304,7 +311,8 @@ class _Handler(BaseHTTPRequestHandler):
         if res.ranges:
             headers["Accept-Ranges"] = "bytes"
         if status == 206:
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(res.body)}"
+            first = 0 if res.lying_range else start
+            headers["Content-Range"] = f"bytes {first}-{first + end - start - 1}/{len(res.body)}"
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
@@ -330,6 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
             if i + piece >= len(data) and not res.no_length:
                 self._last_write()
             self.wfile.write(chunk)
+            self.origin._count(key, len(chunk))
             sent += len(chunk)
             if res.stall and i == 0:
                 self.wfile.flush()
@@ -364,7 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _range(self, res: Resource) -> tuple[int, int, int]:
         size = len(res.body)
         spec = self.headers.get("Range")
-        if not spec or not res.ranges or not spec.startswith("bytes="):
+        if not spec or not res.ranges or res.ignore_range or not spec.startswith("bytes="):
             return 0, size, 200
         if_range = self.headers.get("If-Range")
         if if_range is not None and if_range not in (res.etag, res.last_modified):
