@@ -35,6 +35,9 @@ PROBE_S = 0.3  # the first stream runs this long before its rate decides whether
 SLOW_S = 2.0  # split only when the rest would take longer than this on one stream
 FAST = 100 << 20  # bytes/s: a stream this fast is bound by the disk and the CPU, not the connection: never split
 MIN_PIECE = 1 << 20  # no range is cut smaller than this
+# Nor is one asked for in pieces larger than this (aria2c's -k): a connection that is done takes the next piece, so
+# the slowest connection holds the file up by one piece at most, and a range map loses little to a kill.
+PIECE = 4 << 20
 SAVE_EVERY = 8 << 20  # the range map is written each time this many more bytes are complete,
 SAVE_S = 0.5  # or this long after it was last written: a killed attempt loses at most that much of every range
 HASH_STEP = 64 << 20  # the coordinator hashes at most this much between two looks at the ranges
@@ -108,7 +111,8 @@ def _merge(ranges: list[list[int]]) -> list[list[int]]:
 
 
 def plan(ranges: list[tuple[int, int]], count: int) -> list[_Piece]:
-    """Cut `ranges` into about `count` pieces: the largest is halved until there are `count` or all are small."""
+    """Cut `ranges` into at least `count` pieces (the largest is halved until there are, or all are small), none
+    larger than PIECE, in file order."""
     pieces = [_Piece(a, b) for a, b in ranges if b > a]
     while len(pieces) < count:
         big = max(pieces, key=lambda p: p.end - p.start, default=None)
@@ -117,7 +121,8 @@ def plan(ranges: list[tuple[int, int]], count: int) -> list[_Piece]:
         mid = big.start + (big.end - big.start) // 2
         pieces.append(_Piece(mid, big.end))
         big.end = mid
-    return sorted(pieces, key=lambda p: p.start)
+    small = [_Piece(a, min(a + PIECE, p.end)) for p in pieces for a in range(p.start, p.end, PIECE)]
+    return sorted(small, key=lambda p: p.start)
 
 
 def validator_of(response: requests.Response) -> str | None:
@@ -191,7 +196,7 @@ class Run:
         self.map: _Map | None = None
         self._hashed = 0  # the file is hashed in order up to here
         self._crew: _Crew | None = None
-        self._probed = False  # the first stream's rate was looked at (once)
+        self._prober_error: BaseException | None = None
 
     # -- resume --------------------------------------------------------------------------------------------------
     def resume(self) -> requests.Response | None:
@@ -231,30 +236,70 @@ class Run:
     def stream(self, response: requests.Response,
                one_stream: Callable[[requests.Response, Callable[[], None] | None], None]) -> requests.Response:
         """Stream `response` (one_stream(response, hook)); when it is slow, the rest is split into ranges on extra
-        connections while this stream goes on with the first of them. Returns the response describing the file."""
+        connections while this stream goes on with the first of them. Returns the response describing the file.
+        The decision is a thread's, PROBE_S after the start: a throttled stream may not deliver a chunk for a
+        second, and this one waits for them."""
         if self.finished:
             return response
         size = splittable(response, self.cfg) if self.cfg is not None else None
         if size is None:
             one_stream(response, self.on_chunk)
             return response
-        began, at_start = time.monotonic(), self.part.size
+        streamed = threading.Event()
+        prober = threading.Thread(target=self._prober, args=(response, size, streamed), daemon=True, name="segments")
+        prober.start()
         try:
-            one_stream(response, lambda: self._probe(response, began, at_start, size))
-            if self._crew is None:
-                return response
+            one_stream(response, self._hook)
         except _Split:
             pass  # this stream reached the first range's end (and is closed): the crew does the rest
         except BadRange as exc:
+            self._join(prober, streamed)
             return self._one_stream_after(exc, one_stream)
         except BaseException:
+            self._join(prober, streamed)
             self._end_crew(failed=True)
             raise
+        self._join(prober, streamed)
+        if self.part.size >= size:  # the whole body came on this stream before any range was needed
+            self._end_crew(failed=False)
+            self._drop_map()
+            self.kept = False
+            return response
         try:
             self._finish_crew(size)
         except BadRange as exc:
             return self._one_stream_after(exc, one_stream)
         return response
+
+    def _join(self, prober: threading.Thread, streamed: threading.Event) -> None:
+        streamed.set()
+        prober.join()
+        if self._prober_error is not None:
+            self._end_crew(failed=True)
+            raise self._prober_error
+
+    def _hook(self) -> None:
+        """The first stream's chunk hook: a failed range stops it, and so does the first range's end."""
+        if self.on_chunk is not None:
+            self.on_chunk()
+        crew = self._crew
+        if crew is not None:
+            if crew.errors:
+                raise crew.errors[0]
+            if self.part.size >= crew.first_end:
+                raise _Split()
+
+    def _prober(self, response: requests.Response, size: int, streamed: threading.Event) -> None:
+        """PROBE_S into the first stream, decide whether to split; then look after the crew until the first stream
+        ends (the downloading thread takes over)."""
+        try:
+            at_start, began = self.part.size, time.monotonic()
+            if streamed.wait(PROBE_S) or not self._split_now(response, size, at_start, began):
+                return
+            while not streamed.wait(TICK_S):
+                self._tick(hashing=False)
+        except BaseException as exc:  # noqa: BLE001 - raised in the downloading thread
+            self._prober_error = exc
 
     def _one_stream_after(self, exc: BadRange,
                           one_stream: Callable[[requests.Response, Callable[[], None] | None], None]
@@ -269,32 +314,21 @@ class Run:
         one_stream(response, self.on_chunk)
         return response
 
-    def _probe(self, response: requests.Response, began: float, at_start: int, size: int) -> None:
-        """The first stream's chunk hook: decide once whether to split; then look after the crew while this
-        stream fetches the first range, and stop it at that range's end."""
-        if self.on_chunk is not None:
-            self.on_chunk()
-        if self._crew is not None:
-            self._tick(hashing=False)
-            if self.part.size >= self._crew.first_end:
-                raise _Split()
-            return
-        elapsed = time.monotonic() - began
-        if elapsed < PROBE_S or self._probed:
-            return
-        self._probed = True
-        rate = (self.part.size - at_start) / elapsed
-        left = size - self.part.size
+    def _split_now(self, response: requests.Response, size: int, at_start: int, began: float) -> bool:
+        """Split the rest into ranges if the first stream is slow and the host has a slot for another connection."""
+        pos = self.part.size
+        rate = (pos - at_start) / max(1e-6, time.monotonic() - began)
         self.notes.update(segments=1, connections=1)  # decided: one stream unless split below
-        if rate >= FAST or left <= max(rate * SLOW_S, 2 * MIN_PIECE):
-            return
+        if rate >= FAST or size - pos <= max(rate * SLOW_S, 2 * MIN_PIECE):
+            return False
         if self.limit_rate and rate >= self.limit_rate / 2:
-            return  # one stream nearly reaches --limit-rate already
-        slots = self._take_slots((self.cfg.split if self.cfg else 1) - 1)
+            return False  # one stream nearly reaches --limit-rate already
+        split = self.cfg.split if self.cfg else 1
+        pieces = plan([(pos, size)], split)
+        slots = self._take_slots(min(split, len(pieces)) - 1)
         if not slots:
-            return  # the host's window is full: no extra connection
-        self.map, self.kept = _Map(storage.url_key(self.url), size, validator_of(response) or "",
-                                   [[0, self.part.size]]), True
+            return False  # the host's window is full: no extra connection
+        self.map, self.kept = _Map(storage.url_key(self.url), size, validator_of(response) or "", [[0, pos]]), True
         try:
             self._preallocate(size)
         except BaseException:
@@ -302,28 +336,43 @@ class Run:
                 s.release(False)
             raise
         rest = max(1, self.limit_rate - int(rate)) if self.limit_rate else 0
-        self._start_crew(plan([(self.part.size, size)], 1 + len(slots)), None, rest, slots, first_streamed=True)
+        self._start_crew(pieces, None, rest, slots, first_streamed=True)
+        return True
 
     # -- the ranges ----------------------------------------------------------------------------------------------
     def _fetch(self, pieces: list[_Piece], first: requests.Response | None, size: int) -> None:
         """Fetch `pieces` (the first may come with its response open) on as many connections as the host gives."""
-        self._start_crew(pieces, first, self.limit_rate, self._take_slots(len(pieces) - 1), first_streamed=False)
+        wanted = min(len(pieces), self.cfg.split if self.cfg else 1) - 1
+        self._start_crew(pieces, first, self.limit_rate, self._take_slots(wanted), first_streamed=False)
         self._finish_crew(size)
 
     def _start_crew(self, pieces: list[_Piece], first: requests.Response | None, rate: int, slots: list[Slot],
                     first_streamed: bool) -> None:
         """Connections for the pieces: the first piece is this thread's stream (`first_streamed`) or an open
         response handed to the first connection; one more connection per extra slot."""
-        crew = self._crew = _Crew(pieces, slots, _Pace(rate), pieces[0].end if first_streamed else 0)
+        crew = self._crew = _Crew(pieces, [], _Pace(rate), pieces[0].end if first_streamed else 0)
         crew.todo = list(pieces[1:] if first_streamed else pieces)
-        self.notes.update(segments=len(pieces), connections=1 + len(slots))
-        for i in range(len(slots) + (0 if first_streamed else 1)):
-            opened = first if i == 0 and not first_streamed else None
-            t = threading.Thread(target=self._connection, args=(crew, opened), daemon=True, name=f"segment-{i}")
-            crew.threads.append(t)
-            t.start()
+        self.notes.update(segments=len(pieces), connections=1)
+        if not first_streamed:
+            self._add_connection(crew, None, first)  # on the task's own slot
+        for slot in slots:
+            self._add_connection(crew, slot, None)
 
-    def _connection(self, crew: _Crew, opened: requests.Response | None) -> None:
+    def _add_connection(self, crew: _Crew, slot: Slot | None, opened: requests.Response | None) -> None:
+        with crew.lock:
+            if slot is not None:
+                crew.slots.append(slot)
+            name = f"segment-{len(crew.threads)}"
+            self.notes["connections"] = max(self.notes["connections"], 1 + len(crew.slots))
+        t = threading.Thread(target=self._connection, args=(crew, slot, opened), daemon=True, name=name)
+        crew.threads.append(t)
+        t.start()
+
+    def _connection(self, crew: _Crew, slot: Slot | None, opened: requests.Response | None) -> None:
+        """One connection: pieces one after another. Between two, its slot is given back as a download the host
+        served and taken again: the host's window may grow (tasks/hostlimit.py), or be taken by another task,
+        and then this connection ends."""
+        failed = False
         try:
             while not crew.stop.is_set():
                 with crew.lock:
@@ -332,12 +381,42 @@ class Run:
                     piece = crew.todo.pop(0)
                 self._fill(piece, opened, crew.stop, crew.pace)
                 opened = None
+                if slot is not None and crew.todo:
+                    slot = self._cycle(crew, slot)
+                    if slot is None:
+                        return
         except BaseException as exc:  # noqa: BLE001 - handed to the coordinating thread, which raises it
+            failed = True
             crew.errors.append(exc)
             crew.stop.set()
         finally:
+            if slot is not None:
+                self._give_back(crew, slot, not failed)
             fetch.forget_session()
             crew.wake.set()
+
+    def _cycle(self, crew: _Crew, slot: Slot) -> Slot | None:
+        self._give_back(crew, slot, True)
+        again = self.cfg.take_slot() if self.cfg is not None and self.cfg.take_slot is not None else None
+        if again is not None:
+            with crew.lock:
+                crew.slots.append(again)
+        return again
+
+    def _give_back(self, crew: _Crew, slot: Slot, answered: bool) -> None:
+        with crew.lock:
+            if slot in crew.slots:
+                crew.slots.remove(slot)
+        slot.release(answered)
+
+    def _grow(self, crew: _Crew) -> None:
+        """More connections while pieces are left and the host's window has room (it grows as pieces are served)."""
+        split = self.cfg.split if self.cfg is not None else 1
+        while crew.todo and not crew.stop.is_set() and 1 + len(crew.slots) < split:
+            slot = self._take_slots(1)
+            if not slot:
+                return
+            self._add_connection(crew, slot[0], None)
 
     def _finish_crew(self, size: int) -> None:
         """Wait for every connection, hashing the file in order meanwhile; then the body is complete."""
@@ -375,9 +454,12 @@ class Run:
             self._save_map(crew.pieces)
             crew.saved, crew.saved_at = done, now
         if now - crew.renewed > (self.cfg.slot_lease_s if self.cfg else 60.0) / 3:
-            for s in crew.slots:
+            with crew.lock:
+                held = list(crew.slots)
+            for s in held:
                 s.renew()
             crew.renewed = now
+        self._grow(crew)
 
     def _end_crew(self, failed: bool) -> None:
         """Stop and join every connection (none may write once the file is closed), give the slots back and,
@@ -387,10 +469,7 @@ class Run:
             return
         crew.stop.set()
         for t in crew.threads:
-            t.join()
-        for s in crew.slots:
-            s.release(not failed)
-        crew.slots = []
+            t.join()  # each gives its slot back
         if failed:
             self._save_map(crew.pieces)
 
