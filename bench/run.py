@@ -30,7 +30,7 @@ from tests.support.servers import RedisServer
 
 RESULTS = ROOT / "bench" / "results"
 REMOTE = "1000 x 64 KiB remote-like"
-THROTTLED = "1 x 96 MiB, 2 MB/s per connection"  # nginx limit_rate 2m: one big file, as behind a CDN's cap
+THROTTLED = "96 MiB at 2 MB/s per conn"  # nginx limit_rate 2m: one big file, as behind a CDN's cap
 # label: (files, size, remote-like origin?)
 FULL = {"2000 x 16 KiB": (2000, 16 << 10, False), "100 x 4 MiB": (100, 4 << 20, False),
         "1 x 1 GiB": (1, 1 << 30, False), REMOTE: (1000, 64 << 10, True),

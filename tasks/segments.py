@@ -31,7 +31,7 @@ from .errors import CutShort, PermanentError, TransientError
 
 MIN_SPLIT_SIZE = 20 << 20  # aria2c's --min-split-size default: smaller files are one stream
 SPLIT = 8  # connections per big file by default: the first window a host gets (hostlimit.START), as browsers' 6
-PROBE_S = 0.3  # the first stream runs this long before its rate decides whether to split
+PROBE_S = 0.2  # the first stream runs this long before its rate decides whether to split
 SLOW_S = 2.0  # split only when the rest would take longer than this on one stream
 FAST = 100 << 20  # bytes/s: a stream this fast is bound by the disk and the CPU, not the connection: never split
 MIN_PIECE = 1 << 20  # no range is cut smaller than this
@@ -41,6 +41,7 @@ PIECE = 4 << 20
 SAVE_EVERY = 8 << 20  # the range map is written each time this many more bytes are complete,
 SAVE_S = 0.5  # or this long after it was last written: a killed attempt loses at most that much of every range
 HASH_STEP = 64 << 20  # the coordinator hashes at most this much between two looks at the ranges
+OWN_PAUSE_S = 0.1  # between the first stream's close and its slot's next request (the server sees it go first)
 TICK_S = 0.2  # how often the coordinator looks at the ranges, the job's cancellation and the slots' leases
 MAP_XATTR = "user.fleetfetch.ranges"
 _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOSPC, errno.E2BIG}
@@ -111,18 +112,18 @@ def _merge(ranges: list[list[int]]) -> list[list[int]]:
 
 
 def plan(ranges: list[tuple[int, int]], count: int) -> list[_Piece]:
-    """Cut `ranges` into at least `count` pieces (the largest is halved until there are, or all are small), none
-    larger than PIECE, in file order."""
-    pieces = [_Piece(a, b) for a, b in ranges if b > a]
-    while len(pieces) < count:
-        big = max(pieces, key=lambda p: p.end - p.start, default=None)
-        if big is None or big.end - big.start < 2 * MIN_PIECE:
-            break
-        mid = big.start + (big.end - big.start) // 2
-        pieces.append(_Piece(mid, big.end))
-        big.end = mid
-    small = [_Piece(a, min(a + PIECE, p.end)) for p in pieces for a in range(p.start, p.end, PIECE)]
-    return sorted(small, key=lambda p: p.start)
+    """Cut `ranges` into pieces for `count` connections: each at most PIECE (and at least MIN_PIECE), the last round
+    in halves, so a connection that starts its last piece late does not finish long after the others."""
+    total = sum(max(0, b - a) for a, b in ranges)
+    step = max(MIN_PIECE, min(PIECE, -(-total // max(1, count))))
+    pieces = [_Piece(at, min(at + step, end)) for start, end in ranges for at in range(start, end, step)]
+    if count <= 0:
+        return pieces
+    tail: list[_Piece] = []
+    for p in pieces[-count:]:
+        mid = p.start + (p.end - p.start) // 2
+        tail += [_Piece(p.start, mid), _Piece(mid, p.end)] if p.end - p.start >= 2 * MIN_PIECE else [p]
+    return pieces[:-count] + tail
 
 
 def validator_of(response: requests.Response) -> str | None:
@@ -251,7 +252,7 @@ class Run:
         try:
             one_stream(response, self._hook)
         except _Split:
-            pass  # this stream reached the first range's end (and is closed): the crew does the rest
+            self._own_slot_joins()
         except BadRange as exc:
             self._join(prober, streamed)
             return self._one_stream_after(exc, one_stream)
@@ -270,6 +271,13 @@ class Run:
         except BadRange as exc:
             return self._one_stream_after(exc, one_stream)
         return response
+
+    def _own_slot_joins(self) -> None:
+        """The first stream reached its piece's end (and is closed): the task's own slot takes pieces like the
+        others, after OWN_PAUSE_S, so the server has seen the first connection go before it sees the next."""
+        crew = self._crew
+        if crew is not None and crew.todo and not crew.stop.is_set():
+            self._add_connection(crew, None, None, delay=OWN_PAUSE_S)
 
     def _join(self, prober: threading.Thread, streamed: threading.Event) -> None:
         streamed.set()
@@ -324,7 +332,10 @@ class Run:
         if self.limit_rate and rate >= self.limit_rate / 2:
             return False  # one stream nearly reaches --limit-rate already
         split = self.cfg.split if self.cfg else 1
-        pieces = plan([(pos, size)], split)
+        # The first stream keeps only a short first piece: it already spent the burst a server may grant a new
+        # request, and a long piece on it would be the last to finish. Its slot then serves pieces like the others.
+        first = min(size, pos + MIN_PIECE)
+        pieces = [_Piece(pos, first), *plan([(first, size)], split)]
         slots = self._take_slots(min(split, len(pieces)) - 1)
         if not slots:
             return False  # the host's window is full: no extra connection
@@ -358,22 +369,25 @@ class Run:
         for slot in slots:
             self._add_connection(crew, slot, None)
 
-    def _add_connection(self, crew: _Crew, slot: Slot | None, opened: requests.Response | None) -> None:
+    def _add_connection(self, crew: _Crew, slot: Slot | None, opened: requests.Response | None,
+                        delay: float = 0.0) -> None:
         with crew.lock:
             if slot is not None:
                 crew.slots.append(slot)
             name = f"segment-{len(crew.threads)}"
             self.notes["connections"] = max(self.notes["connections"], 1 + len(crew.slots))
-        t = threading.Thread(target=self._connection, args=(crew, slot, opened), daemon=True, name=name)
+        t = threading.Thread(target=self._connection, args=(crew, slot, opened, delay), daemon=True, name=name)
         crew.threads.append(t)
         t.start()
 
-    def _connection(self, crew: _Crew, slot: Slot | None, opened: requests.Response | None) -> None:
+    def _connection(self, crew: _Crew, slot: Slot | None, opened: requests.Response | None,
+                    delay: float = 0.0) -> None:
         """One connection: pieces one after another. Between two, its slot is given back as a download the host
         served and taken again: the host's window may grow (tasks/hostlimit.py), or be taken by another task,
         and then this connection ends."""
         failed = False
         try:
+            crew.stop.wait(delay)
             while not crew.stop.is_set():
                 with crew.lock:
                     if not crew.todo:
