@@ -252,6 +252,7 @@ class Run:
         try:
             one_stream(response, self._hook)
         except _Split:
+            response.close()
             self._own_slot_joins()
         except BadRange as exc:
             self._join(prober, streamed)
@@ -451,6 +452,9 @@ class Run:
         if crew.errors:
             raise crew.errors[0]
         self._hash(crew.pieces, size, size)
+        if self._hashed != size:  # never a file with a hole: what is complete is kept for the next attempt
+            self._save_map(crew.pieces)
+            raise TransientError(f"ranges left unfetched after byte {self._hashed}")
         self._drop_map()
         self.part.size, self.finished, self.kept = size, True, False
 
@@ -484,6 +488,7 @@ class Run:
         crew.stop.set()
         for t in crew.threads:
             t.join()  # each gives its slot back
+        self._crew = None
         if failed:
             self._save_map(crew.pieces)
 

@@ -56,7 +56,7 @@ class Resource:
     stall: float = 0.0
     content_disposition: str | None = None
     ignore_range: bool = False  # advertise Accept-Ranges, yet answer every range request with the whole body (200)
-    lying_range: bool = False  # answer a range with its bytes but a Content-Range that starts at 0
+    lying_range: bool = False  # answer a range with as many bytes from the start of the file (and says so)
 
 
 class _Headers(dict):
@@ -310,9 +310,10 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Disposition"] = res.content_disposition
         if res.ranges:
             headers["Accept-Ranges"] = "bytes"
+        if status == 206 and res.lying_range:
+            start, end = 0, end - start
         if status == 206:
-            first = 0 if res.lying_range else start
-            headers["Content-Range"] = f"bytes {first}-{first + end - start - 1}/{len(res.body)}"
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(res.body)}"
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
