@@ -267,8 +267,8 @@ class _NoSlot:
 
 @dataclass
 class _SegmentSlot:
-    """A slot of the host's window held by one extra segment connection (renewed and given back by the task's own
-    thread: its limiter is that thread's)."""
+    """A slot of the host's window held by one extra segment connection; taken, renewed and given back from any of
+    the download's threads (each through its own limiter: `_limiter` is per thread)."""
 
     lease: hostlimit.Lease
 

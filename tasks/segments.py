@@ -112,18 +112,22 @@ def _merge(ranges: list[list[int]]) -> list[list[int]]:
 
 
 def plan(ranges: list[tuple[int, int]], count: int) -> list[_Piece]:
-    """Cut `ranges` into pieces for `count` connections: each at most PIECE (and at least MIN_PIECE), the last round
-    in halves, so a connection that starts its last piece late does not finish long after the others."""
+    """Cut `ranges` into pieces for `count` connections: each at most PIECE (and at least MIN_PIECE), the first
+    and the last round in halves. The first: each piece served gives its slot back as a download the host kept up
+    with, so the host's window grows sooner (as TCP's slow start); the last: a connection that starts its last
+    piece late does not finish long after the others."""
     total = sum(max(0, b - a) for a, b in ranges)
     step = max(MIN_PIECE, min(PIECE, -(-total // max(1, count))))
     pieces = [_Piece(at, min(at + step, end)) for start, end in ranges for at in range(start, end, step)]
-    if count <= 0:
+    if count <= 1:
         return pieces
-    tail: list[_Piece] = []
-    for p in pieces[-count:]:
+    edge = {*range(count), *range(max(0, len(pieces) - count), len(pieces))}
+    out: list[_Piece] = []
+    for i, p in enumerate(pieces):
         mid = p.start + (p.end - p.start) // 2
-        tail += [_Piece(p.start, mid), _Piece(mid, p.end)] if p.end - p.start >= 2 * MIN_PIECE else [p]
-    return pieces[:-count] + tail
+        halve = i in edge and p.end - p.start >= 2 * MIN_PIECE
+        out += [_Piece(p.start, mid), _Piece(mid, p.end)] if halve else [p]
+    return out
 
 
 def validator_of(response: requests.Response) -> str | None:
