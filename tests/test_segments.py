@@ -131,3 +131,17 @@ def test_a_worker_killed_mid_file_fetches_only_the_missing_ranges(chaos, workers
     rec = read_manifest(manifest)[0]
     assert rec["sha256"] == sha(body) and rec["resumed_bytes"] > 0, rec
     assert origin.sent["/killed.bin"] <= len(body) + len(body) // 4, origin.sent  # at most one segment again
+
+
+def test_pieces_cover_the_missing_ranges_exactly_in_bounded_sizes():
+    from tasks.segments import MIN_PIECE, PIECE, _Map, plan
+
+    kept = _Map("u", 50 << 20, '"v"', [[0, 3 << 20], [10 << 20, 12 << 20]])
+    missing = kept.missing()
+    assert missing == [(3 << 20, 10 << 20), (12 << 20, 50 << 20)]
+    for count in (1, 2, 8, 16):
+        pieces = plan(missing, count)
+        covered = sorted((p.start, p.end) for p in pieces)
+        assert sum(b - a for a, b in covered) == sum(b - a for a, b in missing)
+        assert all(MIN_PIECE // 2 <= b - a <= PIECE for a, b in covered[:-1])
+        assert all(any(s <= a and b <= e for s, e in missing) for a, b in covered)  # never a kept byte again
