@@ -145,3 +145,19 @@ def test_pieces_cover_the_missing_ranges_exactly_in_bounded_sizes():
         assert sum(b - a for a, b in covered) == sum(b - a for a, b in missing)
         assert all(MIN_PIECE // 2 <= b - a <= PIECE for a, b in covered[:-1])
         assert all(any(s <= a and b <= e for s, e in missing) for a, b in covered)  # never a kept byte again
+
+
+def test_a_503_on_a_range_pauses_the_host_and_the_retry_fetches_only_missing_ranges(cluster, worker, origin,
+                                                                                     tmp_path):
+    body = os.urandom(8 << 20)
+    origin.add("/shed.bin", body, etag='"s1"', rate=RATE, busy_ranges=1)
+    code, records, out = run(cluster, tmp_path, [origin.url("/shed.bin")], "-d", "shed", *SPLIT)
+    assert code == 0, out
+    assert (cluster.downloads / "shed" / "shed.bin").read_bytes() == body
+    rec = records[0]
+    assert rec["attempts"] == 2 and rec["resumed_bytes"] > 0, rec
+    seen = origin.requests_for("/shed.bin")
+    refused = next(r for r in seen if "Range" in r.headers)  # the first range request got the 503
+    later = [r.time - refused.time for r in seen if r.time > refused.time + 0.05]
+    assert later and min(later) >= 0.95  # nobody asked the host again before its Retry-After was over
+    assert origin.sent["/shed.bin"] <= len(body) + len(body) // 4

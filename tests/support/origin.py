@@ -56,6 +56,7 @@ class Resource:
     stall: float = 0.0
     content_disposition: str | None = None
     ignore_range: bool = False  # advertise Accept-Ranges, yet answer every range request with the whole body (200)
+    busy_ranges: int = 0  # answer this many range requests 503 with Retry-After: 1 (a CDN shedding load)
     lying_range: bool = False  # answer a range with as many bytes from the start of the file (and says so)
 
 
@@ -303,6 +304,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self._not_modified(res):
             return self._simple(304, self._validators(res), body=False)
         start, end, status = self._range(res)
+        if status == 206 and res.busy_ranges > 0:
+            with o._lock:
+                res.busy_ranges -= 1
+            return self._simple(503, {"Retry-After": "1"})
         if status == 416:
             return self._simple(416, {"Content-Range": f"bytes */{len(res.body)}"})
         headers = {"Content-Type": res.content_type, **self._validators(res), **res.headers}
