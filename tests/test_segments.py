@@ -161,3 +161,14 @@ def test_a_503_on_a_range_pauses_the_host_and_the_retry_fetches_only_missing_ran
     later = [r.time - refused.time for r in seen if r.time > refused.time + 0.05]
     assert later and min(later) >= 0.95  # nobody asked the host again before its Retry-After was over
     assert origin.sent["/shed.bin"] <= len(body) + len(body) // 4
+
+
+def test_limit_rate_paces_a_split_file_as_a_whole(cluster, worker, origin, tmp_path):
+    body = os.urandom(6 << 20)
+    origin.add("/paced.bin", body, etag='"p1"', rate=600_000)
+    code, records, out = run(cluster, tmp_path, [origin.url("/paced.bin")], "-d", "paced", "--split", "8",
+                             "--min-split-size", "1M", "--limit-rate", "2M")
+    assert code == 0, out
+    rec = records[0]
+    assert rec["connections"] >= 3 and rec["sha256"] == sha(body), rec
+    assert rec["elapsed_s"] >= len(body) / (2 << 20) * 0.9  # 8 connections at 600 kB/s would take half as long
