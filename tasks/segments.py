@@ -463,12 +463,10 @@ class Run:
         self.part.size, self.finished, self.kept = size, True, False
 
     def _tick(self, hashing: bool) -> None:
-        """The coordinating thread's look at the crew: the first error stops all, what is contiguous is hashed,
-        the map saved, the slots renewed."""
+        """The coordinating thread's look at the crew: what is contiguous is hashed, the map saved, the slots renewed,
+        connections added. (A connection's error stops the crew; the downloading thread raises it.)"""
         crew = self._crew
         assert crew is not None
-        if crew.errors:
-            raise crew.errors[0]
         if hashing:
             self._hash(crew.pieces, self.map.size if self.map else 0, HASH_STEP)
         now, done = time.monotonic(), self.part.size + sum(p.pos - p.start for p in crew.pieces)
