@@ -24,16 +24,17 @@ from pathlib import Path
 
 from bench.measure import run_measured
 from bench.origins import Nginx, PythonOrigin, plain_origin
-from bench.tools import CAP_ROWS, ROOT, Toolbox, compile_project, env_for
+from bench.tools import CAP_ROWS, ROOT, SEGMENT_PEERS, SEGMENT_ROWS, Toolbox, compile_project, env_for
 from tasks.config import Settings
 from tests.support.servers import RedisServer
 
 RESULTS = ROOT / "bench" / "results"
 REMOTE = "1000 x 64 KiB remote-like"
+THROTTLED = "96 MiB at 2 MB/s per conn"  # nginx limit_rate 2m: one big file, as behind a CDN's cap
 # label: (files, size, remote-like origin?)
 FULL = {"2000 x 16 KiB": (2000, 16 << 10, False), "100 x 4 MiB": (100, 4 << 20, False),
         "1 x 1 GiB": (1, 1 << 30, False), REMOTE: (1000, 64 << 10, True),
-        "1-URL job (200 KiB)": (1, 200 << 10, False)}
+        "1-URL job (200 KiB)": (1, 200 << 10, False), THROTTLED: (1, 96 << 20, False)}
 QUICK = {"200 x 16 KiB": (200, 16 << 10, False), "10 x 4 MiB": (10, 4 << 20, False),
          "1 x 64 MiB": (1, 64 << 20, False), "100 x 64 KiB remote-like": (100, 64 << 10, True),
          "1-URL job (200 KiB)": (1, 200 << 10, False)}
@@ -53,6 +54,13 @@ def make_files(root: Path, count: int, size: int) -> None:
                 left -= min(left, len(block))
 
 
+def throttled_origin(files: Path, prefix: Path) -> Nginx | PythonOrigin:
+    """nginx with a per-connection `limit_rate 2m` (the Python origin's per-connection rate without nginx)."""
+    if shutil.which("nginx"):
+        return Nginx(None, prefix, site=f"root {files}; limit_rate 2m;")
+    return PythonOrigin(files, 0.0, 2 << 20)
+
+
 def verify(out: Path, count: int, size: int) -> bool:
     files = [p for p in out.rglob("f*.bin") if p.is_file()]
     return len(files) == count and all(p.stat().st_size == size for p in files)
@@ -66,14 +74,16 @@ def run_workloads(work: Path, workloads: dict, repeats: int, chosen: Callable[[s
             files = work / "site" / label.replace(" ", "_").replace("(", "").replace(")", "")
             make_files(files, count, size)
             origin: Nginx | PythonOrigin = (PythonOrigin(files, REMOTE_DELAY, REMOTE_RATE) if remote
-                                            else plain_origin(files, work / "nginx" / files.name))
+                                            else throttled_origin(files, work / "nginx" / files.name)
+                                            if label == THROTTLED else plain_origin(files, work / "nginx" / files.name))
             listing = work / f"{files.name}.txt"
             listing.write_text("".join(f"{origin.base_url}/f{i}.bin\n" for i in range(count)))
             outputs: list[Path] = []  # runs' outputs not yet deleted (measure_cell)
             try:
                 for tool, (how, build) in kit.table.items():
                     if (not chosen(tool) or (tool == "process per URL" and count > 1000)
-                            or (tool in CAP_ROWS and not remote)):
+                            or (tool in CAP_ROWS and not remote)
+                            or (tool not in SEGMENT_PEERS if label == THROTTLED else tool in SEGMENT_ROWS)):
                         continue
                     rows.append(measure_cell(work, label, tool, how, build, listing, count, size, repeats, outputs))
                     print(format_row(rows[-1]), flush=True)

@@ -102,6 +102,9 @@ class Cluster:
 STOCK = {"FLEETFETCH_STOCK": "1"}
 # Rows that only say something where the per-host cap binds: one host with many files that each take a while.
 CAP_ROWS = ("fleetfetch local, defaults but --per-host 0",)
+# Rows for one big file behind a per-connection rate (segmented downloads), and the rows measured beside them there.
+SEGMENT_ROWS = ("aria2c -x16 -s16 -k1M", "fleetfetch local, --split 16 --per-host 16")
+SEGMENT_PEERS = ("curl --parallel 50", "fleetfetch local, defaults", *SEGMENT_ROWS)
 
 
 class Toolbox:
@@ -120,6 +123,14 @@ class Toolbox:
             "aria2c -j16": ("16 downloads at once", lambda listing, out: (
                 ["aria2c", "-i", str(listing), "-d", str(out), "-j", "16", "-q", "--allow-overwrite=true",
                  "--auto-file-renaming=false", "--file-allocation=none"], env_for(), [], None)),
+            # aria2c's pieces default to 20 MiB (-k): 96 MiB would get 5 connections. -k1M is how users split.
+            "aria2c -x16 -s16 -k1M": ("16 connections per file, 1 MiB pieces", lambda listing, out: (
+                ["aria2c", "-i", str(listing), "-d", str(out), "-x16", "-s16", "-k1M", "-q", "--allow-overwrite=true",
+                 "--auto-file-renaming=false", "--file-allocation=none"], env_for(), [], None)),
+            "fleetfetch local, --split 16 --per-host 16": (
+                "`python -m producer LIST --split 16 --per-host 16`", lambda listing, out: (
+                    [py, "-m", "producer", str(listing), "-d", str(out), "-q", "--split", "16", "--per-host", "16"],
+                    default_env(), [], None)),
             "process per URL": ("one process per URL, body in memory", lambda listing, out: (
                 [py, str(ROOT / "bench" / "per_process.py"), str(listing), str(out)], env_for(), [], None)),
             "fleetfetch local, defaults": (
@@ -156,6 +167,7 @@ class Toolbox:
         if not shutil.which("aria2c"):
             print("note: aria2c not installed (apt-get install aria2): column skipped")
             self.table.pop("aria2c -j16")
+            self.table.pop("aria2c -x16 -s16 -k1M")
 
     def _curl(self, listing: Path, out: Path) -> tuple[list[str], dict, list[int], None]:
         cfg = out.parent / (out.name + ".curl")

@@ -85,6 +85,12 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit-rate", type=_size, default=None, metavar="RATE",
                    help="bytes per second per download, e.g. 500K or 2M: K = 1024 bytes, as in curl (the "
                         "output's kB/s are 1000 bytes) (default: unlimited)")
+    p.add_argument("--split", type=int, default=None, metavar="N",
+                   help=f"fetch a big file as up to N ranges at once, one connection each, each taking a slot of "
+                        f"--per-host (as aria2c -s) (default: FLEETFETCH_SPLIT, {settings.split}; 1 = never)")
+    p.add_argument("--min-split-size", type=_size, default=None, metavar="SIZE",
+                   help=f"never split a file smaller than this, e.g. 20M (default: FLEETFETCH_MIN_SPLIT_SIZE, "
+                        f"{settings.min_split_size})")
     p.add_argument("--queue", default=None, metavar="NAME",
                    help=f"publish the job to this Celery queue, served by workers started with -Q NAME "
                         f"(default: {QUEUE})")
@@ -179,10 +185,13 @@ def _options(args: argparse.Namespace, subdir: str) -> tuple[Options, list[tuple
     except ValueError as exc:
         raise UsageError(f"--header/--user-agent: {exc}") from None
     shown, secret = split_headers(headers)
+    if args.split is not None and args.split < 1:
+        raise UsageError(f"--split {args.split}: use 1 (one stream) or more")
     options = Options(subdir=subdir, force=args.force, content_disposition=args.content_disposition,
                       max_size=args.max_size, max_attempts=args.max_attempts, per_host=args.per_host,
                       host_rate=args.host_rate, headers=shown, user_agent=args.user_agent,
-                      limit_rate=args.limit_rate or None, secret_headers=bool(secret))
+                      limit_rate=args.limit_rate or None, secret_headers=bool(secret), split=args.split,
+                      min_split_size=args.min_split_size)
     return options, secret
 
 

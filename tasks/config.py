@@ -60,7 +60,7 @@ _AT_LEAST = {
     "concurrency": 0, "connect_timeout": 0.001, "read_timeout": 0.001, "time_limit": 1, "soft_shutdown_timeout": 0,
     "restore_interval": 1, "result_expires": 1, "max_size": 0, "max_redirects": 0, "max_attempts": 1,
     "backoff_base": 0, "backoff_cap": 0, "max_retry_after": 0, "per_host": 0, "host_lease": 1, "host_errors": 0,
-    "host_rate": 0, "window": 1,
+    "host_rate": 0, "window": 1, "split": 1, "min_split_size": 0,
 }
 
 
@@ -154,6 +154,10 @@ class Settings:
     host_lease: int = 60
     host_errors: int = 5  # 5xx in a row from one host that pause it; 0 = never
     host_rate: float = 0.0
+    # Connections per big file (tasks/segments.py), each a slot of the host's window: 8 is the window a host starts
+    # with (hostlimit.START), so one big file never asks more of a host than eight small ones would.
+    split: int = 8
+    min_split_size: int = 20 << 20  # aria2c's default: smaller files are always one stream
     no_fsync: bool = False
     allow_private: bool = False
     allow_networks: tuple[str, ...] = ()
@@ -217,7 +221,8 @@ _VARIABLES = {f: "CELERY_" + f.upper() for f in ("broker_url", "result_backend")
         "soft_shutdown_timeout", "restore_interval", "url_lease", "sweep_interval", "window", "max_redeliveries",
         "result_expires", "max_size", "max_redirects",
         "max_attempts", "backoff_base", "backoff_cap", "max_retry_after", "per_host", "host_lease",
-        "host_errors", "host_rate", "no_fsync", "allow_private", "allow_networks", "resolve", "ca_bundle",
+        "host_errors", "host_rate", "split", "min_split_size", "no_fsync", "allow_private", "allow_networks",
+        "resolve", "ca_bundle",
         "stock")
 } | {"download_dir": "FLEETFETCH_DIR"}
 

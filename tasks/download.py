@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any, NoReturn
@@ -17,7 +18,7 @@ from billiard.process import current_process
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 
-from . import fetch, hostlimit, ledger, transfer
+from . import fetch, hostlimit, ledger, segments, transfer
 from .app import app
 from .config import TASK_NAME, settings
 from .credentials import Credentials
@@ -275,7 +276,8 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
     req = transfer.Request(url=m.url, name=m.name, subdir=o.subdir, sha256=o.sha256, force=o.force,
                            max_size=int(o.max_size or 0), resume=m.state.resume, replace=m.job is not None,
                            content_disposition=o.content_disposition, headers=_headers(call),
-                           limit_rate=int(o.limit_rate or 0), credentials=call.credentials)
+                           limit_rate=int(o.limit_rate or 0), credentials=call.credentials,
+                           segments=_segments(call))
     watch = _ChunkWatch(m.job, m.index) if m.job else None
     try:
         outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=not settings.no_fsync,
@@ -305,6 +307,52 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
     call.finish(outcome.status, record)
     log.info("Finished %s: %s, %d bytes in %.2f s", m.name, outcome.status, outcome.bytes, record["elapsed_s"])
     return record
+
+
+def _segments(call: Call) -> segments.Config:
+    """--split: a big file's extra connections, each with a slot of the host's window taken without waiting."""
+    o = call.opts
+    per_host, rate = int(o.per_host or 0), float(o.host_rate or 0)
+    return segments.Config(int(o.split or 1), int(o.min_split_size or 0),
+                           _SegmentSlot.taker(call, per_host, rate) if per_host > 0 or rate > 0 else _NoSlot,
+                           hostlimit.LEASE_S)
+
+
+class _NoSlot:
+    """No per-host limit: an extra connection needs no slot."""
+
+    def renew(self) -> None:
+        pass
+
+    def release(self, answered: bool) -> None:
+        pass
+
+
+@dataclass
+class _SegmentSlot:
+    """A slot of the host's window held by one extra segment connection; taken, renewed and given back from any of
+    the download's threads (each through its own limiter: `_limiter` is per thread)."""
+
+    lease: hostlimit.Lease
+
+    @staticmethod
+    def taker(call: Call, per_host: int, rate: float) -> Callable[[], segments.Slot | None]:
+        waiter = f"segments:{call.task.request.id or id(call)}"
+
+        def take() -> segments.Slot | None:
+            lease, _ = _limiter().acquire(call.host, per_host, rate, waiter=waiter)
+            if lease is None:  # a full window: fewer segments, and no place in the host's line
+                _limiter().r.zrem(hostlimit.HostKeys(call.host).wait, waiter)
+                return None
+            return _SegmentSlot(lease)
+
+        return take
+
+    def renew(self) -> None:
+        _limiter().renew(self.lease)
+
+    def release(self, answered: bool) -> None:
+        _limiter().release(self.lease, answered)
 
 
 class _ChunkWatch:

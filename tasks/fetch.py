@@ -115,6 +115,15 @@ def session() -> tuple[requests.Session, PinnedAdapter]:
     return _local.session, _local.adapter
 
 
+def forget_session() -> None:
+    """Close this thread's sessions and their connections: a thread that ends (a segment's) leaves none open."""
+    for name in ("session", "proxied"):
+        held = getattr(_local, name, None)
+        if held is not None:
+            (held if isinstance(held, requests.Session) else held[1]).close()
+            setattr(_local, name, None)
+
+
 def proxied_session(proxy: str, policy: guard.Policy) -> tuple[requests.Session, ProxiedAdapter]:
     """A session whose requests go through `proxy` (http://[user:password@]host:port), reused per thread; the
     proxy's own address must pass the destination policy and is the one connected to."""

@@ -42,6 +42,8 @@ class Options:
     limit_rate: int | None = None  # bytes per second per download; None or 0: unlimited
     secret_headers: bool = False  # the job or URL has secret headers: the worker reads them from the ledger
     credentials: bool = False  # the job has netrc logins or cookies: the worker reads them from the ledger
+    split: int | None = None  # most connections for one big file (tasks/segments.py)
+    min_split_size: int | None = None  # bytes: a smaller file is never split
 
     def __post_init__(self) -> None:
         # JSON (the message, the job's meta) turns the pairs into lists: keep one shape.
@@ -73,7 +75,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "subdir": (str,), "sha256": (str, type(None)), "force": (bool,), "content_disposition": (bool,),
     "max_size": (int,), "max_attempts": (int,), "per_host": (int,), "host_rate": (int, float),
     "headers": (list, tuple), "user_agent": (str,), "limit_rate": (int,), "secret_headers": (bool,),
-    "credentials": (bool,),
+    "credentials": (bool,), "split": (int,), "min_split_size": (int,),
     "attempt": (int,), "resume": (dict, type(None)), "waited_s": (int, float), "wait_since": (int, float, type(None)),
     "sealed": (bool,), "redeliveries": (int,),
 }

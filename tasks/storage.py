@@ -238,6 +238,26 @@ class PartFile:
             os.posix_fadvise(self.fd, self._flushed, self.size - self._flushed, os.POSIX_FADV_DONTNEED)
             self._flushed = self.size
 
+    def preallocate(self, size: int) -> None:
+        """Reserve the whole file before ranges are written at their offsets (a full disk fails now, not midway)."""
+        try:
+            os.posix_fallocate(self.fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                raise
+            os.ftruncate(self.fd, size)
+
+    def pwrite(self, chunk: bytes, offset: int) -> None:
+        """Write a range's bytes at their offset (segments: tasks/segments.py). Neither hashed nor counted here:
+        the caller hashes the file in order and sets `size` when it is complete."""
+        try:
+            view = memoryview(chunk)
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            raise PermanentError(describe_os_error(exc, self.shown)) from None
+
     def commit(self, fsync: bool, target: str | None = None, replace: bool = True) -> os.stat_result:
         """Make the verified bytes visible under the final name (or `target`), atomically. With
         `replace=False` the name must be free (FileExistsError otherwise): a server-chosen name never

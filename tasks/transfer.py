@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from . import fetch, partial, storage
+from . import fetch, partial, segments, storage
 from .credentials import Credentials
 from .errors import Busy, CutShort, PermanentError, TransientError
 from .naming import candidates, check_component, disposition_name
@@ -38,6 +38,7 @@ class Request:
     limit_rate: int = 0  # bytes per second of this download; 0: unlimited
     credentials: Credentials | None = None  # netrc logins, cookies (added per host by fetch) and --proxy
     replace: bool = True  # False (a task without a job): an existing file is replaced only if it is this URL's own
+    segments: segments.Config | None = None  # big files in several ranges at once (--split); None: one stream
 
 
 @dataclass
@@ -93,17 +94,23 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
     where.check_meta()
     part = _claim(where, req, fsync)
     name = part.name
+    seg = segments.Run(req.segments, part, req.url, req.headers, req.credentials, limits, deadline, req.limit_rate,
+                       on_chunk)
     response: requests.Response | None = None
     try:
         known = None if req.force else storage.load_validators(where, name, req.url, req.sha256)
-        noted = None if req.resume or req.force else partial.left(part.fd, req.url)  # a stopped worker's part
-        headers = _resume_headers(part, req.resume or (noted and {**noted, "part": part.identity()}))
+        response = seg.resume()  # [segments] a range map kept with the temp file: only its missing ranges are fetched
+        # A stopped worker's note on a one-stream part (tasks/partial.py), when no range map was there.
+        noted = None if response is not None or req.resume or req.force else partial.left(part.fd, req.url)
+        headers = {} if response is not None else _resume_headers(
+            part, req.resume or (noted and {**noted, "part": part.identity()}))
         if known and not headers:
             if known.etag:
                 headers["If-None-Match"] = known.etag
             if known.last_modified:
                 headers["If-Modified-Since"] = known.last_modified
-        response = _open(req.url, {**req.headers, **headers}, limits, part, deadline, req.credentials)
+        if response is None:
+            response = _open(req.url, {**req.headers, **headers}, limits, part, deadline, req.credentials)
         if response.status_code == 304 and known:
             response.close()
             part.discard()
@@ -112,7 +119,7 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
         marked = noted is not None or bool(req.resume)  # a resumed part may carry an earlier attempt's note
         if response.status_code == 200:
             marked = partial.mark(part.fd, req.url, _validators_of(response), _length(response)) or marked
-        _stream(response, part, req, limits, deadline, on_chunk)
+        response = seg.stream(response, lambda r, hook: _stream(r, part, req, limits, deadline, hook))  # [segments]
         if marked:
             partial.clear(part.fd)
         digest = part.hash.hexdigest()
@@ -127,13 +134,13 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
         if not labelled:
             storage.save_validators(where, name, validators.stamp(st))
         return Outcome("done", _rel(req, name), size, digest, response.status_code, response.url,
-                       _headers_of(response))
+                       {**_headers_of(response), **seg.notes})
     except TransientError as exc:
         kept = _validators_of(response) if response is not None and part.size > 0 else {}
         if kept:
             kept["part"] = part.identity()
         exc.resume = kept or None
-        part.close() if kept else part.discard()
+        part.close() if kept or seg.kept else part.discard()  # [segments] a range map is worth keeping too
         raise
     except BaseException:
         part.discard()

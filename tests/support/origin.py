@@ -56,6 +56,9 @@ class Resource:
     ranges: bool = True
     stall: float = 0.0
     content_disposition: str | None = None
+    ignore_range: bool = False  # advertise Accept-Ranges, yet answer every range request with the whole body (200)
+    busy_ranges: int = 0  # answer this many range requests 503 with Retry-After: 1 (a CDN shedding load)
+    lying_range: bool = False  # answer a range with as many bytes from the start of the file (and says so)
 
 
 class _Headers(dict):
@@ -129,6 +132,7 @@ class Origin(Served):
         self.redirects: dict[str, tuple[str, int]] = {}
         self.requests: list[Record] = []
         self.current = 0
+        self.sent: dict[str, int] = {}  # body bytes written per resource path
         self.max_concurrent = 0
         self._cuts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -182,6 +186,10 @@ class Origin(Served):
             self.current += 1
             record.concurrent = self.current
             self.max_concurrent = max(self.max_concurrent, self.current)
+
+    def _count(self, key: str, n: int) -> None:
+        with self._lock:
+            self.sent[key] = self.sent.get(key, 0) + n
 
     def _handshake(self, record: Handshake) -> None:
         with self._lock:
@@ -298,6 +306,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self._not_modified(res):
             return self._simple(304, self._validators(res), body=False)
         start, end, status = self._range(res)
+        if status == 206 and res.busy_ranges > 0:
+            with o._lock:
+                res.busy_ranges -= 1
+            return self._simple(503, {"Retry-After": "1"})
         if status == 416:
             return self._simple(416, {"Content-Range": f"bytes */{len(res.body)}"})
         headers = {"Content-Type": res.content_type, **self._validators(res), **res.headers}
@@ -305,6 +317,8 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Disposition"] = res.content_disposition
         if res.ranges:
             headers["Accept-Ranges"] = "bytes"
+        if status == 206 and res.lying_range:
+            start, end = 0, end - start
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(res.body)}"
         self.send_response(status)
@@ -332,6 +346,7 @@ class _Handler(BaseHTTPRequestHandler):
             if i + piece >= len(data) and not res.no_length:
                 self._last_write()
             self.wfile.write(chunk)
+            self.origin._count(key, len(chunk))
             sent += len(chunk)
             self._record.sent = sent
             if res.stall and i == 0:
@@ -367,7 +382,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _range(self, res: Resource) -> tuple[int, int, int]:
         size = len(res.body)
         spec = self.headers.get("Range")
-        if not spec or not res.ranges or not spec.startswith("bytes="):
+        if not spec or not res.ranges or res.ignore_range or not spec.startswith("bytes="):
             return 0, size, 200
         if_range = self.headers.get("If-Range")
         if if_range is not None and if_range not in (res.etag, res.last_modified):
