@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import cast
 
-from .keys import LIVE_KEY, JobKeys
+from .keys import KEEP, LIVE_KEY, JobKeys
 from .states import QUEUED, STARTED
 from .task_side import TaskSide
 
@@ -49,7 +49,7 @@ class ReconcilerSide(TaskSide):  # it moves URLs as a task does (`transition`)
     def release_started(self, job: str) -> int:
         """URLs marked started go back to queued, without a lease: only for a caller that knows their worker is gone
         and their message is back in the queue (local mode, holding its directory's lock). Returns how many."""
-        held = [int(i) for i in cast(list[bytes], self.r.zrange(JobKeys(job).due, 0, -1))]
+        held = [int(i) for i in cast(list[bytes], self.r.zrange(JobKeys(job).due, 0, -1)) if i != KEEP.encode()]
         started = self.in_state(job, held, STARTED)
         for index in started:
             self.transition(job, index, QUEUED)
