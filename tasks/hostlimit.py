@@ -7,6 +7,7 @@
   ff:host:<host>:free    list   a token per slot given back (or added by a grown window) while tasks wait
   ff:host:<host>:stats   hash   avg_ms: moving average of how long a download holds a slot;
                                 window, ok, halved, cut_at: the host's adaptive window (below);
+                                errors: present while `errors` may count a streak (a success ends it);
                                 kept for an hour after the host's last download
   ff:host:<host>:errors  string server errors (5xx) from the host in a row, any worker; a success resets it
   ff:paused              zset   host -> paused-until (ms), for `status`
@@ -125,7 +126,7 @@ local used = redis.call('ZCARD', KEYS[1])
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then  -- given back already (a call sent again), or lapsed
   return tonumber(redis.call('HGET', KEYS[2], 'window')) or START
 end
-local s = redis.call('HMGET', KEYS[2], 'avg_ms', 'window', 'ok', 'halved')
+local s = redis.call('HMGET', KEYS[2], 'avg_ms', 'window', 'ok', 'halved', 'errors')
 local avg, ms = tonumber(s[1]), tonumber(ARGV[2])
 redis.call('HSET', KEYS[2], 'avg_ms', avg and (avg * 0.8 + ms * 0.2) or ms)
 redis.call('PEXPIRE', KEYS[2], 3600000)
@@ -133,7 +134,10 @@ local limit = tonumber(ARGV[4])
 local window = tonumber(s[2]) or START
 local freed = 1
 if ARGV[3] == '1' then
-  redis.call('DEL', KEYS[3])
+  if s[5] then  -- a streak to end (most successes have none: no DEL for them)
+    redis.call('DEL', KEYS[3])
+    redis.call('HDEL', KEYS[2], 'errors')
+  end
   -- a ceiling not reached, the window (nearly) full: the host may prove a larger one (else it proved nothing)
   if limit > 0 and window < limit and used * 4 >= window * 3 then
     local ok = (tonumber(s[3]) or 0) + 1
@@ -297,9 +301,12 @@ class HostLimiter:
 
     def server_error(self, host: str) -> int:
         """Count a 5xx from `host`; returns the host's server errors in a row, from any worker."""
+        k = HostKeys(host)
         pipe = self.r.pipeline(transaction=True)
-        pipe.incr(HostKeys(host).errors)
-        pipe.pexpire(HostKeys(host).errors, 600_000)
+        pipe.incr(k.errors)
+        pipe.pexpire(k.errors, 600_000)
+        pipe.hset(k.stats, "errors", 1)  # the release of a download the host served ends the streak
+        pipe.pexpire(k.stats, 3_600_000)
         return int(pipe.execute()[0])
 
     def free_all(self) -> int:
