@@ -265,3 +265,20 @@ def test_a_slot_and_the_started_state_are_taken_together_and_given_back_together
     second, _, _ = both.start(job, 1, 60, host, 1, 0.0, "t1", True)  # the slot free again; t1 leaves the line
     assert second is not None and book.state(job, 1) == ledger.STARTED
     assert book.r.zcard(HostKeys(host).wait) == 0
+
+
+def test_a_job_whose_records_have_no_expiry_gets_the_jobs_at_the_sweep(redis_server):
+    """A job an older producer created has no KEEP member: its `rec` and `due`, written by transitions that no longer
+    look at TTLs, get the job's expiry from the reconciler's pass over live jobs."""
+    book = ledger.Ledger(redis_server.client(1), 3600)
+    job = f"old-{time.time_ns()}"
+    book.create(job, {"opts": {}}, [(0, "http://127.0.0.1:9/d/f0.bin", "f0.bin", None)])
+    k = ledger.JobKeys(job)
+    book.r.delete(k.rec, k.due)  # as an older producer left them
+    book.transition(job, 0, ledger.STARTED, lease=60)
+    book.transition(job, 0, ledger.FAILED, {"url": "http://127.0.0.1:9/d/f0.bin", "status": "failed",
+                                            "attempts": 1, "reason": "HTTP 404"})
+    book.r.zadd(k.due, {"7": 1})
+    assert book.r.ttl(k.rec) == -1 and book.r.ttl(k.due) == -1
+    book.expire_with_job(job)
+    assert 0 < book.r.ttl(k.rec) <= 3600 and 0 < book.r.ttl(k.due) <= 3600

@@ -19,6 +19,18 @@ class ReconcilerSide(TaskSide):  # it moves URLs as a task does (`transition`)
         """The job is over: the reconciler looks at it no more."""
         self.r.srem(LIVE_KEY, job)
 
+    def expire_with_job(self, job: str) -> None:
+        """`rec` and `due` without an expiry (written for a job an older producer created, without KEEP) get the
+        job's: transitions no longer set one."""
+        k = JobKeys(job)
+        pipe = self.r.pipeline(transaction=False)
+        for key in (k.meta, k.rec, k.due):
+            pipe.ttl(key)
+        left, *ttls = cast(list[int], pipe.execute())
+        for key, ttl in zip((k.rec, k.due), ttls, strict=True):
+            if left > 0 and ttl == -1:
+                self.r.expire(key, left)
+
     def overdue(self, job: str, limit: int) -> list[int]:
         """URLs whose lease ran out (server time): their worker is gone, or their message was."""
         now_s, now_us = cast(tuple[int, int], self.r.time())
