@@ -5,7 +5,8 @@ W README workers (`celery -A tasks worker --loglevel=INFO`, default: one per cor
 files (1 KiB: the download itself costs next to nothing), runs the job R times and prints, per run and as the median:
 URLs/s reached on this machine, Redis CPU per URL, Redis commands per URL, and the projected ceiling of one Redis
 core (1 / Redis CPU per URL), and the workers' CPU per URL. `--commands`: each run's commands per URL by name
-(CONFIG RESETSTAT before it, INFO commandstats after). The result goes to bench/results/ceiling.json.
+(CONFIG RESETSTAT before it, INFO commandstats after), Redis CPU split into user and system time, and the reads
+Redis served per URL (its round trips: INFO stats total_reads_processed). The result goes to bench/results/ceiling.json.
 """
 
 from __future__ import annotations
@@ -45,33 +46,45 @@ def measure(work: Path, urls: int, workers: int, repeats: int, commands: bool = 
                     "-q"]
             server = cluster.redis.client(0)
             server.config_resetstat()
+            before = server.info("cpu") | server.info("stats")
             m = run_measured(argv, cluster.env, cluster.pids(), server)
+            after = server.info("cpu") | server.info("stats")
+            delta = {k: float(after[k]) - float(before[k]) for k in (
+                "used_cpu_user", "used_cpu_sys", "total_reads_processed")}
             ok = m["rc"] == 0 and verify(out, urls, SIZE)
             cpu_ms = 1000 * m["cpu_redis_s"] / urls
             runs.append({"ok": ok, "seconds": m["seconds"], "urls_per_s": urls / m["seconds"],
                          "redis_cpu_ms_per_url": cpu_ms, "redis_cmds_per_url": m["redis_calls"] / urls,
                          "ceiling_urls_per_s": 1000 / cpu_ms if cpu_ms else float("inf"),
                          "worker_cpu_ms_per_url": 1000 * m["cpu_workers_s"] / urls,
+                         "redis_user_ms_per_url": 1000 * delta["used_cpu_user"] / urls,
+                         "redis_sys_ms_per_url": 1000 * delta["used_cpu_sys"] / urls,
+                         "redis_reads_per_url": delta["total_reads_processed"] / urls,
                          "commands_per_url": per_command(server, urls)})
             print(_line(f"run {r + 1}", runs[-1]), flush=True)
             if commands:
-                print(_commands(runs[-1]["commands_per_url"]), flush=True)
+                r = runs[-1]
+                print(f"         Redis CPU user {r['redis_user_ms_per_url']:.3f}"
+                      f" + system {r['redis_sys_ms_per_url']:.3f}"
+                      f" ms/URL; {r['redis_reads_per_url']:.1f} reads (round trips) per URL", flush=True)
+                print(_commands(r["commands_per_url"]), flush=True)
     finally:
         cluster.stop()
         origin.stop()
     return runs
 
 
-def per_command(server: redis.Redis, urls: int) -> dict[str, float]:
-    """Commands served since the last CONFIG RESETSTAT, per URL, by name (most first); INFO and CONFIG left out."""
+def per_command(server: redis.Redis, urls: int) -> dict[str, list[float]]:
+    """Commands served since the last CONFIG RESETSTAT by name (most first): [calls, µs spent] per URL; INFO and
+    CONFIG left out. A script's µs include the commands it calls, which are counted under their names too."""
     stats = server.info("commandstats")
-    calls = {k.removeprefix("cmdstat_"): v["calls"] / urls for k, v in stats.items()
+    calls = {k.removeprefix("cmdstat_"): [v["calls"] / urls, v["usec"] / urls] for k, v in stats.items()
              if k not in ("cmdstat_info", "cmdstat_config")}
-    return dict(sorted(calls.items(), key=lambda kv: -kv[1]))
+    return dict(sorted(calls.items(), key=lambda kv: -kv[1][0]))
 
 
-def _commands(calls: dict[str, float]) -> str:
-    return "         " + ", ".join(f"{name} {n:.2f}" for name, n in calls.items() if n >= 0.005)
+def _commands(calls: dict[str, list[float]]) -> str:
+    return "         " + ", ".join(f"{name} {n:.2f} ({us:.0f} µs)" for name, (n, us) in calls.items() if n >= 0.005)
 
 
 def _line(label: str, r: dict) -> str:
