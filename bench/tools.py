@@ -26,6 +26,7 @@ from tests.support.servers import RedisServer, Worker
 ROOT = Path(__file__).resolve().parent.parent
 Build = Callable[[Path, Path], tuple[list[str], dict, list[int], "redis.Redis | None"]]
 README_WORKER = ["-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO"]  # the README's cluster section (+ -n)
+PER_CORE = ["-m", "tasks.worker", "--per-core"]  # the README's one command for a whole machine (+ -n PREFIX)
 
 
 def compile_project() -> None:
@@ -84,7 +85,8 @@ class Cluster:
                 w = Worker(self.env, name=f"b{i}-{key}", concurrency=concurrency, pool=pool,
                            log=work / f"w{i}-{key}.log")
                 if argv is not None:
-                    w.argv = [sys.executable, *argv, "-n", f"w{i + 1}-{key}@%h"]  # README: -n w1@%h ...
+                    name = f"{key}-w" if argv == PER_CORE else f"w{i + 1}-{key}@%h"  # README: -n w1@%h ...
+                    w.argv = [sys.executable, *argv, "-n", name]
                 self.workers.append(w.start())
         except BaseException:
             self.stop()
@@ -146,6 +148,9 @@ class Toolbox:
             "fleetfetch local, stock": (
                 f"as `local, defaults` with FLEETFETCH_STOCK=1: {defaults_text(local=True)}", lambda listing, out: (
                     [py, "-m", "producer", str(listing), "-d", str(out), "-q"], default_env(**STOCK), [], None)),
+            "fleetfetch 1 machine, one command": (
+                f"`python -m tasks.worker --per-core` (a worker per core), no flags: {defaults_text()}",
+                self._cluster("percore", 1, PER_CORE, "threads", 0, tuned=False)),
             "fleetfetch 2 workers, defaults": (
                 f"2 × `celery -A tasks worker --loglevel=INFO` (one per core, README), no flags: {defaults_text()}",
                 self._cluster("defaults2", 2, README_WORKER, "prefork", 0, tuned=False)),

@@ -28,6 +28,7 @@ from .lease import Renewer
 from .message import Entry, Message, Options, display_of
 from .redact import redact_text, redact_url
 from .retry import THROTTLE_STATUS, countdown, host_pause
+from .slot_state import SlotAndState
 
 log = logging.getLogger("fleetfetch")
 CANCEL_CHECK_S = 0.5  # how often a running download looks whether its job was cancelled
@@ -62,6 +63,14 @@ def _limiter() -> hostlimit.HostLimiter:
     return limiter
 
 
+def _slot_and_state() -> SlotAndState:
+    limiter = _limiter()
+    both: SlotAndState | None = getattr(_mine, "both", None)
+    if both is None or both.limiter is not limiter:
+        both = _mine.both = SlotAndState(_ledger(), limiter)
+    return both
+
+
 leases = Renewer(_ledger, _limiter, settings.url_lease, min(settings.url_lease, hostlimit.LEASE_S) / 3)
 
 
@@ -81,6 +90,8 @@ class Call:
     credentials: Credentials | None = None  # netrc logins and cookies, read from the ledger
     started: float = field(default_factory=time.monotonic)
     slot: hostlimit.Lease | None = None  # the host slot held, until given back
+    started_with_slot: bool = False  # the URL was marked started by the script that took its slot
+    already: str | None = None  # then: the final state the URL already had
 
     @property
     def host(self) -> str:
@@ -98,10 +109,10 @@ class Call:
 
     def finish(self, state: str, record: dict[str, Any]) -> None:
         """The download is over: its final state in the ledger and its host slot given back (the host answered),
-        in one round trip."""
+        in one script run."""
         m, slot = self.msg, self.slot
         if slot is not None and m.job:
-            _ledger().transition(m.job, m.index, state, record, None, m.name, then=_limiter().release_call(slot, True))
+            _slot_and_state().finish(m.job, m.index, state, record, m.name, slot)
         else:
             self.mark(state, record)
             if slot is not None:
@@ -242,7 +253,7 @@ def _take_slot(call: Call) -> hostlimit.Lease | None:
     limiter = _limiter()
     began: float | None = None  # when this delivery first found no slot
     while True:
-        slot, wait = limiter.acquire(call.host, per_host, rate, waiter=call.task.request.id or "")
+        slot, wait = _acquire(call, per_host, rate)
         if slot is not None:
             break
         if state.wait_since is None:
@@ -264,9 +275,24 @@ def _take_slot(call: Call) -> hostlimit.Lease | None:
     return slot
 
 
+def _acquire(call: Call, per_host: int, rate: float) -> tuple[hostlimit.Lease | None, float]:
+    """A slot of the URL's host; for a job's URL, the URL marked started with it, in the same script run."""
+    m = call.msg
+    waiter, waited = call.task.request.id or "", m.state.wait_since is not None
+    if not m.job:
+        return _limiter().acquire(call.host, per_host, rate, waiter=waiter, waited=waited)
+    slot, wait, call.already = _slot_and_state().start(m.job, m.index, settings.url_lease, call.host, per_host,
+                                                       rate, waiter, waited)
+    call.started_with_slot = slot is not None
+    return slot, wait
+
+
 def _run(call: Call, polite: bool) -> dict[str, Any]:
     m, o = call.msg, call.opts
-    already = call.mark(ledger.STARTED, lease=settings.url_lease) if m.job else None
+    if call.started_with_slot:
+        already = call.already
+    else:
+        already = call.mark(ledger.STARTED, lease=settings.url_lease) if m.job else None
     if m.job and already is not None:
         why = "the job was cancelled" if already == ledger.CANCELLED else "redelivery ignored"
         log.info("Already finished %s (job %s #%s): %s", m.name, m.job, m.index, why)

@@ -183,6 +183,7 @@ class Reconciler:
             if "total" not in meta:
                 continue  # being created: its URLs are still being written (the feeder waits for them too)
             counts, total = ledger.counts_in(meta), int(meta.get("total") or 0)
+            self.book.expire_with_job(job)
             if sum(counts[s] for s in ledger.FINAL) >= total:
                 self.book.mark_finished(job)
             else:

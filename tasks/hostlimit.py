@@ -7,6 +7,7 @@
   ff:host:<host>:free    list   a token per slot given back (or added by a grown window) while tasks wait
   ff:host:<host>:stats   hash   avg_ms: moving average of how long a download holds a slot;
                                 window, ok, halved, cut_at: the host's adaptive window (below);
+                                errors: present while `errors` may count a streak (a success ends it);
                                 kept for an hour after the host's last download
   ff:host:<host>:errors  string server errors (5xx) from the host in a row, any worker; a success resets it
   ff:paused              zset   host -> paused-until (ms), for `status`
@@ -63,9 +64,13 @@ class _LeaseIds:
 
 _lease_ids = _LeaseIds()
 
+
+def new_lease_id() -> str:
+    return _lease_ids.next()
+
 # Every script starts with this: times in ms on the server's clock (TIME), so workers on every machine agree, and
 # the window of a host not seen within the last hour.
-_PRELUDE = f"""
+PRELUDE = f"""
 local START = {START}
 local function now_ms()
   local t = redis.call('TIME')
@@ -75,24 +80,28 @@ end
 
 # KEYS[1] slots, KEYS[2] bucket, KEYS[3] pause, KEYS[4] wait, KEYS[5] stats
 # ARGV[1] per-host ceiling (0 = none), ARGV[2] lease ms, ARGV[3] lease id, ARGV[4] rate/s (0 = none),
-# ARGV[5] waiter id
+# ARGV[5] waiter id, ARGV[6] '1' if the waiter may have a place in line (it found the host full before), else ''
 # Returns {1, 0} with a slot; {0, ms} paused or out of tokens for ms;
 # {0, -1, place in line, avg download ms, window} all of the window's slots in use.
-_ACQUIRE = _PRELUDE + """
+ACQUIRE_BODY = """
 local now = now_ms()
 local paused = redis.call('PTTL', KEYS[3])
 if paused > 0 then return {0, paused} end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local limit, lease, rate = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
 if limit > 0 then
   local window = math.min(limit, tonumber(redis.call('HGET', KEYS[5], 'window')) or START)
-  if redis.call('ZCARD', KEYS[1]) >= window then
+  local used = redis.call('ZCARD', KEYS[1])
+  -- lapsed leases (of dead workers) are dropped where they would count: in a full window
+  if used >= window then used = used - redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
+  if used >= window then
     redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 600000)
     redis.call('ZADD', KEYS[4], 'NX', now, ARGV[5])
     redis.call('PEXPIRE', KEYS[4], 600000)
     local avg = tonumber(redis.call('HGET', KEYS[5], 'avg_ms')) or 1000
     return {0, -1, redis.call('ZRANK', KEYS[4], ARGV[5]), math.floor(avg), window}
   end
+else
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 end
 if rate > 0 then
   local b = redis.call('HMGET', KEYS[2], 'tokens', 'ts')
@@ -105,19 +114,19 @@ if rate > 0 then
 end
 redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], lease * 2)
-redis.call('ZREM', KEYS[4], ARGV[5])
+if ARGV[6] == '1' then redis.call('ZREM', KEYS[4], ARGV[5]) end
 return {1, 0}
 """
 
 # KEYS[1] slots, KEYS[2] stats, KEYS[3] errors, KEYS[4] wait, KEYS[5] free
 # ARGV[1] lease id, ARGV[2] ms the slot was held, ARGV[3] '1' if the host served the download (ends its error
 # streak), ARGV[4] per-host ceiling (0 = none). Returns the host's window.
-_RELEASE = _PRELUDE + """
+RELEASE_BODY = """
 local used = redis.call('ZCARD', KEYS[1])
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then  -- given back already (a call sent again), or lapsed
   return tonumber(redis.call('HGET', KEYS[2], 'window')) or START
 end
-local s = redis.call('HMGET', KEYS[2], 'avg_ms', 'window', 'ok', 'halved')
+local s = redis.call('HMGET', KEYS[2], 'avg_ms', 'window', 'ok', 'halved', 'errors')
 local avg, ms = tonumber(s[1]), tonumber(ARGV[2])
 redis.call('HSET', KEYS[2], 'avg_ms', avg and (avg * 0.8 + ms * 0.2) or ms)
 redis.call('PEXPIRE', KEYS[2], 3600000)
@@ -125,7 +134,10 @@ local limit = tonumber(ARGV[4])
 local window = tonumber(s[2]) or START
 local freed = 1
 if ARGV[3] == '1' then
-  redis.call('DEL', KEYS[3])
+  if s[5] then  -- a streak to end (most successes have none: no DEL for them)
+    redis.call('DEL', KEYS[3])
+    redis.call('HDEL', KEYS[2], 'errors')
+  end
   -- a ceiling not reached, the window (nearly) full: the host may prove a larger one (else it proved nothing)
   if limit > 0 and window < limit and used * 4 >= window * 3 then
     local ok = (tonumber(s[3]) or 0) + 1
@@ -146,9 +158,11 @@ end
 return window
 """
 
+ACQUIRE, RELEASE = PRELUDE + ACQUIRE_BODY, PRELUDE + RELEASE_BODY
+
 # KEYS[1] stats. Halves the host's window unless it was halved less than one average
 # download ago (what was in flight then does not count twice). Returns {window, 1 if it was halved now}.
-_HALVE = _PRELUDE + """
+_HALVE = PRELUDE + """
 local now = now_ms()
 local s = redis.call('HMGET', KEYS[1], 'window', 'cut_at', 'avg_ms')
 local window = tonumber(s[1]) or START
@@ -160,7 +174,7 @@ return {window, 1}
 """
 
 # KEYS[1] pause, KEYS[2] the paused-hosts index; ARGV[1] ms, ARGV[2] host. A longer pause in place is kept.
-_PAUSE = _PRELUDE + """
+_PAUSE = PRELUDE + """
 local ms = tonumber(ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ms then
   redis.call('SET', KEYS[1], '1', 'PX', ms)
@@ -171,7 +185,7 @@ return ms
 
 # KEYS[1] slots; ARGV[1] lease ms, ARGV[2] lease id. Extends a lease that still exists (XX), never re-creates one,
 # and the set's own expiry with it: a set expiring 2 leases after its last acquire dropped a long download's slot.
-_RENEW = _PRELUDE + """
+_RENEW = PRELUDE + """
 local lease = tonumber(ARGV[1])
 redis.call('ZADD', KEYS[1], 'XX', now_ms() + lease, ARGV[2])
 if redis.call('ZSCORE', KEYS[1], ARGV[2]) then redis.call('PEXPIRE', KEYS[1], lease * 2) end
@@ -210,21 +224,34 @@ class HostLimiter:
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
-        self._acquire = client.register_script(_ACQUIRE)
+        self._acquire = client.register_script(ACQUIRE)
         self._pause = client.register_script(_PAUSE)
         self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self._release = client.register_script(RELEASE)
         self._halve = client.register_script(_HALVE)
 
-    def acquire(self, host: str, limit: int, rate: float = 0.0, waiter: str = "") -> tuple[Lease | None, float]:
-        """A lease, or None and the seconds after which asking again is worth it.
+    def acquire(self, host: str, limit: int, rate: float = 0.0, waiter: str = "",
+                waited: bool = True) -> tuple[Lease | None, float]:
+        """A lease, or None and the seconds after which asking again is worth it. `waited`: the waiter may have a
+        place in line to leave (it found the host full before); False spares a command per slot.
 
         All slots busy: the waiter gets a place in line, and comes back about when its turn is due
         (place / limit x the host's average download time), not in a tight loop."""
         lease_id = _lease_ids.next()
+        keys, args = self.acquire_keys_args(host, limit, rate, waiter, waited, lease_id)
+        return self.acquired(host, limit, lease_id, self._acquire(keys=keys, args=args))
+
+    @staticmethod
+    def acquire_keys_args(host: str, limit: int, rate: float, waiter: str, waited: bool,
+                          lease_id: str) -> tuple[list[str], list[str | int | float]]:
+        """The keys and arguments of the acquire script (ACQUIRE_BODY)."""
         k = HostKeys(host)
-        reply = self._acquire(keys=[k.slots, k.bucket, k.pause, k.wait, k.stats],
-                              args=[limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id])
+        return ([k.slots, k.bucket, k.pause, k.wait, k.stats],
+                [limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id, "1" if waited else ""])
+
+    @staticmethod
+    def acquired(host: str, limit: int, lease_id: str, reply: list) -> tuple[Lease | None, float]:
+        """`acquire`'s answer from the acquire script's reply."""
         if reply[0]:
             return Lease(host, lease_id, limit), 0.0
         if reply[1] < 0:
@@ -244,8 +271,13 @@ class HostLimiter:
 
     def release_call(self, lease: Lease, answered: bool = False) -> ScriptCall:
         """`release` as a script call, to be sent with another (`connection.together`)."""
+        return (self._release, *self.release_keys_args(lease, answered))
+
+    @staticmethod
+    def release_keys_args(lease: Lease, answered: bool) -> tuple[list[str], list[str | int]]:
+        """The keys and arguments of the release script (RELEASE_BODY)."""
         k = HostKeys(lease.host)
-        return (self._release, [k.slots, k.stats, k.errors, k.wait, k.free],
+        return ([k.slots, k.stats, k.errors, k.wait, k.free],
                 [lease.id, int((time.monotonic() - lease.since) * 1000), int(answered), lease.limit])
 
     def wait(self, host: str, seconds: float) -> None:
@@ -269,9 +301,12 @@ class HostLimiter:
 
     def server_error(self, host: str) -> int:
         """Count a 5xx from `host`; returns the host's server errors in a row, from any worker."""
+        k = HostKeys(host)
         pipe = self.r.pipeline(transaction=True)
-        pipe.incr(HostKeys(host).errors)
-        pipe.pexpire(HostKeys(host).errors, 600_000)
+        pipe.incr(k.errors)
+        pipe.pexpire(k.errors, 600_000)
+        pipe.hset(k.stats, "errors", 1)  # the release of a download the host served ends the streak
+        pipe.pexpire(k.stats, 3_600_000)
         return int(pipe.execute()[0])
 
     def free_all(self) -> int:

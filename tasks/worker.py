@@ -1,5 +1,5 @@
 """`python -m tasks.worker -P POOL -c N -n NAME [-c N -n NAME ...]`: workers of this app, started without Celery's
-command line.
+command line. `python -m tasks.worker --per-core`: the whole machine, one worker per core (w1@%h, w2@%h ...).
 
 Local mode starts its workers so. Each is the worker that `celery -A tasks worker -P POOL -c N -n NAME
 --loglevel=LEVEL --without-gossip --without-mingle` runs: the same app, settings, pool, signal handlers and warm
@@ -17,6 +17,12 @@ worker's exit status. SIGUSR1
 ends, so none is left to init and their CPU time counts with its own (`getrusage` of its parent). Its process
 group holds them all. Nothing outlives a killed parent: when its own parent (the producer) is gone, it kills its
 workers (a watchdog thread), and each worker is killed when it is gone (PR_SET_PDEATHSIG).
+
+--per-core is the cluster's one command per machine (the compose file's and the systemd unit's): a threads worker
+runs Python on one core, so a machine gets one per core it may use, as the README's `-n w1@%h`, `-n w2@%h` ...
+started by hand would. -c N sizes each (default: the worker's own default), -n PREFIX names them PREFIX1@%h ...
+(default w). It has no parent watchdog: it is a service's main process, not a producer's child. A supervisor
+(Docker's restart policy, systemd's Restart=) starts it again after one of its workers died.
 """
 
 from __future__ import annotations
@@ -58,11 +64,15 @@ def _watch_parent(parent: int, every: float = WATCH_S) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.worker", description=__doc__.split("\n")[0])
-    parser.add_argument("-P", "--pool", required=True, help="the worker pool (threads, prefork, solo)")
-    parser.add_argument("-c", "--concurrency", type=int, required=True, action="append",
-                        help="downloads at once (one per worker)")
-    parser.add_argument("-n", "--hostname", required=True, action="append",
-                        help="the node name (one per worker); %%h expands to the host name")
+    parser.add_argument("-P", "--pool", help="the worker pool (threads, prefork, solo; default: FLEETFETCH_POOL, "
+                                             "threads)")
+    parser.add_argument("-c", "--concurrency", type=int, action="append",
+                        help="downloads at once (one per worker; with --per-core: of each)")
+    parser.add_argument("-n", "--hostname", action="append",
+                        help="the node name (one per worker); %%h expands to the host name; with --per-core: the "
+                             "names' prefix (default w: w1@%%h, w2@%%h ...)")
+    parser.add_argument("--per-core", action="store_true",
+                        help="one worker per core this process may use (the machine's workers in one command)")
     parser.add_argument("-l", "--loglevel", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="log level (default: INFO, one line per URL)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no start-up banner (as celery worker --quiet)")
@@ -70,13 +80,37 @@ def main(argv: list[str] | None = None) -> int:
                         help="once a worker died, seconds the others may take to finish the downloads they run "
                              "before they are killed (default: %(default)s)")
     args = parser.parse_args(argv)
-    if len(args.concurrency) != len(args.hostname):
-        parser.error("give one -n NAME for each -c N")
+    if args.per_core:
+        if len(args.concurrency or ()) > 1 or len(args.hostname or ()) > 1:
+            parser.error("with --per-core, give at most one -c N (each worker's) and one -n PREFIX")
+        workers = per_core((args.concurrency or [None])[0], (args.hostname or ["w"])[0])
+        return forked(args.pool or _default_pool(), workers, args.loglevel, args.quiet, args.grace, watch=False)
+    if args.pool is None or not args.concurrency or len(args.concurrency) != len(args.hostname or ()):
+        parser.error("give -P POOL and one -n NAME for each -c N (or --per-core)")
     workers = list(zip(args.concurrency, args.hostname, strict=True))
     return forked(args.pool, workers, args.loglevel, args.quiet, args.grace)
 
 
-def run(pool: str, concurrency: int, hostname: str, loglevel: str, quiet: bool) -> int:
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset, `taskset`)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def per_core(concurrency: int | None, prefix: str) -> list[tuple[int | None, str]]:
+    """(concurrency, name) of one worker per core: PREFIX1@%h, PREFIX2@%h ..."""
+    return [(concurrency, f"{prefix}{i}@%h") for i in range(1, cores() + 1)]
+
+
+def _default_pool() -> str:
+    from .config import settings
+
+    return settings.pool
+
+
+def run(pool: str, concurrency: int | None, hostname: str, loglevel: str, quiet: bool) -> int:
     """One worker in this process, until it stops; its exit code."""
     import logging
 
@@ -109,8 +143,10 @@ def _preload(pool: str) -> None:
     gc.freeze()
 
 
-def forked(pool: str, workers: list[tuple[int, str]], loglevel: str, quiet: bool, grace: float = GRACE_S) -> int:
-    """Import once, fork one worker per (concurrency, name), wait for them; the first non-zero exit status."""
+def forked(pool: str, workers: list[tuple[int | None, str]], loglevel: str, quiet: bool, grace: float = GRACE_S,
+           watch: bool = True) -> int:
+    """Import once, fork one worker per (concurrency, name), wait for them; the first non-zero exit status.
+    `watch`: stop them when this process's parent is gone (a producer's workers)."""
     _preload(pool)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -140,7 +176,8 @@ def forked(pool: str, workers: list[tuple[int, str]], loglevel: str, quiet: bool
 
     for signum in (*_FORWARDED, *_KILLING):
         signal.signal(signum, forward)
-    _watch_parent(grandparent)
+    if watch:
+        _watch_parent(grandparent)
     code, died = 0, ""
     while children:
         pid, status = os.wait()

@@ -197,3 +197,37 @@ def test_a_host_gets_8_connections_at_first_and_more_while_it_keeps_up(own, defa
     # grew (they used to sleep for a turn guessed from the first window, and max_concurrent stayed near 22)
     assert origin.max_concurrent == THREADS_CONCURRENCY
     assert len(list((own.downloads / "window").glob("*.bin"))) == n
+
+
+def test_one_command_starts_a_worker_per_core_and_every_one_downloads(origin, tmp_path):
+    """`python -m tasks.worker --per-core` (the compose file's and the systemd unit's command): one process forks
+    a worker per core it may use, named w1@%h, w2@%h ..., and each of them downloads a share of a job."""
+    import subprocess
+
+    from tasks.worker import cores
+
+    server = RedisServer(tmp_path / "redis").start()
+    cluster = Cluster(server, tmp_path / "downloads")
+    log = tmp_path / "per-core.log"
+    n = cores()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tasks.worker", "--per-core", "-c", "1"], env=cluster.env,
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while log.read_bytes().count(b" ready.") < n and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert log.read_bytes().count(b" ready.") == n, log.read_text(errors="replace")[-3000:]
+        for i in range(4 * n):
+            origin.add(f"/pc{i}.bin", b"p" * 20_000, rate=40_000)  # half a second each
+        listing = write_list(tmp_path / "urls.txt", [origin.url(f"/pc{i}.bin") for i in range(4 * n)])
+        done = cluster.producer(str(listing), "-d", "pc")
+        assert done.returncode == 0, done.stderr
+        book = ledger.Ledger(cluster.backend(), 3600)
+        job = job_id_of(done.stderr + done.stdout)
+        workers = {book.record(job, i)["worker"].split("@")[0] for i in range(4 * n)}
+        assert workers == {f"w{i}" for i in range(1, n + 1)}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+        server.stop()

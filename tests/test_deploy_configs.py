@@ -55,7 +55,7 @@ def test_compose_redis_is_persistent_and_never_evicts():
 def test_compose_workers_scale_stop_gracefully_and_flower_is_locked_down():
     services = compose()["services"]
     worker, flower, producer = services["worker"], services["flower"], services["producer"]
-    assert isinstance(worker["command"], list) and worker["command"][:3] == ["celery", "-A", "tasks"]
+    assert worker["command"] == ["python", "-m", "tasks.worker", "--per-core"]  # the whole host in one command
     assert "container_name" not in worker and "ports" not in worker  # --scale worker=N works
     assert seconds(worker["stop_grace_period"]) > SOFT_SHUTDOWN_S
     assert worker["environment"]["FLEETFETCH_SOFT_SHUTDOWN_TIMEOUT"] == str(SOFT_SHUTDOWN_S)
@@ -205,7 +205,7 @@ def test_network_policy_keeps_workers_off_metadata_and_internal_ranges(docs):
 
 
 def test_systemd_units_stop_gracefully_and_are_sandboxed():
-    for unit in ("fleetfetch-worker@.service", "fleetfetch-flower.service"):
+    for unit in ("fleetfetch-worker@.service", "fleetfetch-workers.service", "fleetfetch-flower.service"):
         parser = configparser.ConfigParser(strict=False, interpolation=None)
         parser.optionxform = str  # type: ignore[assignment,method-assign]
         parser.read(ROOT / "deploy" / "systemd" / unit)
@@ -213,10 +213,13 @@ def test_systemd_units_stop_gracefully_and_are_sandboxed():
         assert service["EnvironmentFile"] == "/etc/fleetfetch/fleetfetch.env"
         assert service["KillSignal"] == "SIGTERM" and service["NoNewPrivileges"] == "yes"
         assert service["ProtectSystem"] == "strict" and service["User"] == "fleetfetch"
-        if unit.startswith("fleetfetch-worker"):
+        if unit == "fleetfetch-worker@.service":
             assert int(service["TimeoutStopSec"]) > SOFT_SHUTDOWN_S
             assert "ReadWritePaths" in service
             assert service["ExecStart"].endswith("-n worker%i@%H")  # one instance per core, each its own name
+        if unit == "fleetfetch-workers.service":
+            assert int(service["TimeoutStopSec"]) > SOFT_SHUTDOWN_S and "ReadWritePaths" in service
+            assert service["ExecStart"] == "/opt/fleetfetch/bin/python -m tasks.worker --per-core"  # the machine
 
 
 # --- Probes: alive means the process beats; neither probe starts Python or depends on `celery inspect` ---
@@ -447,9 +450,10 @@ def test_image_installs_the_lock_and_runs_tini_as_pid_1():
 
 
 def test_systemd_units_install_from_the_checkout_not_an_unpublished_name():
-    text = (ROOT / "deploy" / "systemd" / "fleetfetch-worker@.service").read_text()
-    assert "pip install fleetfetch" not in text
-    assert "requirements.lock" in text and "--no-deps" in text
+    for unit in ("fleetfetch-worker@.service", "fleetfetch-workers.service"):
+        text = (ROOT / "deploy" / "systemd" / unit).read_text()
+        assert "pip install fleetfetch" not in text
+        assert "requirements.lock" in text and "--no-deps" in text
 
 
 def test_every_shipped_flower_lists_each_tasks_url_and_result():

@@ -12,7 +12,7 @@ import time
 import pytest
 import redis
 
-from tasks import connection, ledger
+from tasks import connection, ledger, slot_state
 from tasks.hostlimit import HostKeys, HostLimiter
 from tasks.ledger import scripts
 from tests.support.servers import RedisServer
@@ -220,3 +220,67 @@ def test_every_ledger_script_names_the_keys_and_arguments_it_takes(redis_server)
         assert any("KEYS[1]" in line for line in header), name
         sha = client.script_load(scripts.source(name))
         assert client.script_exists(sha) == [True]
+
+
+def test_records_and_leases_keep_the_jobs_expiry_through_every_transition(redis_server):
+    """No transition looks at a key's TTL: `rec` and `due` are written with the job's expiry at `create` and never
+    empty, so a lease set after the last one ended (its set emptied meanwhile) still expires with the job."""
+    book = ledger.Ledger(redis_server.client(1), 3600)
+    job = f"expiry-{time.time_ns()}"
+    book.create(job, {"opts": {}}, [(i, f"http://127.0.0.1:9/d/f{i}.bin", f"f{i}.bin", None) for i in range(2)])
+    k = ledger.JobKeys(job)
+    for i in range(2):
+        book.transition(job, i, ledger.STARTED, lease=60)
+        assert 0 < book.r.ttl(k.due) <= 3600 and book.overdue(job, 10) == []
+        book.transition(job, i, ledger.DONE, _done(i), name=f"f{i}.bin")
+        assert 0 < book.r.ttl(k.rec) <= 3600 and 0 < book.r.ttl(k.due) <= 3600
+    assert book.release_started(job) == 0 and book.record(job, 1)["bytes"] == 10
+    assert book.counts(job)["done"] == 2
+
+
+def test_a_slot_and_the_started_state_are_taken_together_and_given_back_together(redis_server):
+    """One script run takes a host slot and marks the URL started with its lease, or does neither (the host
+    full); one gives the slot back with the final state. No moment exists where a killed worker leaves a started URL
+    without its slot, or a slot held for a URL that ended."""
+    book = ledger.Ledger(redis_server.client(1), 3600)
+    limiter, host = HostLimiter(book.r), f"both-{time.time_ns()}.test"
+    both = slot_state.SlotAndState(book, limiter)
+    job = f"both-{time.time_ns()}"
+    book.create(job, {"opts": {}}, [(i, f"http://127.0.0.1:9/d/f{i}.bin", f"f{i}.bin", None) for i in range(2)])
+    book.mark_queued(book.r, job, [0, 1])
+    k = ledger.JobKeys(job)
+    first, wait, already = both.start(job, 0, 60, host, 1, 0.0, "t0", False)
+    assert first is not None and wait == 0 and already is None
+    assert book.r.zcard(HostKeys(host).slots) == 1 and book.state(job, 0) == ledger.STARTED
+    assert book.r.zscore(k.due, "0") is not None
+    book.transition_keys_args(job, 0, ledger.DONE, _done(0), None, "f0.bin")  # its worker's number known
+    book.r.script_load(slot_state.FINISH)  # no NOSCRIPT round to count
+    calls = book.r.info("commandstats")["cmdstat_evalsha"]["calls"]
+    none, wait, _ = both.start(job, 1, 60, host, 1, 0.0, "t1", False)  # the host's one slot is taken
+    assert none is None and wait > 0
+    assert book.state(job, 1) == ledger.QUEUED and book.r.zscore(k.due, "1") is None  # neither changed
+    assert both.finish(job, 0, ledger.DONE, _done(0), "f0.bin", first) is None
+    assert book.r.info("commandstats")["cmdstat_evalsha"]["calls"] == calls + 2  # one script run each
+    assert book.r.zcard(HostKeys(host).slots) == 0 and book.state(job, 0) == ledger.DONE
+    assert book.r.zscore(k.due, "0") is None and book.record(job, 0)["bytes"] == 0
+    assert both.finish(job, 0, ledger.FAILED, {"status": "failed"}, "f0.bin", first) == ledger.DONE  # kept
+    second, _, _ = both.start(job, 1, 60, host, 1, 0.0, "t1", True)  # the slot free again; t1 leaves the line
+    assert second is not None and book.state(job, 1) == ledger.STARTED
+    assert book.r.zcard(HostKeys(host).wait) == 0
+
+
+def test_a_job_whose_records_have_no_expiry_gets_the_jobs_at_the_sweep(redis_server):
+    """A job an older producer created has no KEEP member: its `rec` and `due`, written by transitions that no longer
+    look at TTLs, get the job's expiry from the reconciler's pass over live jobs."""
+    book = ledger.Ledger(redis_server.client(1), 3600)
+    job = f"old-{time.time_ns()}"
+    book.create(job, {"opts": {}}, [(0, "http://127.0.0.1:9/d/f0.bin", "f0.bin", None)])
+    k = ledger.JobKeys(job)
+    book.r.delete(k.rec, k.due)  # as an older producer left them
+    book.transition(job, 0, ledger.STARTED, lease=60)
+    book.transition(job, 0, ledger.FAILED, {"url": "http://127.0.0.1:9/d/f0.bin", "status": "failed",
+                                            "attempts": 1, "reason": "HTTP 404"})
+    book.r.zadd(k.due, {"7": 1})
+    assert book.r.ttl(k.rec) == -1 and book.r.ttl(k.due) == -1
+    book.expire_with_job(job)
+    assert 0 < book.r.ttl(k.rec) <= 3600 and 0 < book.r.ttl(k.due) <= 3600

@@ -6,9 +6,9 @@ Redis Cluster node:
   ff:{JOB}:meta        hash   job settings (JSON) + counters n:<state>, bytes, published (`COUNTERS`)
   ff:{JOB}:urls        hash   block (index // BLOCK) -> zlib of the block's rows (ledger/records.py)
   ff:{JOB}:state       string one byte per URL at its index (ledger/states.py CODES); NUL = no state yet
-  ff:{JOB}:rec         hash   index -> final record, packed (ledger/records.py)
+  ff:{JOB}:rec         hash   index -> final record, packed (ledger/records.py); and KEEP
   ff:{JOB}:names       hash   worker names and content types of packed records <-> their small numbers
-  ff:{JOB}:due         zset   index -> server time (ms) by which a worker must be heard of again
+  ff:{JOB}:due         zset   index -> server time (ms) by which a worker must be heard of again; and KEEP (+inf)
   ff:{JOB}:redelivered hash   index -> times the reconciler published the URL again
   ff:{JOB}:flight      hash   index -> bytes so far of a running download (and its size)
   ff:{JOB}:suspect     set    queued URLs that had no message at the last sweep
@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from .states import STATES
 
 JOBS_KEY = "ff:jobs"
+# A member of `rec` and `due` written with the job: the keys never empty, so they keep the expiry set at `create`
+# and no transition has to look at their TTL (two commands per URL). Never an index.
+KEEP = "-"
 LIVE_KEY = "ff:live"
 # Meta fields besides the job's settings.
 CANCELLED_AT = "cancelled"  # when `cancel` stopped the job (absent: not cancelled)

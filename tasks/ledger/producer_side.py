@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from ..redact import redact_url
 from .base import BATCH, JobGone, LedgerBase
-from .keys import CANCELLED_AT, COUNTERS, CREDENTIALS, FED, JOBS_KEY, LIVE_KEY, JobKeys
+from .keys import CANCELLED_AT, COUNTERS, CREDENTIALS, FED, JOBS_KEY, KEEP, LIVE_KEY, JobKeys
 from .records import BLOCK, Row, counts_in, expand, parse_row, unpack
 from .states import STARTED, STATES
 from .watch import EndWatch
@@ -43,6 +43,10 @@ class ProducerSide(LedgerBase):
         if rows:
             pipe.hset(k.urls, str((total - 1) // BLOCK), zlib.compress(b"\n".join(rows)))
         pipe.expire(k.urls, self.ttl)
+        pipe.hset(k.rec, KEEP, b"")
+        pipe.zadd(k.due, {KEEP: "+inf"})
+        for key in (k.rec, k.due):
+            pipe.expire(key, self.ttl)
         pipe.hset(k.meta, "total", json.dumps(total))
         pipe.execute()
         return total

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import cast
 
-from .keys import LIVE_KEY, JobKeys
+from .keys import KEEP, LIVE_KEY, JobKeys
 from .states import QUEUED, STARTED
 from .task_side import TaskSide
 
@@ -18,6 +18,18 @@ class ReconcilerSide(TaskSide):  # it moves URLs as a task does (`transition`)
     def mark_finished(self, job: str) -> None:
         """The job is over: the reconciler looks at it no more."""
         self.r.srem(LIVE_KEY, job)
+
+    def expire_with_job(self, job: str) -> None:
+        """`rec` and `due` without an expiry (written for a job an older producer created, without KEEP) get the
+        job's: transitions no longer set one."""
+        k = JobKeys(job)
+        pipe = self.r.pipeline(transaction=False)
+        for key in (k.meta, k.rec, k.due):
+            pipe.ttl(key)
+        left, *ttls = cast(list[int], pipe.execute())
+        for key, ttl in zip((k.rec, k.due), ttls, strict=True):
+            if left > 0 and ttl == -1:
+                self.r.expire(key, left)
 
     def overdue(self, job: str, limit: int) -> list[int]:
         """URLs whose lease ran out (server time): their worker is gone, or their message was."""
@@ -49,7 +61,7 @@ class ReconcilerSide(TaskSide):  # it moves URLs as a task does (`transition`)
     def release_started(self, job: str) -> int:
         """URLs marked started go back to queued, without a lease: only for a caller that knows their worker is gone
         and their message is back in the queue (local mode, holding its directory's lock). Returns how many."""
-        held = [int(i) for i in cast(list[bytes], self.r.zrange(JobKeys(job).due, 0, -1))]
+        held = [int(i) for i in cast(list[bytes], self.r.zrange(JobKeys(job).due, 0, -1)) if i != KEEP.encode()]
         started = self.in_state(job, held, STARTED)
         for index in started:
             self.transition(job, index, QUEUED)

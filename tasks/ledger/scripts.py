@@ -14,10 +14,15 @@ NAMES = (*_WITH_STATES, "intern", "renew")
 
 
 @cache
+def body(name: str) -> str:
+    """The text of script `name` alone (lua/<name>.lua)."""
+    return files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+@cache
 def source(name: str) -> str:
     """The text of script `name`, the states library in front where it needs it."""
-    text = files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-    return source("states") + text if name in _WITH_STATES else text
+    return body("states") + body(name) if name in _WITH_STATES else body(name)
 
 
 class Scripts:

@@ -22,17 +22,22 @@ class TaskSide(LedgerBase):
         state ends it. `name`: the URL's file name in the ledger (a record's path equal to it is not stored).
         `then`: an idempotent script to run right after, in the same round trip (`together`): the download's
         host slot given back. Returns the final state the URL already had (then nothing changed), or None."""
-        k = JobKeys(job)
-        payload = b"" if record is None else pack(compact(record, state, name), functools.partial(self._number, job))
-        nbytes = int(record.get("bytes") or 0) if record and state == DONE else 0
-        due = "" if state in FINAL or lease is None else str(int(lease * 1000))
-        keys = [k.meta, k.state, k.rec, k.due]
-        args: list[str | bytes | int] = [str(index), state, payload, nbytes, self.ttl, due]
+        keys, args = self.transition_keys_args(job, index, state, record, lease, name)
         if then is None:
             old = self.scripts.transition(keys=keys, args=args)
         else:
             old = together(self.r, [(self.scripts.transition, keys, args), then])[0]
         return old.decode() if old else None
+
+    def transition_keys_args(self, job: str, index: int, state: str, record: dict[str, Any] | None = None,
+                             lease: float | None = None,
+                             name: str | None = None) -> tuple[list[str], list[str | bytes | int]]:
+        """The keys and arguments of the transition script (lua/transition.lua) for `transition`'s arguments."""
+        k = JobKeys(job)
+        payload = b"" if record is None else pack(compact(record, state, name), functools.partial(self._number, job))
+        nbytes = int(record.get("bytes") or 0) if record and state == DONE else 0
+        due = "" if state in FINAL or lease is None else str(int(lease * 1000))
+        return [k.meta, k.state, k.rec, k.due], [str(index), state, payload, nbytes, due]
 
     def hold(self, held: dict[str, list[int]], seconds: float) -> None:
         """Leases of `seconds` for URLs whose messages a live worker holds ({job: [index, ...]}), one round trip."""

@@ -11,6 +11,15 @@ local function code_at(key, i)
   if NAME[b] then return b end
   return nil
 end
+-- now_ms(): the server's clock in ms, read once per script run (TIME).
+local _now
+local function now_ms()
+  if not _now then
+    local t = redis.call('TIME')
+    _now = t[1] * 1000 + math.floor(t[2] / 1000)
+  end
+  return _now
+end
 local function count(meta, code, n) redis.call('HINCRBY', meta, 'n:' .. NAME[code], n) end
 local function announce_if_ended(meta)
   local n = redis.call('HMGET', meta, 'total', 'n:done', 'n:unchanged', 'n:failed', 'n:cancelled')

@@ -2,9 +2,10 @@
 -- about to start in a job that was cancelled (meta field `cancelled`) ends cancelled instead, and 'cancelled' is
 -- returned: the worker skips it in the same round trip. A URL without a state yet counts as published
 -- (`published` = URLs that have a state): its message was taken before the publisher marked it queued.
+-- The keys keep the expiry the job was created with (rec and due never empty: ledger/keys.py KEEP).
 -- KEYS[1] meta, KEYS[2] state, KEYS[3] rec, KEYS[4] due
--- ARGV[1] index, ARGV[2] new state, ARGV[3] final record ('' = none), ARGV[4] bytes to count, ARGV[5] ttl (s),
--- ARGV[6] ms from now by which a worker must be heard of again for this URL (its lease); '' = none (final)
+-- ARGV[1] index, ARGV[2] new state, ARGV[3] final record ('' = none), ARGV[4] bytes to count,
+-- ARGV[5] ms from now by which a worker must be heard of again for this URL (its lease); '' = none (final)
 local i = tonumber(ARGV[1])
 local old = code_at(KEYS[2], i)
 if old and FINAL[old] then return NAME[old] end
@@ -24,17 +25,13 @@ if old ~= new then
   count(KEYS[1], new, 1)
   if FINAL[new] then announce_if_ended(KEYS[1]) end
 end
-if ARGV[6] == '' then
+if ARGV[5] == '' then
   redis.call('ZREM', KEYS[4], ARGV[1])
 else
-  local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[4], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[6]), ARGV[1])
+  redis.call('ZADD', KEYS[4], now_ms() + tonumber(ARGV[5]), ARGV[1])
 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-  redis.call('HINCRBY', KEYS[1], 'bytes', tonumber(ARGV[4]))
-end
-if redis.call('TTL', KEYS[3]) < 0 then
-  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[5])) end
+  if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'bytes', tonumber(ARGV[4])) end
 end
 return false
