@@ -28,6 +28,7 @@ import requests
 from . import fetch, storage
 from .credentials import Credentials
 from .errors import CutShort, PermanentError, TransientError
+from .pace import Pace
 
 MIN_SPLIT_SIZE = 20 << 20  # aria2c's --min-split-size default: smaller files are one stream
 SPLIT = 8  # connections per big file by default: the first window a host gets (hostlimit.START), as browsers' 6
@@ -154,30 +155,13 @@ def splittable(response: requests.Response, cfg: Config) -> int | None:
     return size if size >= max(cfg.min_split_size, 2 * MIN_PIECE) and validator_of(response) else None
 
 
-class _Pace:
-    """--limit-rate for the file as a whole: every connection's bytes count against one rate."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate, self.bytes, self.began = rate, 0, time.monotonic()
-        self.lock = threading.Lock()
-
-    def wait(self, n: int, deadline: float) -> None:
-        if self.rate <= 0:
-            return
-        with self.lock:
-            self.bytes += n
-            ahead = self.bytes / self.rate - (time.monotonic() - self.began)
-        if ahead > 0:
-            time.sleep(min(ahead, max(0.0, deadline - time.monotonic())))
-
-
 @dataclass
 class _Crew:
     """The connections fetching one file's ranges, and what the coordinating thread knows of them."""
 
     pieces: list[_Piece]
     slots: list[Slot]
-    pace: _Pace
+    pace: Pace
     first_end: int  # where the first stream stops (0: no first stream; all pieces are the connections')
     todo: list[_Piece] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -368,7 +352,7 @@ class Run:
                     first_streamed: bool) -> None:
         """Connections for the pieces: the first piece is this thread's stream (`first_streamed`) or an open
         response handed to the first connection; one more connection per extra slot."""
-        crew = self._crew = _Crew(pieces, [], _Pace(rate), pieces[0].end if first_streamed else 0)
+        crew = self._crew = _Crew(pieces, [], Pace(rate, fetch.CHUNK), pieces[0].end if first_streamed else 0)
         crew.todo = list(pieces[1:] if first_streamed else pieces)
         self.notes.update(segments=len(pieces), connections=1)
         if not first_streamed:
@@ -507,7 +491,7 @@ class Run:
             slots.append(slot)
         return slots
 
-    def _fill(self, piece: _Piece, opened: requests.Response | None, stop: threading.Event, pace: _Pace) -> None:
+    def _fill(self, piece: _Piece, opened: requests.Response | None, stop: threading.Event, pace: Pace) -> None:
         """Fetch one piece into its place; BadRange if the answer is not exactly that range of this file."""
         response = opened if opened is not None else self._open_range(piece)
         try:

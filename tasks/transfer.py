@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from . import fetch, partial, segments, storage
 from .credentials import Credentials
 from .errors import Busy, CutShort, PermanentError, TransientError
 from .naming import candidates, check_component, disposition_name
+from .pace import Pace
 
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)")
 _DECIMAL = re.compile(r"[0-9]{1,19}")
@@ -232,7 +232,7 @@ def _stream(response: requests.Response, part: storage.PartFile, req: Request, l
     if req.max_size and expected is not None and expected > req.max_size:
         response.close()
         raise PermanentError(f"too large: {expected} bytes is over the limit of {req.max_size} (--max-size)")
-    pace = _Pace(req.limit_rate)
+    pace = Pace(req.limit_rate, fetch.CHUNK)
     try:
         for chunk in fetch.body_chunks(response, limits.read_timeout, deadline, pace.chunk):
             part.write(chunk)
@@ -246,23 +246,6 @@ def _stream(response: requests.Response, part: storage.PartFile, req: Request, l
             raise
     if expected is not None and part.size != expected:
         raise TransientError(f"body cut short: {part.size} of {expected} bytes")
-
-
-class _Pace:
-    """--limit-rate: read in small chunks and sleep while ahead of `rate` bytes per second (average since start)."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.chunk = min(fetch.CHUNK, max(4096, rate // 10)) if rate > 0 else fetch.CHUNK
-        self.began, self.bytes = time.monotonic(), 0
-
-    def wait(self, n: int, deadline: float) -> None:
-        if self.rate <= 0:
-            return
-        self.bytes += n
-        ahead = self.bytes / self.rate - (time.monotonic() - self.began)
-        if ahead > 0:
-            time.sleep(min(ahead, max(0.0, deadline - time.monotonic())))
 
 
 def _headers_of(response: requests.Response) -> dict[str, Any]:
