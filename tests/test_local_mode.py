@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import psutil
 import pytest
@@ -64,6 +65,21 @@ def _requested(origin, *paths: str, timeout: float = 30) -> bool:
     while not all(origin.requests_for(p) for p in paths) and time.monotonic() < deadline:
         time.sleep(0.05)
     return all(origin.requests_for(p) for p in paths)
+
+
+def _ctrl_c_local_job(listing, out_dir, tmp_path, ready: Callable[[], None]) -> tuple[str, str, str]:
+    """A local job started, Ctrl-C once `ready()` returns: (stdout, stderr, job id) of a command that exited 130."""
+    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(out_dir)], cwd=tmp_path,
+                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        ready()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    return out, err, job_id_of(out)
 
 
 def _downloads_from(process: psutil.Process, origin) -> bool:
@@ -476,18 +492,11 @@ def test_resume_after_ctrl_c_takes_the_time_of_the_work_left_not_the_dead_worker
         origin.add(path, body, rate=20_000)  # 4 s each, 8 at once: ~8 s for the whole list
     listing = write_list(tmp_path / "urls.txt", [origin.url(p) for p in bodies])
     out_dir = tmp_path / "d"
-    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(out_dir)], cwd=tmp_path,
-                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
+    def ready() -> None:
         assert _requested(origin, "/r0.bin"), "the download never started"
         time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, out + err
-    job = job_id_of(out)
+
+    out, err, job = _ctrl_c_local_job(listing, out_dir, tmp_path, ready)
     began = time.monotonic()
     resumed = subprocess.run([sys.executable, "-m", "producer", "resume", job, "-d", str(out_dir)], cwd=tmp_path,
                              env=base_env(), capture_output=True, text=True, timeout=120)
@@ -565,18 +574,11 @@ def test_cancel_after_ctrl_c_tells_true_counts_removes_temp_files_and_prints_a_c
         origin.add(path, body, rate=40_000)  # 5 s each: still running when Ctrl-C's grace is over
     listing = write_list(tmp_path / "urls.txt", [origin.url(p) for p in bodies])
     out_dir = tmp_path / "my dir"
-    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(out_dir)], cwd=tmp_path,
-                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
+    def ready() -> None:
         assert _requested(origin, *bodies), "the downloads never started"
         time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, out + err
-    job = job_id_of(out)
+
+    out, err, job = _ctrl_c_local_job(listing, out_dir, tmp_path, ready)
     assert list(out_dir.glob(".*.part")), "Ctrl-C left no temp file: nothing to test"
 
     def producer(*args: str) -> subprocess.CompletedProcess:
@@ -694,20 +696,13 @@ def test_resume_after_ctrl_c_continues_a_big_partial_file_with_range(origin, tmp
     origin.add("/big.iso", body, rate=400_000, etag='"v1"')  # 10 s
     listing = write_list(tmp_path / "urls.txt", [origin.url("/big.iso")])
     out_dir = tmp_path / "d"
-    proc = subprocess.Popen([sys.executable, "-m", "producer", str(listing), "-d", str(out_dir)], cwd=tmp_path,
-                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
+    def ready() -> None:
         assert _requested(origin, "/big.iso"), "the download never started"
         deadline = time.monotonic() + 30
         while origin.requests_for("/big.iso")[0].sent < size // 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, out + err
-    job = job_id_of(out)
+
+    out, err, job = _ctrl_c_local_job(listing, out_dir, tmp_path, ready)
     resumed = subprocess.run([sys.executable, "-m", "producer", "resume", job, "-d", str(out_dir), "-q"],
                              cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
