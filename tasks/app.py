@@ -7,6 +7,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import celery
+import kombu
+import redis
 from celery import Celery, signals
 
 from . import dependencies, heartbeat, kombu_redis
@@ -14,7 +17,9 @@ from .config import QUEUE, default_concurrency, settings
 from .feed import Sweeper
 from .redact import mask_password
 
-dependencies.check()  # an older library than pyproject.toml's ranges: one line and exit 2, not a traceback per URL
+# An older library than pyproject.toml's ranges: one line and exit 2, not a traceback per URL (tasks/fetch.py checks
+# requests and urllib3, which only workers import).
+dependencies.check(celery, kombu, redis)
 # redis:// and rediss:// brokers get kombu's Redis transport with one reused synchronous client per channel instead
 # of a new redis.Redis per QoS command, where the kombu installed is one tasks/kombu_redis.py knows.
 kombu_redis.install(stock=settings.stock)

@@ -22,7 +22,7 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.connectionpool import HTTPConnectionPool
 
-from . import guard, http_errors, urllib3_hooks
+from . import dependencies, guard, http_errors, urllib3_hooks
 from .errors import PermanentError, TransientError
 from .http_errors import time_left
 from .message import is_secret_header
@@ -30,6 +30,7 @@ from .redact import redact_url
 from .retry import RETRYABLE_STATUS, parse_retry_after
 from .version import USER_AGENT
 
+dependencies.check(requests, urllib3)  # before urllib3_hooks relies on them: one line and exit 2 when too old
 CHUNK = 1 << 20
 REDIRECTS = (301, 302, 303, 307, 308)
 # urllib3 logs each request line (path and query: signed-URL tokens) at DEBUG; a worker run with
