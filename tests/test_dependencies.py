@@ -88,6 +88,7 @@ def test_a_job_runs_on_the_patched_and_on_the_stock_transport(tmp_path, origin, 
 _PROBE = """
 from tasks import fetch, guard, urllib3_hooks
 from tasks.config import settings as s
+urllib3_hooks.use_stock(s.stock)  # as a worker's first download does (tasks/context.py)
 limits = fetch.Limits(2, 2, 3, guard.Policy.from_settings(s.allow_private, s.allow_networks, s.resolve))
 response = fetch.open_response({url!r}, {{}}, limits)
 sock = type(response.raw.connection.sock).__name__
