@@ -38,7 +38,6 @@ from typing import cast
 import redis
 
 from .config import Settings
-from .connection import ScriptCall
 
 MAX_WAIT_S = 8.0  # longest a task waits before asking for a slot again
 START = 8  # a host's first window: browsers open 6 connections per host
@@ -264,12 +263,8 @@ class HostLimiter:
     def release(self, lease: Lease, answered: bool = False) -> int:
         """Give the slot back; `answered`: the host served the download, so its server errors in a row end and
         its window may grow. Returns the host's window. Idempotent: a slot given back (or lapsed) counts once."""
-        script, keys, args = self.release_call(lease, answered)
-        return int(script(keys=keys, args=args))
-
-    def release_call(self, lease: Lease, answered: bool = False) -> ScriptCall:
-        """`release` as a script call, to be sent with another (`connection.together`)."""
-        return (self._release, *self.release_keys_args(lease, answered))
+        keys, args = self.release_keys_args(lease, answered)
+        return int(self._release(keys=keys, args=args))
 
     @staticmethod
     def release_keys_args(lease: Lease, answered: bool) -> tuple[list[str], list[str | int]]:
