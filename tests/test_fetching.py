@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import storage
+from tasks import labels
 from tasks.naming import with_hash
 from tests.conftest import ROOT, Cluster, read_manifest, write_list
 from tests.support.origin import DROP
@@ -137,7 +137,7 @@ def test_rerun_sends_conditional_headers_and_keeps_unchanged_files(cluster, work
     assert first.returncode == 0
     target = cluster.downloads / "rerun" / "doc.pdf"
     mtime = target.stat().st_mtime_ns
-    label = json.loads(os.getxattr(target, storage.XATTR))  # the validators travel on the file itself
+    label = json.loads(os.getxattr(target, labels.XATTR))  # the validators travel on the file itself
     assert label["etag"] == '"e1"' and label["sha256"] == sha(b"version 1") and label["mtime_ns"] == mtime
     assert not (cluster.downloads / ".fleetfetch" / "rerun" / "doc.pdf.json").exists()  # no sidecar file
     second, records = run(cluster, tmp_path, lines, "-d", "rerun")
