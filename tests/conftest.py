@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from realparts.origin import Origin
+from realparts.servers import RedisServer, Worker
 from tests.support.inprocess import InProcessWorker
-from tests.support.origin import Origin
-from tests.support.servers import RedisServer, Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 

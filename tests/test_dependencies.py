@@ -12,9 +12,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from realparts.servers import RedisServer, Worker
 from tasks import dependencies, kombu_redis, urllib3_hooks
 from tests.conftest import ROOT, Cluster, base_env, read_manifest, write_list
-from tests.support.servers import RedisServer, Worker
 
 TAKE_SHA = hashlib.sha1(kombu_redis._TAKE.encode()).hexdigest()  # the patched transport's batch-taking script
 

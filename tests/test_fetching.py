@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from realparts.origin import DROP
+from realparts.servers import RedisServer, Worker
 from tasks import labels
 from tasks.naming import with_hash
 from tests.conftest import ROOT, Cluster, read_manifest, write_list
-from tests.support.origin import DROP
-from tests.support.servers import RedisServer, Worker
 
 
 def sha(data: bytes) -> str:

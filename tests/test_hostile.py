@@ -23,10 +23,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from realparts.servers import RedisServer, Worker
 from tasks import labels
 from tasks.naming import with_hash
 from tests.conftest import ROOT, Cluster, base_env, job_id_of, read_manifest, write_list
-from tests.support.servers import RedisServer, Worker
 
 # Every URL-legal character a password may hold unencoded (RFC 3986 userinfo), plus a pct-encoded one.
 PASSWORD = "pW-._~!$&'()*+,;=:%41rd9"

@@ -12,10 +12,10 @@ import time
 import pytest
 import redis
 
+from realparts.servers import RedisServer
 from tasks import ledger, slot_state
 from tasks.hostlimit import HostKeys, HostLimiter
 from tasks.ledger import scripts
-from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.fast  # the fast tier (tests/conftest.py)
 

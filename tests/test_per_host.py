@@ -9,12 +9,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from realparts.origin import Origin
+from realparts.servers import RedisServer, Worker
 from tasks import hostlimit
 from tasks.hostlimit import START, HostKeys, HostLimiter
 from tasks.retry import host_pause
 from tests.conftest import FAST_HEAL, ROOT, Cluster, read_manifest, write_list
-from tests.support.origin import Origin
-from tests.support.servers import RedisServer, Worker
 
 LEASE_S = 3
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from realparts.origin import Origin
+from realparts.servers import RedisServer
 from tasks import feed, ledger
 from tasks.config import QUEUE
 from tasks.message import Entry, Message, Options
 from tests.conftest import Cluster, Workers, job_id_of, write_list
-from tests.support.origin import Origin
-from tests.support.servers import RedisServer
 from tests.test_chaos import CLEAN, audit, finish, serve, start_job, wait_for_requests
 
 
