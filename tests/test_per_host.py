@@ -329,10 +329,9 @@ def test_two_configurations_in_one_process_keep_their_own_per_host_limit_and_slo
         with w.running(concurrency=4):
             job, total = w.submit(lines, tmp_path / f"per-host-{per_host}.txt")
             left: list[float] = []
-            while not left:  # how long the slots held now have left, on the server's clock
-                now_s, now_us = w.ledger.r.time()
-                left = [score - (now_s * 1000 + now_us // 1000)
-                        for _, score in w.ledger.r.zrange(slots, 0, -1, withscores=True)]
+            while not left:  # how long the slots held now have left, on the server's clock (read at once)
+                held, (now_s, now_us) = w.ledger.r.pipeline().zrange(slots, 0, -1, withscores=True).time().execute()
+                left = [score - (now_s * 1000 + now_us // 1000) for _, score in held]
             records = w.wait(job, total)
         assert {r["status"] for r in records} == {"done"} and len(origin.requests) == 6
         assert origin.max_concurrent == per_host
