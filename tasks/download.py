@@ -138,13 +138,14 @@ def download(self: Any, url: str | None = None, name: str | None = None, job: st
              opts: dict[str, Any] | None = None, *extra: Any, **unknown: Any) -> dict[str, Any]:
     """Download `url` into FLEETFETCH_DIR/[subdir/]name and return its record. Any arguments bind (`extra`,
     `unknown`), so that a message off the contract ends with a record rather than a TypeError."""
+    ctx = context.of(self.app)  # the settings of the app this worker serves, and what is built from them
     try:
         if extra or unknown:
             raise BadMessage("the task message has a bad shape: download(url, name, job=, index=, opts=) expected")
-        msg, secrets, logins = _received(context.of(self.app), url, name, job, index, opts)
+        msg, secrets, logins = _received(ctx, url, name, job, index, opts)
     except BadMessage as exc:
         return _refuse(self, url, job, index, exc.reason)
-    call = Call(self, msg, msg.options.resolve(context.of(self.app).settings), secrets, logins)
+    call = Call(self, msg, msg.options.resolve(ctx.settings), secrets, logins)
     call.slot = _take_slot(call)
     answered = False
     try:
