@@ -291,6 +291,8 @@ class Sweeper(bootsteps.StartStopStep):
     def stop(self, worker: Any) -> None:
         self.stopped.set()
 
+    terminate = stop  # a cold shutdown calls this instead: an embedded worker's thread must not outlive it
+
     def _loop(self, app: Celery) -> None:
         reconciler, feeder, last_sweep, last_hold = None, None, time.monotonic(), 0.0
         settings = settings_of(app)  # the worker's app's
