@@ -320,7 +320,7 @@ def test_two_configurations_in_one_process_keep_their_own_per_host_limit_and_slo
     host slot lease, then one with 3 and the shipped 60 s; each holds its own limit, and its slots' leases run for
     its own lease (renewed a third of it)."""
     for i in range(6):
-        origin.add(f"/f{i}", b"x" * 1000, delay=0.4)
+        origin.add(f"/f{i}", b"x" * 1000, delay=0.25)
     lines = [origin.url(f"/f{i}") for i in range(6)]
     for per_host, lease_s in ((1, 5), (3, 60)):
         origin.reset_stats()
