@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.measure import run_measured
 from bench.tools import env_for
-from tests.support.servers import RedisServer
+from realparts.servers import RedisServer
 
 
 def enqueue(work: Path, count: int) -> dict[str, float]:

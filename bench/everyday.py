@@ -19,8 +19,8 @@ from pathlib import Path
 
 from bench.run import env_for
 from bench.tools import compile_project
-from tests.support.origin import Origin
-from tests.support.servers import RedisServer, Worker
+from realparts.origin import Origin
+from realparts.servers import RedisServer, Worker
 
 
 def user_env(**extra: str) -> dict[str, str]:

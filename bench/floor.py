@@ -27,8 +27,8 @@ from bench.measure import redis_counters, run_measured, tree_cpu
 from bench.origins import plain_origin
 from bench.run import make_files, verify
 from bench.tools import README_WORKER, default_env
+from realparts.servers import RedisServer, Worker
 from tasks.app import app
-from tests.support.servers import RedisServer, Worker
 
 NOTHING = "fleetfetch.bench.nothing"
 

@@ -32,11 +32,14 @@ def _client(kind: str, url: str, threads: int, gets: int) -> None:
     """Run in the child: `threads` threads of `gets` GETs each; print one line of figures."""
     if kind == "fleetfetch":
         from tasks import fetch
-        from tasks.download import _limits
+        from tasks.config import settings
+        from tasks.context import TaskContext
+
+        limits = TaskContext(settings).limits  # a worker's, from this process's settings
 
         def run() -> None:
             for _ in range(gets):
-                response = fetch.open_response(url, {}, _limits(), time.monotonic() + 60)
+                response = fetch.open_response(url, {}, limits, time.monotonic() + 60)
                 for _chunk in fetch.body_chunks(response, 30.0):
                     pass
     else:

@@ -26,8 +26,8 @@ import redis
 
 from bench.origins import Nginx
 from bench.tools import ROOT, env_for
+from realparts.servers import RedisServer, Worker
 from tasks import ledger
-from tests.support.servers import RedisServer, Worker
 
 RESULTS = ROOT / "bench" / "results"
 # Every path answers the same 16 bytes: a million URLs without a million files.

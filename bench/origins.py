@@ -9,8 +9,8 @@ from pathlib import Path
 
 import requests
 
-from tests.support.origin import Origin
-from tests.support.servers import free_port
+from realparts.origin import Origin
+from realparts.servers import free_port
 
 NGINX_CONF = """daemon off;
 worker_processes 2;

@@ -25,8 +25,8 @@ from pathlib import Path
 from bench.measure import run_measured
 from bench.origins import Nginx, PythonOrigin, plain_origin
 from bench.tools import CAP_ROWS, ROOT, SEGMENT_PEERS, SEGMENT_ROWS, Toolbox, compile_project, env_for
+from realparts.servers import RedisServer
 from tasks.config import Settings
-from tests.support.servers import RedisServer
 
 RESULTS = ROOT / "bench" / "results"
 REMOTE = "1000 x 64 KiB remote-like"

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from bench.run import REMOTE_DELAY, REMOTE_RATE
 from bench.tools import compile_project, default_env
-from tests.support.origin import Origin
-from tests.support.servers import RedisServer, Worker
+from realparts.origin import Origin
+from realparts.servers import RedisServer, Worker
 
 URLS, SIZE, QUARTER = 1000, 64 << 10, 0.25
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import redis
 
 from producer.local import default_size, worker_sizes
+from realparts.servers import RedisServer, Worker
 from tasks.config import Settings, default_concurrency
-from tests.support.servers import RedisServer, Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 Build = Callable[[Path, Path], tuple[list[str], dict, list[int], "redis.Redis | None"]]

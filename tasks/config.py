@@ -227,6 +227,17 @@ _VARIABLES = {f: "CELERY_" + f.upper() for f in ("broker_url", "result_backend")
 } | {"download_dir": "FLEETFETCH_DIR"}
 
 
+def attach(app: Any, settings: Settings) -> None:
+    """The settings a Celery app was made with (`tasks.app.create_app`), for what runs in its workers."""
+    app.fleetfetch_settings = settings
+
+
+def settings_of(app: Any) -> Settings:
+    """The settings `app` was made with; the process's for an app made otherwise."""
+    found: Settings = getattr(app, "fleetfetch_settings", None) or settings
+    return found
+
+
 def _load() -> Settings:
     """The process's settings; on a bad one, its `error:` line on stderr and exit status 2 (also in a worker,
     which then refuses to start)."""

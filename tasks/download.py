@@ -10,25 +10,21 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import cache
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from billiard.process import current_process
+from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 
-from . import fetch, hostlimit, ledger, segments, transfer
-from .app import app
-from .config import TASK_NAME, settings
+from . import context, fetch, hostlimit, ledger, segments, transfer
+from .config import TASK_NAME
 from .credentials import Credentials
 from .errors import BadMessage, Busy, Cancelled, DownloadError, TransientError
-from .guard import Policy
-from .lease import Renewer
 from .message import Entry, Message, Options, display_of
 from .redact import redact_text, redact_url
 from .retry import THROTTLE_STATUS, countdown, host_pause
-from .slot_state import SlotAndState
 
 log = logging.getLogger("fleetfetch")
 CANCEL_CHECK_S = 0.5  # how often a running download looks whether its job was cancelled
@@ -38,40 +34,6 @@ RECHECK_S = 0.5  # a waiting pool thread asks for a slot again at least this oft
 
 class DownloadFailed(Exception):
     """The task's failure as Celery (and Flower) shows it: one line naming the URL and the cause."""
-
-
-@cache
-def _limits() -> fetch.Limits:
-    policy = Policy.from_settings(settings.allow_private, settings.allow_networks, settings.resolve)
-    return fetch.Limits(settings.connect_timeout, settings.read_timeout, settings.max_redirects, policy,
-                        settings.ca_bundle)
-
-
-def _ledger() -> ledger.Ledger:
-    """This thread's ledger (a connection of its own); its Redis client serves the thread's limiter too."""
-    return ledger.for_thread(settings.backend, settings.result_expires)
-
-
-_mine = threading.local()
-
-
-def _limiter() -> hostlimit.HostLimiter:
-    book = _ledger()
-    limiter: hostlimit.HostLimiter | None = getattr(_mine, "limiter", None)
-    if limiter is None or limiter.r is not book.r:
-        limiter = _mine.limiter = hostlimit.HostLimiter(book.r)
-    return limiter
-
-
-def _slot_and_state() -> SlotAndState:
-    limiter = _limiter()
-    both: SlotAndState | None = getattr(_mine, "both", None)
-    if both is None or both.limiter is not limiter:
-        both = _mine.both = SlotAndState(_ledger(), limiter)
-    return both
-
-
-leases = Renewer(_ledger, _limiter, settings.url_lease, min(settings.url_lease, hostlimit.LEASE_S) / 3)
 
 
 def _runner() -> str:
@@ -92,6 +54,10 @@ class Call:
     slot: hostlimit.Lease | None = None  # the host slot held, until given back
     started_with_slot: bool = False  # the URL was marked started by the script that took its slot
     already: str | None = None  # then: the final state the URL already had
+    ctx: context.TaskContext = field(init=False)  # the settings and clients of the task's app
+
+    def __post_init__(self) -> None:
+        self.ctx = context.of(self.task.app)
 
     @property
     def host(self) -> str:
@@ -105,18 +71,18 @@ class Call:
     def mark(self, state: str, record: dict[str, Any] | None = None, lease: float | None = None) -> str | None:
         """Move the URL to `state` in the ledger; returns the final state it already had, if any."""
         m = self.msg
-        return _ledger().transition(m.job, m.index, state, record, lease, m.name) if m.job else None
+        return self.ctx.ledger().transition(m.job, m.index, state, record, lease, m.name) if m.job else None
 
     def finish(self, state: str, record: dict[str, Any]) -> None:
         """The download is over: its final state in the ledger and its host slot given back (the host answered),
         in one script run."""
         m, slot = self.msg, self.slot
         if slot is not None and m.job:
-            _slot_and_state().finish(m.job, m.index, state, record, m.name, slot)
+            self.ctx.slot_and_state().finish(m.job, m.index, state, record, m.name, slot)
         else:
             self.mark(state, record)
             if slot is not None:
-                _limiter().release(slot, True)
+                self.ctx.limiter().release(slot, True)
         self.slot = None
 
     def requeue(self, wait: float) -> NoReturn:
@@ -167,31 +133,32 @@ def _well_formed(payload: Any) -> bool:
 # throws: a failed URL is an expected outcome, not a bug in the task. Celery logs it as one INFO line ("raised
 # expected: DownloadFailed(...)") instead of an ERROR with the same traceback of `_fail` each time (~20 lines per
 # failed URL; formatting them cost more than the rest of the failure). It is still stored and shown as FAILURE.
-@app.task(bind=True, name=TASK_NAME, max_retries=None, Request=ShownRequest, throws=(DownloadFailed,))
+@shared_task(bind=True, name=TASK_NAME, max_retries=None, Request=ShownRequest, throws=(DownloadFailed,))
 def download(self: Any, url: str | None = None, name: str | None = None, job: str | None = None, index: int = 0,
              opts: dict[str, Any] | None = None, *extra: Any, **unknown: Any) -> dict[str, Any]:
     """Download `url` into FLEETFETCH_DIR/[subdir/]name and return its record. Any arguments bind (`extra`,
     `unknown`), so that a message off the contract ends with a record rather than a TypeError."""
+    ctx = context.of(self.app)  # the settings of the app this worker serves, and what is built from them
     try:
         if extra or unknown:
             raise BadMessage("the task message has a bad shape: download(url, name, job=, index=, opts=) expected")
-        msg, secrets, logins = _received(url, name, job, index, opts)
+        msg, secrets, logins = _received(ctx, url, name, job, index, opts)
     except BadMessage as exc:
         return _refuse(self, url, job, index, exc.reason)
-    call = Call(self, msg, msg.options.resolve(settings), secrets, logins)
+    call = Call(self, msg, msg.options.resolve(ctx.settings), secrets, logins)
     call.slot = _take_slot(call)
     answered = False
     try:
-        with leases.hold(msg.job, msg.index, call.slot):
+        with call.ctx.leases.hold(msg.job, msg.index, call.slot):
             record = _run(call, call.slot is not None)
         answered = True
         return record
     finally:
         if call.slot is not None:  # not given back with the final state
-            _limiter().release(call.slot, answered)
+            call.ctx.limiter().release(call.slot, answered)
 
 
-def _received(url: Any, name: Any, job: Any, index: Any,
+def _received(ctx: context.TaskContext, url: Any, name: Any, job: Any, index: Any,
               opts: Any) -> tuple[Message, list[tuple[str, str]], Credentials | None]:
     """The message as this worker acts on it, with the secret headers and logins it may use. Anyone who can write
     to the broker (or a Flower user) can send one, so a message that names a job only points at one of its URLs:
@@ -200,7 +167,7 @@ def _received(url: Any, name: Any, job: Any, index: Any,
     sent = Message.decode(url, name, job, index, opts)
     if sent.job is None:
         return replace(sent, options=replace(sent.options, secret_headers=False, credentials=False)), [], None
-    book = _ledger()
+    book = ctx.ledger()
     entry, options = book.entry(sent.job, sent.index), _job_options(book, sent.job)
     if entry is None or options is None:
         raise BadMessage(f"job {sent.job} has no URL #{sent.index} in the ledger (expired, or not one of its URLs)")
@@ -233,7 +200,8 @@ def _job_options(book: ledger.Ledger, job: str) -> Options | None:
 def _refuse(task: Any, url: Any, job: Any, index: Any, reason: str) -> NoReturn:
     """A message off the contract fails with one record: the job's URL it names, if the ledger has it (a final
     state is kept: the ledger's transitions never change one); any other counter is left alone."""
-    entry = _ledger().entry(job, index) if isinstance(job, str) and type(index) is int and index >= 0 else None
+    ok = isinstance(job, str) and type(index) is int and index >= 0
+    entry = context.of(task.app).ledger().entry(job, index) if ok else None
     if entry is not None:
         _fail(Call(task, Message(entry[0], entry[1], job, index), Options()), reason)
     shown = url if isinstance(url, str) else f"(a {type(url).__name__} for a URL)"
@@ -250,7 +218,7 @@ def _take_slot(call: Call) -> hostlimit.Lease | None:
         return None
     state = call.msg.state
     in_thread = threading.current_thread() is not threading.main_thread() and current_process().name == "MainProcess"
-    limiter = _limiter()
+    limiter = call.ctx.limiter()
     began: float | None = None  # when this delivery first found no slot
     while True:
         slot, wait = _acquire(call, per_host, rate)
@@ -261,7 +229,8 @@ def _take_slot(call: Call) -> hostlimit.Lease | None:
         began = time.monotonic() if began is None else began
         waited = time.monotonic() - began  # the time waited, not the naps asked for: a release may end one early
         if not in_thread or waited >= IN_THREAD_WAIT_S:
-            call.mark(ledger.QUEUED, lease=wait + settings.url_lease)  # held back on purpose: a lease covers it
+            # held back on purpose: a lease covers it
+            call.mark(ledger.QUEUED, lease=wait + call.ctx.settings.url_lease)
             call.requeue(wait)
         # The turn is an estimate from the host's window now, which may grow meanwhile (and is unknown at the
         # start of a job): look again at least every RECHECK_S rather than requeue on a guess.
@@ -280,23 +249,23 @@ def _acquire(call: Call, per_host: int, rate: float) -> tuple[hostlimit.Lease | 
     m = call.msg
     waiter, waited = call.task.request.id or "", m.state.wait_since is not None
     if not m.job:
-        return _limiter().acquire(call.host, per_host, rate, waiter=waiter, waited=waited)
-    slot, wait, call.already = _slot_and_state().start(m.job, m.index, settings.url_lease, call.host, per_host,
-                                                       rate, waiter, waited)
+        return call.ctx.limiter().acquire(call.host, per_host, rate, waiter=waiter, waited=waited)
+    slot, wait, call.already = call.ctx.slot_and_state().start(m.job, m.index, call.ctx.settings.url_lease,
+                                                               call.host, per_host, rate, waiter, waited)
     call.started_with_slot = slot is not None
     return slot, wait
 
 
 def _run(call: Call, polite: bool) -> dict[str, Any]:
-    m, o = call.msg, call.opts
+    m, o, s = call.msg, call.opts, call.ctx.settings
     if call.started_with_slot:
         already = call.already
     else:
-        already = call.mark(ledger.STARTED, lease=settings.url_lease) if m.job else None
+        already = call.mark(ledger.STARTED, lease=s.url_lease) if m.job else None
     if m.job and already is not None:
         why = "the job was cancelled" if already == ledger.CANCELLED else "redelivery ignored"
         log.info("Already finished %s (job %s #%s): %s", m.name, m.job, m.index, why)
-        return _ledger().record(m.job, m.index) or {"status": already}
+        return call.ctx.ledger().record(m.job, m.index) or {"status": already}
     if log.isEnabledFor(logging.DEBUG):  # naming the runner is work on every URL, for a line shown at DEBUG only
         log.debug("Starting download of %s %s", m.name, _runner())
     req = transfer.Request(url=m.url, name=m.name, subdir=o.subdir, sha256=o.sha256, force=o.force,
@@ -304,10 +273,10 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
                            content_disposition=o.content_disposition, headers=_headers(call),
                            limit_rate=int(o.limit_rate or 0), credentials=call.credentials,
                            segments=_segments(call))
-    watch = _ChunkWatch(m.job, m.index) if m.job else None
+    watch = _ChunkWatch(call.ctx, m.job, m.index) if m.job else None
     try:
-        outcome = transfer.attempt(req, settings.download_dir, _limits(), fsync=not settings.no_fsync,
-                                   deadline=call.started + settings.soft_time_limit, on_chunk=watch)
+        outcome = transfer.attempt(req, s.download_dir, call.ctx.limits, fsync=not s.no_fsync,
+                                   deadline=call.started + s.soft_time_limit, on_chunk=watch)
     except Cancelled:
         return _cancelled(call)
     except Busy:
@@ -315,14 +284,14 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
         return {"status": "duplicate", "url": redact_url(m.url)}
     except TransientError as exc:
         if polite:
-            _pause_host(exc, call.host, m.state.attempt)
+            _pause_host(call.ctx, exc, call.host, m.state.attempt)
         if m.state.attempt < int(o.max_attempts or 1):
             _retry(call, exc)
         return _fail(call, exc.reason)
     except DownloadError as exc:
         return _fail(call, exc.reason)
     except SoftTimeLimitExceeded:
-        return _fail(call, f"time limit of {settings.time_limit} s exceeded")
+        return _fail(call, f"time limit of {s.time_limit} s exceeded")
     except Exception as exc:  # a bug must still end the URL with a record, never leave it "started"
         log.error("internal error on %s\n%s", redact_url(m.url), redact_text(traceback.format_exc()))
         return _fail(call, f"internal error: {type(exc).__name__}: {exc}")
@@ -341,7 +310,7 @@ def _segments(call: Call) -> segments.Config:
     per_host, rate = int(o.per_host or 0), float(o.host_rate or 0)
     return segments.Config(int(o.split or 1), int(o.min_split_size or 0),
                            _SegmentSlot.taker(call, per_host, rate) if per_host > 0 or rate > 0 else _NoSlot,
-                           hostlimit.LEASE_S)
+                           call.ctx.settings.host_lease)
 
 
 class _NoSlot:
@@ -360,45 +329,46 @@ class _SegmentSlot:
     the download's threads (each through its own limiter: `_limiter` is per thread)."""
 
     lease: hostlimit.Lease
+    ctx: context.TaskContext
 
     @staticmethod
     def taker(call: Call, per_host: int, rate: float) -> Callable[[], segments.Slot | None]:
         waiter = f"segments:{call.task.request.id or id(call)}"
 
         def take() -> segments.Slot | None:
-            lease, _ = _limiter().acquire(call.host, per_host, rate, waiter=waiter)
+            lease, _ = call.ctx.limiter().acquire(call.host, per_host, rate, waiter=waiter)
             if lease is None:  # a full window: fewer segments, and no place in the host's line
-                _limiter().r.zrem(hostlimit.HostKeys(call.host).wait, waiter)
+                call.ctx.limiter().r.zrem(hostlimit.HostKeys(call.host).wait, waiter)
                 return None
-            return _SegmentSlot(lease)
+            return _SegmentSlot(lease, call.ctx)
 
         return take
 
     def renew(self) -> None:
-        _limiter().renew(self.lease)
+        self.ctx.limiter().renew(self.lease)
 
     def release(self, answered: bool) -> None:
-        _limiter().release(self.lease, answered)
+        self.ctx.limiter().release(self.lease, answered)
 
 
 class _ChunkWatch:
     """Called after each chunk: every CANCEL_CHECK_S, one round trip publishes the bytes so far (the producer's
     progress of a big file) and raises Cancelled once the job is cancelled. `over()` withdraws the bytes."""
 
-    def __init__(self, job: str, index: int) -> None:
-        self.job, self.index = job, index
+    def __init__(self, ctx: context.TaskContext, job: str, index: int) -> None:
+        self.ctx, self.job, self.index = ctx, job, index
         self.last, self.published = time.monotonic(), False
 
     def __call__(self, size: int, expected: int | None) -> None:
         if time.monotonic() - self.last >= CANCEL_CHECK_S:
             self.last, self.published = time.monotonic(), True
-            if _ledger().running(self.job, self.index, size, expected):
+            if self.ctx.ledger().running(self.job, self.index, size, expected):
                 raise Cancelled("job cancelled")
 
     def over(self) -> None:
         if self.published:
             with contextlib.suppress(Exception):  # progress only: the URL's record is what matters
-                _ledger().landed(self.job, self.index)
+                self.ctx.ledger().landed(self.job, self.index)
 
 
 def _cancelled(call: Call) -> dict[str, Any]:
@@ -414,31 +384,31 @@ def _headers(call: Call) -> dict[str, str]:
     return {"User-Agent": call.opts.user_agent or fetch.USER_AGENT, **dict(call.opts.headers), **dict(call.secrets)}
 
 
-def _pause_host(exc: DownloadError, host: str, attempt: int) -> None:
+def _pause_host(ctx: context.TaskContext, exc: DownloadError, host: str, attempt: int) -> None:
     """The host showed stress: halve its window, and apply the retry policy's host pause for this answer, for
     every worker."""
-    window = _limiter().halve(host)
+    window, s = ctx.limiter().halve(host), ctx.settings
     if window is not None:
         log.info("Host %s: %d downloads at once from now on (%s)", host, window, redact_text(exc.reason))
     streak = 0
-    if exc.status is not None and exc.status >= 500 and exc.status not in THROTTLE_STATUS and settings.host_errors:
-        streak = _limiter().server_error(host)
-    pause = host_pause(exc.status, exc.retry_after, attempt, streak, threshold=settings.host_errors,
-                       base=settings.backoff_base, cap=settings.backoff_cap, max_wait=settings.max_retry_after)
+    if exc.status is not None and exc.status >= 500 and exc.status not in THROTTLE_STATUS and s.host_errors:
+        streak = ctx.limiter().server_error(host)
+    pause = host_pause(exc.status, exc.retry_after, attempt, streak, threshold=s.host_errors,
+                       base=s.backoff_base, cap=s.backoff_cap, max_wait=s.max_retry_after)
     if pause > 0:
-        _limiter().pause(host, pause)
+        ctx.limiter().pause(host, pause)
         if streak:
             log.warning("Pausing host %s for %.1f s: %d server errors in a row", host, pause, streak)
 
 
 def _retry(call: Call, exc: DownloadError) -> NoReturn:
-    state = call.msg.state
-    wait = countdown(state.attempt, exc.retry_after, base=settings.backoff_base, cap=settings.backoff_cap,
-                     max_wait=settings.max_retry_after, visibility_timeout=settings.visibility_timeout)
+    state, s = call.msg.state, call.ctx.settings
+    wait = countdown(state.attempt, exc.retry_after, base=s.backoff_base, cap=s.backoff_cap,
+                     max_wait=s.max_retry_after, visibility_timeout=s.visibility_timeout)
     log.warning("Retrying %s in %.1f s (attempt %d failed: %s)", call.msg.name, wait, state.attempt,
                 redact_text(exc.reason))
     call.msg.state = replace(state, resume=getattr(exc, "resume", None), attempt=state.attempt + 1)
-    call.mark(ledger.RETRYING, lease=wait + settings.url_lease)
+    call.mark(ledger.RETRYING, lease=wait + s.url_lease)
     call.requeue(wait)
 
 

@@ -26,7 +26,7 @@ from celery import Celery, bootsteps
 from redis.lock import Lock
 
 from . import kombu_redis, ledger
-from .config import QUEUE, TASK_NAME, settings
+from .config import QUEUE, TASK_NAME, Settings, settings_of
 from .message import Entry, Message, Options, RetryState
 from .redact import redact_url
 
@@ -164,15 +164,18 @@ def job_queue(meta: dict[str, Any]) -> str:
 
 
 class Reconciler:
-    """Finds the URLs of live jobs that nothing will deliver, and publishes them again."""
+    """Finds the URLs of live jobs that nothing will deliver, and publishes them again. `settings`: the sweep
+    interval, the URL lease and the most redeliveries (the app's, for an app that has none of its own)."""
 
-    def __init__(self, app: Celery, book: ledger.Ledger, broker: redis.Redis | None) -> None:
+    def __init__(self, app: Celery, book: ledger.Ledger, broker: redis.Redis | None,
+                 settings: Settings | None = None) -> None:
         self.app, self.book, self.broker = app, book, broker
+        self.settings = settings or settings_of(app)
 
     def sweep(self) -> int:
         """One pass over the live jobs under the cluster-wide lock; returns the URLs published again."""
         # Never released: it lapses after 90 % of a sweep interval, so the cluster sweeps about once an interval.
-        if not self.book.r.lock(LOCK_KEY, timeout=settings.sweep_interval * 0.9).acquire(blocking=False):
+        if not self.book.r.lock(LOCK_KEY, timeout=self.settings.sweep_interval * 0.9).acquire(blocking=False):
             return 0  # another worker (or the producer) sweeps now
         healed = 0
         for job in self.book.live():
@@ -209,7 +212,7 @@ class Reconciler:
             if entry is None:
                 continue
             url, name, digest, own = entry
-            if times > settings.max_redeliveries:
+            if times > self.settings.max_redeliveries:
                 record = {"url": redact_url(url), "status": ledger.FAILED, "path": name, "redeliveries": times - 1,
                           "reason": f"its worker was lost {times - 1} times (killed, out of memory?); "
                                     "not tried again (FLEETFETCH_MAX_REDELIVERIES)"}
@@ -235,7 +238,7 @@ class Reconciler:
         worker (looked for once the queue is empty), or held unstarted for longer than a lease (by a worker that
         is gone: Redis would give the message back only after the visibility timeout)."""
         held = self._held()
-        stale = time.time() - settings.url_lease
+        stale = time.time() - self.settings.url_lease
         prefix = f"{job}-"
         now = {int(tid[len(prefix):]) for tid, at in held.items() if tid.startswith(prefix) and at < stale}
         if check_queue:
@@ -288,14 +291,17 @@ class Sweeper(bootsteps.StartStopStep):
     def stop(self, worker: Any) -> None:
         self.stopped.set()
 
+    terminate = stop  # a cold shutdown calls this instead: an embedded worker's thread must not outlive it
+
     def _loop(self, app: Celery) -> None:
         reconciler, feeder, last_sweep, last_hold = None, None, time.monotonic(), 0.0
+        settings = settings_of(app)  # the worker's app's
         hold_every = min(settings.url_lease / 3, settings.sweep_interval)
         while not self.stopped.wait(min(FEED_TICK, hold_every)):
             try:
                 if reconciler is None or feeder is None:
                     book = ledger.Ledger(ledger.client_for(settings.backend), settings.result_expires)
-                    reconciler = Reconciler(app, book, broker_client(settings.broker))
+                    reconciler = Reconciler(app, book, broker_client(settings.broker), settings)
                     feeder = Feeder(app, book, settings.window)
                 held = held_by_this_worker()
                 if held and time.monotonic() - last_hold >= hold_every:

@@ -37,11 +37,8 @@ from typing import cast
 
 import redis
 
-from .config import settings
-from .connection import ScriptCall
+from .config import Settings
 
-# A killed worker's slot comes back after at most this long; live downloads renew their lease.
-LEASE_S = settings.host_lease
 MAX_WAIT_S = 8.0  # longest a task waits before asking for a slot again
 START = 8  # a host's first window: browsers open 6 connections per host
 PAUSED_KEY = "ff:paused"
@@ -220,10 +217,11 @@ class Lease:
 
 
 class HostLimiter:
-    """Acquire never blocks: it returns a lease, or how long to wait before asking again."""
+    """Acquire never blocks: it returns a lease, or how long to wait before asking again. `lease_s`
+    (FLEETFETCH_HOST_LEASE): a killed worker's slot comes back after at most this long; live downloads renew it."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.r = client
+    def __init__(self, client: redis.Redis, lease_s: float = Settings.host_lease) -> None:
+        self.r, self.lease_s = client, lease_s
         self._acquire = client.register_script(ACQUIRE)
         self._pause = client.register_script(_PAUSE)
         self._renew = client.register_script(_RENEW)
@@ -241,13 +239,12 @@ class HostLimiter:
         keys, args = self.acquire_keys_args(host, limit, rate, waiter, waited, lease_id)
         return self.acquired(host, limit, lease_id, self._acquire(keys=keys, args=args))
 
-    @staticmethod
-    def acquire_keys_args(host: str, limit: int, rate: float, waiter: str, waited: bool,
+    def acquire_keys_args(self, host: str, limit: int, rate: float, waiter: str, waited: bool,
                           lease_id: str) -> tuple[list[str], list[str | int | float]]:
         """The keys and arguments of the acquire script (ACQUIRE_BODY)."""
         k = HostKeys(host)
         return ([k.slots, k.bucket, k.pause, k.wait, k.stats],
-                [limit, LEASE_S * 1000, lease_id, rate, waiter or lease_id, "1" if waited else ""])
+                [limit, int(self.lease_s * 1000), lease_id, rate, waiter or lease_id, "1" if waited else ""])
 
     @staticmethod
     def acquired(host: str, limit: int, lease_id: str, reply: list) -> tuple[Lease | None, float]:
@@ -261,17 +258,13 @@ class HostLimiter:
         return None, reply[1] / 1000 + random.uniform(0, 0.25)
 
     def renew(self, lease: Lease) -> None:
-        self._renew(keys=[HostKeys(lease.host).slots], args=[LEASE_S * 1000, lease.id])
+        self._renew(keys=[HostKeys(lease.host).slots], args=[int(self.lease_s * 1000), lease.id])
 
     def release(self, lease: Lease, answered: bool = False) -> int:
         """Give the slot back; `answered`: the host served the download, so its server errors in a row end and
         its window may grow. Returns the host's window. Idempotent: a slot given back (or lapsed) counts once."""
-        script, keys, args = self.release_call(lease, answered)
-        return int(script(keys=keys, args=args))
-
-    def release_call(self, lease: Lease, answered: bool = False) -> ScriptCall:
-        """`release` as a script call, to be sent with another (`connection.together`)."""
-        return (self._release, *self.release_keys_args(lease, answered))
+        keys, args = self.release_keys_args(lease, answered)
+        return int(self._release(keys=keys, args=args))
 
     @staticmethod
     def release_keys_args(lease: Lease, answered: bool) -> tuple[list[str], list[str | int]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import requests
 
-from . import fetch, partial, segments, storage
+from . import fetch, labels, partial, segments, storage
 from .credentials import Credentials
 from .errors import Busy, CutShort, PermanentError, TransientError
 from .naming import candidates, check_component, disposition_name
@@ -98,7 +98,7 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
                        on_chunk)
     response: requests.Response | None = None
     try:
-        known = None if req.force else storage.load_validators(where, name, req.url, req.sha256)
+        known = None if req.force else labels.load_validators(where, name, req.url, req.sha256)
         response = seg.resume()  # [segments] a range map kept with the temp file: only its missing ranges are fetched
         # A stopped worker's note on a one-stream part (tasks/partial.py), when no range map was there.
         noted = None if response is not None or req.resume or req.force else partial.left(part.fd, req.url)
@@ -127,12 +127,12 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
             raise PermanentError(f"sha256 mismatch: expected {req.sha256}, got {digest}")
         size = part.size
         found = _validators_of(response)
-        validators = storage.Validators(storage.url_key(req.url), size, digest, found.get("etag"),
-                                        found.get("last_modified"))
-        labelled = storage.label(part.fd, validators)
+        validators = labels.Validators(storage.url_key(req.url), size, digest, found.get("etag"),
+                                       found.get("last_modified"))
+        labelled = labels.label(part.fd, validators)
         name, st = _commit(part, where, req, response, fsync)
         if not labelled:
-            storage.save_validators(where, name, validators.stamp(st))
+            labels.save_validators(where, name, validators.stamp(st))
         return Outcome("done", _rel(req, name), size, digest, response.status_code, response.url,
                        {**_headers_of(response), **seg.notes})
     except TransientError as exc:
@@ -167,7 +167,7 @@ def _claim(where: storage.TargetDir, req: Request, fsync: bool) -> storage.PartF
             if writer is None or writer == storage.url_key(req.url):
                 raise  # this URL's own other delivery (or one we cannot tell apart): it steps aside
             continue
-        if not storage.held_by_other_url(where, candidate, req.url):
+        if not labels.held_by_other_url(where, candidate, req.url):
             return part
         part.give_up()
     raise PermanentError(f"no free file name for {req.name} after {_MAX_CANDIDATES} tries")
@@ -184,7 +184,7 @@ def _commit(part: storage.PartFile, where: storage.TargetDir, req: Request, resp
         try:
             return part.name, part.commit(fsync, replace=False)
         except FileExistsError:
-            if storage.owns(where, part.name, req.url):
+            if labels.owns(where, part.name, req.url):
                 return part.name, part.commit(fsync)
             raise PermanentError(f"{part.name} exists: a task without a job never replaces a file") from None
     header = response.headers.get("content-disposition")
@@ -193,7 +193,7 @@ def _commit(part: storage.PartFile, where: storage.TargetDir, req: Request, resp
         try:
             return candidate, part.commit(fsync, target=candidate, replace=False)
         except FileExistsError:
-            if storage.owns(where, candidate, req.url):
+            if labels.owns(where, candidate, req.url):
                 return candidate, part.commit(fsync, target=candidate)
     raise PermanentError(f"no free file name for {chosen} after {_MAX_CANDIDATES} tries")
 

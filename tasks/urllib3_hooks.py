@@ -28,7 +28,6 @@ from urllib3.poolmanager import SSL_KEYWORDS
 from urllib3.util import connection as u3conn
 
 from . import dependencies
-from .config import settings
 from .connection import set_kernel_timeouts
 
 log = logging.getLogger(__name__)
@@ -155,16 +154,25 @@ def unfit(version: str | None = None) -> str | None:
 
 
 _patched: bool | None = None
+_stock = False
+
+
+def use_stock(stock: bool) -> None:
+    """FLEETFETCH_STOCK: urllib3's own connections for this process (a worker's settings say so at its first
+    download, before any connection is made)."""
+    global _stock, _patched
+    if stock != _stock:
+        _stock, _patched = stock, None
 
 
 def patched() -> bool:
     """Whether this process uses the subclasses; decided once, with one warning line if urllib3 is unknown."""
     global _patched
     if _patched is None:
-        reason = None if settings.stock else unfit()
+        reason = None if _stock else unfit()
         if reason is not None:
             log.warning("%s: using urllib3's own connections (slower, as safe)", reason)
-        _patched = not settings.stock and reason is None
+        _patched = not _stock and reason is None
     return _patched
 
 

@@ -6,14 +6,15 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.support.origin import Origin
-from tests.support.servers import RedisServer, Worker
+from realparts.origin import Origin
+from realparts.servers import RedisServer, Worker
+from tests.support.inprocess import InProcessWorker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,9 +61,10 @@ SMOKE = {
 }
 
 
-# The fast tier (`python -m pytest -m fast`, about a minute: what to run before each commit): pure functions and
-# Lua scripts on a real Redis, marked `fast` per module or per test. Workers, the producer and chaos are the full
-# tier (CI runs both): a fast test that asks for a fixture starting them is refused at collection.
+# The fast tier (`python -m pytest -m fast`, about a minute: what to run before each commit): pure functions, Lua
+# scripts on a real Redis and jobs on an in-process worker (`in_process`), marked `fast` per module or per test.
+# Worker and producer processes, chaos and deploys are the full tier (CI runs both): a fast test that asks for a
+# fixture starting them is refused at collection.
 PROCESS_FIXTURES = {"cluster", "worker", "workers", "chaos", "flower", "own", "default_worker", "hostile",
                     "https_worker", "site", "network", "pair"}
 
@@ -134,6 +136,22 @@ def _hosts_start_afresh(request: pytest.FixtureRequest) -> None:
         backend = request.getfixturevalue("redis_server").client(1)
         stale = list(backend.scan_iter("ff:host:*")) + ["ff:paused"]
         backend.delete(*stale)
+
+
+@pytest.fixture
+def in_process(redis_server: RedisServer, tmp_path: Path) -> Callable[..., InProcessWorker]:
+    """Makes workers that run in the test's process (tests/support/inprocess.py) with TEST_SETTINGS and the given
+    FLEETFETCH_* variables, on the session's Redis: databases 4 and 5, apart from the subprocess workers' queue
+    and their hosts' state. Files go to tmp_path/downloads."""
+    backend = redis_server.client(5)
+    backend.delete(*backend.scan_iter("ff:host:*"), "ff:paused")  # as _hosts_start_afresh does for database 1
+
+    def make(**extra: str) -> InProcessWorker:
+        return InProcessWorker({**TEST_SETTINGS, **STOCK, "CELERY_BROKER_URL": redis_server.url(4),
+                                "CELERY_RESULT_BACKEND": redis_server.url(5),
+                                "FLEETFETCH_DIR": str(tmp_path / "downloads"), **extra})
+
+    return make
 
 
 @pytest.fixture(scope="session")

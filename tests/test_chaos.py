@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from realparts.origin import Origin
 from tasks.config import QUEUE
 from tests.conftest import FAST_HEAL, Cluster, job_id_of, write_list
-from tests.support.origin import Origin
 
 
 def serve(origin: Origin, count: int, size: int = 60_000, rate: float | None = None) -> dict[str, bytes]:

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from realparts.servers import free_port
 from tasks.config import QUEUE
 from tests.conftest import base_env, write_list
-from tests.support.servers import free_port
 
 BAD_LINES = [
     ("ftp://files.example/x.pdf", "not an http(s) URL: 'ftp://files.example/x.pdf'"),

@@ -1,4 +1,5 @@
-"""Cluster mode end to end: producer -> Redis -> a real `celery worker` -> verified files and records."""
+"""Cluster mode end to end: producer -> Redis -> a real worker (a `celery worker` process, or one in this
+process) -> verified files and records."""
 
 from __future__ import annotations
 
@@ -6,17 +7,21 @@ import hashlib
 import json
 import os
 
+import pytest
 from celery.result import AsyncResult
 
 from tasks.app import app
-from tests.conftest import job_id_of, read_manifest, write_list
+from tests.conftest import job_id_of, write_list
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_job_downloads_every_file_and_records_each_url(cluster, worker, origin, tmp_path):
+@pytest.mark.fast
+def test_job_downloads_every_file_and_records_each_url(in_process, origin, tmp_path):
+    """A job of the producer's ledger and messages, on a real worker in this process (the CLI and a `celery
+    worker` process: the other tests here)."""
     files = {"/small.txt": b"hello\n", "/big.bin": os.urandom(3 * 1024 * 1024 + 7), "/empty.dat": b"",
              "/dir/my%20file.pdf": b"%PDF spaces", "/caf%C3%A9.txt": b"unicode name"}
     for path, body in files.items():
@@ -26,16 +31,14 @@ def test_job_downloads_every_file_and_records_each_url(cluster, worker, origin, 
     origin.redirect("/old", "/small.txt")
     urls = [origin.url(p) for p in [*files, "/page?x=1", "/page?x=2", "/old"]]
     urls.append(origin.url("/small.txt"))  # a duplicate line is downloaded once
-    manifest = tmp_path / "m.jsonl"
-    result = cluster.producer(str(write_list(tmp_path / "urls.txt", urls)), "-d", "basic",
-                              "--manifest", str(manifest))
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = cluster.downloads / "basic"
+    with in_process().running() as w:
+        records = w.run(urls, tmp_path / "urls.txt", subdir="basic")
+    downloads = w.settings.download_dir
+    out = downloads / "basic"
     expected = {"small.txt": b"hello\n", "big.bin": files["/big.bin"], "empty.dat": b"",
                 "my file.pdf": b"%PDF spaces", "café.txt": b"unicode name", "page": b"page one"}
     for name, body in expected.items():
         assert (out / name).read_bytes() == body, name
-    records = read_manifest(manifest)
     assert len(records) == len(urls) - 1
     assert [r["index"] for r in records] == list(range(len(records)))
     assert all(r["status"] == "done" for r in records)
@@ -44,10 +47,10 @@ def test_job_downloads_every_file_and_records_each_url(cluster, worker, origin, 
     assert big["bytes"] == len(files["/big.bin"]) and big["sha256"] == sha(files["/big.bin"])
     assert big["http_status"] == 200 and big["etag"] and big["worker"] and big["elapsed_s"] >= 0
     page2 = by_url[origin.url("/page?x=2")]
-    assert page2["path"] != "page" and (cluster.downloads / page2["path"]).read_bytes() == b"page two"
+    assert page2["path"] != "page" and (downloads / page2["path"]).read_bytes() == b"page two"
     moved = by_url[origin.url("/old")]
     assert moved["final_url"] == origin.url("/small.txt")
-    assert (cluster.downloads / moved["path"]).read_bytes() == b"hello\n"
+    assert (downloads / moved["path"]).read_bytes() == b"hello\n"
     assert not [p for p in out.iterdir() if p.name.endswith(".part")]
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from realparts.origin import Origin
+from realparts.servers import RedisServer, Worker
 from tasks.config import QUEUE, Settings
 from tasks.errors import BadMessage
 from tasks.message import Entry, Message, Options, RetryState
 from tests.conftest import ROOT, Cluster, write_list
-from tests.support.origin import Origin
-from tests.support.servers import RedisServer, Worker
 
 SECRET = "pw-Zq7!x"
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import base64
 import json
 
+from realparts.servers import RedisServer, Worker
 from tasks.config import QUEUE
 from tests.conftest import ROOT, Cluster, job_id_of, read_manifest, write_list
-from tests.support.servers import RedisServer, Worker
 
 NETRC = "machine allowed.test login alice password s3cret-netrc\nmachine 127.0.0.2 login bob password other-pw\n"
 COOKIES = "\n".join([

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from realparts.servers import RedisServer, Worker
 from tasks import ledger
 from tasks.app import pool_on_command_line
 from tasks.config import THREADS_CONCURRENCY, Settings, default_concurrency
 from tasks.hostlimit import HostKeys
 from tests.conftest import ROOT, Cluster, job_id_of, write_list
-from tests.support.servers import RedisServer, Worker
 
 README_WORKER = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO"]
 

@@ -12,9 +12,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from realparts.servers import RedisServer, Worker
 from tasks import dependencies, kombu_redis, urllib3_hooks
 from tests.conftest import ROOT, Cluster, base_env, read_manifest, write_list
-from tests.support.servers import RedisServer, Worker
 
 TAKE_SHA = hashlib.sha1(kombu_redis._TAKE.encode()).hexdigest()  # the patched transport's batch-taking script
 
@@ -88,6 +88,7 @@ def test_a_job_runs_on_the_patched_and_on_the_stock_transport(tmp_path, origin, 
 _PROBE = """
 from tasks import fetch, guard, urllib3_hooks
 from tasks.config import settings as s
+urllib3_hooks.use_stock(s.stock)  # as a worker's first download does (tasks/context.py)
 limits = fetch.Limits(2, 2, 3, guard.Policy.from_settings(s.allow_private, s.allow_networks, s.resolve))
 response = fetch.open_response({url!r}, {{}}, limits)
 sock = type(response.raw.connection.sock).__name__

@@ -1,4 +1,5 @@
-"""Robust fetching, through real workers and Redis, asserting both the outcome and what the origin received."""
+"""Robust fetching, through real workers (processes, or in this process) and Redis, asserting both the outcome and
+what the origin received."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks import storage
+from realparts.origin import DROP
+from realparts.servers import RedisServer, Worker
+from tasks import labels
 from tasks.naming import with_hash
 from tests.conftest import ROOT, Cluster, read_manifest, write_list
-from tests.support.origin import DROP
-from tests.support.servers import RedisServer, Worker
 
 
 def sha(data: bytes) -> str:
@@ -27,40 +28,48 @@ def run(cluster, tmp_path, lines, *args):
     return result, (read_manifest(manifest) if manifest.exists() else [])
 
 
-def test_transient_statuses_are_retried_and_retry_after_is_honoured(cluster, worker, origin, tmp_path):
+# The four below run on a worker in this process (the fast tier): a `celery worker` process adds nothing to them.
+@pytest.mark.fast
+def test_transient_statuses_are_retried_and_retry_after_is_honoured(in_process, origin, tmp_path):
     origin.add("/flaky.bin", b"finally")
     origin.fail("/flaky.bin", [(503, {"Retry-After": "1"}), 502])
-    result, records = run(cluster, tmp_path, [origin.url("/flaky.bin")], "-d", "retry")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert (cluster.downloads / "retry" / "flaky.bin").read_bytes() == b"finally"
+    with in_process().running() as w:
+        records = w.run([origin.url("/flaky.bin")], tmp_path / "urls.txt", subdir="retry")
+    assert records[0]["status"] == "done", records
+    assert (w.settings.download_dir / "retry" / "flaky.bin").read_bytes() == b"finally"
     assert records[0]["attempts"] == 3
     seen = origin.requests_for("/flaky.bin")
     assert len(seen) == 3
     assert seen[1].time - seen[0].time >= 0.95  # Retry-After: 1 was respected
 
 
-def test_permanent_4xx_is_not_retried(cluster, worker, origin, tmp_path):
+@pytest.mark.fast
+def test_permanent_4xx_is_not_retried(in_process, origin, tmp_path):
     origin.fail("/forbidden", [403] * 5)
-    result, records = run(cluster, tmp_path, [origin.url("/forbidden")], "-d", "perm")
-    assert result.returncode == 1
+    with in_process().running() as w:
+        records = w.run([origin.url("/forbidden")], tmp_path / "urls.txt", subdir="perm")
     assert records[0]["status"] == "failed" and records[0]["reason"].startswith("403")
     assert records[0]["attempts"] == 1 and len(origin.requests_for("/forbidden")) == 1
 
 
-def test_attempts_run_out_with_the_last_error_in_the_record(cluster, worker, origin, tmp_path):
+@pytest.mark.fast
+def test_attempts_run_out_with_the_last_error_in_the_record(in_process, origin, tmp_path):
     origin.fail("/down", [503] * 10)
-    result, records = run(cluster, tmp_path, [origin.url("/down")], "-d", "exhausted", "--max-attempts", "2")
-    assert result.returncode == 1
+    with in_process().running() as w:
+        records = w.run([origin.url("/down")], tmp_path / "urls.txt", subdir="exhausted", max_attempts=2)
+    assert records[0]["status"] == "failed"
     assert records[0]["attempts"] == 2 and records[0]["reason"].startswith("503")
     assert len(origin.requests_for("/down")) == 2
 
 
-def test_cut_connection_resumes_with_range_and_if_range(cluster, worker, origin, tmp_path):
+@pytest.mark.fast
+def test_cut_connection_resumes_with_range_and_if_range(in_process, origin, tmp_path):
     body = os.urandom(2 * 1024 * 1024 + 123)
     origin.add("/cut.bin", body, etag='"v1"', cut_after=700_000, cut_times=1)
-    result, records = run(cluster, tmp_path, [origin.url("/cut.bin")], "-d", "resume")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert (cluster.downloads / "resume" / "cut.bin").read_bytes() == body
+    with in_process().running() as w:
+        records = w.run([origin.url("/cut.bin")], tmp_path / "urls.txt", subdir="resume")
+    assert records[0]["status"] == "done", records
+    assert (w.settings.download_dir / "resume" / "cut.bin").read_bytes() == body
     assert records[0]["sha256"] == sha(body) and records[0]["attempts"] == 2
     first, second = origin.requests_for("/cut.bin")
     assert "range" not in {k.lower() for k in first.headers}
@@ -128,7 +137,7 @@ def test_rerun_sends_conditional_headers_and_keeps_unchanged_files(cluster, work
     assert first.returncode == 0
     target = cluster.downloads / "rerun" / "doc.pdf"
     mtime = target.stat().st_mtime_ns
-    label = json.loads(os.getxattr(target, storage.XATTR))  # the validators travel on the file itself
+    label = json.loads(os.getxattr(target, labels.XATTR))  # the validators travel on the file itself
     assert label["etag"] == '"e1"' and label["sha256"] == sha(b"version 1") and label["mtime_ns"] == mtime
     assert not (cluster.downloads / ".fleetfetch" / "rerun" / "doc.pdf.json").exists()  # no sidecar file
     second, records = run(cluster, tmp_path, lines, "-d", "rerun")

@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tasks import storage
+from tasks import labels, storage
 from tasks.naming import with_hash
 from tests.conftest import Cluster, read_manifest, write_list
 
@@ -38,7 +38,7 @@ def forge_label(path: Path, url: str, claimed: bytes, etag: str) -> None:
     st = path.stat()
     label = {"url": storage.url_key(url), "bytes": len(claimed), "sha256": sha(claimed), "etag": etag,
              "last_modified": None, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns}
-    os.setxattr(path, storage.XATTR, json.dumps(label).encode())
+    os.setxattr(path, labels.XATTR, json.dumps(label).encode())
 
 
 # --- labels on files: trusted only when they can be ours --------------------------------------------------------

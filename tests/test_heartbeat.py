@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from realparts.servers import RedisServer, Worker
 from tasks import heartbeat
 from tests.conftest import ROOT, base_env
-from tests.support.servers import RedisServer, Worker
 
 BEAT_S = 0.3  # FLEETFETCH_HEARTBEAT_INTERVAL for the test; the shipped default is 5 s
 

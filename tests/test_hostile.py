@@ -23,10 +23,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tasks import storage
+from realparts.servers import RedisServer, Worker
+from tasks import labels
 from tasks.naming import with_hash
 from tests.conftest import ROOT, Cluster, base_env, job_id_of, read_manifest, write_list
-from tests.support.servers import RedisServer, Worker
 
 # Every URL-legal character a password may hold unencoded (RFC 3986 userinfo), plus a pct-encoded one.
 PASSWORD = "pW-._~!$&'()*+,;=:%41rd9"
@@ -144,7 +144,7 @@ def test_file_labels_keep_no_secret(hostile, origin, tmp_path):
     assert result.returncode == 0, result.stdout
     again, records = run(cluster, tmp_path, [url], "-d", "signed")
     assert records[0]["status"] == "unchanged"  # the digest still recognises the URL
-    label = os.getxattr(cluster.downloads / records[0]["path"], storage.XATTR).decode()
+    label = os.getxattr(cluster.downloads / records[0]["path"], labels.XATTR).decode()
     assert '"url":"sha256:' in label and "sig0123secret" not in label and "pW-" not in label
 
 

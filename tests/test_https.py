@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from realparts.origin import Origin
+from realparts.servers import RedisServer, Worker
 from tasks.config import QUEUE
 from tests.conftest import ROOT, Cluster, job_id_of, read_manifest, write_list
 from tests.support.certs import ServerCert, make_ca
-from tests.support.origin import Origin
 from tests.support.proxy import Proxy
-from tests.support.servers import RedisServer, Worker
 
 NAME = "files.test"
 

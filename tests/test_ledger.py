@@ -12,10 +12,10 @@ import time
 import pytest
 import redis
 
-from tasks import connection, ledger, slot_state
+from realparts.servers import RedisServer
+from tasks import ledger, slot_state
 from tasks.hostlimit import HostKeys, HostLimiter
 from tasks.ledger import scripts
-from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.fast  # the fast tier (tests/conftest.py)
 
@@ -141,45 +141,6 @@ def test_a_wait_for_the_end_with_the_server_away_just_sleeps_its_time():
         began = time.monotonic()
         assert end.wait(0.5) is False
         assert 0.4 < time.monotonic() - began < 5  # its own time, not the client's minute of retries
-
-
-def test_a_final_state_and_its_host_slot_go_back_in_one_round_trip(tmp_path):
-    """A download ends with its final state and its host slot given back, both sent at once on the task's own
-    connection (`connection.together`); a script the server lacks is loaded and sent again, and an error reply is
-    raised after every reply was read, leaving the connection in step. Its own server: counting the reads Redis
-    serves needs a server no other test's worker talks to."""
-    server = RedisServer(tmp_path / "redis", appendonly=False).start()
-    try:
-        book = ledger.for_thread(server.url(1), 3600)  # a task's: one connection of its own
-        limiter, watch, host = HostLimiter(book.r), server.client(1), "together.test"
-        job = f"together-{time.time_ns()}"
-        book.create(job, {"opts": {}}, [(i, f"http://127.0.0.1:9/d/f{i}.bin", f"f{i}.bin", None, {}) for i in range(3)])
-
-        def finish(i: int) -> str | None:
-            book.transition(job, i, ledger.STARTED, lease=60)
-            lease, _ = limiter.acquire(host, 4)
-            assert lease is not None and watch.zcard(HostKeys(host).slots) == 1
-            reads = watch.info("stats")["total_reads_processed"]
-            old = book.transition(job, i, ledger.DONE, _done(i), name=f"f{i}.bin",
-                                  then=limiter.release_call(lease, answered=True))
-            sent = watch.info("stats")["total_reads_processed"] - reads - 1  # less this INFO's own read
-            assert watch.zcard(HostKeys(host).slots) == 0 and book.states(job, i, i + 1) == [ledger.DONE]
-            assert old is None and book.record(job, i)["bytes"] == 10 * i
-            return sent
-
-        book.r.script_flush()
-        assert finish(0) > 1  # neither script loaded yet: each sent again alone, after SCRIPT LOAD
-        assert finish(1) == 1  # both in one read of the server's
-        book.r.script_flush()
-        assert finish(2) > 1
-        failing = book.r.register_script("return redis.error_reply('ERR refused by this test')")
-        book.r.script_load(failing.script)
-        with pytest.raises(redis.ResponseError, match="refused by this test"):
-            connection.together(book.r, [(failing, [], []), limiter.release_call(limiter.acquire(host, 4)[0])])
-        assert watch.zcard(HostKeys(host).slots) == 0  # the call after the error ran
-        assert book.r.ping() and book.states(job, 0, 3) == [ledger.DONE] * 3  # the connection is in step
-    finally:
-        server.stop()
 
 
 def test_a_threads_own_connection_waits_without_polling_and_still_times_out(tmp_path):

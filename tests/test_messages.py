@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from kombu import Connection
 
+from realparts.origin import Origin
+from realparts.servers import RedisServer, Worker
 from tasks.config import QUEUE, TASK_NAME
 from tasks.ledger import Ledger
 from tests.conftest import ROOT, Cluster, job_id_of, write_list
-from tests.support.origin import Origin
-from tests.support.servers import RedisServer, Worker
 
 TOKEN = "Bearer tok-Zq7-secret"
 

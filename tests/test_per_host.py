@@ -9,12 +9,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from realparts.origin import Origin
+from realparts.servers import RedisServer, Worker
 from tasks import hostlimit
 from tasks.hostlimit import START, HostKeys, HostLimiter
 from tasks.retry import host_pause
 from tests.conftest import FAST_HEAL, ROOT, Cluster, read_manifest, write_list
-from tests.support.origin import Origin
-from tests.support.servers import RedisServer, Worker
 
 LEASE_S = 3
 
@@ -300,7 +300,7 @@ def test_a_slot_given_back_wakes_a_waiter_of_another_worker_at_once(redis_server
 @pytest.mark.fast
 def test_a_slot_given_back_twice_counts_once(redis_server):
     """A release sent again (its reply lost with a broken connection, then sent again by the client's retries or
-    by `connection.together`) frees no second slot and counts no second download towards the window."""
+    by `slot_state.SlotAndState.finish`) frees no second slot and counts no second download towards the window."""
     limiter = HostLimiter(redis_server.client(1))
     host, ceiling = "twice.test", 50
     held: list = []
@@ -311,6 +311,31 @@ def test_a_slot_given_back_twice_counts_once(redis_server):
     assert limiter.release(lease, answered=True) == START
     assert limiter.r.hget(HostKeys(host).stats, "ok") == b"1"  # one download served, not two
     assert limiter.r.zcard(HostKeys(host).slots) == START - 1
+
+
+@pytest.mark.fast
+def test_two_configurations_in_one_process_keep_their_own_per_host_limit_and_slot_lease(in_process, origin,
+                                                                                        tmp_path):
+    """Settings are passed in, not read at import: one process runs a worker with FLEETFETCH_PER_HOST=1 and a 5 s
+    host slot lease, then one with 3 and the shipped 60 s; each holds its own limit, and its slots' leases run for
+    its own lease (renewed a third of it)."""
+    for i in range(6):
+        origin.add(f"/f{i}", b"x" * 1000, delay=0.25)
+    lines = [origin.url(f"/f{i}") for i in range(6)]
+    for per_host, lease_s in ((1, 5), (3, 60)):
+        origin.reset_stats()
+        w = in_process(FLEETFETCH_PER_HOST=str(per_host), FLEETFETCH_HOST_LEASE=str(lease_s))
+        slots = HostKeys("127.0.0.1").slots
+        with w.running(concurrency=4):
+            job, total = w.submit(lines, tmp_path / f"per-host-{per_host}.txt")
+            left: list[float] = []
+            while not left:  # how long the slots held now have left, on the server's clock (read at once)
+                held, (now_s, now_us) = w.ledger.r.pipeline().zrange(slots, 0, -1, withscores=True).time().execute()
+                left = [score - (now_s * 1000 + now_us // 1000) for _, score in held]
+            records = w.wait(job, total)
+        assert {r["status"] for r in records} == {"done"} and len(origin.requests) == 6
+        assert origin.max_concurrent == per_host
+        assert all(lease_s * 1000 - 3000 < ms <= lease_s * 1000 for ms in left), (lease_s, left)
 
 
 @pytest.mark.fast

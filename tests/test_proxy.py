@@ -6,10 +6,10 @@ from __future__ import annotations
 import base64
 import json
 
+from realparts.servers import RedisServer, Worker
 from tasks.config import QUEUE
 from tests.conftest import ROOT, Cluster, job_id_of, read_manifest, write_list
 from tests.support.proxy import Proxy
-from tests.support.servers import RedisServer, Worker
 
 
 def test_downloads_go_through_the_proxy_with_its_password_kept_secret(tmp_path, origin):

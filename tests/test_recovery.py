@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from realparts.origin import Origin
+from realparts.servers import RedisServer
 from tasks import feed, ledger
-from tasks.config import QUEUE
+from tasks.config import QUEUE, Settings
 from tasks.message import Entry, Message, Options
 from tests.conftest import Cluster, Workers, job_id_of, write_list
-from tests.support.origin import Origin
-from tests.support.servers import RedisServer
 from tests.test_chaos import CLEAN, audit, finish, serve, start_job, wait_for_requests
 
 
@@ -133,23 +133,26 @@ def test_a_stale_message_delivered_after_the_url_finished_is_a_no_op(chaos, work
     assert chaos.producer("results", job).stdout == records
 
 
-def test_a_url_whose_worker_keeps_dying_fails_after_max_redeliveries(redis_server):
-    """The reconciler alone, against a real Redis: an overdue URL is republished until the limit, then failed."""
+@pytest.mark.fast
+@pytest.mark.parametrize("limit", [Settings.max_redeliveries, 2])
+def test_a_url_whose_worker_keeps_dying_fails_after_max_redeliveries(redis_server, limit):
+    """The reconciler alone, against a real Redis: an overdue URL is republished until the limit (the settings
+    passed in: the shipped one, then another), then failed."""
     book = ledger.Ledger(redis_server.client(1), 3600)
     job = f"poison-{time.time_ns()}"
     book.create(job, {"opts": {}}, [(0, "http://127.0.0.1:9/p", "p", None)])
-    reconciler = feed.Reconciler(publisher(redis_server.url(2)), book, None)
-    for n in range(1, 7):
+    reconciler = feed.Reconciler(publisher(redis_server.url(2)), book, None, Settings(max_redeliveries=limit))
+    for n in range(1, limit + 2):
         book.transition(job, 0, ledger.STARTED, lease=0)  # started, and its lease has run out at once
         time.sleep(0.01)
         book.r.delete(feed.LOCK_KEY)
         healed = reconciler.heal(job, book.counts(job))
-        if n <= 5:
+        if n <= limit:
             assert healed == 1 and book.state(job, 0) == ledger.QUEUED
     assert healed == 0
     record = book.record(job, 0)
-    assert record is not None and record["status"] == "failed" and "lost 5 times" in record["reason"]
-    assert redis_server.client(2).llen(QUEUE) == 5
+    assert record is not None and record["status"] == "failed" and f"lost {limit} times" in record["reason"]
+    assert redis_server.client(2).llen(QUEUE) == limit
     redis_server.client(2).delete(QUEUE)
 
 

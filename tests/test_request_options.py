@@ -9,12 +9,12 @@ import base64
 import hashlib
 import json
 
+from realparts.origin import Origin
+from realparts.servers import RedisServer, Worker
 from tasks.config import QUEUE
 from tasks.fetch import USER_AGENT
 from tasks.version import VERSION
 from tests.conftest import ROOT, Cluster, job_id_of, read_manifest, write_list
-from tests.support.origin import Origin
-from tests.support.servers import RedisServer, Worker
 
 SECRETS = ("Bearer s3cr3t-bearer", "k3y-value-42", "url-t0ken-77")
 

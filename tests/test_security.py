@@ -12,10 +12,10 @@ import time
 
 from kombu import Connection
 
+from realparts.origin import Origin
+from realparts.servers import RedisServer, Worker
 from tasks.config import QUEUE, TASK_NAME
 from tests.conftest import ROOT, Cluster, read_manifest, write_list
-from tests.support.origin import Origin
-from tests.support.servers import RedisServer, Worker
 
 REFUSAL = "refused: 127.0.0.2 is not a public address (set FLEETFETCH_ALLOW_NETWORKS to allow)"
 

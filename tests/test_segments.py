@@ -7,8 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from realparts.origin import Origin
 from tests.conftest import Cluster, read_manifest, write_list
-from tests.support.origin import Origin
 
 RATE = 1_000_000  # bytes/s per connection at the origin: one stream is slow, as behind a CDN's per-connection cap
 SPLIT = ("--split", "4", "--min-split-size", "1M")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import fetch, guard, storage, urllib3_hooks
+from tasks import fetch, guard, labels, storage, urllib3_hooks
 from tasks.errors import PermanentError, TransientError
 
 pytestmark = pytest.mark.fast  # the fast tier (tests/conftest.py)
@@ -122,8 +122,8 @@ def test_sidecars_never_follow_a_planted_link(tmp_path):
     with storage.TargetDir(root, "") as where:
         where.check_meta()
         (root / ".fleetfetch" / "f.json").symlink_to(outside)
-        assert storage.load_validators(where, "f", "http://h/f") is None
-        storage.save_validators(where, "f", storage.Validators(storage.url_key("http://h/f"), 1, "0" * 64))
+        assert labels.load_validators(where, "f", "http://h/f") is None
+        labels.save_validators(where, "f", labels.Validators(storage.url_key("http://h/f"), 1, "0" * 64))
     assert outside.read_text() == "{}" and not (root / ".fleetfetch" / "f.json").is_symlink()
     assert Path(root / ".fleetfetch" / "f.json").read_text().startswith('{"url": "sha256:')
 
@@ -140,7 +140,7 @@ def test_the_metadata_directory_is_checked_once_and_a_link_planted_later_is_stil
     with storage.TargetDir(root, "sub") as where:
         where.check_meta()  # checked already in this process: not looked at again
         with pytest.raises(PermanentError, match="leads outside the download directory"):
-            storage.save_validators(where, "f", storage.Validators(storage.url_key(url), 1, "0" * 64))
+            labels.save_validators(where, "f", labels.Validators(storage.url_key(url), 1, "0" * 64))
     assert list(outside.iterdir()) == []
     with storage.TargetDir(root, "other") as where:
         (root / ".fleetfetch" / "other").symlink_to(outside, target_is_directory=True)

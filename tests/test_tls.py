@@ -6,9 +6,9 @@ from pathlib import Path
 
 import redis
 
+from realparts.servers import RedisServer, Worker
 from tests.conftest import ROOT, Cluster, write_list
 from tests.support.certs import make_ca_and_server_cert
-from tests.support.servers import RedisServer, Worker
 from tests.support.tls_proxy import TLSProxy
 
 

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
+from realparts.servers import RedisServer
 from tasks import ledger
 from tasks.config import QUEUE
 from tests.conftest import Cluster, job_id_of, write_list
-from tests.support.servers import RedisServer
 
 URLS, WINDOW, THREADS = 10_000, 1000, 16  # ten windows
 

@@ -7,7 +7,6 @@ import functools
 import json
 from typing import Any, cast
 
-from ..connection import ScriptCall, together
 from ..message import is_secret_header
 from .base import LedgerBase
 from .keys import CANCELLED_AT, SECRET_HEADERS, JobKeys
@@ -17,16 +16,12 @@ from .states import DONE, FINAL
 
 class TaskSide(LedgerBase):
     def transition(self, job: str, index: int, state: str, record: dict[str, Any] | None = None,
-                   lease: float | None = None, name: str | None = None, then: ScriptCall | None = None) -> str | None:
+                   lease: float | None = None, name: str | None = None) -> str | None:
         """Move one URL to `state`; a non-final state holds a lease of `lease` seconds (see `renew`), a final
         state ends it. `name`: the URL's file name in the ledger (a record's path equal to it is not stored).
-        `then`: an idempotent script to run right after, in the same round trip (`together`): the download's
-        host slot given back. Returns the final state the URL already had (then nothing changed), or None."""
+        Returns the final state the URL already had (then nothing changed), or None."""
         keys, args = self.transition_keys_args(job, index, state, record, lease, name)
-        if then is None:
-            old = self.scripts.transition(keys=keys, args=args)
-        else:
-            old = together(self.r, [(self.scripts.transition, keys, args), then])[0]
+        old = self.scripts.transition(keys=keys, args=args)
         return old.decode() if old else None
 
     def transition_keys_args(self, job: str, index: int, state: str, record: dict[str, Any] | None = None,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import requests
 
+from realparts.origin import Origin
+from realparts.servers import RedisServer, Worker, free_port
 from tests.conftest import ROOT, Cluster, write_list
-from tests.support.origin import Origin
-from tests.support.servers import RedisServer, Worker, free_port
 from tests.test_flower import TASKS_COLUMNS
 
 PAGES = {"flower-workers.png": "/workers", "flower-tasks.png": "/tasks"}

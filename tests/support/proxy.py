@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from tests.support.origin import Served
+from realparts.origin import Served
 
 HOP_BY_HOP = {"proxy-authorization", "proxy-connection", "connection", "keep-alive"}
 LOOPBACK_ONLY = b"proxy: loopback destinations only\n"

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.support.origin import Origin
+from realparts.origin import Origin
 
 
 def main(host: str, port: str, directory: str, rate: str) -> None:

@@ -1,4 +1,4 @@
-"""Real Redis servers and real `celery worker` processes for tests, always stopped by PID."""
+"""Real Redis servers and real `celery worker` processes for tests and the bench, always stopped by PID."""
 
 from __future__ import annotations
 
