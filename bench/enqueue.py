@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from bench.measure import run_measured
+from bench.realparts.servers import RedisServer
 from bench.tools import env_for
-from realparts.servers import RedisServer
 
 
 def enqueue(work: Path, count: int) -> dict[str, float]:

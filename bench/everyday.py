@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.realparts.origin import Origin
+from bench.realparts.servers import RedisServer, Worker
 from bench.run import env_for
 from bench.tools import compile_project
-from realparts.origin import Origin
-from realparts.servers import RedisServer, Worker
 
 
 def user_env(**extra: str) -> dict[str, str]:

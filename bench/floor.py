@@ -25,9 +25,9 @@ import psutil
 
 from bench.measure import redis_counters, run_measured, tree_cpu
 from bench.origins import plain_origin
+from bench.realparts.servers import RedisServer, Worker
 from bench.run import make_files, verify
 from bench.tools import README_WORKER, default_env
-from realparts.servers import RedisServer, Worker
 from tasks.app import app
 
 NOTHING = "fleetfetch.bench.nothing"

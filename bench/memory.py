@@ -25,8 +25,8 @@ from typing import Any
 import redis
 
 from bench.origins import Nginx
+from bench.realparts.servers import RedisServer, Worker
 from bench.tools import ROOT, env_for
-from realparts.servers import RedisServer, Worker
 from tasks import ledger
 
 RESULTS = ROOT / "bench" / "results"

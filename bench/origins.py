@@ -9,8 +9,8 @@ from pathlib import Path
 
 import requests
 
-from realparts.origin import Origin
-from realparts.servers import free_port
+from bench.realparts.origin import Origin
+from bench.realparts.servers import free_port
 
 NGINX_CONF = """daemon off;
 worker_processes 2;

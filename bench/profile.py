@@ -27,9 +27,9 @@ import psutil
 
 from bench.measure import run_measured
 from bench.origins import Nginx, PythonOrigin, plain_origin
+from bench.realparts.servers import RedisServer, Worker
 from bench.run import REMOTE_DELAY, REMOTE_RATE, make_files, verify
 from bench.tools import default_env
-from realparts.servers import RedisServer, Worker
 
 WORKLOADS = {"remote": (1000, 64 << 10, True), "small": (2000, 16 << 10, False), "big": (1, 1 << 30, False)}
 # Where a worker holds the GIL, by the first of these frames found in a sample's stack.

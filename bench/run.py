@@ -24,8 +24,8 @@ from pathlib import Path
 
 from bench.measure import run_measured
 from bench.origins import Nginx, PythonOrigin, plain_origin
+from bench.realparts.servers import RedisServer
 from bench.tools import CAP_ROWS, ROOT, SEGMENT_PEERS, SEGMENT_ROWS, Toolbox, compile_project, env_for
-from realparts.servers import RedisServer
 from tasks.config import Settings
 
 RESULTS = ROOT / "bench" / "results"

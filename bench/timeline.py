@@ -25,10 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.realparts.origin import Origin
+from bench.realparts.servers import RedisServer, Worker
 from bench.run import REMOTE_DELAY, REMOTE_RATE
 from bench.tools import compile_project, default_env
-from realparts.origin import Origin
-from realparts.servers import RedisServer, Worker
 
 URLS, SIZE, QUARTER = 1000, 64 << 10, 0.25
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import redis
 
+from bench.realparts.servers import RedisServer, Worker
 from producer.local import default_size, worker_sizes
-from realparts.servers import RedisServer, Worker
 from tasks.config import Settings, default_concurrency
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from realparts.origin import Origin
-from realparts.servers import RedisServer, Worker
+from bench.realparts.origin import Origin
+from bench.realparts.servers import RedisServer, Worker
 from tests.support.inprocess import InProcessWorker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +47,7 @@ STOCK = {"FLEETFETCH_STOCK": os.environ["FLEETFETCH_STOCK"]} if os.environ.get("
 # declared ranges allow, on the newest Python, and on the stock path (FLEETFETCH_STOCK=1).
 SMOKE = {
     "test_cluster.py::test_job_downloads_every_file_and_records_each_url",
+    "test_cluster.py::test_failures_end_as_failed_records_with_reasons_and_exit_1",
     "test_local_mode.py::test_local_mode_downloads_everything_and_leaves_no_processes",
     "test_local_mode.py::test_a_local_job_outlives_its_command_ctrl_c_then_status_results_and_resume",
     "test_fetching.py::test_transient_statuses_are_retried_and_retry_after_is_honoured",

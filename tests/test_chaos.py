@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from realparts.origin import Origin
+from bench.realparts.origin import Origin
 from tasks.config import QUEUE
 from tests.conftest import FAST_HEAL, Cluster, job_id_of, write_list
 

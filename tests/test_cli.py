@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from realparts.servers import free_port
+from bench.realparts.servers import free_port
 from tasks.config import QUEUE
 from tests.conftest import base_env, write_list
 

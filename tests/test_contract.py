@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from realparts.origin import Origin
-from realparts.servers import RedisServer, Worker
+from bench.realparts.origin import Origin
+from bench.realparts.servers import RedisServer, Worker
 from tasks.config import QUEUE, Settings
 from tasks.errors import BadMessage
 from tasks.message import Entry, Message, Options, RetryState

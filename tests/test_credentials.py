@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 
-from realparts.servers import RedisServer, Worker
+from bench.realparts.servers import RedisServer, Worker
 from tasks.config import QUEUE
 from tests.conftest import ROOT, Cluster, job_id_of, read_manifest, write_list
 

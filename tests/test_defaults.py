@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from realparts.servers import RedisServer, Worker
+from bench.realparts.servers import RedisServer, Worker
 from tasks import ledger
 from tasks.app import pool_on_command_line
 from tasks.config import THREADS_CONCURRENCY, Settings, default_concurrency

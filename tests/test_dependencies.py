@@ -12,7 +12,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from realparts.servers import RedisServer, Worker
+from bench.realparts.servers import RedisServer, Worker
 from tasks import dependencies, kombu_redis, urllib3_hooks
 from tests.conftest import ROOT, Cluster, base_env, read_manifest, write_list
 

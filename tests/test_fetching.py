@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from realparts.origin import DROP
-from realparts.servers import RedisServer, Worker
+from bench.realparts.origin import DROP
+from bench.realparts.servers import RedisServer, Worker
 from tasks import labels
 from tasks.naming import with_hash
 from tests.conftest import ROOT, Cluster, read_manifest, write_list

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from realparts.servers import free_port
+from bench.realparts.servers import free_port
 from tests.conftest import ROOT, job_id_of, write_list
 
 AUTH = ("admin", "flower-test-pw")
@@ -85,7 +85,7 @@ def test_flower_requires_credentials_and_shows_workers_and_redacted_failures(clu
 
 def test_a_flower_user_cannot_send_a_jobs_secrets_to_another_url(cluster, worker, flower, origin, tmp_path):
     """Flower's async-apply is a broker user's message: naming a job only points at one of its URLs."""
-    from realparts.origin import Origin
+    from bench.realparts.origin import Origin
 
     origin.add("/private.txt", b"private")
     listing = write_list(tmp_path / "urls.txt", [origin.url("/private.txt")])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from realparts.servers import RedisServer, Worker
+from bench.realparts.servers import RedisServer, Worker
 from tasks import heartbeat
 from tests.conftest import ROOT, base_env
 

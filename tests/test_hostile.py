@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from realparts.servers import RedisServer, Worker
+from bench.realparts.servers import RedisServer, Worker
 from tasks import labels
 from tasks.naming import with_hash
 from tests.conftest import ROOT, Cluster, base_env, job_id_of, read_manifest, write_list

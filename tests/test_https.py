@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from realparts.origin import Origin
-from realparts.servers import RedisServer, Worker
+from bench.realparts.origin import Origin
+from bench.realparts.servers import RedisServer, Worker
 from tasks.config import QUEUE
 from tests.conftest import ROOT, Cluster, job_id_of, read_manifest, write_list
 from tests.support.certs import ServerCert, make_ca

@@ -12,7 +12,7 @@ import time
 import pytest
 import redis
 
-from realparts.servers import RedisServer
+from bench.realparts.servers import RedisServer
 from tasks import ledger, slot_state
 from tasks.hostlimit import HostKeys, HostLimiter
 from tasks.ledger import scripts

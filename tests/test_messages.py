@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from kombu import Connection
 
-from realparts.origin import Origin
-from realparts.servers import RedisServer, Worker
+from bench.realparts.origin import Origin
+from bench.realparts.servers import RedisServer, Worker
 from tasks.config import QUEUE, TASK_NAME
 from tasks.ledger import Ledger
 from tests.conftest import ROOT, Cluster, job_id_of, write_list

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from realparts.origin import Origin
-from realparts.servers import RedisServer, Worker
+from bench.realparts.origin import Origin
+from bench.realparts.servers import RedisServer, Worker
 from tasks import hostlimit
 from tasks.hostlimit import START, HostKeys, HostLimiter
 from tasks.retry import host_pause

@@ -3,7 +3,7 @@ is published again to that queue, not to the default one."""
 
 from __future__ import annotations
 
-from realparts.servers import Worker
+from bench.realparts.servers import Worker
 from tasks.config import QUEUE
 from tests.conftest import FAST_HEAL, ROOT, job_id_of, read_manifest, write_list
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from realparts.origin import Origin
-from realparts.servers import RedisServer
+from bench.realparts.origin import Origin
+from bench.realparts.servers import RedisServer
 from tasks import feed, ledger
 from tasks.config import QUEUE, Settings
 from tasks.message import Entry, Message, Options

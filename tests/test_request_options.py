@@ -9,8 +9,8 @@ import base64
 import hashlib
 import json
 
-from realparts.origin import Origin
-from realparts.servers import RedisServer, Worker
+from bench.realparts.origin import Origin
+from bench.realparts.servers import RedisServer, Worker
 from tasks.config import QUEUE
 from tasks.fetch import USER_AGENT
 from tasks.version import VERSION

@@ -12,8 +12,8 @@ import time
 
 from kombu import Connection
 
-from realparts.origin import Origin
-from realparts.servers import RedisServer, Worker
+from bench.realparts.origin import Origin
+from bench.realparts.servers import RedisServer, Worker
 from tasks.config import QUEUE, TASK_NAME
 from tests.conftest import ROOT, Cluster, read_manifest, write_list
 

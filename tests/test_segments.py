@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from realparts.origin import Origin
+from bench.realparts.origin import Origin
 from tests.conftest import Cluster, read_manifest, write_list
 
 RATE = 1_000_000  # bytes/s per connection at the origin: one stream is slow, as behind a CDN's per-connection cap

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import redis
 
-from realparts.servers import RedisServer, Worker
+from bench.realparts.servers import RedisServer, Worker
 from tests.conftest import ROOT, Cluster, write_list
 from tests.support.certs import make_ca_and_server_cert
 from tests.support.tls_proxy import TLSProxy

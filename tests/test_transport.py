@@ -14,7 +14,7 @@ from kombu import Connection, Exchange, Queue
 from kombu.transport import pyamqp
 from kombu.transport import redis as kombu_redis
 
-from realparts.servers import RedisServer, Worker
+from bench.realparts.servers import RedisServer, Worker
 from tasks import kombu_redis as transport  # the module under test
 from tasks.app import app
 from tests.conftest import ROOT, Cluster, read_manifest, write_list

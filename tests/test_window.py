@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from realparts.servers import RedisServer
+from bench.realparts.servers import RedisServer
 from tasks import ledger
 from tasks.config import QUEUE
 from tests.conftest import Cluster, job_id_of, write_list

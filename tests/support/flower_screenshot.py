@@ -18,8 +18,8 @@ from pathlib import Path
 
 import requests
 
-from realparts.origin import Origin
-from realparts.servers import RedisServer, Worker, free_port
+from bench.realparts.origin import Origin
+from bench.realparts.servers import RedisServer, Worker, free_port
 from tests.conftest import ROOT, Cluster, write_list
 from tests.test_flower import TASKS_COLUMNS
 

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from realparts.origin import Served
+from bench.realparts.origin import Served
 
 HOP_BY_HOP = {"proxy-authorization", "proxy-connection", "connection", "keep-alive"}
 LOOPBACK_ONLY = b"proxy: loopback destinations only\n"

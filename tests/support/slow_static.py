@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from realparts.origin import Origin
+from bench.realparts.origin import Origin
 
 
 def main(host: str, port: str, directory: str, rate: str) -> None:
