@@ -15,12 +15,11 @@ from . import hostlimit, ledger
 from .ledger.scripts import body
 
 # ARGV[1] how many of KEYS are the first half's, ARGV[2] how many of the rest of ARGV are; then the first half's
-# arguments, then the second's.
+# arguments, then the second's. (unpack copies in C what a Lua loop copied element by element.)
 _SPLIT = """
 local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
-local k1, k2, a1, a2 = {}, {}, {}, {}
-for i = 1, #KEYS do if i <= nk then k1[#k1 + 1] = KEYS[i] else k2[#k2 + 1] = KEYS[i] end end
-for i = 3, #ARGV do if i <= na + 2 then a1[#a1 + 1] = ARGV[i] else a2[#a2 + 1] = ARGV[i] end end
+local k1, k2 = {unpack(KEYS, 1, nk)}, {unpack(KEYS, nk + 1)}
+local a1, a2 = {unpack(ARGV, 3, na + 2)}, {unpack(ARGV, na + 3)}
 """
 
 
@@ -29,11 +28,11 @@ def _function(name: str, text: str) -> str:
 
 
 _LIBRARIES = hostlimit.PRELUDE + body("states")  # states' now_ms (one TIME per run) comes last: it is the one used
-_PARTS = _function("acquire", hostlimit.ACQUIRE_BODY) + _function("release", hostlimit.RELEASE_BODY) + _function(
-    "transition", body("transition"))
+# Each script defines only the parts it runs: a function defined is a closure made at every run.
+_TRANSITION = _function("transition", body("transition"))
 
 # The slot, then the state: no slot, no change (the acquire's reply alone). Returns {acquire's reply, transition's}.
-START = _LIBRARIES + _PARTS + _SPLIT + """
+START = _LIBRARIES + _function("acquire", hostlimit.ACQUIRE_BODY) + _TRANSITION + _SPLIT + """
 local got = acquire(k1, a1)
 if got[1] ~= 1 then return {got} end
 return {got, transition(k2, a2)}
@@ -41,7 +40,7 @@ return {got, transition(k2, a2)}
 
 # Both always: the final state (kept if the URL had one) and the slot (given back once). Returns {transition's
 # reply, release's}.
-FINISH = _LIBRARIES + _PARTS + _SPLIT + """
+FINISH = _LIBRARIES + _TRANSITION + _function("release", hostlimit.RELEASE_BODY) + _SPLIT + """
 return {transition(k1, a1), release(k2, a2)}
 """
 

@@ -38,5 +38,8 @@ def for_thread(url: str, ttl: int) -> Ledger:
     key = (os.getpid(), url)
     mine: dict[tuple[int, str], Ledger] = _own.__dict__.setdefault("ledgers", {})
     if key not in mine:
-        mine[key] = Ledger(client_for(url, own_connection=True), ttl)
+        from ..config import settings
+
+        book = mine[key] = Ledger(client_for(url, own_connection=True), ttl)
+        book.feed_low = settings.window // 2  # half the window drained: the feeders top it up (feed.Sweeper)
     return mine[key]
