@@ -28,7 +28,7 @@ from .lease import Renewer
 from .message import Entry, Message, Options, display_of
 from .redact import redact_text, redact_url
 from .retry import THROTTLE_STATUS, countdown, host_pause
-from .slot_state import SlotAndState
+from .slot_state import Ends, SlotAndState
 
 log = logging.getLogger("fleetfetch")
 CANCEL_CHECK_S = 0.5  # how often a running download looks whether its job was cancelled
@@ -72,6 +72,7 @@ def _slot_and_state() -> SlotAndState:
 
 
 leases = Renewer(_ledger, _limiter, settings.url_lease, min(settings.url_lease, hostlimit.LEASE_S) / 3)
+ends = Ends(lambda: ledger.client_for(settings.backend, 2, own_connection=True, timeout=10, name=Ends.NAME))
 
 
 def _runner() -> str:
@@ -109,10 +110,11 @@ class Call:
 
     def finish(self, state: str, record: dict[str, Any]) -> None:
         """The download is over: its final state in the ledger and its host slot given back (the host answered),
-        in one script run."""
+        in one script run (in a threads pool, sent with the worker's next acks, just before them: slot_state.Ends)."""
         m, slot = self.msg, self.slot
         if slot is not None and m.job:
-            _slot_and_state().finish(m.job, m.index, state, record, m.name, slot)
+            if not ends.add(_slot_and_state(), m.job, m.index, state, record, m.name, slot):  # with the acks
+                _slot_and_state().finish(m.job, m.index, state, record, m.name, slot)
         else:
             self.mark(state, record)
             if slot is not None:
