@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--urls", type=int, default=3000, help="URLs (and messages) per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    server = RedisServer(Path(tempfile.mkdtemp(prefix="fleetfetch-cost-")), appendonly=False).start()
+    work = Path(tempfile.mkdtemp(prefix="fleetfetch-cost-"))
+    server = RedisServer(work, appendonly=False).start()
     runs: dict[str, list[float]] = {}
     try:
         r = redis.Redis(port=server.port)
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.setdefault(k, []).append(v * 1e6)
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
     print(f"Redis CPU µs (user + system), median of {args.repeats}, {args.urls} URLs/messages each:")
     for name, values in runs.items():
         print(f"  {name:<26} {statistics.median(values):6.1f}   ({', '.join(f'{v:.1f}' for v in values)})")
