@@ -129,6 +129,8 @@ def measure_cell(work: Path, label: str, tool: str, how: str, build: Callable, l
             "worker_pss_mb": max(r["worker_pss"] for r in runs) / 1e6,
             "cpu_ms_per_url": statistics.median(r["cpu_s"] for r in runs) * 1000 / count,
             "redis_cmds_per_url": calls / count if calls >= 0 else None,
+            "redis_cpu_ms_per_url": statistics.median(r["cpu_redis_s"] for r in runs) * 1000 / count if calls >= 0
+            else None,
             "stderr": runs[-1]["stderr"] if not all(r["ok"] for r in runs) else ""}
 
 

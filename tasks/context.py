@@ -1,7 +1,7 @@
 """What a worker's download tasks share, built once from the settings their Celery app was made with
-(`tasks.app.create_app`): the settings, the HTTP limits, the lease renewer, and each thread's ledger and host
-limiter. A task finds it through its app (`of`), so one process can hold apps of two configurations (the fast
-tier's in-process workers). Only workers import this module: it imports requests."""
+(`tasks.app.create_app`): the settings, the HTTP limits, the lease renewer, the downloads' ends sent with the acks,
+and each thread's ledger and host limiter. A task finds it through its app (`of`), so one process can hold apps of
+two configurations (the fast tier's in-process workers). Only workers import this module: it imports requests."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from . import fetch, hostlimit, ledger, urllib3_hooks
 from .config import Settings, settings_of
 from .guard import Policy
 from .lease import Renewer
-from .slot_state import SlotAndState
+from .slot_state import Ends, SlotAndState
 
 _ATTRIBUTE = "fleetfetch_context"
 _BUILDING = threading.Lock()
@@ -25,6 +25,7 @@ class TaskContext:
         self._mine = threading.local()
         s = settings
         self.leases = Renewer(self.ledger, self.limiter, s.url_lease, min(s.url_lease, s.host_lease) / 3)
+        self.ends = Ends(lambda: ledger.client_for(s.backend, 2, own_connection=True, timeout=10, name=Ends.NAME))
 
     @functools.cached_property
     def limits(self) -> fetch.Limits:

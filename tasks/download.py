@@ -75,10 +75,12 @@ class Call:
 
     def finish(self, state: str, record: dict[str, Any]) -> None:
         """The download is over: its final state in the ledger and its host slot given back (the host answered),
-        in one script run."""
+        in one script run (in a threads pool, sent with the worker's next acks, just before them: slot_state.Ends)."""
         m, slot = self.msg, self.slot
         if slot is not None and m.job:
-            self.ctx.slot_and_state().finish(m.job, m.index, state, record, m.name, slot)
+            both = self.ctx.slot_and_state()
+            if not self.ctx.ends.add(both, m.job, m.index, state, record, m.name, slot):  # with the acks
+                both.finish(m.job, m.index, state, record, m.name, slot)
         else:
             self.mark(state, record)
             if slot is not None:

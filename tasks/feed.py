@@ -277,9 +277,10 @@ def held_by_this_worker() -> dict[str, list[int]]:
 
 
 class Sweeper(bootsteps.StartStopStep):
-    """In each worker's main process: the feeder every second (jobs' windows topped up), leases for the messages
-    it holds (a URL reserved or waiting for its countdown is as alive as its worker), and the reconciler every
-    FLEETFETCH_SWEEP_INTERVAL seconds."""
+    """In each worker's main process: the feeder (jobs' windows topped up) every second and at once when a job's
+    messages out fall to half its window (a final state announces it on ledger.FEED_CHANNEL), leases for the
+    messages it holds (a URL reserved or waiting for its countdown is as alive as its worker), and the reconciler
+    every FLEETFETCH_SWEEP_INTERVAL seconds."""
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
@@ -297,12 +298,20 @@ class Sweeper(bootsteps.StartStopStep):
         reconciler, feeder, last_sweep, last_hold = None, None, time.monotonic(), 0.0
         settings = settings_of(app)  # the worker's app's
         hold_every = min(settings.url_lease / 3, settings.sweep_interval)
-        while not self.stopped.wait(min(FEED_TICK, hold_every)):
+        wake: ledger.EndWatch | None = None  # a job's window half drained (ledger.FEED_CHANNEL), or the tick
+        while not self.stopped.is_set():
+            if wake is None:
+                self.stopped.wait(min(FEED_TICK, hold_every))
+            else:
+                wake.wait(min(FEED_TICK, hold_every))
+            if self.stopped.is_set():
+                break
             try:
                 if reconciler is None or feeder is None:
                     book = ledger.Ledger(ledger.client_for(settings.backend), settings.result_expires)
                     reconciler = Reconciler(app, book, broker_client(settings.broker), settings)
                     feeder = Feeder(app, book, settings.window)
+                    wake = ledger.EndWatch(book.r, ledger.FEED_CHANNEL)
                 held = held_by_this_worker()
                 if held and time.monotonic() - last_hold >= hold_every:
                     last_hold = time.monotonic()
@@ -317,3 +326,5 @@ class Sweeper(bootsteps.StartStopStep):
                     feeder.feed_live()
             except Exception as exc:  # noqa: BLE001 - nor the feeder: leases and sweeps go on without it
                 log.warning("Feeding jobs' windows failed (will try again): %s", exc)
+        if wake is not None:
+            wake.close()

@@ -119,7 +119,6 @@ return {1, 0}
 # ARGV[1] lease id, ARGV[2] ms the slot was held, ARGV[3] '1' if the host served the download (ends its error
 # streak), ARGV[4] per-host ceiling (0 = none). Returns the host's window.
 RELEASE_BODY = """
-local used = redis.call('ZCARD', KEYS[1])
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then  -- given back already (a call sent again), or lapsed
   return tonumber(redis.call('HGET', KEYS[2], 'window')) or START
 end
@@ -135,8 +134,9 @@ if ARGV[3] == '1' then
     redis.call('DEL', KEYS[3])
     redis.call('HDEL', KEYS[2], 'errors')
   end
-  -- a ceiling not reached, the window (nearly) full: the host may prove a larger one (else it proved nothing)
-  if limit > 0 and window < limit and used * 4 >= window * 3 then
+  -- a ceiling not reached, the window (nearly) full: the host may prove a larger one (else it proved nothing);
+  -- slots in use counted only then (with this one, just given back): a host at its ceiling spares the ZCARD
+  if limit > 0 and window < limit and (redis.call('ZCARD', KEYS[1]) + 1) * 4 >= window * 3 then
     local ok = (tonumber(s[3]) or 0) + 1
     if ok >= window then
       local grown = math.min(limit, s[4] and window + 1 or window * 2)

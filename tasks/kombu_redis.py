@@ -55,8 +55,10 @@ import base64
 import binascii
 import json
 import logging
+import os
 import re
 import threading
+from collections.abc import Callable
 from time import time
 from typing import Any, cast
 
@@ -103,6 +105,30 @@ for i = 1, #KEYS - 2 do
 end
 return out
 """
+
+
+# Work that must reach Redis before the messages it belongs to are acknowledged (tasks/slot_state.py Ends: final
+# states sent with the acks of a turn): run before each batch of acks and before an ack sent at once. A hook that
+# raises keeps the acks for the next turn (and a restore gives their messages back).
+before_acks: list[Callable[[], None]] = []
+_loop_pid = 0  # the process whose event loop sends acks in batches (`acks_in_batches`)
+
+
+def acks_in_batches() -> bool:
+    """True in a worker process whose event loop sends acks in batches through this transport (not in a process
+    forked from it: a prefork child acknowledges through its parent)."""
+    return _loop_pid == os.getpid()
+
+
+def _before_acks() -> bool:
+    """Run the hooks; False if one failed (logged)."""
+    try:
+        for hook in before_acks:
+            hook()
+    except Exception as exc:  # noqa: BLE001 - the acks wait for the next turn
+        log.warning("Acknowledgements held back: what must reach Redis before them did not (%s)", exc)
+        return False
+    return True
 
 
 _TAG = re.compile(rb'"delivery_tag"\s*:\s*("(?:[^"\\]|\\.)*")')  # in a payload Python's JSON cannot read
@@ -160,23 +186,31 @@ class QoS(kombu_redis.QoS):
             self.acks.append(delivery_tag)
             virtual.QoS.ack(self, delivery_tag)  # off the in-memory books now: the prefetch limit sees the room
         else:
+            if not _before_acks():
+                raise RuntimeError(f"message {delivery_tag} not acknowledged: its final state is not in Redis")
             super().ack(delivery_tag)
 
     def send_acks(self) -> None:
-        """Delete the `unacked` entries of the messages acknowledged since the last call, in one round trip."""
+        """Delete the `unacked` entries of the messages acknowledged since the last call, in one round trip, after
+        the `before_acks` hooks (if one fails, the acks wait for the next call)."""
+        if not _before_acks():
+            return
         tags, self.acks = self.acks, []
         if tags:
             with self.pipe_or_acquire() as pipe:  # kombu's `_remove_from_indices`, for all the tags at once
                 pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
 
     # Whatever gives unacknowledged messages back sends the pending acks first: an acknowledged message must not
-    # be given back. `restore_unacked_once` runs when a channel closes (even with nothing left to restore).
+    # be given back. `restore_unacked_once` runs when a channel closes (even with nothing left to restore). Acks
+    # still held back then are dropped: their messages are given back, as their final states may not be in Redis.
     def restore_unacked(self, client: Any = None) -> None:
         self.send_acks()
+        self.acks.clear()
         super().restore_unacked(client)
 
     def restore_unacked_once(self, stderr: Any = None) -> Any:
         self.send_acks()
+        self.acks.clear()
         return super().restore_unacked_once(stderr)
 
 
@@ -242,8 +276,10 @@ class Transport(kombu_redis.Transport):
     loop_thread: int | None = None  # the event loop's thread, once it runs
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        global _loop_pid
         super().register_with_event_loop(connection, loop)
         loop.on_tick.add(self._send_acks)  # each turn of the loop, before it polls
+        _loop_pid = os.getpid()
 
     def _deliver(self, message: Any, queue: str) -> None:
         if _readable(message):

@@ -245,3 +245,35 @@ def test_a_job_whose_records_have_no_expiry_gets_the_jobs_at_the_sweep(redis_ser
     assert book.r.ttl(k.rec) == -1 and book.r.ttl(k.due) == -1
     book.expire_with_job(job)
     assert 0 < book.r.ttl(k.rec) <= 3600 and 0 < book.r.ttl(k.due) <= 3600
+
+
+def test_marking_a_run_of_urls_queued_reads_and_writes_its_states_once_and_started_is_derived(redis_server):
+    """mark_queued reads and writes each run of consecutive indexes as one range (two commands per run, not per
+    URL), leaving a URL that has a state as it is; `started` has no counter of its own (`published` less the other
+    states), so a start and an end are one HINCRBY each, and every count still matches the state bytes."""
+    book = ledger.Ledger(redis_server.client(1), 3600)
+    job = f"runs-{time.time_ns()}"
+    book.create(job, {"opts": {}}, [(i, f"http://127.0.0.1:9/d/f{i}.bin", f"f{i}.bin", None) for i in range(12)])
+    book.transition(job, 1, ledger.STARTED, lease=60)  # taken before it was marked: it counts as published
+    book.transition(job, 2, ledger.DONE, _done(2), name="f2.bin")
+    stats = book.r.info("commandstats")
+    before = {c: stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("getrange", "setrange", "hincrby")}
+    book.mark_queued(book.r, job, [0, 1, 2, 3, 6, 7, 11])  # three runs: 0-3, 6-7, 11 (past what the string holds)
+    stats = book.r.info("commandstats")
+    assert {c: stats[f"cmdstat_{c}"]["calls"] - n for c, n in before.items()} == {
+        "getrange": 3, "setrange": 3, "hincrby": 2}
+    assert book.states(job, 0, 12) == [ledger.QUEUED, ledger.STARTED, ledger.DONE, ledger.QUEUED, None, None,
+                                       ledger.QUEUED, ledger.QUEUED, None, None, None, ledger.QUEUED]
+    counts = book.counts(job)
+    assert (counts["queued"], counts["started"], counts["done"], counts["published"]) == (5, 1, 1, 7)
+    hincrby = book.r.info("commandstats")["cmdstat_hincrby"]["calls"]
+    book.transition(job, 0, ledger.STARTED, lease=60)
+    book.transition(job, 0, ledger.DONE, _done(0), name="f0.bin")  # 'bytes' counted too: 0 bytes are not
+    assert book.r.info("commandstats")["cmdstat_hincrby"]["calls"] - hincrby == 2  # n:queued -1, n:done +1
+    book.transition(job, 3, ledger.STARTED, lease=60)
+    book.transition(job, 3, ledger.RETRYING, lease=60)
+    counts = book.counts(job)
+    assert (counts["queued"], counts["started"], counts["retrying"], counts["done"]) == (3, 1, 1, 2)
+    assert counts["published"] == sum(counts[s] for s in ledger.STATES)
+    assert book.requeue(job, [1, 3]) == {1: 1, 3: 1}
+    assert book.counts(job)["started"] == 0 and book.counts(job)["queued"] == 5

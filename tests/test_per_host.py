@@ -398,3 +398,25 @@ def test_lease_ids_are_unique_across_forked_processes():
     mine = [hostlimit._lease_ids.next() for _ in range(3)]
     assert len(set(mine)) == 3 and len(set(child)) == 3
     assert not set(mine) & set(child) and mine[0][:16] != child[0][:16]
+
+
+def test_downloads_ends_go_to_redis_with_the_workers_acks_not_one_round_trip_each(pair, tmp_path):
+    """In a threads pool a download's FINISH (final state, slot given back) is sent by the worker's event loop
+    with the acks of its turn, just before them (slot_state.Ends): every one of them arrives on the workers'
+    `fleetfetch-ends` connections, and the job ends with every record written and no slot held."""
+    cluster, _ = pair
+    n = 60
+    with Origin("127.0.0.1").start() as origin:
+        for i in range(n):
+            origin.add(f"/e{i}", b"e" * 100)
+        manifest = tmp_path / "m.jsonl"
+        result = cluster.producer(str(write_list(tmp_path / "e.txt", [origin.url(f"/e{i}") for i in range(n)])),
+                                  "-d", "ends", "--manifest", str(manifest), timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = read_manifest(manifest)
+    assert len(manifest) == n and all(r["status"] == "done" for r in manifest)
+    ends = [c for c in cluster.backend().client_list() if c["name"] == "fleetfetch-ends"]
+    assert 1 <= len(ends) <= 2  # one per worker that finished a download
+    # Each FINISH is one command of theirs (their first is the HELLO/SETNAME of the connection).
+    assert sum(int(c["tot-cmds"]) for c in ends) >= n
+    assert cluster.backend().zcard(HostKeys("127.0.0.1").slots) == 0

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from bench.realparts.servers import RedisServer
-from tasks import ledger
+from tasks import feed, ledger
 from tasks.config import QUEUE
 from tests.conftest import Cluster, job_id_of, write_list
 
@@ -79,6 +79,39 @@ def test_a_job_larger_than_the_window_completes_with_workers_alone_and_the_broke
     resumed = chaos.producer("resume", job, "--no-wait")
     assert resumed.returncode == 0 and "published 0 URLs" in resumed.stdout
     assert broker.llen("fleetfetch") == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_final_state_wakes_the_feeders_so_a_window_of_one_does_not_wait_a_tick_per_url(chaos, workers, tmp_path):
+    """With a window of 1 the workers alone publish each URL after the one before ends: its final state announces
+    the job on ledger.FEED_CHANNEL and a worker's feeder publishes the next at once, not at its next tick."""
+    urls = 30
+    chaos.env.update(FLEETFETCH_WINDOW="1", FLEETFETCH_MAX_ATTEMPTS="1")
+    listing = write_list(tmp_path / "urls.txt", [f"http://127.0.0.1:9/one-{i}.bin" for i in range(urls)])
+    queued = chaos.producer(str(listing), "-d", "one", "--no-wait")  # publishes the first URL and leaves
+    assert queued.returncode == 0, queued.stdout + queued.stderr
+    job = job_id_of(queued.stdout)
+    backend = chaos.backend()
+    wakes = backend.pubsub(ignore_subscribe_messages=True)
+    wakes.subscribe(ledger.FEED_CHANNEL)
+    meta = f"ff:{{{job}}}:meta"
+    workers.start("w1", concurrency=4, pool="threads")
+    first = None
+    deadline = time.monotonic() + 150
+    while int(backend.hget(meta, "n:failed") or 0) < urls and time.monotonic() < deadline:
+        if first is None and int(backend.hget(meta, "n:failed") or 0) >= 1:
+            first = time.monotonic()
+        time.sleep(0.05)
+    assert int(backend.hget(meta, "n:failed") or 0) == urls
+    assert first is not None
+    # Fed by the feeders' ticks alone, the other 29 URLs would take 29 ticks.
+    assert time.monotonic() - first < (urls - 1) * feed.FEED_TICK / 2
+    announced, until = [], time.monotonic() + 1  # get_message answers None for the subscription's own reply too
+    while time.monotonic() < until:
+        if (message := wakes.get_message(timeout=0.1)) is not None:
+            announced.append(message["data"].decode())
+    wakes.close()
+    assert announced == [job] * (urls - 1)  # each URL's end but the last's (then nothing waits in the ledger)
 
 
 def test_a_jobs_messages_reach_the_broker_in_batches_not_one_round_trip_each(tmp_path):

@@ -22,14 +22,15 @@ byte, its share of a compressed block of URLs and a record of 49 bytes plus the 
 
 from .base import BATCH, JobGone
 from .clients import client_for, for_thread
-from .keys import CANCELLED_AT, COUNTERS, CREDENTIALS, FED, JOBS_KEY, LIVE_KEY, SECRET_HEADERS, JobKeys
+from .keys import CANCELLED_AT, COUNTERS, CREDENTIALS, FED, FEED_CHANNEL, JOBS_KEY, LIVE_KEY, SECRET_HEADERS, JobKeys
 from .records import BLOCK, MARK, NO_MS, PACKED, Row, compact, counts_in, expand, pack, unpack
 from .states import CANCELLED, DONE, FAILED, FINAL, QUEUED, RETRYING, STARTED, STATES, UNCHANGED
 from .store import Ledger
 from .watch import EndWatch
 
 __all__ = [
-    "BATCH", "BLOCK", "CANCELLED", "CANCELLED_AT", "COUNTERS", "CREDENTIALS", "DONE", "FAILED", "FED", "FINAL",
+    "BATCH", "BLOCK", "CANCELLED", "CANCELLED_AT", "COUNTERS", "CREDENTIALS", "DONE", "FAILED", "FED", "FEED_CHANNEL",
+    "FINAL",
     "JOBS_KEY", "LIVE_KEY", "MARK", "NO_MS", "PACKED", "QUEUED", "RETRYING", "SECRET_HEADERS", "STARTED", "STATES",
     "UNCHANGED", "EndWatch", "JobGone", "JobKeys", "Ledger", "Row", "client_for", "compact", "counts_in", "expand",
     "for_thread", "pack", "unpack",

@@ -26,6 +26,9 @@ class LedgerBase:
         self.scripts = Scripts(client)
         self._numbers: dict[tuple[str, str], int] = {}  # (job, 'w:<worker>' ...) -> its number in the job
         self._block: tuple[tuple[str, int], list[bytes]] | None = None  # the block of URLs read last (`entry`)
+        # A final state that leaves this many of its job's messages out wakes the feeders (keys.FEED_CHANNEL);
+        # None: never (set for download tasks, from the workers' FLEETFETCH_WINDOW: `clients.for_thread`).
+        self.feed_low: int | None = None
 
     def states(self, job: str, start: int, stop: int) -> list[str | None]:
         """The state of each URL from `start` to `stop` (None: no state yet), from one read of the state bytes."""

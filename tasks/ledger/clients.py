@@ -15,18 +15,19 @@ from .store import Ledger
 _own = threading.local()  # this thread's ledgers (`for_thread`)
 
 
-def client_for(url: str, attempts: int = 12, own_connection: bool = False, timeout: float = 30) -> redis.Redis:
+def client_for(url: str, attempts: int = 12, own_connection: bool = False, timeout: float = 30,
+               name: str | None = None) -> redis.Redis:
     """A Redis client that rides out a restart of the server: about a minute of retries with backoff.
     Ledger writes are idempotent (the transition script ignores a repeated state), so replaying is safe.
     `own_connection`: the client keeps one connection for itself (connected now) instead of taking one from its
     pool for each command; it must then serve one thread only. `timeout`: how long a read or a write may wait
-    for the server before the call fails (and is retried)."""
+    for the server before the call fails (and is retried). `name`: its connections' name in CLIENT LIST."""
     retry = Retry(ExponentialBackoff(cap=10, base=0.2), attempts)
     # A thread's own connection waits for Redis without polling first (tasks/connection.py).
     plain = own_connection and url.startswith("redis://")
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=5, health_check_interval=30,
                                 retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-                                single_connection_client=own_connection,
+                                single_connection_client=own_connection, client_name=name,
                                 **({"connection_class": KernelTimeoutConnection} if plain else {}))
 
 
@@ -38,5 +39,8 @@ def for_thread(url: str, ttl: int) -> Ledger:
     key = (os.getpid(), url)
     mine: dict[tuple[int, str], Ledger] = _own.__dict__.setdefault("ledgers", {})
     if key not in mine:
-        mine[key] = Ledger(client_for(url, own_connection=True), ttl)
+        from ..config import settings
+
+        book = mine[key] = Ledger(client_for(url, own_connection=True), ttl)
+        book.feed_low = settings.window // 2  # half the window drained: the feeders top it up (feed.Sweeper)
     return mine[key]

@@ -14,6 +14,7 @@ Redis Cluster node:
   ff:{JOB}:suspect     set    queued URLs that had no message at the last sweep
   ff:{JOB}:feeding     string the feeder's lock
   ff:{JOB}:ended       (a channel) "1" when the job's last URL reaches its final state
+  ff:feed              (a channel) a job's id when its messages out fell to half the window (feed.Sweeper)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ JOBS_KEY = "ff:jobs"
 # and no transition has to look at their TTL (two commands per URL). Never an index.
 KEEP = "-"
 LIVE_KEY = "ff:live"
+FEED_CHANNEL = "ff:feed"  # named in lua/states.lua too
 # Meta fields besides the job's settings.
 CANCELLED_AT = "cancelled"  # when `cancel` stopped the job (absent: not cancelled)
 CREDENTIALS = "credentials"  # the job's netrc logins and cookies (tasks.credentials), read by workers

@@ -16,14 +16,22 @@ from typing import Any, cast
 
 from ..redact import redact_url
 from .keys import COUNTERS
+from .states import STARTED, STATES
 
 BLOCK = 1000  # URLs per compressed block of `urls` (the ledger's BATCH is a multiple: a batch reads whole blocks)
 Row = tuple[int, str, str, str | None, dict[str, Any]]  # index, url, name, sha256, the URL's own options
 
 
 def counts_in(meta: dict[str, Any]) -> dict[str, int]:
-    """The counters of a job from its meta fields (`meta` or `counts`): state -> URLs, bytes, published."""
-    return {f.removeprefix("n:"): int(meta.get(f) or 0) for f in COUNTERS}
+    """The counters of a job from its meta fields (`meta` or `counts`): state -> URLs, bytes, published. `started`
+    is not kept (the scripts spare its HINCRBY at each start and end): every URL with a state has one, so it is
+    `published` less the other states."""
+    counts = {f.removeprefix("n:"): int(meta.get(f) or 0) for f in COUNTERS}
+    counts[STARTED] = max(0, counts["published"] - sum(n for s, n in counts.items() if s in _KEPT))
+    return counts
+
+
+_KEPT = {s for s in STATES if s != STARTED}  # the states with a counter of their own
 
 
 def compact(record: dict[str, Any], state: str, name: str | None = None) -> dict[str, Any]:

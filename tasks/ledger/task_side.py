@@ -32,7 +32,8 @@ class TaskSide(LedgerBase):
         payload = b"" if record is None else pack(compact(record, state, name), functools.partial(self._number, job))
         nbytes = int(record.get("bytes") or 0) if record and state == DONE else 0
         due = "" if state in FINAL or lease is None else str(int(lease * 1000))
-        return [k.meta, k.state, k.rec, k.due], [str(index), state, payload, nbytes, due]
+        wake = [self.feed_low] if self.feed_low is not None and state in FINAL else []
+        return [k.meta, k.state, k.rec, k.due], [str(index), state, payload, nbytes, due, *wake]
 
     def hold(self, held: dict[str, list[int]], seconds: float) -> None:
         """Leases of `seconds` for URLs whose messages a live worker holds ({job: [index, ...]}), one round trip."""

@@ -1,4 +1,4 @@
-"""What a follower of a job waits on between two looks at its counters."""
+"""What a follower of a job waits on between two looks at its counters, and a worker's feeder between two ticks."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ class EndWatch:
     channel then (`announce_if_ended`), so its follower reports the end at once instead of at its next poll of
     the counters (up to 0.1 s later). The subscription has a connection of its own that does not retry: while
     the server is away, a wait just sleeps its time, and the follower's look at the counters says what is wrong.
-    A message missed (published before the subscription) costs one poll interval, nothing more."""
+    A message missed (published before the subscription) costs one poll interval, nothing more. The same wait on
+    ledger.FEED_CHANNEL wakes a worker's feeder when a job's window has room (feed.Sweeper)."""
 
     def __init__(self, client: redis.Redis, channel: str) -> None:
         pool = client.connection_pool

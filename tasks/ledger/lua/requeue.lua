@@ -8,7 +8,7 @@ for i = 1, #ARGV do
   if not (old and FINAL[old]) then
     if old ~= 'q' then
       redis.call('SETRANGE', KEYS[2], tonumber(ARGV[i]), 'q')
-      if old then count(KEYS[1], old, -1) end
+      if old then count(KEYS[1], old, -1) else redis.call('HINCRBY', KEYS[1], 'published', 1) end
       count(KEYS[1], 'q', 1)
     end
     table.insert(out, tonumber(ARGV[i]))

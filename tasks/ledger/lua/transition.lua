@@ -5,7 +5,8 @@
 -- The keys keep the expiry the job was created with (rec and due never empty: ledger/keys.py KEEP).
 -- KEYS[1] meta, KEYS[2] state, KEYS[3] rec, KEYS[4] due
 -- ARGV[1] index, ARGV[2] new state, ARGV[3] final record ('' = none), ARGV[4] bytes to count,
--- ARGV[5] ms from now by which a worker must be heard of again for this URL (its lease); '' = none (final)
+-- ARGV[5] ms from now by which a worker must be heard of again for this URL (its lease); '' = none (final),
+-- ARGV[6] (optional) the job's messages out at which a final state wakes the feeders (states.lua announce_if_ended)
 local i = tonumber(ARGV[1])
 local old = code_at(KEYS[2], i)
 if old and FINAL[old] then return NAME[old] end
@@ -16,14 +17,14 @@ if new == 's' and redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then
   if old then count(KEYS[1], old, -1) end
   count(KEYS[1], 'c', 1)
   redis.call('ZREM', KEYS[4], ARGV[1])
-  announce_if_ended(KEYS[1])
+  announce_if_ended(KEYS[1], nil)
   return 'cancelled'
 end
 if old ~= new then
   redis.call('SETRANGE', KEYS[2], i, new)
   if old then count(KEYS[1], old, -1) end
   count(KEYS[1], new, 1)
-  if FINAL[new] then announce_if_ended(KEYS[1]) end
+  if FINAL[new] then announce_if_ended(KEYS[1], tonumber(ARGV[6])) end
 end
 if ARGV[5] == '' then
   redis.call('ZREM', KEYS[4], ARGV[1])
