@@ -23,7 +23,7 @@ dependencies.check(celery, kombu, redis)
 # redis:// and rediss:// brokers get kombu's Redis transport with one reused synchronous client per channel instead
 # of a new redis.Redis per QoS command, where the kombu installed is one tasks/kombu_redis.py knows.
 kombu_redis.install(stock=settings.stock)
-app = Celery("fleetfetch", include=["tasks.download"])
+app = Celery("fleetfetch", include=["tasks.download", "tasks.helper"])
 heartbeat.install(app)  # health files for probes that start no Python (deploy/README.md)
 
 

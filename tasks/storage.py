@@ -220,6 +220,19 @@ class PartFile:
             self._left = False
         self._reset()
 
+    def fresh(self) -> None:
+        """Start over in a new, empty file under the same name: a writer that still holds the old one (a helper on
+        another worker sharing the volume) writes into the unlinked old file, never into this one."""
+        tmp = f"{self.part}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=self.dir_fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with contextlib.suppress(OSError):
+            os.setxattr(fd, _WRITER, os.getxattr(self.fd, _WRITER))
+        os.rename(tmp, self.part, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        os.close(self.fd)
+        self.fd, self._left = fd, False
+        self._reset()
+
     def _reset(self) -> None:
         """Nothing written yet: a fresh hash (the old one's thread ended), no size, nothing handed to the disk."""
         self.hash.close()

@@ -1,0 +1,107 @@
+"""A big file's pieces spread over two workers that share the download directory (FLEETFETCH_SHARED_VOLUME=1):
+real workers, a real Redis, an origin on loopback with a per-connection rate."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from tests.conftest import Cluster, read_manifest, write_list
+from tests.support.origin import Origin
+
+RATE = 1_000_000  # bytes/s per connection: one stream is slow
+SPLIT = ("--split", "4", "--min-split-size", "1M")
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def start_job(cluster: Cluster, tmp_path: Path, url: str, *args: str):
+    return cluster.producer_async(str(write_list(tmp_path / "urls.txt", [url])), "-d", "shared", "--manifest",
+                                  str(tmp_path / "m.jsonl"), *SPLIT, *args)
+
+
+def finish(proc, tmp_path: Path) -> dict:
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    records = read_manifest(tmp_path / "m.jsonl")
+    assert len(records) == 1, records  # the URL keeps one record: helpers write none
+    return records[0]
+
+
+def wait_for(origin: Origin, path: str, sent: int) -> None:
+    deadline = time.monotonic() + 60
+    while origin.sent.get(path, 0) < sent and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_two_workers_sharing_a_directory_split_one_file_between_them(chaos, workers, origin, tmp_path):
+    chaos.env["FLEETFETCH_SHARED_VOLUME"] = "1"
+    body = os.urandom(16 << 20)
+    origin.add("/big.bin", body, etag='"b1"', rate=RATE)
+    a, b = workers.start("a", concurrency=2), workers.start("b", concurrency=2)
+    rec = finish(start_job(chaos, tmp_path, f"{origin.url('/big.bin')} sha256={sha(body)}"), tmp_path)
+    assert (chaos.downloads / "shared" / "big.bin").read_bytes() == body
+    assert rec["status"] == "done" and rec["sha256"] == sha(body), rec
+    by = dict(w.rsplit(":", 1) for w in rec["fetched_by"].split())
+    assert rec["workers"] == 2 and sorted(w.split("@")[0] for w in by) == ["a", "b"], rec  # both fetched pieces
+    assert sum(map(int, by.values())) == rec["segments"] and rec["connections"] >= 3, rec
+    assert origin.sent["/big.bin"] <= len(body) + (1 << 20)
+    assert not list((chaos.downloads / "shared").glob(".*.part*"))
+    assert "fleetfetch.segment" in a.log_text() + b.log_text()
+
+
+def test_per_host_2_holds_across_both_workers(chaos, workers, origin, tmp_path):
+    chaos.env["FLEETFETCH_SHARED_VOLUME"] = "1"
+    body = os.urandom(8 << 20)
+    origin.add("/polite.bin", body, etag='"p1"', rate=RATE)
+    workers.start("a", concurrency=2)
+    workers.start("b", concurrency=2)
+    rec = finish(start_job(chaos, tmp_path, origin.url("/polite.bin"), "--per-host", "2"), tmp_path)
+    assert (chaos.downloads / "shared" / "polite.bin").read_bytes() == body and rec["sha256"] == sha(body)
+    assert origin.max_concurrent <= 2, origin.max_concurrent
+    assert rec["connections"] >= 2, rec
+
+
+def test_a_helper_worker_killed_mid_file_loses_only_its_piece(chaos, workers, origin, tmp_path):
+    chaos.env["FLEETFETCH_SHARED_VOLUME"] = "1"
+    body = os.urandom(24 << 20)
+    origin.add("/k.bin", body, etag='"k1"', rate=RATE)
+    workers.start("owner", concurrency=1)  # the URL's task, alone on its worker
+    proc = start_job(chaos, tmp_path, origin.url("/k.bin"))
+    wait_for(origin, "/k.bin", 1)
+    doomed = workers.start("doomed", concurrency=1)  # takes a helper task
+    wait_for(origin, "/k.bin", len(body) // 3)
+    assert any("Range" in r.headers for r in origin.requests_for("/k.bin")), "the file was never split"
+    doomed.kill()  # SIGKILL mid-piece
+    rec = finish(proc, tmp_path)
+    assert (chaos.downloads / "shared" / "k.bin").read_bytes() == body and rec["sha256"] == sha(body)
+    assert "doomed@" in rec["fetched_by"], rec
+    piece = max(int(r.headers["Range"].split("-")[1]) - int(r.headers["Range"][6:].split("-")[0]) + 1
+                for r in origin.requests_for("/k.bin") if "Range" in r.headers)
+    assert origin.sent["/k.bin"] <= len(body) + piece, (origin.sent, piece)  # one piece again at most
+
+
+def test_the_owner_killed_mid_file_is_redelivered_and_resumes_the_shared_pieces(chaos, workers, origin, tmp_path):
+    chaos.env["FLEETFETCH_SHARED_VOLUME"] = "1"
+    body = os.urandom(24 << 20)
+    origin.add("/o.bin", body, etag='"o1"', rate=RATE)
+    owner = workers.start("owner", concurrency=1)
+    proc = start_job(chaos, tmp_path, origin.url("/o.bin"))
+    wait_for(origin, "/o.bin", 1)
+    workers.start("other", concurrency=2)  # its helpers go on while the owner is gone, then it takes the URL over
+    wait_for(origin, "/o.bin", len(body) // 3)
+    assert any("Range" in r.headers for r in origin.requests_for("/o.bin")), "the file was never split"
+    owner.kill()
+    rec = finish(proc, tmp_path)
+    assert (chaos.downloads / "shared" / "o.bin").read_bytes() == body and rec["sha256"] == sha(body)
+    assert rec["redeliveries"] >= 1 and rec["resumed_bytes"] > 0, rec
+    piece = max(int(r.headers["Range"].split("-")[1]) - int(r.headers["Range"][6:].split("-")[0]) + 1
+                for r in origin.requests_for("/o.bin") if "Range" in r.headers)
+    assert origin.sent["/o.bin"] <= len(body) + piece + 1, (origin.sent, piece)  # + the new owner's 1-byte check
