@@ -23,7 +23,6 @@ from .app import app
 from .config import TASK_NAME, settings
 from .credentials import Credentials
 from .errors import BadMessage, Busy, Cancelled, DownloadError, TransientError
-from .feed import job_queue
 from .guard import Policy
 from .lease import Renewer
 from .message import Entry, Message, Options, display_of
@@ -336,6 +335,12 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
     return record
 
 
+def _shared(call: Call) -> shared.Shared | None:
+    from .helper import owner_side  # the helper task's module imports this one
+
+    return owner_side(call) if settings.shared_volume and call.msg.job else None
+
+
 def _segments(call: Call) -> segments.Config:
     """--split: a big file's extra connections, each with a slot of the host's window taken without waiting."""
     o = call.opts
@@ -343,24 +348,6 @@ def _segments(call: Call) -> segments.Config:
     return segments.Config(int(o.split or 1), int(o.min_split_size or 0),
                            _SegmentSlot.taker(call, per_host, rate) if per_host > 0 or rate > 0 else _NoSlot,
                            hostlimit.LEASE_S, _shared(call))
-
-
-def _shared(call: Call) -> shared.Shared | None:
-    """Workers that share the volume fetch a big file's pieces together: this task and its helpers."""
-    m = call.msg
-    if not settings.shared_volume or not m.job:
-        return None
-    job, index = m.job, m.index
-    board = shared.Board(lambda: _ledger().r, job, index, settings.result_expires, settings.url_lease)
-
-    def helpers(gen: str, count: int) -> None:
-        queue = job_queue(_ledger().meta(job))
-        for _ in range(max(0, count)):
-            app.send_task(shared.SEGMENT_TASK, kwargs={"job": job, "index": index, "gen": gen}, queue=queue,
-                          ignore_result=True)
-
-    who = f"{call.task.request.hostname or socket.gethostname()} {call.task.request.id or id(call)}"
-    return shared.Shared(board, who, call.opts.subdir, helpers, settings.url_lease)
 
 
 class _NoSlot:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import stat
 import time
 from typing import Any
@@ -16,6 +17,7 @@ from .config import settings
 from .credentials import Credentials
 from .download import Call, _headers, _job_options, _ledger, _limiter, _limits, _pause_host, leases
 from .errors import CutShort, DownloadError, TransientError
+from .feed import job_queue
 from .hostlimit import HostKeys, Lease
 from .message import Entry, Message
 from .pace import Pace
@@ -52,6 +54,21 @@ def segment(self: Any, job: Any = None, index: Any = 0, gen: Any = "", *extra: A
             os.close(fd)
     log.info("Helped with %s (job %s #%s): %d piece(s)", msg.name, job, index, fetched)
     return {"status": "helped", "pieces": fetched}
+
+
+def owner_side(call: Call) -> shared.Shared:
+    """Workers that share the volume fetch a big file's pieces together: this task and its helpers."""
+    job, index = call.msg.job or "", call.msg.index
+    board = shared.Board(lambda: _ledger().r, job, index, settings.result_expires, settings.url_lease)
+
+    def helpers(gen: str, count: int) -> None:
+        queue = job_queue(_ledger().meta(job))
+        for _ in range(max(0, count)):
+            app.send_task(shared.SEGMENT_TASK, kwargs={"job": job, "index": index, "gen": gen}, queue=queue,
+                          ignore_result=True)
+
+    who = f"{call.task.request.hostname or socket.gethostname()} {call.task.request.id or id(call)}"
+    return shared.Shared(board, who, call.opts.subdir, helpers, settings.url_lease)
 
 
 def _open_part(where: storage.TargetDir, plan: shared.Plan) -> int | None:

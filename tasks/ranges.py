@@ -95,6 +95,18 @@ def validator_of(response: requests.Response) -> str | None:
     return response.headers.get("last-modified", "").strip() or None
 
 
+def splittable(response: requests.Response, split: int, min_split_size: int) -> int | None:
+    """The body's size when it may be fetched in ranges and is big enough to be worth it; None otherwise."""
+    h = response.headers
+    length = h.get("content-length", "").strip()
+    if split < 2 or response.status_code != 200 or not length.isascii() or not length.isdecimal():
+        return None
+    if "bytes" not in h.get("accept-ranges", "").lower() or h.get("content-encoding", "identity") != "identity":
+        return None
+    size = int(length)
+    return size if size >= max(min_split_size, 2 * MIN_PIECE) and validator_of(response) else None
+
+
 def range_problem(response: requests.Response, start: int, end: int, size: int, validator: str) -> str | None:
     """Why this answer is not exactly bytes start..end-1 of the file of `size` bytes and this validator; None if
     it is."""

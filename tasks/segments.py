@@ -13,14 +13,10 @@ gets its bytes spliced in: the download starts over as one stream, and the recor
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
-import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import requests
@@ -29,7 +25,9 @@ from . import fetch, shared, storage
 from .credentials import Credentials
 from .errors import CutShort, PermanentError, TransientError
 from .pace import Pace
-from .ranges import MIN_PIECE, PIECE, BadRange, Piece, RangeMap, contiguous, merge, plan, range_problem, validator_of
+from .rangefile import Crew, RangeFile
+from .ranges import MIN_PIECE, PIECE, BadRange, Piece, RangeMap, plan, range_problem, splittable, validator_of
+from .shared_owner import SharedOwner
 
 _Piece, _Map, _PIECE = Piece, RangeMap, PIECE  # names tests/test_segments.py imports (as PIECE)
 
@@ -43,8 +41,6 @@ SAVE_S = 0.5  # or this long after it was last written: a killed attempt loses a
 HASH_STEP = 64 << 20  # the coordinator hashes at most this much between two looks at the ranges
 OWN_PAUSE_S = 0.1  # between the first stream's close and its slot's next request (the server sees it go first)
 TICK_S = 0.2  # how often the coordinator looks at the ranges, the job's cancellation and the slots' leases
-MAP_XATTR = "user.fleetfetch.ranges"
-_NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOSPC, errno.E2BIG}
 
 
 ChunkHook = Callable[[int, int | None], None]  # after each chunk written: (bytes so far, the file's size or None)
@@ -72,40 +68,7 @@ class _Split(Exception):
     """Raised from the first stream's chunk hook: stop it here, the rest goes to ranges."""
 
 
-def splittable(response: requests.Response, cfg: Config) -> int | None:
-    """The body's size when it may be fetched in ranges and is big enough to be worth it; None otherwise."""
-    h = response.headers
-    length = h.get("content-length", "").strip()
-    if cfg.split < 2 or response.status_code != 200 or not length.isascii() or not length.isdecimal():
-        return None
-    if "bytes" not in h.get("accept-ranges", "").lower() or h.get("content-encoding", "identity") != "identity":
-        return None
-    size = int(length)
-    return size if size >= max(cfg.min_split_size, 2 * MIN_PIECE) and validator_of(response) else None
-
-
-@dataclass
-class _Crew:
-    """The connections fetching one file's ranges, and what the coordinating thread knows of them."""
-
-    pieces: list[Piece]
-    slots: list[Slot]
-    pace: Pace
-    first_end: int  # where the first stream stops (0: no first stream; all pieces are the connections')
-    todo: list[Piece] = field(default_factory=list)
-    mine: set[int] = field(default_factory=set)  # shared: pieces this task has claimed and is fetching
-    opened: int = 0  # the piece a connection's opened response belongs to
-    threads: list[threading.Thread] = field(default_factory=list)
-    errors: list[BaseException] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    stop: threading.Event = field(default_factory=threading.Event)
-    wake: threading.Event = field(default_factory=threading.Event)
-    saved: int = 0
-    saved_at: float = field(default_factory=time.monotonic)
-    renewed: float = field(default_factory=time.monotonic)
-
-
-class Run:
+class Run(SharedOwner, RangeFile):
     """The segment side of one attempt: resume a kept range map, or split a slow first stream."""
 
     def __init__(self, cfg: Config | None, part: storage.PartFile, url: str, headers: dict[str, str],
@@ -119,7 +82,7 @@ class Run:
         self.finished = False  # the whole body is in the temp file, hashed
         self.map: RangeMap | None = None
         self._hashed = 0  # the file is hashed in order up to here
-        self._crew: _Crew | None = None
+        self._crew: Crew | None = None
         self._prober_error: BaseException | None = None
         self._shared = cfg.shared if cfg is not None else None
         self._gen = ""  # shared: the generation of the plan published for the file
@@ -172,7 +135,7 @@ class Run:
         second, and this one waits for them."""
         if self.finished:
             return response
-        size = splittable(response, self.cfg) if self.cfg is not None else None
+        size = splittable(response, self.cfg.split, self.cfg.min_split_size) if self.cfg is not None else None
         if size is None:
             one_stream(response, self.on_chunk)
             return response
@@ -296,21 +259,22 @@ class Run:
         self._finish_crew(size)
 
     def _start_crew(self, pieces: list[Piece], first: requests.Response | None, rate: int, slots: list[Slot],
-                    first_streamed: bool) -> None:
+                    first_streamed: bool, opened: int = 0) -> None:
         """Connections for the pieces: the first piece is this thread's stream (`first_streamed`) or an open
-        response handed to the first connection; one more connection per extra slot."""
-        crew = self._crew = _Crew(pieces, [], Pace(rate, fetch.CHUNK), pieces[0].end if first_streamed else 0)
+        response (for piece `opened`) handed to the first connection; one more connection per extra slot."""
+        crew = self._crew = Crew(pieces, [], Pace(rate, fetch.CHUNK), pieces[0].end if first_streamed else 0)
         # Shared: pieces are claimed from the plan in Redis instead (_next_piece), one connection per participant.
         crew.todo = [] if self._shared else list(pieces[1:] if first_streamed else pieces)
+        crew.opened = opened
         if self._shared is not None and (first_streamed or first is not None):
-            crew.mine.add(0)  # claimed when the plan was published
+            crew.mine.add(opened)  # claimed already
         self.notes.update(segments=len(pieces), connections=1)
         if not first_streamed:
             self._add_connection(crew, None, first)  # on the task's own slot
         for slot in slots:
             self._add_connection(crew, slot, None)
 
-    def _add_connection(self, crew: _Crew, slot: Slot | None, opened: requests.Response | None,
+    def _add_connection(self, crew: Crew, slot: Slot | None, opened: requests.Response | None,
                         delay: float = 0.0) -> None:
         with crew.lock:
             if slot is not None:
@@ -321,7 +285,7 @@ class Run:
         crew.threads.append(t)
         t.start()
 
-    def _connection(self, crew: _Crew, slot: Slot | None, opened: requests.Response | None,
+    def _connection(self, crew: Crew, slot: Slot | None, opened: requests.Response | None,
                     delay: float = 0.0) -> None:
         """One connection: pieces one after another. Between two, its slot is given back as a download the host
         served and taken again: the host's window may grow (tasks/hostlimit.py), or be taken by another task,
@@ -350,7 +314,7 @@ class Run:
             fetch.forget_session()
             crew.wake.set()
 
-    def _cycle(self, crew: _Crew, slot: Slot) -> Slot | None:
+    def _cycle(self, crew: Crew, slot: Slot) -> Slot | None:
         self._give_back(crew, slot, True)
         again = self.cfg.take_slot() if self.cfg is not None and self.cfg.take_slot is not None else None
         if again is not None:
@@ -358,13 +322,13 @@ class Run:
                 crew.slots.append(again)
         return again
 
-    def _give_back(self, crew: _Crew, slot: Slot, answered: bool) -> None:
+    def _give_back(self, crew: Crew, slot: Slot, answered: bool) -> None:
         with crew.lock:
             if slot in crew.slots:
                 crew.slots.remove(slot)
         slot.release(answered)
 
-    def _grow(self, crew: _Crew) -> None:
+    def _grow(self, crew: Crew) -> None:
         """More connections while pieces are left and the host's window has room (it grows as pieces are served)."""
         split = self.cfg.split if self.cfg is not None else 1
         while crew.todo and not crew.stop.is_set() and 1 + len(crew.slots) < split:
@@ -481,166 +445,3 @@ class Run:
             response.close()
             raise BadRange(problem)
         return response
-
-    # -- shared volume: pieces claimed from a plan in Redis (tasks/shared.py) --------------------------------------
-    def _share(self, pieces: list[Piece], kept: list[list[int]], held: list[int]) -> None:
-        """Publish the plan of the file's pieces and the helper tasks that will claim them with this task."""
-        assert self._shared is not None and self.map is not None and self.cfg is not None
-        self._gen = shared.new_gen()
-        plan = shared.Plan(self._gen, self.map.url, self.map.size, self.map.validator, self._shared.subdir,
-                           self.part.part, os.fstat(self.part.fd).st_ino, [[p.start, p.end] for p in pieces], kept)
-        self._shared.board.publish(plan, {}, held)
-        self._shared.helpers(self._gen, min(self.cfg.split - 1, len(pieces) - len(held)))
-
-    def _resume_shared(self) -> requests.Response | None:
-        """A redelivered owner takes over the plan its predecessor published (the helpers never stop): only the
-        unfinished pieces are fetched. None: no plan for this very temp file."""
-        assert self._shared is not None and self.cfg is not None
-        board, st = self._shared.board, os.fstat(self.part.fd)
-        plan = board.load()
-        if plan is None or board.refused() or (plan.url, plan.inode, plan.size) != (
-                storage.url_key(self.url), st.st_ino, st.st_size):
-            if plan is not None:
-                board.drop()
-            return None
-        self._gen, self.kept = plan.gen, True
-        pieces = [Piece(a, b) for a, b in plan.pieces]
-        self.map = RangeMap(plan.url, plan.size, plan.validator, plan.kept)
-        done = board.done()
-        for i in done:
-            pieces[i].pos = pieces[i].end
-        self.notes["resumed_bytes"] = sum(b - a for a, b in plan.kept) + sum(p.pos - p.start for p in pieces)
-        self._shared.helpers(self._gen, min(self.cfg.split - 1, len(pieces) - len(done) - 1))
-        first = board.claim(self._gen)
-        try:  # the server's version checked on the first piece, or on one byte when the helpers did them all
-            response = self._open_range(pieces[first] if first >= 0 else Piece(0, 1))
-        except BadRange as exc:
-            return self._start_over(f"resume refused ({exc}): started over as one stream")
-        crew = self._crew = _Crew(pieces, [], Pace(self.limit_rate, fetch.CHUNK), 0)
-        self.notes.update(segments=len(pieces), connections=1)
-        if first >= 0:
-            crew.mine.add(first)
-            crew.opened = first
-            self._add_connection(crew, None, response)
-        else:
-            response.close()
-        try:
-            self._finish_crew(plan.size)
-        except BadRange as exc:
-            return self._start_over(f"a range was refused on resume ({exc}): started over as one stream")
-        return response
-
-    def _next_piece(self, crew: _Crew, opened: bool) -> Piece | None:
-        """The connection's next piece: the one its open response is for, the next to do, or (shared) one
-        claimed from the plan; None when there is none left."""
-        if self._shared is None:
-            with crew.lock:
-                return crew.todo.pop(0) if crew.todo else None
-        if opened:
-            return crew.pieces[crew.opened]
-        while not crew.stop.is_set():
-            i = self._shared.board.claim(self._gen)
-            if i >= 0:
-                with crew.lock:
-                    crew.mine.add(i)
-                    crew.pieces[i].pos = crew.pieces[i].start
-                return crew.pieces[i]
-            if i == shared.DONE:
-                return None
-            if i == shared.GONE:
-                raise BadRange(self._shared.board.refused() or "the shared plan was dropped")
-            crew.stop.wait(TICK_S)  # every piece claimed: wait, and take over one whose claim lapses
-        return None
-
-    def _piece_done(self, crew: _Crew, piece: Piece) -> None:
-        if self._shared is None:
-            return
-        i = crew.pieces.index(piece)
-        os.fdatasync(self.part.fd)  # before the plan says so: another machine may read it next
-        self._shared.board.finish(self._gen, i, self._shared.who)
-        with crew.lock:
-            crew.mine.discard(i)
-
-    def _sync_shared(self, crew: _Crew) -> None:
-        """What the other participants did: pieces done (hashed in order here), a refusal of the server's ranges;
-        and this task's claims renewed."""
-        assert self._shared is not None
-        board = self._shared.board
-        self._done_by = board.done()
-        with crew.lock:
-            for i in self._done_by:
-                if i not in crew.mine and i < len(crew.pieces):
-                    crew.pieces[i].pos = crew.pieces[i].end
-            mine = list(crew.mine)
-        why = board.refused()
-        if why and not crew.errors:
-            crew.errors.append(BadRange(why))
-            crew.stop.set()
-        if time.monotonic() - self._shared.renewed > self._shared.lease_s / 3:
-            self._shared.renewed = time.monotonic()
-            for i in mine:
-                board.renew(self._gen, i)
-
-    def _restart_file(self) -> None:
-        """Start the file over; shared, in a new file: a helper still writing the old one cannot splice it."""
-        self.part.fresh() if self._shared is not None else self.part.restart()
-
-    def abandon(self) -> None:
-        """The attempt failed for good (or was cancelled): helpers stop."""
-        if self._shared is not None:
-            self._shared.board.drop()
-
-    # -- hashing and the map -------------------------------------------------------------------------------------
-    def _hash(self, pieces: list[Piece], size: int, budget: int) -> None:
-        """Hash the file in order as far as it is contiguous (at most `budget` bytes now)."""
-        end = self._contiguous(pieces, size)
-        stop = min(end, self._hashed + budget)
-        while self._hashed < stop:
-            chunk = os.pread(self.part.fd, min(fetch.CHUNK, stop - self._hashed), self._hashed)
-            if not chunk:
-                raise PermanentError("the temp file shrank while it was written (changed by someone else?)")
-            self.part.hash.update(chunk)
-            self._hashed += len(chunk)
-
-    def _contiguous(self, pieces: list[Piece], size: int) -> int:
-        kept = self.map.done if self.map else []
-        return contiguous([*kept, [0, self.part.size], *([p.start, p.pos] for p in pieces)], size)
-
-    def _read_map(self) -> RangeMap | None:
-        try:
-            found = RangeMap(**json.loads(os.getxattr(self.part.fd, MAP_XATTR)))
-        except (OSError, ValueError, TypeError):
-            return None
-        if found.url != storage.url_key(self.url) or os.fstat(self.part.fd).st_size != found.size:
-            self._drop_map()
-            return None
-        found.done = merge([[max(0, a), min(found.size, b)] for a, b in found.done])
-        return found
-
-    def _save_map(self, pieces: list[Piece]) -> None:
-        """Record what is complete (durable files: the bytes reach the disk before the map claims them)."""
-        if self.map is None:
-            return
-        self.map.done = merge([*self.map.done, [0, self.part.size], *([p.start, p.pos] for p in pieces)])
-        try:
-            if self.part.durable:
-                os.fdatasync(self.part.fd)
-            os.setxattr(self.part.fd, MAP_XATTR, json.dumps(vars(self.map), separators=(",", ":")).encode())
-        except OSError as exc:
-            if exc.errno not in _NO_XATTR:
-                raise PermanentError(f"cannot record the ranges of the temp file: {exc.strerror}") from None
-            self.kept = False  # no map: a later attempt could not tell complete ranges from holes
-
-    def _drop_map(self) -> None:
-        with contextlib.suppress(OSError):
-            os.removexattr(self.part.fd, MAP_XATTR)
-        self.map = None
-        if self._shared is not None:
-            self._shared.board.drop()  # helpers find no plan and stop
-
-    def _preallocate(self, size: int) -> None:
-        try:
-            self.part.preallocate(size)
-        except OSError as exc:
-            raise PermanentError(storage.describe_os_error(exc, self.part.shown)) from None
-

@@ -45,3 +45,16 @@ def test_only_the_exact_range_of_the_same_file_is_accepted():
     assert "200 to a range" in range_problem(answer(200, {}), 10, 20, 100, '"a"')
     assert "Content-Range" in range_problem(answer(206, {**ok, "Content-Range": "bytes 0-9/100"}), 10, 20, 100, '"a"')
     assert "changed" in range_problem(answer(206, {**ok, "ETag": '"b"'}), 10, 20, 100, '"a"')
+
+
+def test_only_a_big_identity_body_with_byte_ranges_and_a_validator_is_split():
+    from tasks.ranges import splittable
+
+    big = {"Content-Length": str(30 << 20), "Accept-Ranges": "bytes", "ETag": '"e"'}
+    assert splittable(answer(200, big), 8, 20 << 20) == 30 << 20
+    assert splittable(answer(200, big), 1, 20 << 20) is None  # --split 1
+    assert splittable(answer(200, big), 8, 40 << 20) is None  # under --min-split-size
+    assert splittable(answer(200, {**big, "Accept-Ranges": "none"}), 8, 1) is None
+    assert splittable(answer(200, {**big, "Content-Encoding": "gzip"}), 8, 1) is None
+    assert splittable(answer(200, {k: v for k, v in big.items() if k != "ETag"}), 8, 1) is None
+    assert splittable(answer(206, big), 8, 1) is None

@@ -13,6 +13,9 @@ from tests.support.origin import Origin
 
 RATE = 1_000_000  # bytes/s per connection: one stream is slow
 SPLIT = ("--split", "4", "--min-split-size", "1M")
+# Bytes an origin writes into a connection that its client closes early (the first stream stops where the pieces
+# begin): what the sockets had buffered, never kept.
+BUFFERED = 256 << 10
 
 
 def sha(data: bytes) -> str:
@@ -85,7 +88,7 @@ def test_a_helper_worker_killed_mid_file_loses_only_its_piece(chaos, workers, or
     assert "doomed@" in rec["fetched_by"], rec
     piece = max(int(r.headers["Range"].split("-")[1]) - int(r.headers["Range"][6:].split("-")[0]) + 1
                 for r in origin.requests_for("/k.bin") if "Range" in r.headers)
-    assert origin.sent["/k.bin"] <= len(body) + piece, (origin.sent, piece)  # one piece again at most
+    assert origin.sent["/k.bin"] <= len(body) + piece + BUFFERED, (origin.sent, piece)  # one piece again at most
 
 
 def test_the_owner_killed_mid_file_is_redelivered_and_resumes_the_shared_pieces(chaos, workers, origin, tmp_path):
@@ -104,4 +107,4 @@ def test_the_owner_killed_mid_file_is_redelivered_and_resumes_the_shared_pieces(
     assert rec["redeliveries"] >= 1 and rec["resumed_bytes"] > 0, rec
     piece = max(int(r.headers["Range"].split("-")[1]) - int(r.headers["Range"][6:].split("-")[0]) + 1
                 for r in origin.requests_for("/o.bin") if "Range" in r.headers)
-    assert origin.sent["/o.bin"] <= len(body) + piece + 1, (origin.sent, piece)  # + the new owner's 1-byte check
+    assert origin.sent["/o.bin"] <= len(body) + piece + BUFFERED, (origin.sent, piece)  # one piece again at most
