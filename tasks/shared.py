@@ -10,6 +10,7 @@ and renames it, and writes the URL's one record. Keys, with the job's expiry:
                                   the pieces), bad (why a participant refused the server's ranges)
   ff:{JOB}:seg:INDEX:lease  zset  piece -> when its claim lapses (ms, the server's clock)
   ff:{JOB}:seg:INDEX:done   hash  piece -> who fetched it ("worker task-id")
+  ff:{JOB}:seg:INDEX:todo   list  pieces never claimed (or given back), in order
 """
 
 from __future__ import annotations
@@ -26,36 +27,47 @@ import redis
 SEGMENT_TASK = "fleetfetch.segment"  # the helper task's name
 DONE, GONE, BUSY = -1, -2, -3  # a claim's answers besides a piece: all done; plan gone or refused; all claimed
 
-_CLAIM = """
+# Every key lives as long as the plan (the job's expiry), also one a script creates anew (a list or set emptied).
+_KEEP = """
+local function keep(key)
+  local ttl = redis.call('TTL', KEYS[1])
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+end
+"""
+
+# KEYS: the plan, lease, done, todo. ARGV[1] gen, ARGV[2] lease ms. A lapsed claim first (its worker died), then the
+# next piece never claimed: a few commands whatever the number of pieces.
+_CLAIM = _KEEP + """
 if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] or redis.call('HEXISTS', KEYS[1], 'bad') == 1 then return -2 end
-local n = tonumber(redis.call('HGET', KEYS[1], 'n'))
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local busy = 0
-for i = 0, n - 1 do
-  if redis.call('HEXISTS', KEYS[3], i) == 0 then
-    local lapses = tonumber(redis.call('ZSCORE', KEYS[2], i))
-    if not lapses or lapses < now then
-      redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), i)
-      return i
-    end
-    busy = busy + 1
-  end
+local piece = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1)[1] or redis.call('LPOP', KEYS[4])
+if piece then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), piece)
+  keep(KEYS[2])
+  return tonumber(piece)
 end
-if busy > 0 then return -3 end
+if redis.call('ZCARD', KEYS[2]) > 0 then return -3 end
 return -1
 """
 
-# ARGV[1] gen, ARGV[2] piece, ARGV[3] who ('' = give the claim back instead), ARGV[4] lease ms (renew: '' = done)
-_MARK = """
+# ARGV[1] gen, ARGV[2] piece, ARGV[3] who fetched it ('' = not fetched: give the claim back), ARGV[4] lease ms
+# (renew the claim; '' = not a renewal)
+_MARK = _KEEP + """
 if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] then return 0 end
 if ARGV[4] ~= '' then
   local t = redis.call('TIME')
   redis.call('ZADD', KEYS[2], 'XX', t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[4]), ARGV[2])
   return 1
 end
-redis.call('ZREM', KEYS[2], ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], ARGV[3]) end
+local leased = redis.call('ZREM', KEYS[2], ARGV[2]) == 1
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+  keep(KEYS[3])
+elseif leased and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 0 then
+  redis.call('LPUSH', KEYS[4], ARGV[2])
+  keep(KEYS[4])
+end
 return 1
 """
 
@@ -94,7 +106,7 @@ class Board:
     def __init__(self, client: Callable[[], redis.Redis], job: str, index: int, ttl: int, lease_s: float) -> None:
         self.client, self.ttl, self.lease_ms = client, ttl, int(lease_s * 1000)
         base = f"ff:{{{job}}}:seg:{index}"
-        self.keys = [base, f"{base}:lease", f"{base}:done"]
+        self.keys = [base, f"{base}:lease", f"{base}:done", f"{base}:todo"]
         r = client()
         self._claim, self._mark = r.register_script(_CLAIM), r.register_script(_MARK)
 
@@ -106,6 +118,9 @@ class Board:
         pipe.hset(self.keys[0], mapping={"gen": plan.gen, "n": len(plan.pieces), "plan": json.dumps(asdict(plan))})
         if done:
             pipe.hset(self.keys[2], mapping={str(i): who for i, who in done.items()})
+        todo = [i for i in range(len(plan.pieces)) if i not in done and i not in held]
+        if todo:
+            pipe.rpush(self.keys[3], *todo)
         for i in held:
             pipe.zadd(self.keys[1], {str(i): 2**52})  # the owner's own claim, renewed (`renew`) as any other
         for key in self.keys:

@@ -123,11 +123,16 @@ class SharedOwner:
         assert self._shared is not None
         board = self._shared.board
         self._done_by = board.done()
+        fresh = []
         with crew.lock:
             for i in self._done_by:
-                if i not in crew.mine and i < len(crew.pieces):
-                    crew.pieces[i].pos = crew.pieces[i].end
+                p = crew.pieces[i] if i < len(crew.pieces) else None
+                if p is not None and i not in crew.mine and p.pos != p.end:
+                    p.pos = p.end
+                    fresh.append(p)
             mine = list(crew.mine)
+        for p in fresh:  # written by another worker (machine): hashed from the file, not from pages cached here
+            os.posix_fadvise(self.part.fd, p.start, p.end - p.start, os.POSIX_FADV_DONTNEED)
         why = board.refused()
         if why and not crew.errors:
             crew.errors.append(BadRange(why))

@@ -8,7 +8,9 @@ import os
 import time
 from pathlib import Path
 
-from tests.conftest import Cluster, read_manifest, write_list
+import pytest
+
+from tests.conftest import FAST_HEAL, Cluster, read_manifest, write_list
 from tests.support.origin import Origin
 
 RATE = 1_000_000  # bytes/s per connection: one stream is slow
@@ -72,8 +74,12 @@ def test_per_host_2_holds_across_both_workers(chaos, workers, origin, tmp_path):
     assert rec["connections"] >= 2, rec
 
 
-def test_a_helper_worker_killed_mid_file_loses_only_its_piece(chaos, workers, origin, tmp_path):
+@pytest.mark.parametrize("leases", ["fast", "shipped"])
+def test_a_helper_worker_killed_mid_file_loses_only_its_piece(chaos, workers, origin, tmp_path, leases):
     chaos.env["FLEETFETCH_SHARED_VOLUME"] = "1"
+    if leases == "shipped":  # a piece's claim lapses after the shipped URL lease (60 s): the owner then takes it
+        for name in FAST_HEAL:
+            chaos.env.pop(name)
     body = os.urandom(24 << 20)
     origin.add("/k.bin", body, etag='"k1"', rate=RATE)
     workers.start("owner", concurrency=1)  # the URL's task, alone on its worker
@@ -108,3 +114,21 @@ def test_the_owner_killed_mid_file_is_redelivered_and_resumes_the_shared_pieces(
     piece = max(int(r.headers["Range"].split("-")[1]) - int(r.headers["Range"][6:].split("-")[0]) + 1
                 for r in origin.requests_for("/o.bin") if "Range" in r.headers)
     assert origin.sent["/o.bin"] <= len(body) + piece + BUFFERED, (origin.sent, piece)  # one piece again at most
+
+
+def test_a_file_changed_on_the_server_while_two_workers_fetch_it_is_never_spliced(chaos, workers, origin, tmp_path):
+    chaos.env["FLEETFETCH_SHARED_VOLUME"] = "1"
+    old, new = os.urandom(16 << 20), os.urandom(16 << 20)
+    origin.add("/moving.bin", old, etag='"v1"', rate=RATE)
+    workers.start("a", concurrency=2)
+    workers.start("b", concurrency=2)
+    proc = start_job(chaos, tmp_path, origin.url("/moving.bin"))
+    deadline = time.monotonic() + 60
+    while len([r for r in origin.requests_for("/moving.bin") if "Range" in r.headers]) < 3:
+        assert time.monotonic() < deadline, "the file was never split"
+        time.sleep(0.02)
+    origin.add("/moving.bin", new, etag='"v2"', rate=4 * RATE)  # the helpers' next pieces see another version
+    rec = finish(proc, tmp_path)
+    assert (chaos.downloads / "shared" / "moving.bin").read_bytes() == new  # whole: never old pieces in a new file
+    assert rec["sha256"] == sha(new) and "one stream" in rec["segments_note"], rec
+    assert not list((chaos.downloads / "shared").glob(".*.part*"))
