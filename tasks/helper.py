@@ -16,10 +16,11 @@ from .app import app
 from .config import settings
 from .credentials import Credentials
 from .download import Call, _headers, _job_options, _ledger, _limiter, _limits, _pause_host, leases
-from .errors import CutShort, DownloadError, TransientError
+from .errors import CutShort, DownloadError, TransientError, UnsafeName
 from .feed import job_queue
 from .hostlimit import HostKeys, Lease
 from .message import Entry, Message
+from .naming import check_component
 from .pace import Pace
 from .ranges import BadRange, range_problem
 
@@ -44,7 +45,7 @@ def segment(self: Any, job: Any = None, index: Any = 0, gen: Any = "", *extra: A
     secrets = book.secret_headers(job, index) if msg.options.secret_headers else []
     logins = Credentials.from_json(book.credentials(job)) if msg.options.credentials else None
     call = Call(self, msg, msg.options.resolve(settings), secrets, logins)
-    with storage.TargetDir(settings.download_dir, plan.subdir) as where:
+    with storage.TargetDir(settings.download_dir, call.opts.subdir) as where:
         fd = _open_part(where, plan)
         if fd is None:
             return {"status": "nothing to do"}
@@ -74,9 +75,12 @@ def owner_side(call: Call) -> shared.Shared:
 def _open_part(where: storage.TargetDir, plan: shared.Plan) -> int | None:
     """The owner's temp file, for writing at offsets (the owner holds its lock); None if it is not the file the
     plan describes (renamed into place, started over, or something planted)."""
-    try:
+    name = plan.part[1:-len(storage.PART_SUFFIX)]
+    try:  # one temp file's name in the URL's directory, nothing else (the plan comes from Redis)
+        if plan.part != f".{check_component(name)}{storage.PART_SUFFIX}":
+            return None
         fd = os.open(plan.part, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=where.fd)
-    except OSError:
+    except (OSError, UnsafeName):
         return None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_ino != plan.inode or st.st_size != plan.size or st.st_nlink != 1 \
