@@ -38,6 +38,7 @@ def segment(self: Any, job: Any = None, index: Any = 0, gen: Any = "", *extra: A
     board = shared.Board(lambda: _ledger().r, job, index, settings.result_expires, settings.url_lease)
     plan, entry, options = board.load(), book.entry(job, index), _job_options(book, job)
     if plan is None or plan.gen != gen or entry is None or options is None:
+        log.info("Nothing left to help with for job %s #%s", job, index)
         return {"status": "nothing to do"}
     msg = Message.of(job, Entry(index, *entry), options)
     if plan.url != storage.url_key(msg.url):

@@ -171,7 +171,7 @@ class Run(SharedOwner, RangeFile):
         others, after OWN_PAUSE_S, so the server has seen the first connection go before it sees the next."""
         crew = self._crew
         if self._shared is not None and crew is not None:
-            self._shared.board.finish(self._gen, 0, self._shared.who)  # the first stream's piece
+            self._shared.board.finish(self._gen, 0, f"{self._shared.who}/first")  # the first stream's piece
             crew.mine.discard(0)
         if crew is not None and (crew.todo or self._shared) and not crew.stop.is_set():
             self._add_connection(crew, None, None, delay=OWN_PAUSE_S)
@@ -294,7 +294,7 @@ class Run(SharedOwner, RangeFile):
         try:
             crew.stop.wait(delay)
             while not crew.stop.is_set():
-                piece = self._next_piece(crew, opened is not None)
+                piece = self._next_piece(crew, opened is not None, slot is None)
                 if piece is None:
                     return
                 self._fill(piece, opened, crew.stop, crew.pace)
@@ -331,6 +331,9 @@ class Run(SharedOwner, RangeFile):
     def _grow(self, crew: Crew) -> None:
         """More connections while pieces are left and the host's window has room (it grows as pieces are served)."""
         split = self.cfg.split if self.cfg is not None else 1
+        if self._shared is not None:
+            self._grow_shared(crew, split)
+            return
         while crew.todo and not crew.stop.is_set() and 1 + len(crew.slots) < split:
             slot = self._take_slots(1)
             if not slot:

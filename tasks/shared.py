@@ -9,7 +9,7 @@ and renames it, and writes the URL's one record. Keys, with the job's expiry:
   ff:{JOB}:seg:INDEX        hash  gen (the plan's generation), plan (JSON: the file, its size and validator,
                                   the pieces), bad (why a participant refused the server's ranges)
   ff:{JOB}:seg:INDEX:lease  zset  piece -> when its claim lapses (ms, the server's clock)
-  ff:{JOB}:seg:INDEX:done   hash  piece -> who fetched it ("worker task-id")
+  ff:{JOB}:seg:INDEX:done   hash  piece -> who fetched it ("worker task-id", the owner's "worker task-id/thread")
   ff:{JOB}:seg:INDEX:todo   list  pieces never claimed (or given back), in order
 """
 
@@ -98,6 +98,7 @@ class Shared:
     helpers: Callable[[str, int], None]  # publish this many helper tasks for the plan of this generation
     lease_s: float  # a claim lapses after this long without renewal
     renewed: float = 0.0
+    published: float = 0.0  # when the plan was published or taken over (monotonic)
 
 
 class Board:
@@ -150,6 +151,14 @@ class Board:
     def give_back(self, gen: str, piece: int) -> None:
         """The caller could not fetch the piece: another participant may claim it at once."""
         self._mark(keys=self.keys, args=[gen, piece, "", ""], client=self.client())
+
+    def pending(self) -> tuple[int, int]:
+        """(pieces claimed now, pieces never claimed)."""
+        pipe = self.client().pipeline(transaction=False)
+        pipe.zcard(self.keys[1])
+        pipe.llen(self.keys[3])
+        claimed, unclaimed = pipe.execute()
+        return int(claimed), int(unclaimed)
 
     def done(self) -> dict[int, str]:
         raw = cast(dict[bytes, bytes], self.client().hgetall(self.keys[2]))

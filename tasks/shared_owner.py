@@ -5,6 +5,7 @@ taken over by a redelivered owner."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from .rangefile import Crew
     from .segments import Config
 
+GROW_AFTER_S = 2.0  # helpers get this long to start before the owner adds connections of its own
 TICK_S = 0.2  # a connection that finds every piece claimed looks again this often (a lapsed claim is taken over)
 
 
@@ -44,6 +46,11 @@ class SharedOwner:
 
         def _finish_crew(self, size: int) -> None: ...
 
+        def _take_slots(self, wanted: int) -> list[Any]: ...
+
+        def _add_connection(self, crew: Crew, slot: Any, opened: requests.Response | None,
+                            delay: float = 0.0) -> None: ...
+
     def _share(self, pieces: list[Piece], kept: list[list[int]], held: list[int]) -> None:
         """Publish the plan of the file's pieces and the helper tasks that will claim them with this task."""
         assert self._shared is not None and self.map is not None and self.cfg is not None
@@ -51,6 +58,7 @@ class SharedOwner:
         plan = shared.Plan(self._gen, self.map.url, self.map.size, self.map.validator, self._shared.subdir,
                            self.part.part, os.fstat(self.part.fd).st_ino, [[p.start, p.end] for p in pieces], kept)
         self._shared.board.publish(plan, {}, held)
+        self._shared.published = time.monotonic()
         self._shared.helpers(self._gen, min(self.cfg.split - 1, len(pieces) - len(held)))
 
     def _resume_shared(self) -> requests.Response | None:
@@ -65,6 +73,7 @@ class SharedOwner:
                 board.drop()
             return None
         self._gen, self.kept = plan.gen, True
+        self._shared.published = time.monotonic()
         pieces = [Piece(a, b) for a, b in plan.pieces]
         self.map = RangeMap(plan.url, plan.size, plan.validator, plan.kept)
         done = board.done()
@@ -86,9 +95,9 @@ class SharedOwner:
             return self._start_over(f"a range was refused on resume ({exc}): started over as one stream")
         return response
 
-    def _next_piece(self, crew: Crew, opened: bool) -> Piece | None:
+    def _next_piece(self, crew: Crew, opened: bool, own: bool = True) -> Piece | None:
         """The connection's next piece: the one its open response is for, the next to do, or (shared) one
-        claimed from the plan; None when there is none left."""
+        claimed from the plan; None when there is none left (for an extra connection: none to claim now)."""
         if self._shared is None:
             with crew.lock:
                 return crew.todo.pop(0) if crew.todo else None
@@ -105,6 +114,8 @@ class SharedOwner:
                 return None
             if i == shared.GONE:
                 raise BadRange(self._shared.board.refused() or "the shared plan was dropped")
+            if not own:
+                return None  # an extra connection gives its slot back rather than wait
             crew.stop.wait(TICK_S)  # every piece claimed: wait, and take over one whose claim lapses
         return None
 
@@ -113,7 +124,7 @@ class SharedOwner:
             return
         i = crew.pieces.index(piece)
         os.fdatasync(self.part.fd)  # before the plan says so: another machine may read it next
-        self._shared.board.finish(self._gen, i, self._shared.who)
+        self._shared.board.finish(self._gen, i, f"{self._shared.who}/{threading.current_thread().name}")
         with crew.lock:
             crew.mine.discard(i)
 
@@ -141,6 +152,19 @@ class SharedOwner:
             self._shared.renewed = time.monotonic()
             for i in mine:
                 board.renew(self._gen, i)
+
+    def _grow_shared(self, crew: Crew, split: int) -> None:
+        """Helpers that do not come (their workers are busy, or the volume is not shared after all): GROW_AFTER_S
+        after the plan, the owner adds a connection of its own while fewer than `split` pieces are being fetched."""
+        sh = self._shared
+        if (sh is None or crew.stop.is_set() or time.monotonic() - sh.published < GROW_AFTER_S
+                or 1 + len(crew.slots) >= split):
+            return
+        claimed, unclaimed = sh.board.pending()
+        if claimed < split and unclaimed:
+            slots = self._take_slots(1)
+            if slots:
+                self._add_connection(crew, slots[0], None)
 
     def _restart_file(self) -> None:
         """Start the file over; shared, in a new file: a helper still writing the old one cannot splice it."""

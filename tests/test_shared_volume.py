@@ -74,46 +74,63 @@ def test_per_host_2_holds_across_both_workers(chaos, workers, origin, tmp_path):
     assert rec["connections"] >= 2, rec
 
 
+def fetchers(cluster: Cluster) -> dict[str, str]:
+    """worker -> "owner" or "helper", from the pieces done so far (the owner's connections are "worker task/thread",
+    a helper's "worker task")."""
+    found: dict[str, str] = {}
+    r = cluster.backend()
+    for key in r.scan_iter("ff:{*}:seg:*:done"):
+        for who in r.hvals(key):
+            worker, _, rest = who.decode().partition(" ")
+            if found.get(worker) != "owner":
+                found[worker] = "owner" if "/" in rest else "helper"
+    return found
+
+
+def two_workers_fetching(chaos: Cluster, workers, origin: Origin, tmp_path: Path, path: str, size: int):
+    """Two workers, a and b (2 processes each), on one file: its body, the job's producer, and once both fetched
+    pieces, the name of the owner's worker (the URL's task runs there), and the workers by name."""
+    body = os.urandom(size)
+    origin.add(path, body, etag='"k1"', rate=RATE)
+    started = {w: workers.start(w, concurrency=2) for w in ("a", "b")}
+    proc = start_job(chaos, tmp_path, origin.url(path))
+    deadline = time.monotonic() + 60
+    while len(roles := fetchers(chaos)) < 2 or "owner" not in roles.values():
+        assert time.monotonic() < deadline, roles
+        time.sleep(0.05)
+    owner = next(w.split("@")[0] for w, role in roles.items() if role == "owner")
+    return body, proc, owner, started
+
+
+def largest_piece(origin: Origin, path: str) -> int:
+    spans = [r.headers["Range"][6:].split("-") for r in origin.requests_for(path) if "Range" in r.headers]
+    return max(int(b) - int(a) + 1 for a, b in spans)
+
+
 @pytest.mark.parametrize("leases", ["fast", "shipped"])
-def test_a_helper_worker_killed_mid_file_loses_only_its_piece(chaos, workers, origin, tmp_path, leases):
+def test_a_helper_worker_killed_mid_file_loses_only_its_pieces(chaos, workers, origin, tmp_path, leases):
     chaos.env["FLEETFETCH_SHARED_VOLUME"] = "1"
     if leases == "shipped":  # a piece's claim lapses after the shipped URL lease (60 s): the owner then takes it
         for name in FAST_HEAL:
             chaos.env.pop(name)
-    body = os.urandom(24 << 20)
-    origin.add("/k.bin", body, etag='"k1"', rate=RATE)
-    workers.start("owner", concurrency=1)  # the URL's task, alone on its worker
-    proc = start_job(chaos, tmp_path, origin.url("/k.bin"))
-    wait_for(origin, "/k.bin", 1)
-    doomed = workers.start("doomed", concurrency=1)  # takes a helper task
-    wait_for(origin, "/k.bin", len(body) // 3)
-    assert any("Range" in r.headers for r in origin.requests_for("/k.bin")), "the file was never split"
-    doomed.kill()  # SIGKILL mid-piece
+    body, proc, owner, started = two_workers_fetching(chaos, workers, origin, tmp_path, "/k.bin", 24 << 20)
+    doomed = "b" if owner == "a" else "a"
+    started[doomed].kill()  # SIGKILL: its helpers (one per process) lose the pieces they were fetching
     rec = finish(proc, tmp_path)
     assert (chaos.downloads / "shared" / "k.bin").read_bytes() == body and rec["sha256"] == sha(body)
-    assert "doomed@" in rec["fetched_by"], rec
-    piece = max(int(r.headers["Range"].split("-")[1]) - int(r.headers["Range"][6:].split("-")[0]) + 1
-                for r in origin.requests_for("/k.bin") if "Range" in r.headers)
-    assert origin.sent["/k.bin"] <= len(body) + piece + BUFFERED, (origin.sent, piece)  # one piece again at most
+    assert f"{doomed}@" in rec["fetched_by"], rec
+    # one piece again at most per connection of the killed worker (2 processes: 2 helpers)
+    assert origin.sent["/k.bin"] <= len(body) + 2 * largest_piece(origin, "/k.bin") + BUFFERED, origin.sent
 
 
 def test_the_owner_killed_mid_file_is_redelivered_and_resumes_the_shared_pieces(chaos, workers, origin, tmp_path):
     chaos.env["FLEETFETCH_SHARED_VOLUME"] = "1"
-    body = os.urandom(24 << 20)
-    origin.add("/o.bin", body, etag='"o1"', rate=RATE)
-    owner = workers.start("owner", concurrency=1)
-    proc = start_job(chaos, tmp_path, origin.url("/o.bin"))
-    wait_for(origin, "/o.bin", 1)
-    workers.start("other", concurrency=2)  # its helpers go on while the owner is gone, then it takes the URL over
-    wait_for(origin, "/o.bin", len(body) // 3)
-    assert any("Range" in r.headers for r in origin.requests_for("/o.bin")), "the file was never split"
-    owner.kill()
+    body, proc, owner, started = two_workers_fetching(chaos, workers, origin, tmp_path, "/o.bin", 24 << 20)
+    started[owner].kill()  # the URL's task and the helper beside it
     rec = finish(proc, tmp_path)
     assert (chaos.downloads / "shared" / "o.bin").read_bytes() == body and rec["sha256"] == sha(body)
     assert rec["redeliveries"] >= 1 and rec["resumed_bytes"] > 0, rec
-    piece = max(int(r.headers["Range"].split("-")[1]) - int(r.headers["Range"][6:].split("-")[0]) + 1
-                for r in origin.requests_for("/o.bin") if "Range" in r.headers)
-    assert origin.sent["/o.bin"] <= len(body) + piece + BUFFERED, (origin.sent, piece)  # one piece again at most
+    assert origin.sent["/o.bin"] <= len(body) + 2 * largest_piece(origin, "/o.bin") + BUFFERED, origin.sent
 
 
 def test_a_file_changed_on_the_server_while_two_workers_fetch_it_is_never_spliced(chaos, workers, origin, tmp_path):
@@ -132,3 +149,20 @@ def test_a_file_changed_on_the_server_while_two_workers_fetch_it_is_never_splice
     assert (chaos.downloads / "shared" / "moving.bin").read_bytes() == new  # whole: never old pieces in a new file
     assert rec["sha256"] == sha(new) and "one stream" in rec["segments_note"], rec
     assert not list((chaos.downloads / "shared").glob(".*.part*"))
+
+
+def test_with_no_helper_free_the_owner_adds_connections_and_late_helpers_end_quietly(chaos, workers, origin,
+                                                                                     tmp_path):
+    chaos.env["FLEETFETCH_SHARED_VOLUME"] = "1"
+    body = os.urandom(12 << 20)
+    origin.add("/alone.bin", body, etag='"a1"', rate=RATE)
+    alone = workers.start("alone", concurrency=1)  # its one process runs the owner: the helpers wait in the queue
+    rec = finish(start_job(chaos, tmp_path, origin.url("/alone.bin")), tmp_path)
+    assert (chaos.downloads / "shared" / "alone.bin").read_bytes() == body and rec["sha256"] == sha(body)
+    assert rec["workers"] == 1 and rec["connections"] >= 3 and origin.max_concurrent >= 3, rec
+    assert rec["elapsed_s"] < len(body) / RATE / 2, rec  # not one connection for the whole file
+    deadline = time.monotonic() + 30
+    while alone.log_text().count("Nothing left to help with") < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = alone.log_text()
+    assert log.count("Nothing left to help with") == 3 and "Helped with" not in log, log[-2000:]  # plan gone
