@@ -25,16 +25,28 @@ from pathlib import Path
 from bench.measure import run_measured
 from bench.origins import Nginx, PythonOrigin, plain_origin
 from bench.realparts.servers import RedisServer
-from bench.tools import CAP_ROWS, ROOT, SEGMENT_PEERS, SEGMENT_ROWS, Toolbox, compile_project, env_for
+from bench.tools import (
+    CAP_ROWS,
+    ROOT,
+    SEGMENT_PEERS,
+    SEGMENT_ROWS,
+    SHARED_PEERS,
+    SHARED_ROW,
+    Toolbox,
+    compile_project,
+    env_for,
+    manifest_of,
+)
 from tasks.config import Settings
 
 RESULTS = ROOT / "bench" / "results"
 REMOTE = "1000 x 64 KiB remote-like"
 THROTTLED = "96 MiB at 2 MB/s per conn"  # nginx limit_rate 2m: one big file, as behind a CDN's cap
+SHARED = "1 GiB at 2 MB/s/conn, shared"  # the same origin; two workers sharing the download directory
 # label: (files, size, remote-like origin?)
 FULL = {"2000 x 16 KiB": (2000, 16 << 10, False), "100 x 4 MiB": (100, 4 << 20, False),
         "1 x 1 GiB": (1, 1 << 30, False), REMOTE: (1000, 64 << 10, True),
-        "1-URL job (200 KiB)": (1, 200 << 10, False), THROTTLED: (1, 96 << 20, False)}
+        "1-URL job (200 KiB)": (1, 200 << 10, False), THROTTLED: (1, 96 << 20, False), SHARED: (1, 1 << 30, False)}
 QUICK = {"200 x 16 KiB": (200, 16 << 10, False), "10 x 4 MiB": (10, 4 << 20, False),
          "1 x 64 MiB": (1, 64 << 20, False), "100 x 64 KiB remote-like": (100, 64 << 10, True),
          "1-URL job (200 KiB)": (1, 200 << 10, False)}
@@ -73,9 +85,10 @@ def run_workloads(work: Path, workloads: dict, repeats: int, chosen: Callable[[s
         for label, (count, size, remote) in workloads.items():
             files = work / "site" / label.replace(" ", "_").replace("(", "").replace(")", "")
             make_files(files, count, size)
+            site = work / "nginx" / files.name
             origin: Nginx | PythonOrigin = (PythonOrigin(files, REMOTE_DELAY, REMOTE_RATE) if remote
-                                            else throttled_origin(files, work / "nginx" / files.name)
-                                            if label == THROTTLED else plain_origin(files, work / "nginx" / files.name))
+                                            else throttled_origin(files, site) if label in (THROTTLED, SHARED)
+                                            else plain_origin(files, site))
             listing = work / f"{files.name}.txt"
             listing.write_text("".join(f"{origin.base_url}/f{i}.bin\n" for i in range(count)))
             outputs: list[Path] = []  # runs' outputs not yet deleted (measure_cell)
@@ -83,10 +96,15 @@ def run_workloads(work: Path, workloads: dict, repeats: int, chosen: Callable[[s
                 for tool, (how, build) in kit.table.items():
                     if (not chosen(tool) or (tool == "process per URL" and count > 1000)
                             or (tool in CAP_ROWS and not remote)
-                            or (tool not in SEGMENT_PEERS if label == THROTTLED else tool in SEGMENT_ROWS)):
+                            or (tool not in SHARED_PEERS if label == SHARED else tool == SHARED_ROW)
+                            or (label != SHARED
+                                and (tool not in SEGMENT_PEERS if label == THROTTLED else tool in SEGMENT_ROWS))):
                         continue
                     rows.append(measure_cell(work, label, tool, how, build, listing, count, size, repeats, outputs))
                     print(format_row(rows[-1]), flush=True)
+                    if rows[-1].get("fetched_by"):
+                        print(f"{'':<26}   pieces per worker, each run: {'; '.join(rows[-1]['fetched_by'])}",
+                              flush=True)
                     kit.stop()  # a row's workers (and their Redis) do not sit idle beside the rows after it
             finally:
                 origin.stop()
@@ -116,6 +134,9 @@ def measure_cell(work: Path, label: str, tool: str, how: str, build: Callable, l
         os.sync()  # what earlier runs left for the disk is written first: no run pays for another's writeback
         res = run_measured(argv, env, watch, broker)
         res["ok"] = res["rc"] == 0 and verify(out, count, size)
+        if manifest_of(out).exists():  # a run that kept its record: who fetched the pieces of a shared file
+            res["fetched_by"] = [json.loads(line).get("fetched_by", "one worker")
+                                 for line in manifest_of(out).read_text().splitlines()]
         runs.append(res)
         if count * size <= KEEP_BYTES:
             outputs.append(out)
@@ -131,7 +152,8 @@ def measure_cell(work: Path, label: str, tool: str, how: str, build: Callable, l
             "redis_cmds_per_url": calls / count if calls >= 0 else None,
             "redis_cpu_ms_per_url": statistics.median(r["cpu_redis_s"] for r in runs) * 1000 / count if calls >= 0
             else None,
-            "stderr": runs[-1]["stderr"] if not all(r["ok"] for r in runs) else ""}
+            "stderr": runs[-1]["stderr"] if not all(r["ok"] for r in runs) else "",
+            **({"fetched_by": [" ".join(r["fetched_by"]) for r in runs]} if "fetched_by" in runs[0] else {})}
 
 
 def machine_speed() -> str:

@@ -107,6 +107,14 @@ CAP_ROWS = ("fleetfetch local, defaults but --per-host 0",)
 # Rows for one big file behind a per-connection rate (segmented downloads), and the rows measured beside them there.
 SEGMENT_ROWS = ("aria2c -x16 -s16 -k1M", "fleetfetch local, --split 16 --per-host 16")
 SEGMENT_PEERS = ("curl --parallel 50", "fleetfetch local, defaults", *SEGMENT_ROWS)
+# One big file with two workers that share the download directory (FLEETFETCH_SHARED_VOLUME=1), and its peers.
+SHARED_ROW = "fleetfetch 2 workers sharing the volume"
+SHARED_PEERS = ("aria2c -x16 -s16 -k1M", "fleetfetch 1 worker, defaults", SHARED_ROW)
+
+
+def manifest_of(out: Path) -> Path:
+    """Where a run that keeps its records writes them (beside its output directory)."""
+    return out.parent / f"{out.name}.jsonl"
 
 
 class Toolbox:
@@ -154,6 +162,10 @@ class Toolbox:
             "fleetfetch 2 workers, defaults": (
                 f"2 × `celery -A tasks worker --loglevel=INFO` (one per core, README), no flags: {defaults_text()}",
                 self._cluster("defaults2", 2, README_WORKER, "prefork", 0, tuned=False)),
+            SHARED_ROW: (
+                f"2 × `celery -A tasks worker --loglevel=INFO` with FLEETFETCH_SHARED_VOLUME=1: {defaults_text()}",
+                self._cluster("shared", 2, README_WORKER, "threads", 0, tuned=False,
+                              extra={"FLEETFETCH_SHARED_VOLUME": "1"}, manifest=True)),
             "fleetfetch local, defaults but --per-host 0": (
                 f"`python -m producer LIST --per-host 0`: {defaults_text(per_host=0, local=True)}",
                 lambda listing, out: ([py, "-m", "producer", str(listing), "-d", str(out), "-q", "--per-host", "0"],
@@ -186,14 +198,15 @@ class Toolbox:
         return ["sh", "-c", '"$@" && sync -f "$0"', str(out), *argv], env, [], None
 
     def _cluster(self, key: str, workers: int, argv: list[str] | None, pool: str, c: int, *, tuned: bool,
-                 extra: dict[str, str] | None = None) -> Build:
+                 extra: dict[str, str] | None = None, manifest: bool = False) -> Build:
         def build(listing: Path, out: Path) -> tuple[list[str], dict, list[int], redis.Redis]:
             if key not in self.clusters:
                 self.clusters[key] = Cluster(self.work, key, workers, argv, pool, c, tuned, extra)
             cl = self.clusters[key]
             sub = out.relative_to(self.work / "cluster-out")
-            return ([sys.executable, "-m", "producer", str(listing), "-d", str(sub), "-q"], cl.env, cl.pids(),
-                    cl.redis.client(0))
+            records = ["--manifest", str(manifest_of(out))] if manifest else []
+            return ([sys.executable, "-m", "producer", str(listing), "-d", str(sub), "-q", *records], cl.env,
+                    cl.pids(), cl.redis.client(0))
         return build
 
     def stop(self) -> None:

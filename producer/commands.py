@@ -59,12 +59,17 @@ def status(args: argparse.Namespace) -> int:
         meta = _existing(conn.ledger, args.job)
         counts = conn.ledger.counts(args.job)
         total = int(meta.get("total") or 0)
+        described = jobs.describe(conn.ledger, args.job, meta, conn.stopped)
+        running = progress.running_files(conn.ledger, args.job) if counts["started"] else []
         if args.json:
-            print(json.dumps(jobs.describe(conn.ledger, args.job, meta, conn.stopped)))
+            print(json.dumps({**described, "running": running}))
             return exit_for(counts)
-        state = jobs.describe(conn.ledger, args.job, meta, conn.stopped)["state"]
-        print(f"job {args.job}: {progress.plural(total, 'URL')}, {state}, input {meta.get('input')}")
+        print(f"job {args.job}: {progress.plural(total, 'URL')}, {described['state']}, input {meta.get('input')}")
         print("  " + ", ".join(f"{s} {counts[s]}" for s in ledger.STATES) + f", bytes {counts['bytes']}")
+        for f in running[:progress.MAX_RUNNING_SHOWN]:
+            print(progress.running_line(f))
+        if len(running) > progress.MAX_RUNNING_SHOWN:
+            print(f"  ... and {len(running) - progress.MAX_RUNNING_SHOWN} more running")
         for host, until in HostLimiter(conn.ledger.r).paused().items():
             print(f"  host {host} paused until {time.strftime('%H:%M:%S', time.localtime(until))} "
                   "(it answered 429/503, or server errors in a row)")
@@ -75,7 +80,7 @@ def status(args: argparse.Namespace) -> int:
         never = total - counts["published"] - (total - fed if meta.get(ledger.CANCELLED_AT) is None else 0)
         if never > 0:
             print(f"  {progress.plural(never, 'URL')} never enqueued: {again('resume', args.job, conn.download_dir)}")
-        elif state == "interrupted":
+        elif described["state"] == "interrupted":
             print(f"  stopped before its end: {again('resume', args.job, conn.download_dir)}")
         return exit_for(counts)
 

@@ -120,6 +120,37 @@ def _bar_info(counts: dict[str, int], total: int, flight: tuple[int, int | None]
     return text
 
 
+RATE_SAMPLE_S = 1.0  # `status` looks at the running downloads' bytes twice, this far apart, for their rates
+MAX_RUNNING_SHOWN = 10
+
+
+def running_files(book: ledger.Ledger, job: str, sample_s: float = RATE_SAMPLE_S) -> list[dict[str, Any]]:
+    """The job's running downloads that published their bytes (big files: a worker does every 0.5 s), largest
+    first: index, name, bytes so far, size (None: unknown), rate in bytes/s over `sample_s`."""
+    before = book.running_files(job)
+    if not before:
+        return []
+    began = time.monotonic()
+    time.sleep(sample_s)
+    after = book.running_files(job)
+    elapsed = time.monotonic() - began
+    files = []
+    for index, (done, size) in after.items():
+        entry = book.entry(job, index)
+        rate = max(0, done - before[index][0]) / elapsed if index in before else None
+        files.append({"index": index, "name": entry[1] if entry else str(index), "bytes": done, "size": size,
+                      "rate": rate})
+    return sorted(files, key=lambda f: -(f["size"] or f["bytes"]))
+
+
+def running_line(f: dict[str, Any]) -> str:
+    """One running download as `status` shows it: name, bytes of size (percent), rate."""
+    text = f"  running: {f['name']}: {human_bytes(f['bytes'])}"
+    if f["size"]:
+        text += f" of {human_bytes(f['size'])} ({100 * f['bytes'] // f['size']}%)"
+    return text + (f", {human_bytes(f['rate'])}/s" if f["rate"] is not None else "")
+
+
 def _idle_hint(counts: dict[str, int], local: bool) -> str:
     if local:
         return (f"waiting: no URL finished in the last {IDLE_HINT_S:.0f} s ({counts['started']} running, "

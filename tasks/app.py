@@ -85,7 +85,7 @@ def create_app(settings: Settings, pool: str | None = None) -> Celery:
     """A Celery app configured from `settings`, its workers' tasks reading them from it (`config.settings_of`):
     `app` below for the process's settings, and the tests' in-process workers for configurations of their own."""
     pool = pool or settings.pool
-    app = Celery("fleetfetch", include=["tasks.download"])
+    app = Celery("fleetfetch", include=["tasks.download", "tasks.helper"])
     attach(app, settings)
     heartbeat.install(app)  # health files for probes that start no Python (deploy/README.md)
     app.conf.update(_conf(settings, pool))

@@ -159,6 +159,9 @@ class Settings:
     split: int = 8
     min_split_size: int = 20 << 20  # aria2c's default: smaller files are always one stream
     no_fsync: bool = False
+    # The workers share the download directory (NFS, a ReadWriteMany volume): a big file's pieces are spread over
+    # them as helper tasks (tasks/shared.py).
+    shared_volume: bool = False
     allow_private: bool = False
     allow_networks: tuple[str, ...] = ()
     resolve: tuple[str, ...] = field(default=())
@@ -221,8 +224,8 @@ _VARIABLES = {f: "CELERY_" + f.upper() for f in ("broker_url", "result_backend")
         "soft_shutdown_timeout", "restore_interval", "url_lease", "sweep_interval", "window", "max_redeliveries",
         "result_expires", "max_size", "max_redirects",
         "max_attempts", "backoff_base", "backoff_cap", "max_retry_after", "per_host", "host_lease",
-        "host_errors", "host_rate", "split", "min_split_size", "no_fsync", "allow_private", "allow_networks",
-        "resolve", "ca_bundle",
+        "host_errors", "host_rate", "split", "min_split_size", "no_fsync", "shared_volume", "allow_private",
+        "allow_networks", "resolve", "ca_bundle",
         "stock")
 } | {"download_dir": "FLEETFETCH_DIR"}
 

@@ -18,7 +18,7 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 
-from . import context, fetch, hostlimit, ledger, segments, transfer
+from . import context, fetch, hostlimit, ledger, segments, shared, transfer
 from .config import TASK_NAME
 from .credentials import Credentials
 from .errors import BadMessage, Busy, Cancelled, DownloadError, TransientError
@@ -306,13 +306,19 @@ def _run(call: Call, polite: bool) -> dict[str, Any]:
     return record
 
 
+def _shared(call: Call) -> shared.Shared | None:
+    from .helper import owner_side  # the helper task's module imports this one
+
+    return owner_side(call) if call.ctx.settings.shared_volume and call.msg.job else None
+
+
 def _segments(call: Call) -> segments.Config:
     """--split: a big file's extra connections, each with a slot of the host's window taken without waiting."""
     o = call.opts
     per_host, rate = int(o.per_host or 0), float(o.host_rate or 0)
     return segments.Config(int(o.split or 1), int(o.min_split_size or 0),
                            _SegmentSlot.taker(call, per_host, rate) if per_host > 0 or rate > 0 else _NoSlot,
-                           call.ctx.settings.host_lease)
+                           call.ctx.settings.host_lease, _shared(call))
 
 
 class _NoSlot:

@@ -270,6 +270,8 @@ def held_by_this_worker() -> dict[str, list[int]]:
     except RuntimeError:  # the consumer added one meanwhile (a WeakSet): the next tick sees them
         return held
     for request in requests:
+        if getattr(request, "name", TASK_NAME) != TASK_NAME:
+            continue  # a big file's helper (tasks/helper.py) holds no URL
         kwargs = request.kwargs  # a message's: anything a broker user sent (download's decode refuses it later)
         if isinstance(kwargs, dict) and isinstance(kwargs.get("job"), str) and type(kwargs.get("index", 0)) is int:
             held.setdefault(kwargs["job"], []).append(kwargs.get("index", 0))

@@ -13,39 +13,34 @@ gets its bytes spliced in: the download starts over as one stream, and the recor
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
-import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import requests
 
-from . import fetch, storage
+from . import fetch, shared, storage
 from .credentials import Credentials
 from .errors import CutShort, PermanentError, TransientError
 from .pace import Pace
+from .rangefile import Crew, RangeFile
+from .ranges import MIN_PIECE, PIECE, BadRange, Piece, RangeMap, plan, range_problem, splittable, validator_of
+from .shared_owner import SharedOwner
+
+_Piece, _Map, _PIECE = Piece, RangeMap, PIECE  # names tests/test_segments.py imports (as PIECE)
 
 MIN_SPLIT_SIZE = 20 << 20  # aria2c's --min-split-size default: smaller files are one stream
 SPLIT = 8  # connections per big file by default: the first window a host gets (hostlimit.START), as browsers' 6
 PROBE_S = 0.2  # the first stream runs this long before its rate decides whether to split
 SLOW_S = 2.0  # split only when the rest would take longer than this on one stream
 FAST = 100 << 20  # bytes/s: a stream this fast is bound by the disk and the CPU, not the connection: never split
-MIN_PIECE = 1 << 20  # no range is cut smaller than this
-# Nor is one asked for in pieces larger than this (aria2c's -k): a connection that is done takes the next piece, so
-# the slowest connection holds the file up by one piece at most, and a range map loses little to a kill.
-PIECE = 4 << 20
 SAVE_EVERY = 8 << 20  # the range map is written each time this many more bytes are complete,
 SAVE_S = 0.5  # or this long after it was last written: a killed attempt loses at most that much of every range
 HASH_STEP = 64 << 20  # the coordinator hashes at most this much between two looks at the ranges
 OWN_PAUSE_S = 0.1  # between the first stream's close and its slot's next request (the server sees it go first)
 TICK_S = 0.2  # how often the coordinator looks at the ranges, the job's cancellation and the slots' leases
-MAP_XATTR = "user.fleetfetch.ranges"
-_NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOSPC, errno.E2BIG}
 
 
 ChunkHook = Callable[[int, int | None], None]  # after each chunk written: (bytes so far, the file's size or None)
@@ -66,115 +61,14 @@ class Config:
     min_split_size: int = MIN_SPLIT_SIZE
     take_slot: Callable[[], Slot | None] | None = None  # one more slot of the host now, or None (no waiting)
     slot_lease_s: float = 60.0  # extra slots are renewed well within this
-
-
-class BadRange(Exception):
-    """A range answer that must not be spliced in: 200, a wrong Content-Range, another validator, extra bytes."""
+    shared: shared.Shared | None = None  # workers share the volume: the file's pieces are spread over them
 
 
 class _Split(Exception):
     """Raised from the first stream's chunk hook: stop it here, the rest goes to ranges."""
 
 
-@dataclass
-class _Piece:
-    start: int
-    end: int  # exclusive
-    pos: int = -1  # written up to here
-
-    def __post_init__(self) -> None:
-        self.pos = self.start if self.pos < 0 else self.pos
-
-
-@dataclass
-class _Map:
-    """The temp file's range map: which bytes are complete, for which URL and version of the file."""
-
-    url: str
-    size: int
-    validator: str
-    done: list[list[int]] = field(default_factory=list)
-
-    def missing(self) -> list[tuple[int, int]]:
-        gaps, at = [], 0
-        for a, b in sorted(self.done):
-            if a > at:
-                gaps.append((at, a))
-            at = max(at, b)
-        if at < self.size:
-            gaps.append((at, self.size))
-        return gaps
-
-
-def _merge(ranges: list[list[int]]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for a, b in sorted(r for r in ranges if r[1] > r[0]):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
-
-
-def plan(ranges: list[tuple[int, int]], count: int) -> list[_Piece]:
-    """Cut `ranges` into pieces for `count` connections: each at most PIECE (and at least MIN_PIECE), the first
-    and the last round in halves. The first: each piece served gives its slot back as a download the host kept up
-    with, so the host's window grows sooner (as TCP's slow start); the last: a connection that starts its last
-    piece late does not finish long after the others."""
-    total = sum(max(0, b - a) for a, b in ranges)
-    step = max(MIN_PIECE, min(PIECE, -(-total // max(1, count))))
-    pieces = [_Piece(at, min(at + step, end)) for start, end in ranges for at in range(start, end, step)]
-    if count <= 1:
-        return pieces
-    edge = {*range(count), *range(max(0, len(pieces) - count), len(pieces))}
-    out: list[_Piece] = []
-    for i, p in enumerate(pieces):
-        mid = p.start + (p.end - p.start) // 2
-        halve = i in edge and p.end - p.start >= 2 * MIN_PIECE
-        out += [_Piece(p.start, mid), _Piece(mid, p.end)] if halve else [p]
-    return out
-
-
-def validator_of(response: requests.Response) -> str | None:
-    """What If-Range may carry: a strong ETag (a weak one never matches a range), else Last-Modified."""
-    etag = response.headers.get("etag", "").strip()
-    if etag and not etag.startswith("W/"):
-        return etag
-    return response.headers.get("last-modified", "").strip() or None
-
-
-def splittable(response: requests.Response, cfg: Config) -> int | None:
-    """The body's size when it may be fetched in ranges and is big enough to be worth it; None otherwise."""
-    h = response.headers
-    length = h.get("content-length", "").strip()
-    if cfg.split < 2 or response.status_code != 200 or not length.isascii() or not length.isdecimal():
-        return None
-    if "bytes" not in h.get("accept-ranges", "").lower() or h.get("content-encoding", "identity") != "identity":
-        return None
-    size = int(length)
-    return size if size >= max(cfg.min_split_size, 2 * MIN_PIECE) and validator_of(response) else None
-
-
-@dataclass
-class _Crew:
-    """The connections fetching one file's ranges, and what the coordinating thread knows of them."""
-
-    pieces: list[_Piece]
-    slots: list[Slot]
-    pace: Pace
-    first_end: int  # where the first stream stops (0: no first stream; all pieces are the connections')
-    todo: list[_Piece] = field(default_factory=list)
-    threads: list[threading.Thread] = field(default_factory=list)
-    errors: list[BaseException] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    stop: threading.Event = field(default_factory=threading.Event)
-    wake: threading.Event = field(default_factory=threading.Event)
-    saved: int = 0
-    saved_at: float = field(default_factory=time.monotonic)
-    renewed: float = field(default_factory=time.monotonic)
-
-
-class Run:
+class Run(SharedOwner, RangeFile):
     """The segment side of one attempt: resume a kept range map, or split a slow first stream."""
 
     def __init__(self, cfg: Config | None, part: storage.PartFile, url: str, headers: dict[str, str],
@@ -186,15 +80,22 @@ class Run:
         self.notes: dict[str, Any] = {}  # what the record says about segments
         self.kept = False  # the temp file carries a range map worth resuming from (keep it on failure)
         self.finished = False  # the whole body is in the temp file, hashed
-        self.map: _Map | None = None
+        self.map: RangeMap | None = None
         self._hashed = 0  # the file is hashed in order up to here
-        self._crew: _Crew | None = None
+        self._crew: Crew | None = None
         self._prober_error: BaseException | None = None
+        self._shared = cfg.shared if cfg is not None else None
+        self._gen = ""  # shared: the generation of the plan published for the file
+        self._done_by: dict[int, str] = {}  # shared: piece -> who fetched it
 
     # -- resume --------------------------------------------------------------------------------------------------
     def resume(self) -> requests.Response | None:
         """Fetch the ranges a kept map lacks; returns the first range's response with the body complete, or a 200
         that starts the file over (the file changed, or ranges are refused), or None (no map: the usual path)."""
+        if self._shared is not None:
+            kept = self._resume_shared()
+            if kept is not None:
+                return kept
         found = self._read_map() if self.cfg is not None else None
         if found is None:
             return None
@@ -221,7 +122,7 @@ class Run:
 
     def _start_over(self, why: str) -> requests.Response:
         self._drop_map()
-        self.part.restart()
+        self._restart_file()
         self.notes["segments_note"] = why
         return self._open({})
 
@@ -234,7 +135,7 @@ class Run:
         second, and this one waits for them."""
         if self.finished:
             return response
-        size = splittable(response, self.cfg) if self.cfg is not None else None
+        size = splittable(response, self.cfg.split, self.cfg.min_split_size) if self.cfg is not None else None
         if size is None:
             one_stream(response, self.on_chunk)
             return response
@@ -269,7 +170,10 @@ class Run:
         """The first stream reached its piece's end (and is closed): the task's own slot takes pieces like the
         others, after OWN_PAUSE_S, so the server has seen the first connection go before it sees the next."""
         crew = self._crew
-        if crew is not None and crew.todo and not crew.stop.is_set():
+        if self._shared is not None and crew is not None:
+            self._shared.board.finish(self._gen, 0, f"{self._shared.who}/first")  # the first stream's piece
+            crew.mine.discard(0)
+        if crew is not None and (crew.todo or self._shared) and not crew.stop.is_set():
             self._add_connection(crew, None, None, delay=OWN_PAUSE_S)
 
     def _join(self, prober: threading.Thread, streamed: threading.Event) -> None:
@@ -306,7 +210,7 @@ class Run:
         """Ranges refused: nothing of them is kept; the file starts over as one stream."""
         self._end_crew(failed=True)
         self._drop_map()
-        self.part.restart()
+        self._restart_file()
         self.kept = False
         self.notes.update(segments=1, connections=1, segments_note=f"ranges refused ({exc}): one stream")
         response = self._open({})
@@ -326,11 +230,12 @@ class Run:
         # The first stream keeps only a short first piece: it already spent the burst a server may grant a new
         # request, and a long piece on it would be the last to finish. Its slot then serves pieces like the others.
         first = min(size, pos + MIN_PIECE)
-        pieces = [_Piece(pos, first), *plan([(first, size)], split)]
-        slots = self._take_slots(min(split, len(pieces)) - 1)
-        if not slots:
+        pieces = [Piece(pos, first), *plan([(first, size)], split)]
+        # Shared: one connection per participant; the others are helper tasks, on any worker.
+        slots = [] if self._shared else self._take_slots(min(split, len(pieces)) - 1)
+        if not slots and not self._shared:
             return False  # the host's window is full: no extra connection
-        self.map, self.kept = _Map(storage.url_key(self.url), size, validator_of(response) or "", [[0, pos]]), True
+        self.map, self.kept = RangeMap(storage.url_key(self.url), size, validator_of(response) or "", [[0, pos]]), True
         try:
             self._preallocate(size)
         except BaseException:
@@ -338,29 +243,38 @@ class Run:
                 s.release(False)
             raise
         rest = max(1, self.limit_rate - int(rate)) if self.limit_rate else 0
+        if self._shared is not None:
+            self._share(pieces, [[0, pos]], held=[0])
         self._start_crew(pieces, None, rest, slots, first_streamed=True)
         return True
 
     # -- the ranges ----------------------------------------------------------------------------------------------
-    def _fetch(self, pieces: list[_Piece], first: requests.Response | None, size: int) -> None:
+    def _fetch(self, pieces: list[Piece], first: requests.Response | None, size: int) -> None:
         """Fetch `pieces` (the first may come with its response open) on as many connections as the host gives."""
         wanted = min(len(pieces), self.cfg.split if self.cfg else 1) - 1
+        if self._shared is not None and self.map is not None:
+            self._share(pieces, self.map.done, held=[0])
+            wanted = 0
         self._start_crew(pieces, first, self.limit_rate, self._take_slots(wanted), first_streamed=False)
         self._finish_crew(size)
 
-    def _start_crew(self, pieces: list[_Piece], first: requests.Response | None, rate: int, slots: list[Slot],
-                    first_streamed: bool) -> None:
+    def _start_crew(self, pieces: list[Piece], first: requests.Response | None, rate: int, slots: list[Slot],
+                    first_streamed: bool, opened: int = 0) -> None:
         """Connections for the pieces: the first piece is this thread's stream (`first_streamed`) or an open
-        response handed to the first connection; one more connection per extra slot."""
-        crew = self._crew = _Crew(pieces, [], Pace(rate, fetch.CHUNK), pieces[0].end if first_streamed else 0)
-        crew.todo = list(pieces[1:] if first_streamed else pieces)
+        response (for piece `opened`) handed to the first connection; one more connection per extra slot."""
+        crew = self._crew = Crew(pieces, [], Pace(rate, fetch.CHUNK), pieces[0].end if first_streamed else 0)
+        # Shared: pieces are claimed from the plan in Redis instead (_next_piece), one connection per participant.
+        crew.todo = [] if self._shared else list(pieces[1:] if first_streamed else pieces)
+        crew.opened = opened
+        if self._shared is not None and (first_streamed or first is not None):
+            crew.mine.add(opened)  # claimed already
         self.notes.update(segments=len(pieces), connections=1)
         if not first_streamed:
             self._add_connection(crew, None, first)  # on the task's own slot
         for slot in slots:
             self._add_connection(crew, slot, None)
 
-    def _add_connection(self, crew: _Crew, slot: Slot | None, opened: requests.Response | None,
+    def _add_connection(self, crew: Crew, slot: Slot | None, opened: requests.Response | None,
                         delay: float = 0.0) -> None:
         with crew.lock:
             if slot is not None:
@@ -371,7 +285,7 @@ class Run:
         crew.threads.append(t)
         t.start()
 
-    def _connection(self, crew: _Crew, slot: Slot | None, opened: requests.Response | None,
+    def _connection(self, crew: Crew, slot: Slot | None, opened: requests.Response | None,
                     delay: float = 0.0) -> None:
         """One connection: pieces one after another. Between two, its slot is given back as a download the host
         served and taken again: the host's window may grow (tasks/hostlimit.py), or be taken by another task,
@@ -380,12 +294,12 @@ class Run:
         try:
             crew.stop.wait(delay)
             while not crew.stop.is_set():
-                with crew.lock:
-                    if not crew.todo:
-                        return
-                    piece = crew.todo.pop(0)
+                piece = self._next_piece(crew, opened is not None, slot is None)
+                if piece is None:
+                    return
                 self._fill(piece, opened, crew.stop, crew.pace)
                 opened = None
+                self._piece_done(crew, piece)
                 if slot is not None and crew.todo:
                     slot = self._cycle(crew, slot)
                     if slot is None:
@@ -400,7 +314,7 @@ class Run:
             fetch.forget_session()
             crew.wake.set()
 
-    def _cycle(self, crew: _Crew, slot: Slot) -> Slot | None:
+    def _cycle(self, crew: Crew, slot: Slot) -> Slot | None:
         self._give_back(crew, slot, True)
         again = self.cfg.take_slot() if self.cfg is not None and self.cfg.take_slot is not None else None
         if again is not None:
@@ -408,15 +322,18 @@ class Run:
                 crew.slots.append(again)
         return again
 
-    def _give_back(self, crew: _Crew, slot: Slot, answered: bool) -> None:
+    def _give_back(self, crew: Crew, slot: Slot, answered: bool) -> None:
         with crew.lock:
             if slot in crew.slots:
                 crew.slots.remove(slot)
         slot.release(answered)
 
-    def _grow(self, crew: _Crew) -> None:
+    def _grow(self, crew: Crew) -> None:
         """More connections while pieces are left and the host's window has room (it grows as pieces are served)."""
         split = self.cfg.split if self.cfg is not None else 1
+        if self._shared is not None:
+            self._grow_shared(crew, split)
+            return
         while crew.todo and not crew.stop.is_set() and 1 + len(crew.slots) < split:
             slot = self._take_slots(1)
             if not slot:
@@ -441,6 +358,9 @@ class Run:
         self._end_crew(failed=bool(crew.errors))
         if crew.errors:
             raise crew.errors[0]
+        if self._shared is not None:
+            self._sync_shared(crew)
+            self.notes.update(shared.who_fetched(self._done_by))
         self._hash(crew.pieces, size, size)
         if self._hashed != size:  # never a file with a hole: what is complete is kept for the next attempt
             self._save_map(crew.pieces)
@@ -453,6 +373,8 @@ class Run:
         connections added. (A connection's error stops the crew; the downloading thread raises it.)"""
         crew = self._crew
         assert crew is not None
+        if self._shared is not None:
+            self._sync_shared(crew)
         if hashing:
             self._hash(crew.pieces, self.map.size if self.map else 0, HASH_STEP)
         now, done = time.monotonic(), self.part.size + sum(p.pos - p.start for p in crew.pieces)
@@ -477,6 +399,9 @@ class Run:
         for t in crew.threads:
             t.join()  # each gives its slot back
         self._crew = None
+        if self._shared is not None:
+            for i in crew.mine:
+                self._shared.board.give_back(self._gen, i)
         if failed:
             self._save_map(crew.pieces)
 
@@ -491,7 +416,7 @@ class Run:
             slots.append(slot)
         return slots
 
-    def _fill(self, piece: _Piece, opened: requests.Response | None, stop: threading.Event, pace: Pace) -> None:
+    def _fill(self, piece: Piece, opened: requests.Response | None, stop: threading.Event, pace: Pace) -> None:
         """Fetch one piece into its place; BadRange if the answer is not exactly that range of this file."""
         response = opened if opened is not None else self._open_range(piece)
         try:
@@ -515,83 +440,11 @@ class Run:
         proxy = self.credentials.proxy if self.credentials else None
         return fetch.open_response(self.url, {**self.headers, **extra}, self.limits, self.deadline, per_host, proxy)
 
-    def _open_range(self, piece: _Piece) -> requests.Response:
+    def _open_range(self, piece: Piece) -> requests.Response:
         assert self.map is not None
         response = self._open({"Range": f"bytes={piece.pos}-{piece.end - 1}", "If-Range": self.map.validator})
-        problem = _range_problem(response, piece, self.map)
+        problem = range_problem(response, piece.pos, piece.end, self.map.size, self.map.validator)
         if problem:
             response.close()
             raise BadRange(problem)
         return response
-
-    # -- hashing and the map -------------------------------------------------------------------------------------
-    def _hash(self, pieces: list[_Piece], size: int, budget: int) -> None:
-        """Hash the file in order as far as it is contiguous (at most `budget` bytes now)."""
-        end = self._contiguous(pieces, size)
-        stop = min(end, self._hashed + budget)
-        while self._hashed < stop:
-            chunk = os.pread(self.part.fd, min(fetch.CHUNK, stop - self._hashed), self._hashed)
-            if not chunk:
-                raise PermanentError("the temp file shrank while it was written (changed by someone else?)")
-            self.part.hash.update(chunk)
-            self._hashed += len(chunk)
-
-    def _contiguous(self, pieces: list[_Piece], size: int) -> int:
-        done = _merge([*(self.map.done if self.map else []), [0, self.part.size], *([p.start, p.pos] for p in pieces)])
-        at = 0
-        for a, b in done:
-            if a > at:
-                break
-            at = max(at, b)
-        return min(at, size)
-
-    def _read_map(self) -> _Map | None:
-        try:
-            found = _Map(**json.loads(os.getxattr(self.part.fd, MAP_XATTR)))
-        except (OSError, ValueError, TypeError):
-            return None
-        if found.url != storage.url_key(self.url) or os.fstat(self.part.fd).st_size != found.size:
-            self._drop_map()
-            return None
-        found.done = _merge([[max(0, a), min(found.size, b)] for a, b in found.done])
-        return found
-
-    def _save_map(self, pieces: list[_Piece]) -> None:
-        """Record what is complete (durable files: the bytes reach the disk before the map claims them)."""
-        if self.map is None:
-            return
-        self.map.done = _merge([*self.map.done, [0, self.part.size], *([p.start, p.pos] for p in pieces)])
-        try:
-            if self.part.durable:
-                os.fdatasync(self.part.fd)
-            os.setxattr(self.part.fd, MAP_XATTR, json.dumps(vars(self.map), separators=(",", ":")).encode())
-        except OSError as exc:
-            if exc.errno not in _NO_XATTR:
-                raise PermanentError(f"cannot record the ranges of the temp file: {exc.strerror}") from None
-            self.kept = False  # no map: a later attempt could not tell complete ranges from holes
-
-    def _drop_map(self) -> None:
-        with contextlib.suppress(OSError):
-            os.removexattr(self.part.fd, MAP_XATTR)
-        self.map = None
-
-    def _preallocate(self, size: int) -> None:
-        try:
-            self.part.preallocate(size)
-        except OSError as exc:
-            raise PermanentError(storage.describe_os_error(exc, self.part.shown)) from None
-
-
-def _range_problem(response: requests.Response, piece: _Piece, m: _Map) -> str | None:
-    """Why this answer is not exactly bytes piece.pos..piece.end-1 of the file the map describes; None if it is."""
-    if response.status_code != 206:
-        return f"{response.status_code} to a range request"
-    expected = f"bytes {piece.pos}-{piece.end - 1}/{m.size}"
-    got = response.headers.get("content-range", "").strip()
-    if got != expected:
-        return f"Content-Range {got!r} instead of {expected!r}"
-    now = validator_of(response)
-    if now is not None and now != m.validator:
-        return "the file changed on the server"
-    return None
-

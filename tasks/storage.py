@@ -16,6 +16,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -216,6 +217,19 @@ class PartFile:
             os.ftruncate(self.fd, 0)
             os.lseek(self.fd, 0, os.SEEK_SET)
             self._left = False
+        self._reset()
+
+    def fresh(self) -> None:
+        """Start over in a new, empty file under the same name: a writer that still holds the old one (a helper on
+        another worker sharing the volume) writes into the unlinked old file, never into this one."""
+        tmp = f"{self.part}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=self.dir_fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with contextlib.suppress(OSError):
+            os.setxattr(fd, WRITER_XATTR, os.getxattr(self.fd, WRITER_XATTR))
+        os.rename(tmp, self.part, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        os.close(self.fd)
+        self.fd, self._left = fd, False
         self._reset()
 
     def _reset(self) -> None:

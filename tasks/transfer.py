@@ -144,6 +144,7 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
         raise
     except BaseException:
         part.discard()
+        seg.abandon()
         raise
 
 

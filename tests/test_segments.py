@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -172,3 +173,25 @@ def test_limit_rate_paces_a_split_file_as_a_whole(cluster, worker, origin, tmp_p
     rec = records[0]
     assert rec["connections"] >= 3 and rec["sha256"] == sha(body), rec
     assert rec["elapsed_s"] >= len(body) / (2 << 20) * 0.9  # 8 connections at 600 kB/s would take half as long
+
+
+def test_status_shows_a_running_big_file_with_its_bytes_size_and_rate(cluster, worker, origin, tmp_path):
+    body = os.urandom(16 << 20)
+    origin.add("/watched.bin", body, etag='"w1"', rate=RATE)
+    result = cluster.producer(str(write_list(tmp_path / "urls.txt", [origin.url("/watched.bin")])), "-d", "watched",
+                              "--split", "2", "--min-split-size", "1M", "--no-wait")
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + 30
+    while origin.sent.get("/watched.bin", 0) < (1 << 20) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = cluster.producer("status", job)
+    assert status.returncode == 0, status.stderr
+    line = next(x for x in status.stdout.splitlines() if x.strip().startswith("running: watched.bin"))
+    assert "of 16.8 MB (" in line and line.rstrip().endswith("/s"), status.stdout
+    shown = cluster.producer("status", job, "--json")
+    running = json.loads(shown.stdout)["running"]
+    assert running[0]["size"] == len(body) and 0 < running[0]["bytes"] < len(body), running
+    assert 0 < running[0]["rate"] < 4 * RATE, running  # two connections at RATE each
+    follow = cluster.producer("resume", job)
+    assert follow.returncode == 0 and (cluster.downloads / "watched" / "watched.bin").read_bytes() == body

@@ -150,19 +150,24 @@ class ProducerSide(LedgerBase):
     def in_flight(self, job: str) -> tuple[int, int | None]:
         """(bytes so far of the job's running downloads, the size they will have in all: None when one did not
         announce it). Entries of URLs no longer started (their worker was killed) do not count."""
+        files = self.running_files(job)
+        done = sum(b for b, _ in files.values())
+        unknown = any(size is None for _, size in files.values())
+        return done, None if unknown else sum(size or 0 for _, size in files.values())
+
+    def running_files(self, job: str) -> dict[int, tuple[int, int | None]]:
+        """index -> (bytes so far, size or None) of each running download that published its bytes (`running`);
+        URLs no longer started (their worker was killed) are left out."""
         raw = cast(dict[bytes, bytes], self.r.hgetall(JobKeys(job).flight))
         if not raw:
-            return 0, 0
+            return {}
         live = set(self.in_state(job, [int(i) for i in raw], STARTED))
-        done, expected = 0, 0
-        unknown = False
+        files: dict[int, tuple[int, int | None]] = {}
         for index, value in raw.items():
             if int(index) in live:
                 size, _, total = value.decode().partition(" ")
-                done += int(size)
-                expected += int(total or 0)
-                unknown = unknown or not total
-        return done, None if unknown else expected
+                files[int(index)] = (int(size), int(total) if total else None)
+        return files
 
     def record(self, job: str, index: int) -> dict[str, Any] | None:
         raw = cast(bytes | None, self.r.hget(JobKeys(job).rec, str(index)))
