@@ -30,8 +30,8 @@ from pathlib import Path
 
 import redis
 
+from bench.realparts.servers import RedisServer
 from tasks import hostlimit, kombu_redis, ledger, slot_state
-from tests.support.servers import RedisServer
 
 WINDOW = 50  # the default per-host ceiling, reached: the steady state of a long job on one host
 CHUNK = 40  # slots taken, then given back, per pipeline (below the window)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.realparts.origin import Origin
 from tests.conftest import FAST_HEAL, Cluster, read_manifest, write_list
-from tests.support.origin import Origin
 
 RATE = 1_000_000  # bytes/s per connection: one stream is slow
 SPLIT = ("--split", "4", "--min-split-size", "1M")
