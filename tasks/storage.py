@@ -190,6 +190,7 @@ class PartFile:
             raise PermanentError(describe_os_error(exc, where.path / self.part)) from None
         self.hash, self.size, self._flushed = Sha256(), 0, 0
         self._left = length > 0  # bytes an earlier attempt left in the file, not (yet) kept
+        self.fresh = length == 0  # empty when locked: no bytes, so no note or range map worth reading
         if url is not None:  # who holds the name, for another URL that meets the lock (`writer_of`)
             with contextlib.suppress(OSError):
                 os.setxattr(self.fd, _WRITER, url_key(url).encode())
@@ -258,10 +259,12 @@ class PartFile:
         except OSError as exc:
             raise PermanentError(describe_os_error(exc, self.shown)) from None
 
-    def commit(self, fsync: bool, target: str | None = None, replace: bool = True) -> os.stat_result:
+    def commit(self, fsync: bool, target: str | None = None, replace: bool = True,
+               stat_after: bool = True) -> os.stat_result | None:
         """Make the verified bytes visible under the final name (or `target`), atomically. With
         `replace=False` the name must be free (FileExistsError otherwise): a server-chosen name never
-        replaces another file. Returns the file's stat (recorded so a re-run can trust it unread)."""
+        replaces another file. Returns the file's stat (recorded so a re-run can trust it unread), unless
+        `stat_after` is false (`label` stamped it: a rename changes neither inode nor mtime)."""
         target = target or self.name
         try:
             if fsync:
@@ -273,7 +276,7 @@ class PartFile:
                 os.unlink(self.part, dir_fd=self.dir_fd)
             if fsync:
                 os.fsync(self.dir_fd)
-            st = os.fstat(self.fd)
+            st = os.fstat(self.fd) if stat_after else None
         except FileExistsError:
             raise
         except OSError as exc:
@@ -334,9 +337,8 @@ _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOSPC, errno.E
 def label(fd: int, v: Validators) -> bool:
     """Write the validators onto the file (its temp file, before the rename: they land together), stamped with
     its inode and mtime now (an extended attribute changes neither). False where the file system has no user
-    extended attributes: the caller keeps a sidecar instead."""
-    with contextlib.suppress(OSError):
-        os.removexattr(fd, _WRITER)  # the file is done: its label says whose it is
+    extended attributes: the caller keeps a sidecar instead. The writer attribute is left (`writer_of` reads it
+    from `.part` names only): removing it was a system call per URL."""
     v.stamp(os.fstat(fd))
     try:
         os.setxattr(fd, XATTR, json.dumps(vars(v), separators=(",", ":")).encode())
@@ -353,9 +355,17 @@ def _open_ours(where: TargetDir, name: str) -> int | None:
     another user cannot have written or linked is ever trusted by its label. Checked on the descriptor that is
     then read, so the file cannot be swapped between the check and the read."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=where.fd)
+        fd = os.open(name, _READ_FLAGS, dir_fd=where.fd)
     except OSError:
         return None
+    return _ours(fd)
+
+
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _ours(fd: int) -> int | None:
+    """`fd` if it is a regular file the worker's user owns with no other link; else None (and `fd` closed)."""
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
         return fd
@@ -422,11 +432,18 @@ def owns(where: TargetDir, name: str, url: str) -> bool:
         os.close(fd)
 
 
-def held_by_other_url(where: TargetDir, name: str, url: str) -> bool:
+def held_by_other_url(where: TargetDir, name: str, url: str) -> bool | None:
     """True if `name` is a finished file of ours labelled for another URL (another job's, in a shared directory):
     it is the bytes another record describes, so this URL takes another name instead of replacing it. A
-    directory (an earlier run's, with -x) holds its name too: no file can be renamed over it."""
-    fd = _open_ours(where, name)
+    directory (an earlier run's, with -x) holds its name too: no file can be renamed over it. None (false too)
+    when nothing is there at all: the caller then has no validators to load either (one system call for both)."""
+    try:
+        fd: int | None = os.open(name, _READ_FLAGS, dir_fd=where.fd)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        fd = None
+    fd = None if fd is None else _ours(fd)
     if fd is None:
         with contextlib.suppress(OSError):
             return stat.S_ISDIR(os.stat(name, dir_fd=where.fd, follow_symlinks=False).st_mode)
