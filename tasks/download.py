@@ -10,7 +10,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -32,6 +32,7 @@ from .slot_state import SlotAndState
 
 log = logging.getLogger("fleetfetch")
 CANCEL_CHECK_S = 0.5  # how often a running download looks whether its job was cancelled
+PROGRESS_MIN = 1 << 20  # bytes: a smaller download's bytes in flight are not published for the producer's bar
 IN_THREAD_WAIT_S = 5.0  # a pool thread waits this long in all for its host's slot before requeueing its task
 RECHECK_S = 0.5  # a waiting pool thread asks for a slot again at least this often
 
@@ -178,7 +179,7 @@ def download(self: Any, url: str | None = None, name: str | None = None, job: st
         msg, secrets, logins = _received(url, name, job, index, opts)
     except BadMessage as exc:
         return _refuse(self, url, job, index, exc.reason)
-    call = Call(self, msg, msg.options.resolve(settings), secrets, logins)
+    call = Call(self, msg, _resolved(msg.options), secrets, logins)
     call.slot = _take_slot(call)
     answered = False
     try:
@@ -211,6 +212,12 @@ def _received(url: Any, name: Any, job: Any, index: Any,
 
 
 _options_of: dict[str, Options] = {}  # job -> its options (written once by the producer): one read per job
+
+
+@lru_cache(maxsize=1024)
+def _resolved(options: Options) -> Options:
+    """`options.resolve(settings)` once per distinct options (most URLs share their job's), not on every URL."""
+    return options.resolve(settings)
 
 
 def _job_options(book: ledger.Ledger, job: str) -> Options | None:
@@ -383,7 +390,8 @@ class _SegmentSlot:
 
 class _ChunkWatch:
     """Called after each chunk: every CANCEL_CHECK_S, one round trip publishes the bytes so far (the producer's
-    progress of a big file) and raises Cancelled once the job is cancelled. `over()` withdraws the bytes."""
+    progress of a big file) and raises Cancelled once the job is cancelled. `over()` withdraws the bytes. A file
+    under PROGRESS_MIN only looks for the cancel: one command, and nothing to withdraw."""
 
     def __init__(self, job: str, index: int) -> None:
         self.job, self.index = job, index
@@ -391,8 +399,9 @@ class _ChunkWatch:
 
     def __call__(self, size: int, expected: int | None) -> None:
         if time.monotonic() - self.last >= CANCEL_CHECK_S:
-            self.last, self.published = time.monotonic(), True
-            if _ledger().running(self.job, self.index, size, expected):
+            self.last, small = time.monotonic(), expected is not None and expected < PROGRESS_MIN
+            self.published = self.published or not small
+            if _ledger().cancelled(self.job) if small else _ledger().running(self.job, self.index, size, expected):
                 raise Cancelled("job cancelled")
 
     def over(self) -> None:
