@@ -13,6 +13,7 @@ from . import fetch, hostlimit, ledger, urllib3_hooks
 from .config import Settings, settings_of
 from .guard import Policy
 from .lease import Renewer
+from .message import Options
 from .slot_state import Ends, SlotAndState
 
 _ATTRIBUTE = "fleetfetch_context"
@@ -25,7 +26,12 @@ class TaskContext:
         self._mine = threading.local()
         s = settings
         self.leases = Renewer(self.ledger, self.limiter, s.url_lease, min(s.url_lease, s.host_lease) / 3)
+        self.resolved = functools.lru_cache(maxsize=1024)(self._resolve)  # most URLs share their job's options
         self.ends = Ends(lambda: ledger.client_for(s.backend, 2, own_connection=True, timeout=10, name=Ends.NAME))
+
+    def _resolve(self, options: Options) -> Options:
+        """A message's options with the worker's settings for those it leaves unset."""
+        return options.resolve(self.settings)
 
     @functools.cached_property
     def limits(self) -> fetch.Limits:

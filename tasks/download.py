@@ -28,6 +28,7 @@ from .retry import THROTTLE_STATUS, countdown, host_pause
 
 log = logging.getLogger("fleetfetch")
 CANCEL_CHECK_S = 0.5  # how often a running download looks whether its job was cancelled
+PROGRESS_MIN = 1 << 20  # bytes: a smaller download's bytes in flight are not published for the producer's bar
 IN_THREAD_WAIT_S = 5.0  # a pool thread waits this long in all for its host's slot before requeueing its task
 RECHECK_S = 0.5  # a waiting pool thread asks for a slot again at least this often
 
@@ -147,7 +148,7 @@ def download(self: Any, url: str | None = None, name: str | None = None, job: st
         msg, secrets, logins = _received(ctx, url, name, job, index, opts)
     except BadMessage as exc:
         return _refuse(self, url, job, index, exc.reason)
-    call = Call(self, msg, msg.options.resolve(ctx.settings), secrets, logins)
+    call = Call(self, msg, ctx.resolved(msg.options), secrets, logins)
     call.slot = _take_slot(call)
     answered = False
     try:
@@ -180,6 +181,7 @@ def _received(ctx: context.TaskContext, url: Any, name: Any, job: Any, index: An
 
 
 _options_of: dict[str, Options] = {}  # job -> its options (written once by the producer): one read per job
+
 
 
 def _job_options(book: ledger.Ledger, job: str) -> Options | None:
@@ -361,7 +363,8 @@ class _SegmentSlot:
 
 class _ChunkWatch:
     """Called after each chunk: every CANCEL_CHECK_S, one round trip publishes the bytes so far (the producer's
-    progress of a big file) and raises Cancelled once the job is cancelled. `over()` withdraws the bytes."""
+    progress of a big file) and raises Cancelled once the job is cancelled. `over()` withdraws the bytes. A file
+    under PROGRESS_MIN only looks for the cancel: one command, and nothing to withdraw."""
 
     def __init__(self, ctx: context.TaskContext, job: str, index: int) -> None:
         self.ctx, self.job, self.index = ctx, job, index
@@ -369,8 +372,10 @@ class _ChunkWatch:
 
     def __call__(self, size: int, expected: int | None) -> None:
         if time.monotonic() - self.last >= CANCEL_CHECK_S:
-            self.last, self.published = time.monotonic(), True
-            if self.ctx.ledger().running(self.job, self.index, size, expected):
+            self.last, small = time.monotonic(), expected is not None and expected < PROGRESS_MIN
+            self.published = self.published or not small
+            ledger_ = self.ctx.ledger()
+            if ledger_.cancelled(self.job) if small else ledger_.running(self.job, self.index, size, expected):
                 raise Cancelled("job cancelled")
 
     def over(self) -> None:

@@ -18,7 +18,7 @@ import stat
 from dataclasses import dataclass
 
 from .errors import PermanentError
-from .storage import META_DIR, READ_CHUNK, WRITER_XATTR, TargetDir, describe_os_error, url_key
+from .storage import META_DIR, READ_CHUNK, TargetDir, describe_os_error, url_key
 
 
 @dataclass
@@ -50,9 +50,8 @@ _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOSPC, errno.E
 def label(fd: int, v: Validators) -> bool:
     """Write the validators onto the file (its temp file, before the rename: they land together), stamped with
     its inode and mtime now (an extended attribute changes neither). False where the file system has no user
-    extended attributes: the caller keeps a sidecar instead."""
-    with contextlib.suppress(OSError):
-        os.removexattr(fd, WRITER_XATTR)  # the file is done: its label says whose it is
+    extended attributes: the caller keeps a sidecar instead. The writer attribute is left (`writer_of` reads it
+    from `.part` names only): removing it was a system call per URL."""
     v.stamp(os.fstat(fd))
     try:
         os.setxattr(fd, XATTR, json.dumps(vars(v), separators=(",", ":")).encode())
@@ -69,9 +68,17 @@ def _open_ours(where: TargetDir, name: str) -> int | None:
     another user cannot have written or linked is ever trusted by its label. Checked on the descriptor that is
     then read, so the file cannot be swapped between the check and the read."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=where.fd)
+        fd = os.open(name, _READ_FLAGS, dir_fd=where.fd)
     except OSError:
         return None
+    return _ours(fd)
+
+
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _ours(fd: int) -> int | None:
+    """`fd` if it is a regular file the worker's user owns with no other link; else None (and `fd` closed)."""
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
         return fd
@@ -138,11 +145,18 @@ def owns(where: TargetDir, name: str, url: str) -> bool:
         os.close(fd)
 
 
-def held_by_other_url(where: TargetDir, name: str, url: str) -> bool:
+def held_by_other_url(where: TargetDir, name: str, url: str) -> bool | None:
     """True if `name` is a finished file of ours labelled for another URL (another job's, in a shared directory):
     it is the bytes another record describes, so this URL takes another name instead of replacing it. A
-    directory (an earlier run's, with -x) holds its name too: no file can be renamed over it."""
-    fd = _open_ours(where, name)
+    directory (an earlier run's, with -x) holds its name too: no file can be renamed over it. None (false too)
+    when nothing is there at all: the caller then has no validators to load either (one system call for both)."""
+    try:
+        fd: int | None = os.open(name, _READ_FLAGS, dir_fd=where.fd)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        fd = None
+    fd = None if fd is None else _ours(fd)
     if fd is None:
         with contextlib.suppress(OSError):
             return stat.S_ISDIR(os.stat(name, dir_fd=where.fd, follow_symlinks=False).st_mode)

@@ -189,6 +189,7 @@ class PartFile:
             raise PermanentError(describe_os_error(exc, where.path / self.part)) from None
         self.hash, self.size, self._flushed = Sha256(), 0, 0
         self._left = length > 0  # bytes an earlier attempt left in the file, not (yet) kept
+        self.found_empty = length == 0  # empty when locked: no bytes, so no note or range map worth reading
         if url is not None:  # who holds the name, for another URL that meets the lock (`writer_of`)
             with contextlib.suppress(OSError):
                 os.setxattr(self.fd, WRITER_XATTR, url_key(url).encode())
@@ -270,10 +271,12 @@ class PartFile:
         except OSError as exc:
             raise PermanentError(describe_os_error(exc, self.shown)) from None
 
-    def commit(self, fsync: bool, target: str | None = None, replace: bool = True) -> os.stat_result:
+    def commit(self, fsync: bool, target: str | None = None, replace: bool = True,
+               stat_after: bool = True) -> os.stat_result | None:
         """Make the verified bytes visible under the final name (or `target`), atomically. With
         `replace=False` the name must be free (FileExistsError otherwise): a server-chosen name never
-        replaces another file. Returns the file's stat (recorded so a re-run can trust it unread)."""
+        replaces another file. Returns the file's stat (recorded so a re-run can trust it unread), unless
+        `stat_after` is false (`label` stamped it: a rename changes neither inode nor mtime)."""
         target = target or self.name
         try:
             if fsync:
@@ -285,7 +288,7 @@ class PartFile:
                 os.unlink(self.part, dir_fd=self.dir_fd)
             if fsync:
                 os.fsync(self.dir_fd)
-            st = os.fstat(self.fd)
+            st = os.fstat(self.fd) if stat_after else None
         except FileExistsError:
             raise
         except OSError as exc:

@@ -92,16 +92,18 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
              on_chunk: Callable[[int, int | None], None] | None) -> Outcome:
     check_component(req.name)
     where.check_meta()
-    part = _claim(where, req, fsync)
+    part, absent = _claim(where, req, fsync)
     name = part.name
     seg = segments.Run(req.segments, part, req.url, req.headers, req.credentials, limits, deadline, req.limit_rate,
                        on_chunk)
     response: requests.Response | None = None
     try:
-        known = None if req.force else labels.load_validators(where, name, req.url, req.sha256)
-        response = seg.resume()  # [segments] a range map kept with the temp file: only its missing ranges are fetched
+        known = None if req.force or absent else labels.load_validators(where, name, req.url, req.sha256)
+        # [segments] a range map kept with the temp file: only its missing ranges are fetched
+        response = None if part.found_empty else seg.resume()
         # A stopped worker's note on a one-stream part (tasks/partial.py), when no range map was there.
-        noted = None if response is not None or req.resume or req.force else partial.left(part.fd, req.url)
+        noted = (None if response is not None or req.resume or req.force or part.found_empty
+                 else partial.left(part.fd, req.url))
         headers = {} if response is not None else _resume_headers(
             part, req.resume or (noted and {**noted, "part": part.identity()}))
         if known and not headers:
@@ -128,10 +130,10 @@ def _attempt(req: Request, where: storage.TargetDir, limits: fetch.Limits, deadl
         size = part.size
         found = _validators_of(response)
         validators = labels.Validators(storage.url_key(req.url), size, digest, found.get("etag"),
-                                       found.get("last_modified"))
+                                        found.get("last_modified"))
         labelled = labels.label(part.fd, validators)
-        name, st = _commit(part, where, req, response, fsync)
-        if not labelled:
+        name, st = _commit(part, where, req, response, fsync, stat_after=not labelled)
+        if st is not None:
             labels.save_validators(where, name, validators.stamp(st))
         return Outcome("done", _rel(req, name), size, digest, response.status_code, response.url,
                        {**_headers_of(response), **seg.notes})
@@ -155,11 +157,12 @@ def _rel(req: Request, name: str) -> str:
 _MAX_CANDIDATES = 64
 
 
-def _claim(where: storage.TargetDir, req: Request, fsync: bool) -> storage.PartFile:
+def _claim(where: storage.TargetDir, req: Request, fsync: bool) -> tuple[storage.PartFile, bool]:
     """The locked temp file of the first of the URL's names (its own, then hashed ones) that no other URL holds:
     neither another URL's attempt writing it now nor another URL's finished file (two jobs in one directory whose
     URLs both end in `index.html`). Checked under the name's lock, which every writer of the name holds until its
-    rename, so no record marked done ever describes a file that another URL replaced."""
+    rename, so no record marked done ever describes a file that another URL replaced. With it, whether nothing is
+    at that name (no earlier download whose validators to load)."""
     for candidate in itertools.islice(candidates(req.name, req.url), _MAX_CANDIDATES):
         try:
             part = storage.PartFile(where, candidate, durable=fsync, url=req.url)
@@ -168,34 +171,35 @@ def _claim(where: storage.TargetDir, req: Request, fsync: bool) -> storage.PartF
             if writer is None or writer == storage.url_key(req.url):
                 raise  # this URL's own other delivery (or one we cannot tell apart): it steps aside
             continue
-        if not labels.held_by_other_url(where, candidate, req.url):
-            return part
+        held = labels.held_by_other_url(where, candidate, req.url)
+        if not held:
+            return part, held is None
         part.give_up()
     raise PermanentError(f"no free file name for {req.name} after {_MAX_CANDIDATES} tries")
 
 
 def _commit(part: storage.PartFile, where: storage.TargetDir, req: Request, response: requests.Response,
-            fsync: bool) -> tuple[str, os.stat_result]:
+            fsync: bool, stat_after: bool) -> tuple[str, os.stat_result | None]:
     """Rename into place. The producer gave every URL of a job its own name, so that name is replaced (an
     earlier run's file). With --content-disposition a server may name any file, so no name is replaced then
     but this URL's own untouched earlier download: the first free candidate is taken, atomically."""
     if not req.content_disposition and req.replace:
-        return part.name, part.commit(fsync)
+        return part.name, part.commit(fsync, stat_after=stat_after)
     if not req.content_disposition:
         try:
-            return part.name, part.commit(fsync, replace=False)
+            return part.name, part.commit(fsync, replace=False, stat_after=stat_after)
         except FileExistsError:
             if labels.owns(where, part.name, req.url):
-                return part.name, part.commit(fsync)
+                return part.name, part.commit(fsync, stat_after=stat_after)
             raise PermanentError(f"{part.name} exists: a task without a job never replaces a file") from None
     header = response.headers.get("content-disposition")
     chosen = (disposition_name(header) if header else None) or part.name
     for candidate in itertools.islice(candidates(chosen, req.url), _MAX_CANDIDATES):
         try:
-            return candidate, part.commit(fsync, target=candidate, replace=False)
+            return candidate, part.commit(fsync, target=candidate, replace=False, stat_after=stat_after)
         except FileExistsError:
             if labels.owns(where, candidate, req.url):
-                return candidate, part.commit(fsync, target=candidate)
+                return candidate, part.commit(fsync, target=candidate, stat_after=stat_after)
     raise PermanentError(f"no free file name for {chosen} after {_MAX_CANDIDATES} tries")
 
 

@@ -14,6 +14,13 @@ from .store import Ledger
 
 _own = threading.local()  # this thread's ledgers (`for_thread`)
 
+try:  # redis-py 7+ reads its own version from the package metadata for each connection unless given it (~1 ms)
+    from redis.driver_info import DriverInfo
+
+    _DRIVER: dict = {"driver_info": DriverInfo(lib_version=redis.__version__)}
+except ImportError:  # older redis-py read it once, at import
+    _DRIVER = {}
+
 
 def client_for(url: str, attempts: int = 12, own_connection: bool = False, timeout: float = 30,
                name: str | None = None) -> redis.Redis:
@@ -27,7 +34,7 @@ def client_for(url: str, attempts: int = 12, own_connection: bool = False, timeo
     plain = own_connection and url.startswith("redis://")
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=5, health_check_interval=30,
                                 retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-                                single_connection_client=own_connection, client_name=name,
+                                single_connection_client=own_connection, client_name=name, **_DRIVER,
                                 **({"connection_class": KernelTimeoutConnection} if plain else {}))
 
 
