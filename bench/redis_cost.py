@@ -31,7 +31,8 @@ from pathlib import Path
 import redis
 
 from bench.realparts.servers import RedisServer
-from tasks import hostlimit, kombu_redis, ledger, slot_state
+from tasks import hostlimit, kombu_redis, slot_state
+from tasks.ledger import DONE, STARTED, Ledger
 
 WINDOW = 50  # the default per-host ceiling, reached: the steady state of a long job on one host
 CHUNK = 40  # slots taken, then given back, per pipeline (below the window)
@@ -54,20 +55,20 @@ def round_trip(r: redis.Redis, n: int) -> float:
 
 def url_scripts(r: redis.Redis, n: int, tag: str) -> dict[str, float]:
     """CPU per URL of mark_queued, START and FINISH, on a job of n URLs."""
-    book, limiter = ledger.Ledger(r, 3600), hostlimit.HostLimiter(r)
-    both = slot_state.SlotAndState(book, limiter)
+    ledger, limiter = Ledger(r, 3600), hostlimit.HostLimiter(r)
+    both = slot_state.SlotAndState(ledger, limiter)
     job, host = f"cost-{tag}", f"cost-{tag}.test"
-    book.create(job, {"opts": {}}, ((i, f"http://127.0.0.1:9/f{i}.bin", f"f{i}.bin", None) for i in range(n)))
+    ledger.create(job, {"opts": {}}, ((i, f"http://127.0.0.1:9/f{i}.bin", f"f{i}.bin", None) for i in range(n)))
     r.hset(hostlimit.HostKeys(host).stats, mapping={"window": WINDOW, "avg_ms": 5})
-    record = {"url": "u", "status": ledger.DONE, "bytes": 1024, "sha256": "ab" * 32, "http_status": 200,
+    record = {"url": "u", "status": DONE, "bytes": 1024, "sha256": "ab" * 32, "http_status": 200,
               "content_type": "application/octet-stream", "elapsed_s": 0.003, "worker": "w1@h", "attempts": 1,
               "final_url": "u", "path": "f.bin"}
-    book.transition_keys_args(job, 0, ledger.DONE, record, None, "f.bin")  # worker and content type numbered
+    ledger.transition_keys_args(job, 0, DONE, record, None, "f.bin")  # worker and content type numbered
 
     def mark() -> None:
         for start in range(0, n, 1000):
             pipe = r.pipeline(transaction=True)
-            book.mark_queued(pipe, job, list(range(start, min(n, start + 1000))))
+            ledger.mark_queued(pipe, job, list(range(start, min(n, start + 1000))))
             pipe.execute()
 
     out = {"mark_queued": _timed(r, mark) / n, "START": 0.0, "FINISH": 0.0}
@@ -78,17 +79,17 @@ def url_scripts(r: redis.Redis, n: int, tag: str) -> dict[str, float]:
             lease_id = hostlimit.new_lease_id()
             acquire = limiter.acquire_keys_args(host, WINDOW, 0.0, "t", False, lease_id)
             slot_state._call(lambda keys, args, p=pipe: both._start(keys=keys, args=args, client=p), acquire,
-                             book.transition_keys_args(job, i, ledger.STARTED, lease=300))
+                             ledger.transition_keys_args(job, i, STARTED, lease=300))
             slots.append(hostlimit.Lease(host, lease_id, WINDOW))
         out["START"] += _timed(r, pipe.execute)
         pipe = r.pipeline(transaction=False)
         for i, slot in zip(indexes, slots, strict=True):
             slot_state._call(lambda keys, args, p=pipe: both._finish(keys=keys, args=args, client=p),
-                             book.transition_keys_args(job, i, ledger.DONE, record, None, "f.bin"),
+                             ledger.transition_keys_args(job, i, DONE, record, None, "f.bin"),
                              limiter.release_keys_args(slot, True))
         out["FINISH"] += _timed(r, pipe.execute)
-    if book.counts(job)["done"] != n:
-        raise SystemExit(f"bench.redis_cost: {book.counts(job)} after {n} downloads")
+    if ledger.counts(job)["done"] != n:
+        raise SystemExit(f"bench.redis_cost: {ledger.counts(job)} after {n} downloads")
     return out | {"START": out["START"] / n, "FINISH": out["FINISH"] / n}
 
 

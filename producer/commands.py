@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks import feed, ledger
+from tasks import feed
 from tasks.config import settings
 from tasks.hostlimit import HostLimiter
+from tasks.ledger import CANCELLED_AT, FED, STATES, JobGone, Ledger
 from tasks.message import Options
 
 from . import job as jobs
@@ -38,7 +39,7 @@ def follow(conn: Connection, job_id: str, total: int, started: float, manifest: 
         else:
             print(f"\ninterrupted: the job goes on; see it with: fleetfetch status {job_id}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except ledger.JobGone:
+    except JobGone:
         raise Unreachable(f"the result backend no longer has job {job_id} (Redis restarted empty?); run the list "
                           "again: files already downloaded and verified are not fetched again") from None
     elapsed = time.monotonic() - started
@@ -65,7 +66,7 @@ def status(args: argparse.Namespace) -> int:
             print(json.dumps({**described, "running": running}))
             return exit_for(counts)
         print(f"job {args.job}: {progress.plural(total, 'URL')}, {described['state']}, input {meta.get('input')}")
-        print("  " + ", ".join(f"{s} {counts[s]}" for s in ledger.STATES) + f", bytes {counts['bytes']}")
+        print("  " + ", ".join(f"{s} {counts[s]}" for s in STATES) + f", bytes {counts['bytes']}")
         for f in running[:progress.MAX_RUNNING_SHOWN]:
             print(progress.running_line(f))
         if len(running) > progress.MAX_RUNNING_SHOWN:
@@ -73,11 +74,11 @@ def status(args: argparse.Namespace) -> int:
         for host, until in HostLimiter(conn.ledger.r).paused().items():
             print(f"  host {host} paused until {time.strftime('%H:%M:%S', time.localtime(until))} "
                   "(it answered 429/503, or server errors in a row)")
-        fed = total if meta.get(ledger.FED) is None else int(meta[ledger.FED])  # absent: published whole
-        if fed < total and meta.get(ledger.CANCELLED_AT) is None:
+        fed = total if meta.get(FED) is None else int(meta[FED])  # absent: published whole
+        if fed < total and meta.get(CANCELLED_AT) is None:
             print(f"  {progress.plural(total - fed, 'URL')} wait in the ledger for room in the broker "
                   f"(FLEETFETCH_WINDOW {settings.window}): the workers publish them")
-        never = total - counts["published"] - (total - fed if meta.get(ledger.CANCELLED_AT) is None else 0)
+        never = total - counts["published"] - (total - fed if meta.get(CANCELLED_AT) is None else 0)
         if never > 0:
             print(f"  {progress.plural(never, 'URL')} never enqueued: {again('resume', args.job, conn.download_dir)}")
         elif described["state"] == "interrupted":
@@ -102,12 +103,12 @@ def resume(args: argparse.Namespace) -> int:
         meta = _existing(conn.ledger, args.job)
         total = int(meta.get("total") or 0)
         started = time.monotonic()
-        if meta.get(ledger.CANCELLED_AT) is not None:
+        if meta.get(CANCELLED_AT) is not None:
             taken = conn.ledger.uncancel(args.job, total)
             if not args.quiet:
                 print(f"job {args.job}: cancelled before; taking up its {progress.plural(taken, 'cancelled URL')} "
                       "again", flush=True)
-        if meta.get(ledger.FED) is not None:  # fed through a window: offered again from the first URL
+        if meta.get(FED) is not None:  # fed through a window: offered again from the first URL
             sent = conn.feed(args.job, wait=feed.FEED_LOCK_S + 1, again=True)
         else:
             sent = jobs.publish(conn.app, conn.ledger, args.job, jobs.load_entries(conn.ledger, args.job),
@@ -179,8 +180,8 @@ def _connect_to_job(args: argparse.Namespace, worker: bool) -> contextlib.Abstra
     return connect(True, directory, quiet=True, worker=worker)
 
 
-def _existing(book: ledger.Ledger, job: str) -> dict[str, Any]:
-    meta = book.meta(job)
+def _existing(ledger: Ledger, job: str) -> dict[str, Any]:
+    meta = ledger.meta(job)
     if not meta:
         raise UsageError(f"no job {job!r} in the result backend (expired, or another backend?)")
     return meta

@@ -210,13 +210,14 @@ class LocalCluster:
     def _free_held(self) -> None:
         """The host slots and URL leases the previous local workers held are given back now, for the same reason:
         left to lapse, they stalled a resumed job for a minute (FLEETFETCH_HOST_LEASE) with nothing running."""
-        from tasks import hostlimit, ledger
+        from tasks import hostlimit
+        from tasks.ledger import Ledger
 
         backend = self.client(db=1)
         hostlimit.HostLimiter(backend).free_all()
-        book = ledger.Ledger(backend, settings.result_expires)
-        for job in book.live():
-            book.release_started(job)
+        ledger = Ledger(backend, settings.result_expires)
+        for job in ledger.live():
+            ledger.release_started(job)
 
     def _spawn_server(self) -> subprocess.Popen:
         conf = self.tmp / "server.conf"

@@ -12,7 +12,7 @@ import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tasks import ledger
+from tasks.ledger import FINAL, Ledger
 
 from .errors import LocalFailure
 from .units import human_bytes, human_rate
@@ -29,7 +29,7 @@ GROUP_FROM = 5  # URLs failed for one reason shown as one line from this many on
 
 
 def finished(counts: dict[str, int]) -> int:
-    return sum(counts[s] for s in ledger.FINAL)
+    return sum(counts[s] for s in FINAL)
 
 
 def _line(counts: dict[str, int], total: int, elapsed: float) -> str:
@@ -44,14 +44,14 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Callable[[], str | None],
+def follow(ledger: Ledger, job: str, total: int, *, quiet: bool, alive: Callable[[], str | None],
            tick: Callable[[], object] = lambda: None, tick_every: float = 15.0,
            feed: Callable[[], object] = lambda: None, feed_every: float = 1.0, local: bool = False) -> dict:
     """Poll the job's counters (one round-trip each) until every URL has its final record, waiting between two
     polls on the job's end (`Ledger.end_of`: the last URL's final state wakes the wait at once); `tick` (the
     reconciler) runs every `tick_every` seconds meanwhile, `feed` (the job's window) every `feed_every`; `local`:
     the workers are local mode's own (`alive` watches them), so a stall is not a missing worker.
-    ledger.JobGone if the backend lost the job."""
+    JobGone if the backend lost the job."""
     started = last_tick = last_feed = time.monotonic()
     err = sys.stdout
     tty = err.isatty() and not quiet
@@ -60,14 +60,14 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=Console(file=err),
                    disable=not tty, transient=True)
-    with bar, book.end_of(job) as end:
+    with bar, ledger.end_of(job) as end:
         task_id = bar.add_task(job, total=total, info="")
         while True:
-            counts = _counts_waiting(book, job, alive)
+            counts = _counts_waiting(ledger, job, alive)
             done, now = finished(counts), time.monotonic()
             if tty:
                 first_bytes = counts["bytes"] if first_bytes is None else first_bytes
-                info = _bar_info(counts, total, _in_flight(book, job), counts["bytes"] - first_bytes, now - started)
+                info = _bar_info(counts, total, _in_flight(ledger, job), counts["bytes"] - first_bytes, now - started)
                 bar.update(task_id, completed=done, info=info)
             if done >= total:
                 return counts
@@ -91,10 +91,10 @@ def follow(book: ledger.Ledger, job: str, total: int, *, quiet: bool, alive: Cal
             end.wait(poll_wait(now - started))  # returns as soon as the job's last URL ends
 
 
-def _in_flight(book: ledger.Ledger, job: str) -> tuple[int, int | None]:
+def _in_flight(ledger: Ledger, job: str) -> tuple[int, int | None]:
     """The running downloads' bytes so far and their size in all (None: unknown); (0, 0) if the backend fails."""
     try:
-        return book.in_flight(job)
+        return ledger.in_flight(job)
     except (redis.RedisError, OSError):
         return 0, 0
 
@@ -124,19 +124,19 @@ RATE_SAMPLE_S = 1.0  # `status` looks at the running downloads' bytes twice, thi
 MAX_RUNNING_SHOWN = 10
 
 
-def running_files(book: ledger.Ledger, job: str, sample_s: float = RATE_SAMPLE_S) -> list[dict[str, Any]]:
+def running_files(ledger: Ledger, job: str, sample_s: float = RATE_SAMPLE_S) -> list[dict[str, Any]]:
     """The job's running downloads that published their bytes (big files: a worker does every 0.5 s), largest
     first: index, name, bytes so far, size (None: unknown), rate in bytes/s over `sample_s`."""
-    before = book.running_files(job)
+    before = ledger.running_files(job)
     if not before:
         return []
     began = time.monotonic()
     time.sleep(sample_s)
-    after = book.running_files(job)
+    after = ledger.running_files(job)
     elapsed = time.monotonic() - began
     files = []
     for index, (done, size) in after.items():
-        entry = book.entry(job, index)
+        entry = ledger.entry(job, index)
         rate = max(0, done - before[index][0]) / elapsed if index in before else None
         files.append({"index": index, "name": entry[1] if entry else str(index), "bytes": done, "size": size,
                       "rate": rate})
@@ -170,13 +170,13 @@ def _tick_quietly(tick: Callable[[], object]) -> None:
         tick()
 
 
-def _counts_waiting(book: ledger.Ledger, job: str, alive: Callable[[], str | None]) -> dict[str, int]:
+def _counts_waiting(ledger: Ledger, job: str, alive: Callable[[], str | None]) -> dict[str, int]:
     """The job's counters; while the backend is unreachable, say so and keep waiting (it may restart), unless
     `alive` says it cannot (local mode's server died)."""
     told = False
     while True:
         try:
-            return book.counts(job)
+            return ledger.counts(job)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             problem = alive()
             if problem:

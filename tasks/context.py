@@ -9,10 +9,11 @@ import functools
 import threading
 from typing import Any
 
-from . import fetch, hostlimit, ledger, urllib3_hooks
+from . import fetch, hostlimit, urllib3_hooks
 from .config import Settings, settings_of
 from .guard import Policy
 from .lease import Renewer
+from .ledger import Ledger, client_for, for_thread
 from .message import Options
 from .slot_state import Ends, SlotAndState
 
@@ -27,7 +28,7 @@ class TaskContext:
         s = settings
         self.leases = Renewer(self.ledger, self.limiter, s.url_lease, min(s.url_lease, s.host_lease) / 3)
         self.resolved = functools.lru_cache(maxsize=1024)(self._resolve)  # most URLs share their job's options
-        self.ends = Ends(lambda: ledger.client_for(s.backend, 2, own_connection=True, timeout=10, name=Ends.NAME))
+        self.ends = Ends(lambda: client_for(s.backend, 2, own_connection=True, timeout=10, name=Ends.NAME))
 
     def _resolve(self, options: Options) -> Options:
         """A message's options with the worker's settings for those it leaves unset."""
@@ -40,15 +41,15 @@ class TaskContext:
         policy = Policy.from_settings(s.allow_private, s.allow_networks, s.resolve)
         return fetch.Limits(s.connect_timeout, s.read_timeout, s.max_redirects, policy, s.ca_bundle)
 
-    def ledger(self) -> ledger.Ledger:
+    def ledger(self) -> Ledger:
         """This thread's ledger (a connection of its own); its Redis client serves the thread's limiter too."""
-        return ledger.for_thread(self.settings.backend, self.settings.result_expires)
+        return for_thread(self.settings.backend, self.settings.result_expires)
 
     def limiter(self) -> hostlimit.HostLimiter:
-        book = self.ledger()
+        ledger = self.ledger()
         limiter: hostlimit.HostLimiter | None = getattr(self._mine, "limiter", None)
-        if limiter is None or limiter.r is not book.r:
-            limiter = self._mine.limiter = hostlimit.HostLimiter(book.r, self.settings.host_lease)
+        if limiter is None or limiter.r is not ledger.r:
+            limiter = self._mine.limiter = hostlimit.HostLimiter(ledger.r, self.settings.host_lease)
         return limiter
 
     def slot_and_state(self) -> SlotAndState:

@@ -18,10 +18,11 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 
-from . import context, fetch, hostlimit, ledger, segments, shared, transfer
+from . import context, fetch, hostlimit, segments, shared, transfer
 from .config import TASK_NAME
 from .credentials import Credentials
 from .errors import BadMessage, Busy, Cancelled, DownloadError, TransientError
+from .ledger import CANCELLED, FAILED, QUEUED, RETRYING, STARTED, Ledger
 from .message import Entry, Message, Options, display_of
 from .redact import redact_text, redact_url
 from .retry import THROTTLE_STATUS, countdown, host_pause
@@ -170,13 +171,13 @@ def _received(ctx: context.TaskContext, url: Any, name: Any, job: Any, index: An
     sent = Message.decode(url, name, job, index, opts)
     if sent.job is None:
         return replace(sent, options=replace(sent.options, secret_headers=False, credentials=False)), [], None
-    book = ctx.ledger()
-    entry, options = book.entry(sent.job, sent.index), _job_options(book, sent.job)
+    ledger = ctx.ledger()
+    entry, options = ledger.entry(sent.job, sent.index), _job_options(ledger, sent.job)
     if entry is None or options is None:
         raise BadMessage(f"job {sent.job} has no URL #{sent.index} in the ledger (expired, or not one of its URLs)")
     msg = Message.of(sent.job, Entry(sent.index, *entry), options, sent.state)
-    secrets = book.secret_headers(sent.job, sent.index) if msg.options.secret_headers else []
-    logins = Credentials.from_json(book.credentials(sent.job)) if msg.options.credentials else None
+    secrets = ledger.secret_headers(sent.job, sent.index) if msg.options.secret_headers else []
+    logins = Credentials.from_json(ledger.credentials(sent.job)) if msg.options.credentials else None
     return msg, secrets, logins
 
 
@@ -184,11 +185,11 @@ _options_of: dict[str, Options] = {}  # job -> its options (written once by the 
 
 
 
-def _job_options(book: ledger.Ledger, job: str) -> Options | None:
+def _job_options(ledger: Ledger, job: str) -> Options | None:
     """The job's options as the producer recorded them; None for a job the ledger does not have."""
     options = _options_of.get(job)
     if options is None:
-        found = book.options(job)
+        found = ledger.options(job)
         if found is None:
             return None
         try:
@@ -234,7 +235,7 @@ def _take_slot(call: Call) -> hostlimit.Lease | None:
         waited = time.monotonic() - began  # the time waited, not the naps asked for: a release may end one early
         if not in_thread or waited >= IN_THREAD_WAIT_S:
             # held back on purpose: a lease covers it
-            call.mark(ledger.QUEUED, lease=wait + call.ctx.settings.url_lease)
+            call.mark(QUEUED, lease=wait + call.ctx.settings.url_lease)
             call.requeue(wait)
         # The turn is an estimate from the host's window now, which may grow meanwhile (and is unknown at the
         # start of a job): look again at least every RECHECK_S rather than requeue on a guess.
@@ -262,12 +263,9 @@ def _acquire(call: Call, per_host: int, rate: float) -> tuple[hostlimit.Lease | 
 
 def _run(call: Call, polite: bool) -> dict[str, Any]:
     m, o, s = call.msg, call.opts, call.ctx.settings
-    if call.started_with_slot:
-        already = call.already
-    else:
-        already = call.mark(ledger.STARTED, lease=s.url_lease) if m.job else None
+    already = call.already if call.started_with_slot else (call.mark(STARTED, lease=s.url_lease) if m.job else None)
     if m.job and already is not None:
-        why = "the job was cancelled" if already == ledger.CANCELLED else "redelivery ignored"
+        why = "the job was cancelled" if already == CANCELLED else "redelivery ignored"
         log.info("Already finished %s (job %s #%s): %s", m.name, m.job, m.index, why)
         return call.ctx.ledger().record(m.job, m.index) or {"status": already}
     if log.isEnabledFor(logging.DEBUG):  # naming the runner is work on every URL, for a line shown at DEBUG only
@@ -386,8 +384,8 @@ class _ChunkWatch:
 
 def _cancelled(call: Call) -> dict[str, Any]:
     """End the URL as cancelled (its temp file is already gone): a record, no file, no retry."""
-    record = call.record(None, path=call.path, status=ledger.CANCELLED, reason="job cancelled")
-    call.mark(ledger.CANCELLED, record)
+    record = call.record(None, path=call.path, status=CANCELLED, reason="job cancelled")
+    call.mark(CANCELLED, record)
     log.info("Cancelled %s (job %s #%s)", call.msg.name, call.msg.job, call.msg.index)
     return record
 
@@ -421,12 +419,12 @@ def _retry(call: Call, exc: DownloadError) -> NoReturn:
     log.warning("Retrying %s in %.1f s (attempt %d failed: %s)", call.msg.name, wait, state.attempt,
                 redact_text(exc.reason))
     call.msg.state = replace(state, resume=getattr(exc, "resume", None), attempt=state.attempt + 1)
-    call.mark(ledger.RETRYING, lease=wait + s.url_lease)
+    call.mark(RETRYING, lease=wait + s.url_lease)
     call.requeue(wait)
 
 
 def _fail(call: Call, reason: str) -> NoReturn:
     reason = redact_text(reason)
-    call.mark(ledger.FAILED, call.record(None, path=call.path, reason=reason))
+    call.mark(FAILED, call.record(None, path=call.path, reason=reason))
     log.error("Failed %s: %s", redact_url(call.msg.url), reason)
     raise DownloadFailed(f"{redact_url(call.msg.url)}: {reason}") from None  # no chained traceback: it quotes URLs

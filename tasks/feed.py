@@ -25,8 +25,22 @@ import redis
 from celery import Celery, bootsteps
 from redis.lock import Lock
 
-from . import kombu_redis, ledger
+from . import kombu_redis
 from .config import QUEUE, TASK_NAME, Settings, settings_of
+from .ledger import (
+    CANCELLED,
+    CANCELLED_AT,
+    FAILED,
+    FED,
+    FEED_CHANNEL,
+    FINAL,
+    QUEUED,
+    EndWatch,
+    JobKeys,
+    Ledger,
+    client_for,
+    counts_in,
+)
 from .message import Entry, Message, Options, RetryState
 from .redact import redact_url
 
@@ -47,7 +61,7 @@ def _chunks(items: Iterable[Message], size: int) -> Iterator[list[Message]]:
         yield batch
 
 
-def publish(app: Celery, book: ledger.Ledger, job: str, messages: Iterable[Message], *, mark: bool = True,
+def publish(app: Celery, ledger: Ledger, job: str, messages: Iterable[Message], *, mark: bool = True,
             queue_name: str = QUEUE) -> int:
     """One task per URL to `queue_name` (the job's queue: `--queue`), pipelined through kombu's publish batches;
     each batch then marked queued. A retry goes back to the queue its message came from (Celery's retry keeps
@@ -72,8 +86,8 @@ def publish(app: Celery, book: ledger.Ledger, job: str, messages: Iterable[Messa
                                      content_type="application/json", content_encoding="utf-8", declare=[],
                                      retry=False)
             if mark:
-                pipe = book.r.pipeline(transaction=True)
-                book.mark_queued(pipe, job, [m.index for m in batch])
+                pipe = ledger.r.pipeline(transaction=True)
+                ledger.mark_queued(pipe, job, [m.index for m in batch])
                 pipe.execute()
             sent += len(batch)
     return sent
@@ -107,45 +121,45 @@ class Feeder:
     producer) tops it up, one at a time per job (a Redis lock), so a job enqueued with --no-wait ends with
     workers alone. In the broker means published and not final: a URL retrying or running counts too."""
 
-    def __init__(self, app: Celery, book: ledger.Ledger, window: int) -> None:
-        self.app, self.book, self.window = app, book, window
+    def __init__(self, app: Celery, ledger: Ledger, window: int) -> None:
+        self.app, self.ledger, self.window = app, ledger, window
 
     def feed_live(self) -> int:
-        return sum(self.feed(job) for job in self.book.live())
+        return sum(self.feed(job) for job in self.ledger.live())
 
     def feed(self, job: str, wait: float = 0.0, again: bool = False) -> int:
         """Publish the job's next URLs while it has fewer than `window` messages out; returns how many. With
         `wait`, waits that long for a feeder of the job that holds the lock (`resume` after a killed producer);
         `again`: offer every URL without a state once more, from the first (`resume`)."""
-        progress = self.book.feeding(job)
+        progress = self.ledger.feeding(job)
         if progress is None or (progress[0] >= progress[1] and not again):
             return 0  # published whole (a job of an older producer), or every URL offered already
-        lock = self.book.r.lock(ledger.JobKeys(job).feeding, timeout=FEED_LOCK_S, sleep=0.2,
+        lock = self.ledger.r.lock(JobKeys(job).feeding, timeout=FEED_LOCK_S, sleep=0.2,
                                 blocking_timeout=wait)
         if not lock.acquire(blocking=wait > 0):
             return 0  # another worker (or the producer) feeds this job now
         try:
             if again:
-                self.book.mark_fed(job, 0)
+                self.ledger.mark_fed(job, 0)
             return self._top_up(job, lock)
         finally:
             with contextlib.suppress(redis.exceptions.LockError):  # expired and taken meanwhile: not ours
                 lock.release()
 
     def _top_up(self, job: str, lock: Lock) -> int:
-        meta = self.book.meta(job)
-        fed, total = int(meta.get(ledger.FED) or 0), int(meta.get("total") or 0)
-        if meta.get(ledger.CANCELLED_AT) is not None:
+        meta = self.ledger.meta(job)
+        fed, total = int(meta.get(FED) or 0), int(meta.get("total") or 0)
+        if meta.get(CANCELLED_AT) is not None:
             return 0
-        counts = ledger.counts_in(meta)  # read with the meta above: one round trip per job and tick
-        room = self.window - (counts["published"] - sum(counts[s] for s in ledger.FINAL))
-        options, queue, sent = job_options(self.book, job), job_queue(meta), 0
+        counts = counts_in(meta)  # read with the meta above: one round trip per job and tick
+        room = self.window - (counts["published"] - sum(counts[s] for s in FINAL))
+        options, queue, sent = job_options(self.ledger, job), job_queue(meta), 0
         while room > 0 and fed < total:
             upto = min(total, fed + min(room, FIRST_BATCH if fed == 0 else PUBLISH_BATCH))
-            batch = [Message.of(job, Entry(*row), options) for row in self.book.unpublished(job, upto, start=fed)]
+            batch = [Message.of(job, Entry(*row), options) for row in self.ledger.unpublished(job, upto, start=fed)]
             if batch:
-                publish(self.app, self.book, job, batch, queue_name=queue)
-            self.book.mark_fed(job, upto)
+                publish(self.app, self.ledger, job, batch, queue_name=queue)
+            self.ledger.mark_fed(job, upto)
             lock.reacquire()  # held while batches go out; a killed feeder's runs out soon
             fed, room, sent = upto, room - len(batch), sent + len(batch)
         return sent
@@ -154,8 +168,8 @@ class Feeder:
 FEED_LOCK_S = 10.0  # a feeder that died holding the lock delays the job's feeding this long at most
 
 
-def job_options(book: ledger.Ledger, job: str) -> Options:
-    return Options(**(book.meta(job).get("opts") or {}))
+def job_options(ledger: Ledger, job: str) -> Options:
+    return Options(**(ledger.meta(job).get("opts") or {}))
 
 
 def job_queue(meta: dict[str, Any]) -> str:
@@ -167,61 +181,61 @@ class Reconciler:
     """Finds the URLs of live jobs that nothing will deliver, and publishes them again. `settings`: the sweep
     interval, the URL lease and the most redeliveries (the app's, for an app that has none of its own)."""
 
-    def __init__(self, app: Celery, book: ledger.Ledger, broker: redis.Redis | None,
+    def __init__(self, app: Celery, ledger: Ledger, broker: redis.Redis | None,
                  settings: Settings | None = None) -> None:
-        self.app, self.book, self.broker = app, book, broker
+        self.app, self.ledger, self.broker = app, ledger, broker
         self.settings = settings or settings_of(app)
 
     def sweep(self) -> int:
         """One pass over the live jobs under the cluster-wide lock; returns the URLs published again."""
         # Never released: it lapses after 90 % of a sweep interval, so the cluster sweeps about once an interval.
-        if not self.book.r.lock(LOCK_KEY, timeout=self.settings.sweep_interval * 0.9).acquire(blocking=False):
+        if not self.ledger.r.lock(LOCK_KEY, timeout=self.settings.sweep_interval * 0.9).acquire(blocking=False):
             return 0  # another worker (or the producer) sweeps now
         healed = 0
-        for job in self.book.live():
-            meta = self.book.meta(job)
+        for job in self.ledger.live():
+            meta = self.ledger.meta(job)
             if not meta:
-                self.book.mark_finished(job)  # expired: nothing to heal
+                self.ledger.mark_finished(job)  # expired: nothing to heal
                 continue
             if "total" not in meta:
                 continue  # being created: its URLs are still being written (the feeder waits for them too)
-            counts, total = ledger.counts_in(meta), int(meta.get("total") or 0)
-            self.book.expire_with_job(job)
-            if sum(counts[s] for s in ledger.FINAL) >= total:
-                self.book.mark_finished(job)
+            counts, total = counts_in(meta), int(meta.get("total") or 0)
+            self.ledger.expire_with_job(job)
+            if sum(counts[s] for s in FINAL) >= total:
+                self.ledger.mark_finished(job)
             else:
                 healed += self.heal(job, counts)
         return healed
 
     def heal(self, job: str, counts: dict[str, int]) -> int:
-        lost = self.book.overdue(job, SWEEP_BATCH)
-        if self.book.cancelled(job):  # nothing of a cancelled job is published again: what was lost ends here
+        lost = self.ledger.overdue(job, SWEEP_BATCH)
+        if self.ledger.cancelled(job):  # nothing of a cancelled job is published again: what was lost ends here
             for index in lost:
-                self.book.transition(job, index, ledger.CANCELLED)
+                self.ledger.transition(job, index, CANCELLED)
             return 0
-        queue = job_queue(self.book.meta(job))
-        if counts[ledger.QUEUED] and self.broker is not None:
+        queue = job_queue(self.ledger.meta(job))
+        if counts[QUEUED] and self.broker is not None:
             lost += self._queued_without_message(job, check_queue=self._queue_empty(queue))
         if not lost:
             return 0
-        moved = self.book.requeue(job, sorted(set(lost)))
-        options = job_options(self.book, job)
+        moved = self.ledger.requeue(job, sorted(set(lost)))
+        options = job_options(self.ledger, job)
         messages = []
         for index, times in moved.items():
-            entry = self.book.entry(job, index)
+            entry = self.ledger.entry(job, index)
             if entry is None:
                 continue
             url, name, digest, own = entry
             if times > self.settings.max_redeliveries:
-                record = {"url": redact_url(url), "status": ledger.FAILED, "path": name, "redeliveries": times - 1,
+                record = {"url": redact_url(url), "status": FAILED, "path": name, "redeliveries": times - 1,
                           "reason": f"its worker was lost {times - 1} times (killed, out of memory?); "
                                     "not tried again (FLEETFETCH_MAX_REDELIVERIES)"}
-                self.book.transition(job, index, ledger.FAILED, record)
+                self.ledger.transition(job, index, FAILED, record)
                 continue
             messages.append(Message.of(job, Entry(index, url, name, digest, own), options,
                                        RetryState(redeliveries=times)))
         if messages:
-            publish(self.app, self.book, job, messages, mark=False, queue_name=queue)
+            publish(self.app, self.ledger, job, messages, mark=False, queue_name=queue)
             log.warning("Published %d URL(s) of job %s again: their worker or message was lost", len(messages), job)
         return len(messages)
 
@@ -242,22 +256,22 @@ class Reconciler:
         prefix = f"{job}-"
         now = {int(tid[len(prefix):]) for tid, at in held.items() if tid.startswith(prefix) and at < stale}
         if check_queue:
-            now |= {i for i in self.book.queued(job, SWEEP_BATCH) if f"{prefix}{i}" not in held}
-        now = self.book.without_lease(job, self.book.in_state(job, sorted(now), ledger.QUEUED))
-        k = ledger.JobKeys(job)
-        before = {int(i) for i in cast(set[bytes], self.book.r.smembers(k.suspect))}
-        pipe = self.book.r.pipeline(transaction=True)
+            now |= {i for i in self.ledger.queued(job, SWEEP_BATCH) if f"{prefix}{i}" not in held}
+        now = self.ledger.without_lease(job, self.ledger.in_state(job, sorted(now), QUEUED))
+        k = JobKeys(job)
+        before = {int(i) for i in cast(set[bytes], self.ledger.r.smembers(k.suspect))}
+        pipe = self.ledger.r.pipeline(transaction=True)
         pipe.delete(k.suspect)
         if now - before:
             pipe.sadd(k.suspect, *(now - before))
-            pipe.expire(k.suspect, self.book.ttl)
+            pipe.expire(k.suspect, self.ledger.ttl)
         pipe.execute()
         return sorted(now & before)
 
 
 def broker_client(url: str) -> redis.Redis | None:
     """A client of the broker when it is Redis (its queue and unacknowledged messages can be looked at)."""
-    return ledger.client_for(url) if url.startswith(("redis://", "rediss://", "unix://")) else None
+    return client_for(url) if url.startswith(("redis://", "rediss://", "unix://")) else None
 
 
 def held_by_this_worker() -> dict[str, list[int]]:
@@ -280,7 +294,7 @@ def held_by_this_worker() -> dict[str, list[int]]:
 
 class Sweeper(bootsteps.StartStopStep):
     """In each worker's main process: the feeder (jobs' windows topped up) every second and at once when a job's
-    messages out fall to half its window (a final state announces it on ledger.FEED_CHANNEL), leases for the
+    messages out fall to half its window (a final state announces it on FEED_CHANNEL), leases for the
     messages it holds (a URL reserved or waiting for its countdown is as alive as its worker), and the reconciler
     every FLEETFETCH_SWEEP_INTERVAL seconds."""
 
@@ -300,7 +314,7 @@ class Sweeper(bootsteps.StartStopStep):
         reconciler, feeder, last_sweep, last_hold = None, None, time.monotonic(), 0.0
         settings = settings_of(app)  # the worker's app's
         hold_every = min(settings.url_lease / 3, settings.sweep_interval)
-        wake: ledger.EndWatch | None = None  # a job's window half drained (ledger.FEED_CHANNEL), or the tick
+        wake: EndWatch | None = None  # a job's window half drained (FEED_CHANNEL), or the tick
         while not self.stopped.is_set():
             if wake is None:
                 self.stopped.wait(min(FEED_TICK, hold_every))
@@ -310,14 +324,14 @@ class Sweeper(bootsteps.StartStopStep):
                 break
             try:
                 if reconciler is None or feeder is None:
-                    book = ledger.Ledger(ledger.client_for(settings.backend), settings.result_expires)
-                    reconciler = Reconciler(app, book, broker_client(settings.broker), settings)
-                    feeder = Feeder(app, book, settings.window)
-                    wake = ledger.EndWatch(book.r, ledger.FEED_CHANNEL)
+                    ledger = Ledger(client_for(settings.backend), settings.result_expires)
+                    reconciler = Reconciler(app, ledger, broker_client(settings.broker), settings)
+                    feeder = Feeder(app, ledger, settings.window)
+                    wake = EndWatch(ledger.r, FEED_CHANNEL)
                 held = held_by_this_worker()
                 if held and time.monotonic() - last_hold >= hold_every:
                     last_hold = time.monotonic()
-                    reconciler.book.hold(held, settings.url_lease)
+                    reconciler.ledger.hold(held, settings.url_lease)
                 if time.monotonic() - last_sweep >= settings.sweep_interval:
                     last_sweep = time.monotonic()
                     reconciler.sweep()

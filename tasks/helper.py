@@ -35,17 +35,17 @@ def segment(self: Any, job: Any = None, index: Any = 0, gen: Any = "", *extra: A
     if extra or unknown or not isinstance(job, str) or type(index) is not int or not isinstance(gen, str):
         return {"status": "refused", "reason": "bad helper message"}
     ctx = context.of(self.app)
-    settings, book = ctx.settings, ctx.ledger()
+    settings, ledger = ctx.settings, ctx.ledger()
     board = shared.Board(lambda: ctx.ledger().r, job, index, settings.result_expires, settings.url_lease)
-    plan, entry, options = board.load(), book.entry(job, index), _job_options(book, job)
+    plan, entry, options = board.load(), ledger.entry(job, index), _job_options(ledger, job)
     if plan is None or plan.gen != gen or entry is None or options is None:
         log.info("Nothing left to help with for job %s #%s", job, index)
         return {"status": "nothing to do"}
     msg = Message.of(job, Entry(index, *entry), options)
     if plan.url != storage.url_key(msg.url):
         return {"status": "refused", "reason": "the plan is not this URL's"}
-    secrets = book.secret_headers(job, index) if msg.options.secret_headers else []
-    logins = Credentials.from_json(book.credentials(job)) if msg.options.credentials else None
+    secrets = ledger.secret_headers(job, index) if msg.options.secret_headers else []
+    logins = Credentials.from_json(ledger.credentials(job)) if msg.options.credentials else None
     call = Call(self, msg, msg.options.resolve(settings), secrets, logins)
     with storage.TargetDir(settings.download_dir, call.opts.subdir) as where:
         fd = _open_part(where, plan)

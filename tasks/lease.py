@@ -15,7 +15,8 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from . import hostlimit, ledger
+from . import hostlimit
+from .ledger import Ledger
 
 log = logging.getLogger("fleetfetch")
 _STARTING = threading.Lock()
@@ -25,7 +26,7 @@ _STARTING = threading.Lock()
 class Renewer:
     """Renews every lease held in this process each `interval` seconds, in one round trip per kind."""
 
-    book: Callable[[], ledger.Ledger]
+    ledger: Callable[[], Ledger]
     limiter: Callable[[], hostlimit.HostLimiter]
     url_lease: float
     interval: float
@@ -75,4 +76,4 @@ class Renewer:
             if slot is not None:
                 self.limiter().renew(slot)
         if urls:
-            self.book().renew(urls, self.url_lease)
+            self.ledger().renew(urls, self.url_lease)

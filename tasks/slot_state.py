@@ -16,8 +16,9 @@ from typing import Any
 
 import redis
 
-from . import hostlimit, kombu_redis, ledger
+from . import hostlimit, kombu_redis
 from .connection import together
+from .ledger import STARTED, Ledger
 from .ledger.scripts import body
 
 log = logging.getLogger("fleetfetch")
@@ -65,10 +66,10 @@ def _call(script: Any, first: tuple[list, list], second: tuple[list, list]) -> A
 class SlotAndState:
     """The two scripts, registered on the client that the ledger and the host limiter of a thread share."""
 
-    def __init__(self, book: ledger.Ledger, limiter: hostlimit.HostLimiter) -> None:
-        self.book, self.limiter = book, limiter
-        self._start = book.r.register_script(START)
-        self._finish = book.r.register_script(FINISH)
+    def __init__(self, ledger: Ledger, limiter: hostlimit.HostLimiter) -> None:
+        self.ledger, self.limiter = ledger, limiter
+        self._start = ledger.r.register_script(START)
+        self._finish = ledger.r.register_script(FINISH)
 
     def start(self, job: str, index: int, lease: float, host: str, limit: int, rate: float, waiter: str,
               waited: bool) -> tuple[hostlimit.Lease | None, float, str | None]:
@@ -76,7 +77,7 @@ class SlotAndState:
         state the URL already had or None); or (None, seconds to wait, None) and the URL left as it was."""
         lease_id = hostlimit.new_lease_id()
         reply = _call(self._start, self.limiter.acquire_keys_args(host, limit, rate, waiter, waited, lease_id),
-                      self.book.transition_keys_args(job, index, ledger.STARTED, lease=lease))
+                      self.ledger.transition_keys_args(job, index, STARTED, lease=lease))
         slot, wait = self.limiter.acquired(host, limit, lease_id, reply[0])
         already = reply[1] if slot is not None and len(reply) > 1 else None
         return slot, wait, already.decode() if already else None
@@ -85,7 +86,7 @@ class SlotAndState:
                slot: hostlimit.Lease) -> str | None:
         """The URL's final state and its slot given back (the host answered). Returns the final state the URL
         already had (then it is kept), or None. Idempotent, as each half is."""
-        reply = _call(self._finish, self.book.transition_keys_args(job, index, state, record, None, name),
+        reply = _call(self._finish, self.ledger.transition_keys_args(job, index, state, record, None, name),
                       self.limiter.release_keys_args(slot, True))
         return reply[0].decode() if reply[0] else None
 
@@ -114,7 +115,7 @@ class Ends:
         thread whose messages are not acknowledged by the event loop's batches: the caller sends it itself."""
         if not kombu_redis.acks_in_batches() or threading.current_thread() is threading.main_thread():
             return False
-        call = _keys_args(both.book.transition_keys_args(job, index, state, record, None, name),
+        call = _keys_args(both.ledger.transition_keys_args(job, index, state, record, None, name),
                           both.limiter.release_keys_args(slot, True))
         with self._lock:
             self._pending.append(call)

@@ -15,10 +15,10 @@ import pytest
 from celery import Celery
 
 from bench.realparts.servers import RedisServer, Worker
-from tasks import ledger
 from tasks.app import pool_on_command_line
 from tasks.config import THREADS_CONCURRENCY, Settings, default_concurrency
 from tasks.hostlimit import HostKeys
+from tasks.ledger import DONE, STARTED, Ledger
 from tests.conftest import ROOT, Cluster, job_id_of, write_list
 
 README_WORKER = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO"]
@@ -154,20 +154,20 @@ def test_a_download_is_started_in_the_ledger_and_has_no_celery_result_before_or_
     assert result.returncode == 0, result.stderr
     job = job_id_of(result.stdout)
     backend = own.backend()
-    book = ledger.Ledger(backend, 3600)
+    ledger = Ledger(backend, 3600)
 
     deadline = time.monotonic() + 15
-    while book.state(job, 0) != ledger.STARTED and time.monotonic() < deadline:
+    while ledger.state(job, 0) != STARTED and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert book.state(job, 0) == ledger.STARTED
+    assert ledger.state(job, 0) == STARTED
     assert backend.get(f"celery-task-meta-{job}-0") is None  # no STARTED result: the ledger already says it
 
     deadline = time.monotonic() + 15
-    while book.state(job, 0) != ledger.DONE and time.monotonic() < deadline:
+    while ledger.state(job, 0) != DONE and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert book.state(job, 0) == ledger.DONE
+    assert ledger.state(job, 0) == DONE
     assert backend.get(f"celery-task-meta-{job}-0") is None  # nor a SUCCESS one: the ledger's record is kept
-    assert (book.record(job, 0) or {})["bytes"] == 5000
+    assert (ledger.record(job, 0) or {})["bytes"] == 5000
 
 
 def test_a_host_gets_8_connections_at_first_and_more_while_it_keeps_up(own, default_worker, origin, tmp_path):
@@ -223,9 +223,9 @@ def test_one_command_starts_a_worker_per_core_and_every_one_downloads(origin, tm
         listing = write_list(tmp_path / "urls.txt", [origin.url(f"/pc{i}.bin") for i in range(4 * n)])
         done = cluster.producer(str(listing), "-d", "pc")
         assert done.returncode == 0, done.stderr
-        book = ledger.Ledger(cluster.backend(), 3600)
+        ledger = Ledger(cluster.backend(), 3600)
         job = job_id_of(done.stderr + done.stdout)
-        workers = {book.record(job, i)["worker"].split("@")[0] for i in range(4 * n)}
+        workers = {ledger.record(job, i)["worker"].split("@")[0] for i in range(4 * n)}
         assert workers == {f"w{i}" for i in range(1, n + 1)}
     finally:
         os.killpg(proc.pid, 15)

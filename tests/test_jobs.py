@@ -7,10 +7,10 @@ import json
 import time
 import uuid
 
-from tasks import ledger
 from tasks.app import app
 from tasks.config import QUEUE
 from tasks.feed import Reconciler
+from tasks.ledger import CANCELLED, RETRYING, STARTED, Ledger
 from tests.conftest import job_id_of, read_manifest, write_list
 
 SIZE = 6 << 20  # 6 MiB at 1 MB/s: still running when the job is cancelled
@@ -36,15 +36,15 @@ def test_cancel_ends_every_url_cancelled_leaves_no_temp_files_and_resume_finishe
     queued = cluster.producer(str(listing), "-d", "cancel", "--no-wait")
     assert queued.returncode == 0, queued.stdout + queued.stderr
     job = job_id_of(queued.stdout)
-    book = ledger.Ledger(cluster.backend(), 3600)
+    ledger = Ledger(cluster.backend(), 3600)
     directory = cluster.downloads / "cancel"
-    _wait(lambda: book.counts(job)["started"] >= 4 and list(directory.glob(".*.part")), what="4 downloads running")
+    _wait(lambda: ledger.counts(job)["started"] >= 4 and list(directory.glob(".*.part")), what="4 downloads running")
 
     cancelled = cluster.producer("cancel", job)
     assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
     assert "cancelled 2 URLs not started" in cancelled.stdout
-    _wait(lambda: book.counts(job)["cancelled"] == 6, timeout=15, what="every URL cancelled")
-    counts = book.counts(job)
+    _wait(lambda: ledger.counts(job)["cancelled"] == 6, timeout=15, what="every URL cancelled")
+    counts = ledger.counts(job)
     assert counts["done"] == counts["failed"] == counts["started"] == counts["queued"] == 0
     assert list(directory.iterdir()) == []  # no temp file, no file
     assert len(origin.requests) == 4  # the two queued URLs were skipped without a request
@@ -80,38 +80,38 @@ def _manifest(cluster, job, path):
 
 def test_the_reconciler_never_republishes_a_cancelled_job(cluster):
     """A cancelled job's URL whose worker vanished (lease run out) ends cancelled; nothing is published again."""
-    book = ledger.Ledger(cluster.backend(), 3600)
+    ledger = Ledger(cluster.backend(), 3600)
     job = f"test-reconcile-{uuid.uuid4().hex[:8]}"
-    book.create(job, {"input": "test"}, [(i, f"http://127.0.0.1:9/{i}", f"f{i}", None, {}) for i in range(3)])
-    pipe = book.r.pipeline(transaction=True)
-    book.mark_queued(pipe, job, [0, 1, 2])
+    ledger.create(job, {"input": "test"}, [(i, f"http://127.0.0.1:9/{i}", f"f{i}", None, {}) for i in range(3)])
+    pipe = ledger.r.pipeline(transaction=True)
+    ledger.mark_queued(pipe, job, [0, 1, 2])
     pipe.execute()
-    book.transition(job, 0, ledger.STARTED, lease=0.001)  # running, then its worker is lost
-    book.transition(job, 1, ledger.RETRYING, lease=0.001)
-    assert book.cancel(job, 3) == 2  # the retrying and the queued one; the running one is left to its worker
+    ledger.transition(job, 0, STARTED, lease=0.001)  # running, then its worker is lost
+    ledger.transition(job, 1, RETRYING, lease=0.001)
+    assert ledger.cancel(job, 3) == 2  # the retrying and the queued one; the running one is left to its worker
     time.sleep(0.05)
     before = cluster.broker().llen(QUEUE)
-    assert Reconciler(app, book, cluster.broker()).heal(job, book.counts(job)) == 0
-    counts = book.counts(job)
+    assert Reconciler(app, ledger, cluster.broker()).heal(job, ledger.counts(job)) == 0
+    counts = ledger.counts(job)
     assert counts["cancelled"] == 3 and counts["started"] == 0 and counts["queued"] == 0
     assert cluster.broker().llen(QUEUE) == before
-    assert book.overdue(job, 10) == []
+    assert ledger.overdue(job, 10) == []
 
 
 def test_a_cancel_while_the_job_is_being_enqueued_keeps_its_urls_cancelled(cluster):
     """The producer marks a batch queued after publishing it: a URL cancelled meanwhile stays cancelled, and the
     counters still add up to the job's total."""
-    book = ledger.Ledger(cluster.backend(), 3600)
+    ledger = Ledger(cluster.backend(), 3600)
     job = f"test-race-{uuid.uuid4().hex[:8]}"
-    book.create(job, {"input": "test"}, [(i, f"http://127.0.0.1:9/{i}", f"f{i}", None, {}) for i in range(4)])
-    pipe = book.r.pipeline(transaction=True)
-    book.mark_queued(pipe, job, [0, 1])
+    ledger.create(job, {"input": "test"}, [(i, f"http://127.0.0.1:9/{i}", f"f{i}", None, {}) for i in range(4)])
+    pipe = ledger.r.pipeline(transaction=True)
+    ledger.mark_queued(pipe, job, [0, 1])
     pipe.execute()
-    assert book.cancel(job, 4) == 4  # 2 queued, 2 not yet published
-    pipe = book.r.pipeline(transaction=True)
-    book.mark_queued(pipe, job, [2, 3])  # the producer's next batch lands after the cancel
+    assert ledger.cancel(job, 4) == 4  # 2 queued, 2 not yet published
+    pipe = ledger.r.pipeline(transaction=True)
+    ledger.mark_queued(pipe, job, [2, 3])  # the producer's next batch lands after the cancel
     pipe.execute()
-    counts = book.counts(job)
+    counts = ledger.counts(job)
     assert counts["cancelled"] == 4 and counts["queued"] == 0 and counts["published"] == 4
-    assert book.transition(job, 3, ledger.STARTED, lease=60) == ledger.CANCELLED  # its message is skipped
-    assert book.counts(job) == counts
+    assert ledger.transition(job, 3, STARTED, lease=60) == CANCELLED  # its message is skipped
+    assert ledger.counts(job) == counts

@@ -13,9 +13,29 @@ import pytest
 import redis
 
 from bench.realparts.servers import RedisServer
-from tasks import ledger, slot_state
+from tasks import slot_state
 from tasks.hostlimit import HostKeys, HostLimiter
-from tasks.ledger import scripts
+from tasks.ledger import (
+    BLOCK,
+    CANCELLED,
+    DONE,
+    FAILED,
+    MARK,
+    PACKED,
+    QUEUED,
+    RETRYING,
+    STARTED,
+    STATES,
+    JobKeys,
+    Ledger,
+    client_for,
+    compact,
+    expand,
+    for_thread,
+    pack,
+    scripts,
+    unpack,
+)
 
 pytestmark = pytest.mark.fast  # the fast tier (tests/conftest.py)
 
@@ -30,103 +50,103 @@ def _done(i: int, worker: str = "celery@w1", **extra: object) -> dict[str, objec
 
 def test_a_download_record_is_packed_and_comes_back_whole():
     numbers = {"w:celery@w1": 1, "c:application/pdf": 2}
-    stored = ledger.compact(_done(7), ledger.DONE, "f7.bin")
-    raw = ledger.pack(stored, lambda kind, value: numbers[f"{kind}:{value}"])
-    assert len(raw) == ledger.PACKED.size == 49
-    back = ledger.expand(ledger.unpack(raw, {1: "celery@w1", 2: "application/pdf"}), "http://127.0.0.1:9/d/f7.bin",
-                         ledger.DONE, "f7.bin")
+    stored = compact(_done(7), DONE, "f7.bin")
+    raw = pack(stored, lambda kind, value: numbers[f"{kind}:{value}"])
+    assert len(raw) == PACKED.size == 49
+    back = expand(unpack(raw, {1: "celery@w1", 2: "application/pdf"}), "http://127.0.0.1:9/d/f7.bin",
+                         DONE, "f7.bin")
     assert back == _done(7)
-    with_more = ledger.compact(_done(7, etag='"abc"', path="sub/f7.bin"), ledger.DONE, "f7.bin")
-    raw = ledger.pack(with_more, lambda kind, value: numbers[f"{kind}:{value}"])
-    assert raw[:1] == ledger.MARK and len(raw) > 49  # what the packing has no place for follows as JSON
-    back = ledger.unpack(raw, {1: "celery@w1", 2: "application/pdf"})
+    with_more = compact(_done(7, etag='"abc"', path="sub/f7.bin"), DONE, "f7.bin")
+    raw = pack(with_more, lambda kind, value: numbers[f"{kind}:{value}"])
+    assert raw[:1] == MARK and len(raw) > 49  # what the packing has no place for follows as JSON
+    back = unpack(raw, {1: "celery@w1", 2: "application/pdf"})
     assert back["etag"] == '"abc"' and back["path"] == "sub/f7.bin" and back["sha256"] == SHA
 
 
 def test_a_failure_record_stays_json():
     failure = {"url": "http://127.0.0.1:9/x", "status": "failed", "attempts": 3, "reason": "HTTP 404",
                "worker": "celery@w1", "elapsed_s": 0.5}
-    stored = ledger.compact(failure, ledger.FAILED)
-    raw = ledger.pack(stored, lambda kind, value: 1)
-    assert raw.startswith(b"{") and ledger.unpack(raw, {}) == stored
+    stored = compact(failure, FAILED)
+    raw = pack(stored, lambda kind, value: 1)
+    assert raw.startswith(b"{") and unpack(raw, {}) == stored
 
 
 def test_states_blocks_and_records_hold_across_block_boundaries(redis_server):
-    book = ledger.Ledger(redis_server.client(1), 3600)
+    ledger = Ledger(redis_server.client(1), 3600)
     job = f"blocks-{time.time_ns()}"
-    total = ledger.BLOCK * 2 + 500
+    total = BLOCK * 2 + 500
     rows = [(i, f"http://127.0.0.1:9/d/f{i}.bin", f"f{i}.bin", None, {"subdir": "s"} if i == 1500 else {})
             for i in range(total)]
-    assert book.create(job, {"opts": {}}, rows) == total
-    assert book.entry(job, 1500) == ("http://127.0.0.1:9/d/f1500.bin", "f1500.bin", None, {"subdir": "s"})
-    assert book.entry(job, total - 1)[0] == f"http://127.0.0.1:9/d/f{total - 1}.bin"
-    assert book.entry(job, total) is None
+    assert ledger.create(job, {"opts": {}}, rows) == total
+    assert ledger.entry(job, 1500) == ("http://127.0.0.1:9/d/f1500.bin", "f1500.bin", None, {"subdir": "s"})
+    assert ledger.entry(job, total - 1)[0] == f"http://127.0.0.1:9/d/f{total - 1}.bin"
+    assert ledger.entry(job, total) is None
     published = list(range(0, total, 3))
-    pipe = book.r.pipeline(transaction=True)
-    book.mark_queued(pipe, job, published)
+    pipe = ledger.r.pipeline(transaction=True)
+    ledger.mark_queued(pipe, job, published)
     pipe.execute()
-    assert [i for i, *_ in book.unpublished(job, total)] == [i for i in range(total) if i % 3]
-    book.transition(job, 999, ledger.STARTED, lease=60)
-    book.transition(job, 999, ledger.DONE, _done(999), name="f999.bin")
-    book.transition(job, 1000, ledger.FAILED, {"url": "u", "status": "failed", "reason": "HTTP 404"}, name="f1000.bin")
-    assert book.transition(job, 999, ledger.STARTED, lease=60) == ledger.DONE  # a final state stays
-    assert book.states(job, 998, 1002) == [None, ledger.DONE, ledger.FAILED, None]
-    assert book.queued(job, 5) == [0, 3, 6, 9, 12] and book.in_state(job, [0, 999, 1000], ledger.QUEUED) == [0]
-    counts = book.counts(job)
+    assert [i for i, *_ in ledger.unpublished(job, total)] == [i for i in range(total) if i % 3]
+    ledger.transition(job, 999, STARTED, lease=60)
+    ledger.transition(job, 999, DONE, _done(999), name="f999.bin")
+    ledger.transition(job, 1000, FAILED, {"url": "u", "status": "failed", "reason": "HTTP 404"}, name="f1000.bin")
+    assert ledger.transition(job, 999, STARTED, lease=60) == DONE  # a final state stays
+    assert ledger.states(job, 998, 1002) == [None, DONE, FAILED, None]
+    assert ledger.queued(job, 5) == [0, 3, 6, 9, 12] and ledger.in_state(job, [0, 999, 1000], QUEUED) == [0]
+    counts = ledger.counts(job)
     assert counts["done"] == 1 and counts["failed"] == 1 and counts["queued"] == len(published) - 1
-    records = {i: (r, s) for i, r, s in book.records(job, total)}
+    records = {i: (r, s) for i, r, s in ledger.records(job, total)}
     assert len(records) == total
-    assert records[999] == (_done(999), ledger.DONE) and book.record(job, 999) == _done(999)
-    assert records[1000][0]["reason"] == "HTTP 404" and records[1000][1] == ledger.FAILED
+    assert records[999] == (_done(999), DONE) and ledger.record(job, 999) == _done(999)
+    assert records[1000][0]["reason"] == "HTTP 404" and records[1000][1] == FAILED
     assert records[1][0] == {"url": "http://127.0.0.1:9/d/f1.bin", "path": "f1.bin", "status": "unpublished"}
-    assert book.cancel(job, total) == total - 2  # all but the final two
-    assert book.state(job, 0) == ledger.CANCELLED and book.uncancel(job, total) == total - 2
-    assert [i for i, *_ in book.unpublished(job, total)] == [i for i in range(total) if i not in (999, 1000)]
+    assert ledger.cancel(job, total) == total - 2  # all but the final two
+    assert ledger.state(job, 0) == CANCELLED and ledger.uncancel(job, total) == total - 2
+    assert [i for i, *_ in ledger.unpublished(job, total)] == [i for i in range(total) if i not in (999, 1000)]
 
 
 def test_a_finished_url_costs_about_a_hundred_bytes(redis_server):
     """The ledger's share of a job's Redis (issue 18: <= 300 B/URL at the peak, queue included): states, URLs and
     records of 20 000 done downloads, measured with MEMORY USAGE."""
-    book = ledger.Ledger(redis_server.client(1), 3600)
+    ledger = Ledger(redis_server.client(1), 3600)
     job = f"size-{time.time_ns()}"
     total = 20_000
     url = "http://files.example.test:8080/datasets/2026/part-{:07d}.bin"
-    book.create(job, {"opts": {}}, [(i, url.format(i), f"part-{i:07d}.bin", None) for i in range(total)])
+    ledger.create(job, {"opts": {}}, [(i, url.format(i), f"part-{i:07d}.bin", None) for i in range(total)])
     for i in range(total):
         record = _done(i) | {"url": url.format(i), "final_url": url.format(i), "path": f"part-{i:07d}.bin",
                              "sha256": hashlib.sha256(str(i).encode()).hexdigest()}
-        book.transition(job, i, ledger.DONE, record, name=f"part-{i:07d}.bin")
-    k = ledger.JobKeys(job)
-    size = {part: int(book.r.memory_usage(getattr(k, part), samples=0) or 0) for part in ("urls", "state", "rec")}
+        ledger.transition(job, i, DONE, record, name=f"part-{i:07d}.bin")
+    k = JobKeys(job)
+    size = {part: int(ledger.r.memory_usage(getattr(k, part), samples=0) or 0) for part in ("urls", "state", "rec")}
     assert size["state"] <= total * 2 and size["urls"] < total * 20, size  # a string grows by doubling
     assert sum(size.values()) / total < 130, size
-    assert book.record(job, 12345)["sha256"] == hashlib.sha256(b"12345").hexdigest()
+    assert ledger.record(job, 12345)["sha256"] == hashlib.sha256(b"12345").hexdigest()
 
 
 def test_the_last_url_to_end_announces_the_jobs_end_to_its_followers(redis_server):
     """A follower waits on the job's `ended` channel between two looks at its counters: the script that gives
     the last URL its final state publishes there (and only that one), as does a cancel that ends the job."""
-    book = ledger.Ledger(redis_server.client(1), 3600)
+    ledger = Ledger(redis_server.client(1), 3600)
     job = f"ends-{time.time_ns()}"
-    book.create(job, {"opts": {}}, [(i, f"http://127.0.0.1:9/e{i}", f"e{i}", None) for i in range(3)])
-    with book.end_of(job) as end, book.end_of(job) as other:
+    ledger.create(job, {"opts": {}}, [(i, f"http://127.0.0.1:9/e{i}", f"e{i}", None) for i in range(3)])
+    with ledger.end_of(job) as end, ledger.end_of(job) as other:
         assert not end.wait(0.05) and not other.wait(0.05)  # subscribed; nothing announced
-        book.transition(job, 0, ledger.STARTED, lease=60)
-        book.transition(job, 0, ledger.DONE, _done(0), name="f0.bin")
-        book.transition(job, 1, ledger.RETRYING, lease=60)
+        ledger.transition(job, 0, STARTED, lease=60)
+        ledger.transition(job, 0, DONE, _done(0), name="f0.bin")
+        ledger.transition(job, 1, RETRYING, lease=60)
         assert not end.wait(0.3)  # two URLs have not ended
-        book.transition(job, 1, ledger.FAILED, {"url": "http://127.0.0.1:9/e1", "status": "failed",
+        ledger.transition(job, 1, FAILED, {"url": "http://127.0.0.1:9/e1", "status": "failed",
                                                 "attempts": 3, "reason": "HTTP 404"})
         assert not end.wait(0.3)
-        book.transition(job, 2, ledger.DONE, _done(2), name="f2.bin")
+        ledger.transition(job, 2, DONE, _done(2), name="f2.bin")
         assert end.wait(30) and other.wait(30)  # every follower hears it at once, not at its timeout
         assert not end.wait(0.3)  # once
 
     cancelled = f"cancels-{time.time_ns()}"
-    book.create(cancelled, {"opts": {}}, [(i, f"http://127.0.0.1:9/c{i}", f"c{i}", None) for i in range(2)])
-    with book.end_of(cancelled) as end:
+    ledger.create(cancelled, {"opts": {}}, [(i, f"http://127.0.0.1:9/c{i}", f"c{i}", None) for i in range(2)])
+    with ledger.end_of(cancelled) as end:
         assert not end.wait(0.05)
-        assert book.cancel(cancelled, 2) == 2
+        assert ledger.cancel(cancelled, 2) == 2
         assert end.wait(30)
 
 
@@ -136,8 +156,8 @@ def test_a_wait_for_the_end_with_the_server_away_just_sleeps_its_time():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    book = ledger.Ledger(ledger.client_for(f"redis://127.0.0.1:{port}/1"), 3600)
-    with book.end_of("nowhere") as end:
+    ledger = Ledger(client_for(f"redis://127.0.0.1:{port}/1"), 3600)
+    with ledger.end_of("nowhere") as end:
         began = time.monotonic()
         assert end.wait(0.5) is False
         assert 0.4 < time.monotonic() - began < 5  # its own time, not the client's minute of retries
@@ -149,12 +169,12 @@ def test_a_threads_own_connection_waits_without_polling_and_still_times_out(tmp_
     after the timeout instead of hanging the thread."""
     server = RedisServer(tmp_path / "redis", appendonly=False).start()
     try:
-        shipped = ledger.for_thread(server.url(1), 3600).r  # what a task thread gets: 30 s, in the kernel
+        shipped = for_thread(server.url(1), 3600).r  # what a task thread gets: 30 s, in the kernel
         assert shipped.ping() and shipped.connection._sock.gettimeout() is None
         assert struct.unpack("ll", shipped.connection._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)) == (
             30, 0)
         # 1 s instead of the shipped 30, so that the stalled call below fails within this test's time
-        client = ledger.client_for(server.url(1), attempts=1, own_connection=True, timeout=1)
+        client = client_for(server.url(1), attempts=1, own_connection=True, timeout=1)
         assert client.ping()
         sock = client.connection._sock
         assert sock.gettimeout() is None
@@ -186,94 +206,94 @@ def test_every_ledger_script_names_the_keys_and_arguments_it_takes(redis_server)
 def test_records_and_leases_keep_the_jobs_expiry_through_every_transition(redis_server):
     """No transition looks at a key's TTL: `rec` and `due` are written with the job's expiry at `create` and never
     empty, so a lease set after the last one ended (its set emptied meanwhile) still expires with the job."""
-    book = ledger.Ledger(redis_server.client(1), 3600)
+    ledger = Ledger(redis_server.client(1), 3600)
     job = f"expiry-{time.time_ns()}"
-    book.create(job, {"opts": {}}, [(i, f"http://127.0.0.1:9/d/f{i}.bin", f"f{i}.bin", None) for i in range(2)])
-    k = ledger.JobKeys(job)
+    ledger.create(job, {"opts": {}}, [(i, f"http://127.0.0.1:9/d/f{i}.bin", f"f{i}.bin", None) for i in range(2)])
+    k = JobKeys(job)
     for i in range(2):
-        book.transition(job, i, ledger.STARTED, lease=60)
-        assert 0 < book.r.ttl(k.due) <= 3600 and book.overdue(job, 10) == []
-        book.transition(job, i, ledger.DONE, _done(i), name=f"f{i}.bin")
-        assert 0 < book.r.ttl(k.rec) <= 3600 and 0 < book.r.ttl(k.due) <= 3600
-    assert book.release_started(job) == 0 and book.record(job, 1)["bytes"] == 10
-    assert book.counts(job)["done"] == 2
+        ledger.transition(job, i, STARTED, lease=60)
+        assert 0 < ledger.r.ttl(k.due) <= 3600 and ledger.overdue(job, 10) == []
+        ledger.transition(job, i, DONE, _done(i), name=f"f{i}.bin")
+        assert 0 < ledger.r.ttl(k.rec) <= 3600 and 0 < ledger.r.ttl(k.due) <= 3600
+    assert ledger.release_started(job) == 0 and ledger.record(job, 1)["bytes"] == 10
+    assert ledger.counts(job)["done"] == 2
 
 
 def test_a_slot_and_the_started_state_are_taken_together_and_given_back_together(redis_server):
     """One script run takes a host slot and marks the URL started with its lease, or does neither (the host
     full); one gives the slot back with the final state. No moment exists where a killed worker leaves a started URL
     without its slot, or a slot held for a URL that ended."""
-    book = ledger.Ledger(redis_server.client(1), 3600)
-    limiter, host = HostLimiter(book.r), f"both-{time.time_ns()}.test"
-    both = slot_state.SlotAndState(book, limiter)
+    ledger = Ledger(redis_server.client(1), 3600)
+    limiter, host = HostLimiter(ledger.r), f"both-{time.time_ns()}.test"
+    both = slot_state.SlotAndState(ledger, limiter)
     job = f"both-{time.time_ns()}"
-    book.create(job, {"opts": {}}, [(i, f"http://127.0.0.1:9/d/f{i}.bin", f"f{i}.bin", None) for i in range(2)])
-    book.mark_queued(book.r, job, [0, 1])
-    k = ledger.JobKeys(job)
+    ledger.create(job, {"opts": {}}, [(i, f"http://127.0.0.1:9/d/f{i}.bin", f"f{i}.bin", None) for i in range(2)])
+    ledger.mark_queued(ledger.r, job, [0, 1])
+    k = JobKeys(job)
     first, wait, already = both.start(job, 0, 60, host, 1, 0.0, "t0", False)
     assert first is not None and wait == 0 and already is None
-    assert book.r.zcard(HostKeys(host).slots) == 1 and book.state(job, 0) == ledger.STARTED
-    assert book.r.zscore(k.due, "0") is not None
-    book.transition_keys_args(job, 0, ledger.DONE, _done(0), None, "f0.bin")  # its worker's number known
-    book.r.script_load(slot_state.FINISH)  # no NOSCRIPT round to count
-    calls = book.r.info("commandstats")["cmdstat_evalsha"]["calls"]
+    assert ledger.r.zcard(HostKeys(host).slots) == 1 and ledger.state(job, 0) == STARTED
+    assert ledger.r.zscore(k.due, "0") is not None
+    ledger.transition_keys_args(job, 0, DONE, _done(0), None, "f0.bin")  # its worker's number known
+    ledger.r.script_load(slot_state.FINISH)  # no NOSCRIPT round to count
+    calls = ledger.r.info("commandstats")["cmdstat_evalsha"]["calls"]
     none, wait, _ = both.start(job, 1, 60, host, 1, 0.0, "t1", False)  # the host's one slot is taken
     assert none is None and wait > 0
-    assert book.state(job, 1) == ledger.QUEUED and book.r.zscore(k.due, "1") is None  # neither changed
-    assert both.finish(job, 0, ledger.DONE, _done(0), "f0.bin", first) is None
-    assert book.r.info("commandstats")["cmdstat_evalsha"]["calls"] == calls + 2  # one script run each
-    assert book.r.zcard(HostKeys(host).slots) == 0 and book.state(job, 0) == ledger.DONE
-    assert book.r.zscore(k.due, "0") is None and book.record(job, 0)["bytes"] == 0
-    assert both.finish(job, 0, ledger.FAILED, {"status": "failed"}, "f0.bin", first) == ledger.DONE  # kept
+    assert ledger.state(job, 1) == QUEUED and ledger.r.zscore(k.due, "1") is None  # neither changed
+    assert both.finish(job, 0, DONE, _done(0), "f0.bin", first) is None
+    assert ledger.r.info("commandstats")["cmdstat_evalsha"]["calls"] == calls + 2  # one script run each
+    assert ledger.r.zcard(HostKeys(host).slots) == 0 and ledger.state(job, 0) == DONE
+    assert ledger.r.zscore(k.due, "0") is None and ledger.record(job, 0)["bytes"] == 0
+    assert both.finish(job, 0, FAILED, {"status": "failed"}, "f0.bin", first) == DONE  # kept
     second, _, _ = both.start(job, 1, 60, host, 1, 0.0, "t1", True)  # the slot free again; t1 leaves the line
-    assert second is not None and book.state(job, 1) == ledger.STARTED
-    assert book.r.zcard(HostKeys(host).wait) == 0
+    assert second is not None and ledger.state(job, 1) == STARTED
+    assert ledger.r.zcard(HostKeys(host).wait) == 0
 
 
 def test_a_job_whose_records_have_no_expiry_gets_the_jobs_at_the_sweep(redis_server):
     """A job an older producer created has no KEEP member: its `rec` and `due`, written by transitions that no longer
     look at TTLs, get the job's expiry from the reconciler's pass over live jobs."""
-    book = ledger.Ledger(redis_server.client(1), 3600)
+    ledger = Ledger(redis_server.client(1), 3600)
     job = f"old-{time.time_ns()}"
-    book.create(job, {"opts": {}}, [(0, "http://127.0.0.1:9/d/f0.bin", "f0.bin", None)])
-    k = ledger.JobKeys(job)
-    book.r.delete(k.rec, k.due)  # as an older producer left them
-    book.transition(job, 0, ledger.STARTED, lease=60)
-    book.transition(job, 0, ledger.FAILED, {"url": "http://127.0.0.1:9/d/f0.bin", "status": "failed",
+    ledger.create(job, {"opts": {}}, [(0, "http://127.0.0.1:9/d/f0.bin", "f0.bin", None)])
+    k = JobKeys(job)
+    ledger.r.delete(k.rec, k.due)  # as an older producer left them
+    ledger.transition(job, 0, STARTED, lease=60)
+    ledger.transition(job, 0, FAILED, {"url": "http://127.0.0.1:9/d/f0.bin", "status": "failed",
                                             "attempts": 1, "reason": "HTTP 404"})
-    book.r.zadd(k.due, {"7": 1})
-    assert book.r.ttl(k.rec) == -1 and book.r.ttl(k.due) == -1
-    book.expire_with_job(job)
-    assert 0 < book.r.ttl(k.rec) <= 3600 and 0 < book.r.ttl(k.due) <= 3600
+    ledger.r.zadd(k.due, {"7": 1})
+    assert ledger.r.ttl(k.rec) == -1 and ledger.r.ttl(k.due) == -1
+    ledger.expire_with_job(job)
+    assert 0 < ledger.r.ttl(k.rec) <= 3600 and 0 < ledger.r.ttl(k.due) <= 3600
 
 
 def test_marking_a_run_of_urls_queued_reads_and_writes_its_states_once_and_started_is_derived(redis_server):
     """mark_queued reads and writes each run of consecutive indexes as one range (two commands per run, not per
     URL), leaving a URL that has a state as it is; `started` has no counter of its own (`published` less the other
     states), so a start and an end are one HINCRBY each, and every count still matches the state bytes."""
-    book = ledger.Ledger(redis_server.client(1), 3600)
+    ledger = Ledger(redis_server.client(1), 3600)
     job = f"runs-{time.time_ns()}"
-    book.create(job, {"opts": {}}, [(i, f"http://127.0.0.1:9/d/f{i}.bin", f"f{i}.bin", None) for i in range(12)])
-    book.transition(job, 1, ledger.STARTED, lease=60)  # taken before it was marked: it counts as published
-    book.transition(job, 2, ledger.DONE, _done(2), name="f2.bin")
-    stats = book.r.info("commandstats")
+    ledger.create(job, {"opts": {}}, [(i, f"http://127.0.0.1:9/d/f{i}.bin", f"f{i}.bin", None) for i in range(12)])
+    ledger.transition(job, 1, STARTED, lease=60)  # taken before it was marked: it counts as published
+    ledger.transition(job, 2, DONE, _done(2), name="f2.bin")
+    stats = ledger.r.info("commandstats")
     before = {c: stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("getrange", "setrange", "hincrby")}
-    book.mark_queued(book.r, job, [0, 1, 2, 3, 6, 7, 11])  # three runs: 0-3, 6-7, 11 (past what the string holds)
-    stats = book.r.info("commandstats")
+    ledger.mark_queued(ledger.r, job, [0, 1, 2, 3, 6, 7, 11])  # three runs: 0-3, 6-7, 11 (past what the string holds)
+    stats = ledger.r.info("commandstats")
     assert {c: stats[f"cmdstat_{c}"]["calls"] - n for c, n in before.items()} == {
         "getrange": 3, "setrange": 3, "hincrby": 2}
-    assert book.states(job, 0, 12) == [ledger.QUEUED, ledger.STARTED, ledger.DONE, ledger.QUEUED, None, None,
-                                       ledger.QUEUED, ledger.QUEUED, None, None, None, ledger.QUEUED]
-    counts = book.counts(job)
+    assert ledger.states(job, 0, 12) == [QUEUED, STARTED, DONE, QUEUED, None, None,
+                                       QUEUED, QUEUED, None, None, None, QUEUED]
+    counts = ledger.counts(job)
     assert (counts["queued"], counts["started"], counts["done"], counts["published"]) == (5, 1, 1, 7)
-    hincrby = book.r.info("commandstats")["cmdstat_hincrby"]["calls"]
-    book.transition(job, 0, ledger.STARTED, lease=60)
-    book.transition(job, 0, ledger.DONE, _done(0), name="f0.bin")  # 'bytes' counted too: 0 bytes are not
-    assert book.r.info("commandstats")["cmdstat_hincrby"]["calls"] - hincrby == 2  # n:queued -1, n:done +1
-    book.transition(job, 3, ledger.STARTED, lease=60)
-    book.transition(job, 3, ledger.RETRYING, lease=60)
-    counts = book.counts(job)
+    hincrby = ledger.r.info("commandstats")["cmdstat_hincrby"]["calls"]
+    ledger.transition(job, 0, STARTED, lease=60)
+    ledger.transition(job, 0, DONE, _done(0), name="f0.bin")  # 'bytes' counted too: 0 bytes are not
+    assert ledger.r.info("commandstats")["cmdstat_hincrby"]["calls"] - hincrby == 2  # n:queued -1, n:done +1
+    ledger.transition(job, 3, STARTED, lease=60)
+    ledger.transition(job, 3, RETRYING, lease=60)
+    counts = ledger.counts(job)
     assert (counts["queued"], counts["started"], counts["retrying"], counts["done"]) == (3, 1, 1, 2)
-    assert counts["published"] == sum(counts[s] for s in ledger.STATES)
-    assert book.requeue(job, [1, 3]) == {1: 1, 3: 1}
-    assert book.counts(job)["started"] == 0 and book.counts(job)["queued"] == 5
+    assert counts["published"] == sum(counts[s] for s in STATES)
+    assert ledger.requeue(job, [1, 3]) == {1: 1, 3: 1}
+    assert ledger.counts(job)["started"] == 0 and ledger.counts(job)["queued"] == 5

@@ -19,8 +19,9 @@ from celery import Celery
 
 from bench.realparts.origin import Origin
 from bench.realparts.servers import RedisServer
-from tasks import feed, ledger
+from tasks import feed
 from tasks.config import QUEUE, Settings
+from tasks.ledger import FINAL, QUEUED, STARTED, Ledger
 from tasks.message import Entry, Message, Options
 from tests.conftest import Cluster, Workers, job_id_of, write_list
 from tests.test_chaos import CLEAN, audit, finish, serve, start_job, wait_for_requests
@@ -46,13 +47,13 @@ def enqueue(cluster: Cluster, tmp_path: Path, origin: Origin, bodies: dict[str, 
 
 def wait_finished(cluster: Cluster, job: str, timeout: float) -> float:
     """Seconds until every URL of `job` has its final record (AssertionError after `timeout`)."""
-    book, started = ledger.Ledger(cluster.backend(), 3600), time.monotonic()
+    ledger, started = Ledger(cluster.backend(), 3600), time.monotonic()
     while time.monotonic() - started < timeout:
-        counts = book.counts(job)
-        if sum(counts[s] for s in ledger.FINAL) >= int(book.meta(job)["total"]):
+        counts = ledger.counts(job)
+        if sum(counts[s] for s in FINAL) >= int(ledger.meta(job)["total"]):
             return time.monotonic() - started
         time.sleep(0.2)
-    raise AssertionError(f"job {job} not finished after {timeout} s: {book.counts(job)}")
+    raise AssertionError(f"job {job} not finished after {timeout} s: {ledger.counts(job)}")
 
 
 def test_a_worker_host_lost_outright_is_healed_by_the_other_worker(chaos, workers, origin, tmp_path):
@@ -121,9 +122,9 @@ def test_a_stale_message_delivered_after_the_url_finished_is_a_no_op(chaos, work
     job = job_id_of(out)
     before = len(origin.requests)
     records = chaos.producer("results", job).stdout
-    book = ledger.Ledger(chaos.backend(), 3600)
+    ledger = Ledger(chaos.backend(), 3600)
     stale = Message.of(job, Entry(0, origin.url("/c0.bin"), "c0.bin"), Options())
-    feed.publish(publisher(chaos.env["CELERY_BROKER_URL"]), book, job, [stale], mark=False)
+    feed.publish(publisher(chaos.env["CELERY_BROKER_URL"]), ledger, job, [stale], mark=False)
     deadline = time.monotonic() + 20
     while chaos.broker().llen(QUEUE) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -138,19 +139,19 @@ def test_a_stale_message_delivered_after_the_url_finished_is_a_no_op(chaos, work
 def test_a_url_whose_worker_keeps_dying_fails_after_max_redeliveries(redis_server, limit):
     """The reconciler alone, against a real Redis: an overdue URL is republished until the limit (the settings
     passed in: the shipped one, then another), then failed."""
-    book = ledger.Ledger(redis_server.client(1), 3600)
+    ledger = Ledger(redis_server.client(1), 3600)
     job = f"poison-{time.time_ns()}"
-    book.create(job, {"opts": {}}, [(0, "http://127.0.0.1:9/p", "p", None)])
-    reconciler = feed.Reconciler(publisher(redis_server.url(2)), book, None, Settings(max_redeliveries=limit))
+    ledger.create(job, {"opts": {}}, [(0, "http://127.0.0.1:9/p", "p", None)])
+    reconciler = feed.Reconciler(publisher(redis_server.url(2)), ledger, None, Settings(max_redeliveries=limit))
     for n in range(1, limit + 2):
-        book.transition(job, 0, ledger.STARTED, lease=0)  # started, and its lease has run out at once
+        ledger.transition(job, 0, STARTED, lease=0)  # started, and its lease has run out at once
         time.sleep(0.01)
-        book.r.delete(feed.LOCK_KEY)
-        healed = reconciler.heal(job, book.counts(job))
+        ledger.r.delete(feed.LOCK_KEY)
+        healed = reconciler.heal(job, ledger.counts(job))
         if n <= limit:
-            assert healed == 1 and book.state(job, 0) == ledger.QUEUED
+            assert healed == 1 and ledger.state(job, 0) == QUEUED
     assert healed == 0
-    record = book.record(job, 0)
+    record = ledger.record(job, 0)
     assert record is not None and record["status"] == "failed" and f"lost {limit} times" in record["reason"]
     assert redis_server.client(2).llen(QUEUE) == limit
     redis_server.client(2).delete(QUEUE)

@@ -10,8 +10,9 @@ import time
 import pytest
 
 from bench.realparts.servers import RedisServer
-from tasks import feed, ledger
+from tasks import feed
 from tasks.config import QUEUE
+from tasks.ledger import FEED_CHANNEL, QUEUED, Ledger
 from tests.conftest import Cluster, job_id_of, write_list
 
 URLS, WINDOW, THREADS = 10_000, 1000, 16  # ten windows
@@ -49,9 +50,9 @@ def test_a_job_larger_than_the_window_completes_with_workers_alone_and_the_broke
     job = job_id_of(queued.stdout)
     broker, backend = chaos.broker(), chaos.backend()
     assert broker.llen("fleetfetch") == WINDOW  # the first window; the rest waits in the ledger
-    book = ledger.Ledger(backend, 3600)
-    states = book.states(job, 0, URLS)
-    assert states == [ledger.QUEUED] * WINDOW + [None] * (URLS - WINDOW)
+    ledger = Ledger(backend, 3600)
+    states = ledger.states(job, 0, URLS)
+    assert states == [QUEUED] * WINDOW + [None] * (URLS - WINDOW)
     waiting = chaos.producer("status", job)
     assert f"{URLS - WINDOW} URLs wait in the ledger" in waiting.stdout and "never enqueued" not in waiting.stdout
 
@@ -84,7 +85,7 @@ def test_a_job_larger_than_the_window_completes_with_workers_alone_and_the_broke
 @pytest.mark.timeout(180)
 def test_a_final_state_wakes_the_feeders_so_a_window_of_one_does_not_wait_a_tick_per_url(chaos, workers, tmp_path):
     """With a window of 1 the workers alone publish each URL after the one before ends: its final state announces
-    the job on ledger.FEED_CHANNEL and a worker's feeder publishes the next at once, not at its next tick."""
+    the job on FEED_CHANNEL and a worker's feeder publishes the next at once, not at its next tick."""
     urls = 30
     chaos.env.update(FLEETFETCH_WINDOW="1", FLEETFETCH_MAX_ATTEMPTS="1")
     listing = write_list(tmp_path / "urls.txt", [f"http://127.0.0.1:9/one-{i}.bin" for i in range(urls)])
@@ -93,7 +94,7 @@ def test_a_final_state_wakes_the_feeders_so_a_window_of_one_does_not_wait_a_tick
     job = job_id_of(queued.stdout)
     backend = chaos.backend()
     wakes = backend.pubsub(ignore_subscribe_messages=True)
-    wakes.subscribe(ledger.FEED_CHANNEL)
+    wakes.subscribe(FEED_CHANNEL)
     meta = f"ff:{{{job}}}:meta"
     workers.start("w1", concurrency=4, pool="threads")
     first = None

@@ -48,6 +48,6 @@ def for_thread(url: str, ttl: int) -> Ledger:
     if key not in mine:
         from ..config import settings
 
-        book = mine[key] = Ledger(client_for(url, own_connection=True), ttl)
-        book.feed_low = settings.window // 2  # half the window drained: the feeders top it up (feed.Sweeper)
+        ledger = mine[key] = Ledger(client_for(url, own_connection=True), ttl)
+        ledger.feed_low = settings.window // 2  # half the window drained: the feeders top it up (feed.Sweeper)
     return mine[key]
