@@ -16,13 +16,14 @@ from celery import shared_task
 from . import context, fetch, shared, storage
 from .credentials import Credentials
 from .download import Call, _headers, _job_options, _pause_host
-from .errors import CutShort, DownloadError, TransientError, UnsafeName
+from .errors import DownloadError, TransientError, UnsafeName
 from .feed import job_queue
 from .hostlimit import HostKeys, Lease
 from .message import Entry, Message
 from .naming import check_component
 from .pace import Pace
-from .ranges import BadRange, range_problem
+from .rangefile import fill
+from .ranges import BadRange, Piece, checked_range, range_headers
 
 log = logging.getLogger("fleetfetch")
 SLOT_WAIT_S = 1.0  # a helper waiting for a host slot looks again at least this often whether the file is done
@@ -168,32 +169,20 @@ def _fill(call: Call, board: shared.Board, plan: shared.Plan, fd: int, piece: in
           deadline: float) -> None:
     """One piece into its place, flushed to the disk before it is marked done."""
     start, end = plan.pieces[piece]
-    limits = call.ctx.limits
+    limits, lease = call.ctx.limits, call.ctx.settings.url_lease
     per_host = call.credentials.headers_for if call.credentials else None
     proxy = call.credentials.proxy if call.credentials else None
-    headers = {**_headers(call), "Range": f"bytes={start}-{end - 1}", "If-Range": plan.validator}
+    headers = {**_headers(call), **range_headers(start, end, plan.validator)}
     response = fetch.open_response(call.msg.url, headers, limits, deadline, per_host, proxy)
-    problem = range_problem(response, start, end, plan.size, plan.validator)
-    if problem:
-        response.close()
-        raise BadRange(problem)
-    pos, renewed = start, time.monotonic()
-    try:
-        for chunk in fetch.body_chunks(response, limits.read_timeout, deadline):
-            if pos + len(chunk) > end:
-                raise BadRange("more bytes than the range asked for")
-            view = memoryview(chunk)
-            while view:
-                written = os.pwrite(fd, view, pos)
-                view, pos = view[written:], pos + written
-            if time.monotonic() - renewed > call.ctx.settings.url_lease / 3:
-                board.renew(plan.gen, piece)
-                renewed = time.monotonic()
-            pace.wait(len(chunk), deadline)
-    except CutShort:
-        pass
-    finally:
-        response.close()
-    if pos != end:
-        raise TransientError(f"range cut short: {pos - start} of {end - start} bytes")
+    checked_range(response, start, end, plan.size, plan.validator)
+    renewed = time.monotonic()
+
+    def write(chunk: bytes, at: int) -> None:
+        nonlocal renewed
+        storage.write_at(fd, chunk, at)
+        if time.monotonic() - renewed > lease / 3:
+            board.renew(plan.gen, piece)
+            renewed = time.monotonic()
+
+    fill(Piece(start, end), response, write, limits.read_timeout, deadline, pace)
     os.fdatasync(fd)

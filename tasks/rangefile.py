@@ -10,18 +10,43 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import requests
+
 from . import fetch, storage
-from .errors import PermanentError
+from .errors import CutShort, PermanentError, TransientError
 from .pace import Pace
-from .ranges import Piece, RangeMap, contiguous, merge
+from .ranges import BadRange, Piece, RangeMap, contiguous, merge
 
 if TYPE_CHECKING:
     from .shared import Shared
 
 MAP_XATTR = "user.fleetfetch.ranges"
+
+
+def fill(piece: Piece, response: requests.Response, write: Callable[[bytes, int], None], read_timeout: float,
+         deadline: float, pace: Pace, go_on: Callable[[], bool] = lambda: True) -> None:
+    """Stream a range's answer into its place from `piece.pos` (`write(chunk, offset)`), paced, `piece.pos`
+    following it; stops early, quietly, when `go_on()` turns false. BadRange on more bytes than the range,
+    TransientError when the body ends before it. Closes the response."""
+    try:
+        for chunk in fetch.body_chunks(response, read_timeout, deadline):
+            if not go_on():
+                return
+            if piece.pos + len(chunk) > piece.end:
+                raise BadRange("more bytes than the range asked for")
+            write(chunk, piece.pos)
+            piece.pos += len(chunk)
+            pace.wait(len(chunk), deadline)
+    except CutShort:
+        pass
+    finally:
+        response.close()
+    if piece.pos != piece.end:
+        raise TransientError(f"range cut short: {piece.pos - piece.start} of {piece.end - piece.start} bytes")
 _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOSPC, errno.E2BIG}
 
 

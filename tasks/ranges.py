@@ -107,6 +107,20 @@ def splittable(response: requests.Response, split: int, min_split_size: int) -> 
     return size if size >= max(min_split_size, 2 * MIN_PIECE) and validator_of(response) else None
 
 
+def range_headers(start: int, end: int, validator: str) -> dict[str, str]:
+    """The request for bytes start..end-1 of the file this validator names (a changed file answers 200 whole)."""
+    return {"Range": f"bytes={start}-{end - 1}", "If-Range": validator}
+
+
+def checked_range(response: requests.Response, start: int, end: int, size: int, validator: str) -> requests.Response:
+    """`response` if it is exactly that range of that file; else it is closed and BadRange says why."""
+    problem = range_problem(response, start, end, size, validator)
+    if problem:
+        response.close()
+        raise BadRange(problem)
+    return response
+
+
 def range_problem(response: requests.Response, start: int, end: int, size: int, validator: str) -> str | None:
     """Why this answer is not exactly bytes start..end-1 of the file of `size` bytes and this validator; None if
     it is."""

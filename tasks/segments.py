@@ -23,10 +23,21 @@ import requests
 
 from . import fetch, shared, storage
 from .credentials import Credentials
-from .errors import CutShort, PermanentError, TransientError
+from .errors import PermanentError, TransientError
 from .pace import Pace
-from .rangefile import Crew, RangeFile
-from .ranges import MIN_PIECE, PIECE, BadRange, Piece, RangeMap, plan, range_problem, splittable, validator_of
+from .rangefile import Crew, RangeFile, fill
+from .ranges import (
+    MIN_PIECE,
+    PIECE,
+    BadRange,
+    Piece,
+    RangeMap,
+    checked_range,
+    plan,
+    range_headers,
+    splittable,
+    validator_of,
+)
 from .shared_owner import SharedOwner
 
 _Piece, _Map, _PIECE = Piece, RangeMap, PIECE  # names tests/test_segments.py imports (as PIECE)
@@ -419,21 +430,8 @@ class Run(SharedOwner, RangeFile):
     def _fill(self, piece: Piece, opened: requests.Response | None, stop: threading.Event, pace: Pace) -> None:
         """Fetch one piece into its place; BadRange if the answer is not exactly that range of this file."""
         response = opened if opened is not None else self._open_range(piece)
-        try:
-            for chunk in fetch.body_chunks(response, self.limits.read_timeout, self.deadline):
-                if stop.is_set():
-                    return
-                if piece.pos + len(chunk) > piece.end:
-                    raise BadRange("more bytes than the range asked for")
-                self.part.pwrite(chunk, piece.pos)
-                piece.pos += len(chunk)
-                pace.wait(len(chunk), self.deadline)
-        except CutShort:
-            pass
-        finally:
-            response.close()
-        if piece.pos != piece.end:
-            raise TransientError(f"range cut short: {piece.pos - piece.start} of {piece.end - piece.start} bytes")
+        fill(piece, response, self.part.pwrite, self.limits.read_timeout, self.deadline, pace,
+             lambda: not stop.is_set())
 
     def _open(self, extra: dict[str, str]) -> requests.Response:
         per_host = self.credentials.headers_for if self.credentials else None
@@ -442,9 +440,5 @@ class Run(SharedOwner, RangeFile):
 
     def _open_range(self, piece: Piece) -> requests.Response:
         assert self.map is not None
-        response = self._open({"Range": f"bytes={piece.pos}-{piece.end - 1}", "If-Range": self.map.validator})
-        problem = range_problem(response, piece.pos, piece.end, self.map.size, self.map.validator)
-        if problem:
-            response.close()
-            raise BadRange(problem)
-        return response
+        response = self._open(range_headers(piece.pos, piece.end, self.map.validator))
+        return checked_range(response, piece.pos, piece.end, self.map.size, self.map.validator)

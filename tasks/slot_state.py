@@ -86,9 +86,15 @@ class SlotAndState:
                slot: hostlimit.Lease) -> str | None:
         """The URL's final state and its slot given back (the host answered). Returns the final state the URL
         already had (then it is kept), or None. Idempotent, as each half is."""
-        reply = _call(self._finish, self.ledger.transition_keys_args(job, index, state, record, None, name),
-                      self.limiter.release_keys_args(slot, True))
+        keys, args = self.finish_keys_args(job, index, state, record, name, slot)
+        reply = self._finish(keys=keys, args=args)
         return reply[0].decode() if reply[0] else None
+
+    def finish_keys_args(self, job: str, index: int, state: str, record: dict[str, Any], name: str | None,
+                         slot: hostlimit.Lease) -> tuple[list, list]:
+        """FINISH's KEYS and ARGV: the final state, then the slot given back as answered."""
+        return _keys_args(self.ledger.transition_keys_args(job, index, state, record, None, name),
+                          self.limiter.release_keys_args(slot, True))
 
 
 class Ends:
@@ -115,8 +121,7 @@ class Ends:
         thread whose messages are not acknowledged by the event loop's batches: the caller sends it itself."""
         if not kombu_redis.acks_in_batches() or threading.current_thread() is threading.main_thread():
             return False
-        call = _keys_args(both.ledger.transition_keys_args(job, index, state, record, None, name),
-                          both.limiter.release_keys_args(slot, True))
+        call = both.finish_keys_args(job, index, state, record, name, slot)
         with self._lock:
             self._pending.append(call)
         return True

@@ -264,10 +264,7 @@ class PartFile:
         """Write a range's bytes at their offset (segments: tasks/segments.py). Neither hashed nor counted here:
         the caller hashes the file in order and sets `size` when it is complete."""
         try:
-            view = memoryview(chunk)
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                view, offset = view[n:], offset + n
+            write_at(self.fd, chunk, offset)
         except OSError as exc:
             raise PermanentError(describe_os_error(exc, self.shown)) from None
 
@@ -311,6 +308,14 @@ class PartFile:
         if self.fd >= 0:
             os.close(self.fd)  # also releases the lock
             self.fd = -1
+
+
+def write_at(fd: int, data: bytes, offset: int) -> None:
+    """All of `data` at `offset` (pwrite may write less than it is given)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def url_key(url: str) -> str:
